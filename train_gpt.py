@@ -62,9 +62,7 @@ def parse_settings(env=os.environ) -> dict:
             s[name] = default
             continue
         try:
-            s[name] = type(default)(float(raw)) if type(default) is int and "." in raw else type(default)(raw)
-            if type(default) is int and str(s[name]) != raw.strip().split(".")[0]:
-                raise ValueError
+            s[name] = type(default)(raw)
         except ValueError:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
         if name in CHOICES and s[name] not in CHOICES[name]:
@@ -511,6 +509,7 @@ class Run:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
         self.master = self.rank == 0
         self.compile = s["COMPILE"] == "1" or (s["COMPILE"] == "auto" and use_cuda)
+        self.compiled_fns = {}
         self.attn_name, self.attention = pick_attention(s["ATTN_BACKEND"], self.device)
         self.out = Path(s["OUTPUT_DIR"])
         self.logfile = self.out / "logs" / f"{s['RUN_ID']}.txt"
@@ -525,6 +524,15 @@ class Run:
             print(msg, flush=True)
         with open(self.logfile, "a", encoding="utf-8") as f:
             print(msg, file=f)
+
+    def compiled(self, fn):
+        """torch.compile each function once per run (CUDA only by default); eager otherwise."""
+        if not self.compile:
+            return fn
+        key = (id(getattr(fn, "__self__", fn)), getattr(fn, "__name__", ""))
+        if key not in self.compiled_fns:
+            self.compiled_fns[key] = torch.compile(fn, dynamic=False)
+        return self.compiled_fns[key]
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -590,7 +598,7 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
                    f"TRAIN_SEQ_LEN={seq_len} sequences")
     pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
     loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
-    train_model = torch.compile(model, dynamic=False) if run.compile else model
+    train_model = run.compiled(model)
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         total = torch.zeros((), device=run.device)
@@ -906,10 +914,10 @@ def evaluate(model: GPT, run: Run, val: Tensor, luts, stride: int, ttt: bool, sl
     groups = [[] for _ in range(n_chunks)]
     for w in wins:
         groups[w[2] // chunk].append(w)
-    hidden_fn = torch.compile(model.forward_hidden, dynamic=False) if run.compile else model.forward_hidden
+    hidden_fn = run.compiled(model.forward_hidden)
     if ttt:
         opt = torch.optim.SGD(list(model.parameters()), lr=s["TTT_LR"], momentum=s["TTT_MOMENTUM"])
-        loss_fn = torch.compile(model, dynamic=False) if run.compile else model
+        loss_fn = run.compiled(model)
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     t0 = time.perf_counter()
     for c, group in enumerate(groups):
