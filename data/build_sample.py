@@ -143,8 +143,10 @@ NUMBERED_ROLES = {"pep": "PEP {}", "rfc": "RFC {}", "issue": "bpo-{}", "gh": "gh
 LITERAL = re.compile(r"``(.+?)``")
 LINK = re.compile(r"`([^`<]*?)\s*(?:<[^`>]*>)?`__?")
 INTERPRETED = re.compile(r"`([^`]+)`")
-STRONG = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
-EMPHASIS = re.compile(r"(?<![\w*\\])\*(\S(?:.*?\S)?)\*(?![\w*])")
+STRONG = re.compile(r"\*\*([^*\s](?:[^*]*?[^*\s])?)\*\*")
+EMPHASIS = re.compile(r"(?<![\w*\\])\*([^*\s](?:[^*]*?[^*\s])?)\*(?![\w*])")
+FIELD = re.compile(r"^(\s*):([\w -]+):(\s+(.*))?$")   # ":Author: Name" (not a role: no backquote follows)
+DROPPED_FIELDS = {"tocdepth", "orphan", "nosearch", "noindex", "platform", "synopsis"}
 FOOTNOTE_REF = re.compile(r"\s*\[(?:#\w*|\d+|\*)\]_")
 SUBSTITUTION = re.compile(r"\|(\w[\w ]*)\|")
 
@@ -156,7 +158,7 @@ def role_text(m: re.Match) -> str:
     target = re.match(r"(.*?)\s*<[^<>]*>$", text, re.S)
     if target and target.group(1):
         text = target.group(1)
-    text = text.lstrip("!")
+    text = text.lstrip("!*")
     if text.startswith("~"):
         text = text[1:].rsplit(".", 1)[-1]
     return text
@@ -276,6 +278,13 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
         if EXPLICIT.match(line):   # comments, link targets, footnotes, substitution definitions
             flush()
             skip_base = ind
+            continue
+        field = FIELD.match(line)
+        if field:
+            flush()
+            if field.group(2).lower() not in DROPPED_FIELDS:
+                para = [f"{field.group(2)}: {field.group(4) or ''}".rstrip()]
+                para_indent = field.start(4) if field.group(4) else ind + 3
             continue
         item = LIST_ITEM.match(line)
         if item:
