@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# With CUDA GPUs: the seed's record run on all of them (FineWeb sp1024 data, see data/README.md).
+# Without: the CPU demo on the embedded sample, the whole pipeline in a few minutes on 2 cores.
+# Any setting already in the environment wins over the values below.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -c "import torch, numpy, sentencepiece, safetensors" 2>/dev/null || python3 -m pip install -r requirements.txt
+
+set_default() { for kv in "$@"; do k=${kv%%=*}; [ -n "${!k+x}" ] || export "$kv"; done; }
+
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -gt 0 ]; then
+  set_default SEED=1337 SLOT_ENABLED=1 SLOT_LR=0.003 SLOT_STEPS=5 NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=1536 \
+    XSA_LAST_N=4 EMA_ENABLED=1 EMA_DECAY=0.997 SWA_ENABLED=1 SWA_EVERY=50 ROPE_DIMS=16 LN_SCALE=1 LATE_QAT=1 \
+    LATE_QAT_THRESHOLD=0.15 VE_ENABLED=1 VE_DIM=128 VE_LAYERS=9,10 TTT_ENABLED=1 TTT_LR=0.002 TTT_EPOCHS=3 \
+    TTT_CHUNK_TOKENS=32768 TTT_FREEZE_BLOCKS=0 TTT_MOMENTUM=0.9 TTT_BATCH_SEQS=32 TTT_GRAD_CLIP=1.0 MUON_WD=0.04 \
+    ADAM_WD=0.04 MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 \
+    MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500 WARMDOWN_ITERS=3500 ITERATIONS=9000 \
+    MAX_WALLCLOCK_SECONDS=600 EVAL_STRIDE=64
+  exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
+fi
+
+# CPU demo: a 4-layer, 128-wide version of the same stack, every stage on (EMA, SWA, late QAT, int6 export,
+# sliding eval, score-first TTT with causal SLOT), on the embedded sample (data/README.md).
+set_default DATA_PATH=./data/datasets/sample_sp1024 TOKENIZER_PATH=./data/tokenizers/sample_1024_bpe.model \
+  OUTPUT_DIR=./out/cpu_demo NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=3 \
+  VE_LAYERS=2,3 XSA_LAST_N=2 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 TRAIN_BATCH_TOKENS=16384 \
+  ITERATIONS=200 WARMDOWN_ITERS=80 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
+  EMA_DECAY=0.97 SWA_EVERY=5 VAL_LOSS_EVERY=50 TRAIN_LOG_EVERY=20 VAL_MAX_TOKENS=32768 EVAL_STRIDE=64 \
+  EVAL_BATCH_SEQS=32 TTT_CHUNK_TOKENS=8192 TTT_EPOCHS=1 TTT_BATCH_SEQS=8
+# NPROC=2 runs it as 2 gloo processes (same global batch, same result up to float rounding).
+if [ "${NPROC:-1}" -gt 1 ]; then exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py; fi
+exec python3 train_gpt.py
