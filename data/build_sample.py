@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -100,14 +101,22 @@ def sources_from_dir(root: Path) -> dict[str, str]:
 
 
 def fetch_deb(workdir: Path) -> Path:
+    """`apt-get download python3.11-doc` into workdir (after `apt-get update` if the package lists lack it)."""
+    def download():
+        return subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=600)
     print(f"fetching {PACKAGE} with apt-get download ...", file=sys.stderr)
     try:
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        raise SystemExit(f"error: `apt-get download {PACKAGE}` failed ({detail.decode(errors='replace').strip() or e}); "
-                         f"pass --deb or --source instead")
+        result = download()
+        if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            print("apt-get download failed; running apt-get update and trying again ...", file=sys.stderr)
+            subprocess.run(["apt-get", "update"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+            result = download()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SystemExit(f"error: `apt-get download {PACKAGE}` could not run ({e}); pass --deb or --source instead")
+    if result.returncode != 0:
+        detail = " ".join(result.stderr.decode(errors="replace").split())
+        raise SystemExit(f"error: `apt-get download {PACKAGE}` failed ({detail}); pass --deb or --source instead")
     debs = sorted(workdir.glob(f"{PACKAGE}_*.deb"))
     if not debs:
         raise SystemExit(f"error: apt-get download left no {PACKAGE}_*.deb in {workdir}")

@@ -1,12 +1,22 @@
-"""Token shard tools for the challenge's FineWeb export.
+"""Token shards of the challenge's FineWeb export: download, inspect, write.
 
-The shard *reader* is train_gpt.load_data_shard (one implementation, shared with training); this file adds
-the writer and, as a command line tool, the downloader and inspector.
+    python data/fineweb.py download --variant sp1024 --train-shards 10
+    python data/fineweb.py inspect data/datasets/sample_sp1024/fineweb_val_000000.bin
+
+The shard *reader* is train_gpt.load_data_shard (one implementation, shared with training); this file adds the
+writer (write_shard), the downloader and the inspector. See data/README.md.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import json
 import os
+import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +29,15 @@ if str(REPO_ROOT) not in sys.path:
 from train_gpt import SHARD_HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, Fail, load_data_shard  # noqa: E402
 
 HEADER_BYTES = SHARD_HEADER_WORDS * 4
+BOS_ID = 1
+DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+DEFAULT_REMOTE_DIR = "datasets"
+# Environment overrides (first one set wins); the second names are those of the challenge's own downloader.
+REPO_ID_VARS = ("FINEWEB_REPO_ID", "MATCHED_FINEWEB_REPO_ID")
+REMOTE_DIR_VARS = ("FINEWEB_REMOTE_DIR", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX")
 
+
+# ----------------------------------------------------------------------------- writer
 
 def shard_header(num_tokens: int) -> bytes:
     header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
@@ -44,3 +62,520 @@ def write_shard(path, tokens) -> Path:
         f.write(tokens.astype("<u2").tobytes())
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass
+class Artifact:
+    """One file to fetch: where it is on the Hub (relative to the remote folder) and where it goes locally."""
+    remote: str
+    local: Path
+    kind: str                       # "shard" | "tokenizer" | "file"
+    size: int | None = None         # bytes, when the manifest says
+    tokens: int | None = None       # shard token count, when the manifest says
+    sha256: str | None = None
+    vocab_size: int | None = None   # tokenizer vocabulary, when the manifest says
+
+
+def _first(d: dict, *keys):
+    for k in keys:
+        if isinstance(d, dict) and d.get(k) is not None:
+            return d[k]
+    return None
+
+
+def _as_int(value, what: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Fail(f"manifest: {what} is {value!r}, not a number") from None
+
+
+def _entries(section) -> list[dict]:
+    """A manifest section given either as a list of objects or as an object keyed by name."""
+    if isinstance(section, list):
+        return [e for e in section if isinstance(e, dict)]
+    if isinstance(section, dict):
+        return [dict(v, name=v.get("name", k)) for k, v in section.items() if isinstance(v, dict)]
+    return []
+
+
+def _vocab_of(variant: str) -> int | None:
+    m = re.fullmatch(r"sp(\d+)", variant)
+    return int(m.group(1)) if m else None
+
+
+def find_dataset(manifest: dict, variant: str) -> dict:
+    entries = _entries(_first(manifest, "datasets", "variants"))
+    wanted = {variant, f"fineweb10B_{variant}"}
+    for e in entries:
+        if e.get("name") in wanted or e.get("variant") == variant or e.get("dataset_dir") in wanted:
+            return e
+    for e in entries:
+        if str(e.get("name", "")).endswith(f"_{variant}"):
+            return e
+    names = sorted(str(e.get("name")) for e in entries)
+    raise Fail(f"variant {variant} is not in the manifest (it has: {', '.join(names) or 'no datasets'})")
+
+
+def _shard_items(entry: dict, split: str) -> list | None:
+    """The explicit shard list of one split, if the manifest gives one."""
+    for key in (f"{split}_files", f"{split}_shards", split):
+        if isinstance(entry.get(key), list):
+            return entry[key]
+    for key in ("files", "shards"):
+        value = entry.get(key)
+        if isinstance(value, dict) and isinstance(value.get(split), list):
+            return value[split]
+        if isinstance(value, list):
+            return [x for x in value if f"_{split}_" in Path(str(_first(x, "path", "name", "file")
+                                                                   if isinstance(x, dict) else x)).name]
+    return None
+
+
+def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, wanted: int) -> list[Artifact]:
+    """The shards of one split; when the manifest gives neither a list nor a count, the first `wanted` names."""
+    name = str(entry.get("name"))
+    remote_dir = str(_first(entry, "path", "dir", "remote_path") or f"datasets/{name}").strip("/")
+    local_dir = root / "datasets" / name
+    items = _shard_items(entry, split)
+    if items is None:
+        stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+        count = _as_int(_first(stats, f"files_{split}") if stats else None, f"{name} stats.files_{split}")
+        if count is None:
+            count = _as_int(_first(entry, f"files_{split}", f"num_{split}_shards", f"{split}_shard_count"),
+                            f"{name} {split} shard count")
+        if count is None:
+            count = wanted
+        items = [f"fineweb_{split}_{i:06d}.bin" for i in range(count)]
+    out = []
+    for item in items:
+        meta = item if isinstance(item, dict) else {}
+        path = str(_first(meta, "path", "name", "file") if meta else item)
+        remote = path.strip("/") if "/" in path else f"{remote_dir}/{path}"
+        out.append(Artifact(
+            remote=remote, local=local_dir / Path(path).name, kind="shard",
+            size=_as_int(_first(meta, "bytes", "size", "num_bytes", "size_bytes"), f"{path} size"),
+            tokens=_as_int(_first(meta, "tokens", "num_tokens", "n_tokens", "token_count"), f"{path} tokens"),
+            sha256=_first(meta, "sha256"), vocab_size=vocab))
+    return sorted(out, key=lambda a: a.local.name)
+
+
+def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -> list[Artifact]:
+    tok = _first(entry, "tokenizer_name", "tokenizer")
+    tok_entry = tok if isinstance(tok, dict) else None
+    if tok_entry is None:
+        for e in _entries(manifest.get("tokenizers")):
+            if tok is not None and e.get("name") == tok:
+                tok_entry = e
+                break
+    vocab = _vocab_of(variant)
+    if tok_entry is None:
+        if tok is not None:
+            raise Fail(f"manifest: dataset {entry.get('name')} names tokenizer {tok}, which the manifest does not list")
+        if vocab is None:
+            raise Fail(f"manifest: dataset {entry.get('name')} names no tokenizer")
+        tok_entry = {"model_path": f"tokenizers/fineweb_{vocab}_bpe.model"}
+    paths = []
+    for key in ("model_path", "vocab_path", "path"):
+        value = tok_entry.get(key)
+        if isinstance(value, str) and value and value not in paths:
+            paths.append(value)
+    if not paths:
+        raise Fail(f"manifest: tokenizer {tok_entry.get('name', tok)} lists no files")
+    vocab_size = _as_int(tok_entry.get("vocab_size"), "tokenizer vocab_size") or vocab
+    return [Artifact(remote=p.strip("/"), local=root / "tokenizers" / Path(p).name,
+                     kind="tokenizer" if p.endswith(".model") else "file",
+                     size=_as_int(_first(tok_entry, "bytes", "size") if p.endswith(".model") else None, "size"),
+                     sha256=tok_entry.get("sha256") if p.endswith(".model") else None,
+                     vocab_size=vocab_size) for p in paths]
+
+
+def plan_download(manifest: dict, variant: str, train_shards: int, root: Path) -> list[Artifact]:
+    if not isinstance(manifest, dict):
+        raise Fail("manifest: expected a JSON object at the top level")
+    entry = find_dataset(manifest, variant)
+    tokenizer = tokenizer_artifacts(manifest, entry, variant, root)
+    vocab = next((a.vocab_size for a in tokenizer if a.kind == "tokenizer"), None) or _vocab_of(variant)
+    val = shard_artifacts(entry, "val", root, vocab, wanted=1)
+    train = shard_artifacts(entry, "train", root, vocab, wanted=train_shards)
+    if not val:
+        raise Fail(f"manifest: variant {variant} lists no validation shard")
+    if train_shards > len(train):
+        raise Fail(f"variant {variant} has {len(train)} train shards in the manifest; asked for {train_shards}")
+    return tokenizer + val + train[:train_shards]
+
+
+# ----------------------------------------------------------------------------- verification
+
+class Invalid(Fail):
+    """A file that is there but is not a complete, valid copy."""
+
+
+def verify(a: Artifact, path: Path | None = None) -> None:
+    """Raise Invalid when the file at path (default: its final place) is not a complete, valid copy of a."""
+    path = Path(path or a.local)
+    size = path.stat().st_size
+    if a.size is not None and size != a.size:
+        raise Invalid(f"{a.local}: {size:,} bytes but the manifest says {a.size:,}")
+    if a.kind == "shard":
+        try:
+            tokens = load_data_shard(path)
+        except Fail as e:   # name the final file, not the .part it was checked under
+            raise Invalid(str(e).replace(str(path), str(a.local))) from None
+        if a.tokens is not None and tokens.size != a.tokens:
+            raise Invalid(f"{a.local}: {tokens.size:,} tokens but the manifest says {a.tokens:,}")
+        if a.vocab_size is not None and tokens.size and int(tokens.max()) >= a.vocab_size:
+            raise Invalid(f"{a.local}: token id {int(tokens.max())} is outside the vocab of {a.vocab_size}")
+    elif a.kind == "tokenizer":
+        import sentencepiece as spm
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception:  # sentencepiece raises RuntimeError/OSError with long messages
+            raise Invalid(f"{a.local}: not a loadable SentencePiece model") from None
+        if a.vocab_size is not None and sp.vocab_size() != a.vocab_size:
+            raise Invalid(f"{a.local}: vocab {sp.vocab_size()} but {a.vocab_size} was expected")
+    elif size == 0:
+        raise Invalid(f"{a.local}: empty file")
+    if a.sha256 and path != a.local and sha256_of(path) != str(a.sha256).lower():
+        raise Invalid(f"{a.local}: SHA-256 differs from the manifest's")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- Hub transfer
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    for mod, name in (("huggingface_hub.errors", "HfHubHTTPError"), ("huggingface_hub.errors", "OfflineModeIsEnabled"),
+                      ("huggingface_hub.errors", "FileMetadataError"), ("httpx2", "HTTPError"),
+                      ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Hub:
+    """Reads files of one dataset repo through huggingface_hub: HEAD for size/etag/commit, then a ranged GET into
+    `<file>.<etag>.part`, so an interrupted transfer resumes on the next run."""
+
+    def __init__(self, repo_id: str, remote_dir: str, revision: str, endpoint: str | None, progress: bool = True):
+        import huggingface_hub  # noqa: F401  (fail early with a clear message when missing)
+        self.repo_id, self.remote_dir, self.revision, self.endpoint = repo_id, remote_dir.strip("/"), revision, endpoint
+        self.progress = progress and sys.stderr.isatty()   # a live bar on a terminal; plain lines otherwise
+        self.errors = network_errors()
+
+    def url(self, remote: str) -> str:
+        from huggingface_hub import hf_hub_url
+        filename = f"{self.remote_dir}/{remote}" if self.remote_dir else remote
+        return hf_hub_url(self.repo_id, filename, repo_type="dataset", revision=self.revision, endpoint=self.endpoint)
+
+    def describe(self, remote: str) -> str:
+        return f"{self.repo_id}/{self.remote_dir + '/' if self.remote_dir else ''}{remote}"
+
+    def fetch(self, remote: str, dest: Path, check=None) -> Path:
+        """Download remote into dest (atomically, resuming a partial copy); check(part_path) runs before the move."""
+        from huggingface_hub import get_hf_file_metadata
+        from huggingface_hub.utils import build_hf_headers
+        url = self.url(remote)
+        try:
+            headers = build_hf_headers()
+            meta = get_hf_file_metadata(url, headers=headers)
+        except self.errors as e:
+            raise Fail(self.explain(remote, e)) from None
+        if meta.commit_hash and self.revision != meta.commit_hash:
+            self.revision = meta.commit_hash   # every later file comes from the same commit as the manifest
+        part = part_path(dest, meta.etag)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f"{dest.name}.*.part"):
+            if stale != part:      # left by an interrupted download of another version of the file
+                stale.unlink()
+        location = meta.location or url
+        if location != url and _origin(location) != _origin(url):
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}   # signed CDN URL
+        started = time.time()
+        try:
+            self.transfer(location, headers, part, meta.size, dest.name)
+        except self.errors as e:
+            raise Fail(self.explain(remote, e) + f"; the partial file {part.name} is kept, run again to resume") from None
+        got = part.stat().st_size
+        if meta.size is not None and got != meta.size:
+            raise Fail(f"{dest}: got {got:,} bytes, the Hub says {meta.size:,}; run again to resume")
+        if check is not None:
+            try:
+                check(part)
+            except Invalid:
+                part.unlink()
+                raise
+        os.replace(part, dest)
+        seconds = time.time() - started
+        if got >= 1 << 20:
+                print(f"  {got:,} bytes in {seconds:.1f} s ({got / max(seconds, 1e-3) / 1e6:.1f} MB/s)", flush=True)
+        return dest
+
+    def transfer(self, url: str, headers: dict, part: Path, size: int | None, name: str, retries: int = 3) -> None:
+        """GET url into part, appending from its current length (HTTP Range); brief network drops are retried."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+        from huggingface_hub.utils import tqdm as hub_tqdm
+        session, failures = get_session(), 0
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            if size is not None and have >= size:
+                return
+            if have:
+                print(f"  resuming at byte {have:,}" + (f" of {size:,}" if size else ""), flush=True)
+            request_headers = dict(headers, **({"Range": f"bytes={have}-"} if have else {}))
+            try:
+                with _stream(session, url, request_headers) as (response, chunks):
+                    hf_raise_for_status(response)
+                    served_from = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                    if have and response.status_code == 206 and (not served_from or int(served_from.group(1)) != have):
+                        part.unlink()      # a range we did not ask for: start over
+                        continue
+                    if have and response.status_code != 206:
+                        have = 0           # the server ignored the Range and sends the whole file
+                    bar_off = not self.progress or (size or 0) < (1 << 20)
+                    with open(part, "ab" if have else "wb") as f, hub_tqdm(
+                            total=size, initial=have, unit="B", unit_scale=True, desc=name, leave=False,
+                            disable=bar_off) as bar:
+                        for chunk in chunks:
+                            f.write(chunk)
+                            bar.update(len(chunk))
+                            failures = 0
+                return
+            except self.errors as e:
+                if getattr(e, "response", None) is not None or failures >= retries:
+                    raise
+                failures += 1
+                print(f"  connection lost ({one_line(e)}); retrying", file=sys.stderr, flush=True)
+                time.sleep(1)
+
+    def explain(self, remote: str, e: BaseException) -> str:
+        name = type(e).__name__
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if "OfflineMode" in name:
+            return f"cannot download {self.describe(remote)}: HF_HUB_OFFLINE is set"
+        if status == 404 or "EntryNotFound" in name:
+            return f"{self.describe(remote)} is not on the Hub (revision {self.revision})"
+        if "RepositoryNotFound" in name or "GatedRepo" in name or status in (401, 403):
+            return f"cannot read the dataset repo {self.repo_id} ({status or name}); check the repo id or your HF token"
+        if status is not None:
+            return f"the Hub answered {status} for {self.describe(remote)}: {one_line(e)}"
+        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            return f"cannot reach the Hub at {self.url(remote)} (offline?): {one_line(e)}"
+        return f"downloading {self.describe(remote)} failed: {one_line(e)}"
+
+
+def part_path(dest: Path, etag: str | None) -> Path:
+    """Where a partial download of one version (etag) of dest is kept."""
+    return dest.with_name(f"{dest.name}.{hashlib.sha1((etag or '').encode()).hexdigest()[:12]}.part")
+
+
+@contextlib.contextmanager
+def _stream(session, url: str, headers: dict):
+    """(response, byte chunks as they arrive) from an httpx-style or a requests-style session."""
+    if hasattr(session, "stream"):
+        with session.stream("GET", url, headers=headers, timeout=60, follow_redirects=True) as response:
+            yield response, response.iter_bytes()
+    else:
+        with contextlib.closing(session.get(url, headers=headers, stream=True, timeout=60)) as response:
+            yield response, response.iter_content(chunk_size=1 << 16)
+
+
+def _origin(url: str) -> tuple:
+    from urllib.parse import urlparse
+    p = urlparse(url)
+    return p.scheme, (p.hostname or "").lower(), p.port
+
+
+def _setting(flag_value, env_names, default):
+    if flag_value:
+        return flag_value
+    for name in env_names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return default
+
+
+def cmd_download(args) -> int:
+    root = Path(args.root)
+    repo_id = _setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID)
+    remote_dir = _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR)
+    if args.train_shards < 0:
+        raise Fail(f"--train-shards {args.train_shards}: must be 0 or more")
+    try:
+        hub = Hub(repo_id, remote_dir, args.revision, args.endpoint, progress=not args.no_progress)
+    except ImportError:
+        raise Fail("huggingface_hub is not installed: pip install huggingface_hub") from None
+    manifest_path = root / "manifest.json"
+    print(f"manifest: {hub.describe('manifest.json')} -> {manifest_path}", flush=True)
+
+    def manifest_ok(path):
+        try:
+            json.loads(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Invalid(f"{hub.describe('manifest.json')} is not valid JSON ({one_line(e)})") from None
+
+    try:
+        hub.fetch("manifest.json", manifest_path, check=manifest_ok)
+    except Invalid:
+        raise
+    except Fail as e:
+        if not manifest_path.is_file():
+            raise
+        print(f"warning: {e}; using the manifest already at {manifest_path}", file=sys.stderr, flush=True)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    plan = plan_download(manifest, args.variant, args.train_shards, root)
+    width = len(str(len(plan)))
+    fetched = present = 0
+    for i, a in enumerate(plan, 1):
+        label = f"[{i:>{width}}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
+        if a.local.is_file():
+            try:
+                verify(a)
+                print(f"{label}: present, verified", flush=True)
+                present += 1
+                continue
+            except Fail as e:
+                print(f"{label}: {e}; fetching it again", flush=True)
+                a.local.unlink()
+        print(f"{label}: downloading {hub.describe(a.remote)}", flush=True)
+        try:
+            hub.fetch(a.remote, a.local, check=lambda part, a=a: verify(a, part))
+        except Invalid as e:
+            raise Fail(f"refusing the download: {e} (removed)") from None
+        fetched += 1
+    print(f"done: {fetched} downloaded, {present} already present, in {root}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def default_tokenizer(shard: Path) -> Path | None:
+    """The tokenizer that belongs beside a shard in the canonical layout: <root>/datasets/<name>_spN/ ->
+    <root>/tokenizers/<prefix>_N_bpe.model (sample_sp1024 -> sample_1024_bpe.model, fineweb10B_sp1024 ->
+    fineweb_1024_bpe.model)."""
+    ds = shard.resolve().parent
+    m = re.search(r"sp(\d+)$", ds.name)
+    tok_dir = ds.parent.parent / "tokenizers"
+    if not m or not tok_dir.is_dir():
+        return None
+    prefix = re.split(r"\d+B_|_sp", ds.name)[0]
+    exact = tok_dir / f"{prefix}_{m.group(1)}_bpe.model"
+    if exact.is_file():
+        return exact
+    others = sorted(tok_dir.glob(f"*_{m.group(1)}_bpe.model"))
+    return others[0] if others else None
+
+
+def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
+    if not path.is_file():
+        raise Fail(f"{path}: no such file")
+    tokens = load_data_shard(path)
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    extra = int(np.count_nonzero(header[3:]))
+    docs = int(np.count_nonzero(tokens == BOS_ID))
+    print(path)
+    print(f"  header: magic {header[0]}, version {header[1]}, count {header[2]}"
+          f"{f', {extra} other non-zero words' if extra else ''}; file {path.stat().st_size:,} bytes")
+    if tokens.size == 0:
+        print("  tokens: 0 (empty shard)")
+        return
+    print(f"  tokens: {tokens.size:,}; documents (BOS={BOS_ID}): {docs:,}; "
+          f"ids {int(tokens.min())}..{int(tokens.max())}, {np.unique(tokens).size} distinct")
+    if tokens[0] != BOS_ID:
+        print(f"  note: the shard does not start with BOS ({BOS_ID}); first token {tokens[0]}")
+    tok = tokenizer or default_tokenizer(path)
+    if tok is None:
+        print("  first document: not decoded (no tokenizer found beside the shard; pass --tokenizer)")
+        return
+    import sentencepiece as spm
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+    except Exception:
+        raise Fail(f"{tok}: not a loadable SentencePiece model") from None
+    if int(tokens.max()) >= sp.vocab_size():
+        print(f"  note: ids reach {int(tokens.max())}, beyond the tokenizer's vocab of {sp.vocab_size()}")
+        return
+    starts = np.flatnonzero(tokens == BOS_ID)
+    begin = int(starts[0]) + 1 if starts.size else 0
+    end = int(starts[1]) if starts.size > 1 else tokens.size
+    text = sp.decode(tokens[begin:end].tolist())
+    shown = text if len(text) <= chars else text[:chars] + " [...]"
+    print(f"  first document: {end - begin:,} tokens, {len(text.encode('utf-8')):,} bytes "
+          f"(tokenizer {tok.name}, vocab {sp.vocab_size()}):")
+    print("    " + shown)
+
+
+def cmd_inspect(args) -> int:
+    paths = []
+    for p in map(Path, args.paths):
+        paths.extend(sorted(p.glob("*.bin")) if p.is_dir() else [p])
+    failed = 0
+    for p in paths:
+        try:
+            inspect_one(p, Path(args.tokenizer) if args.tokenizer else None, args.chars)
+        except Fail as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+    if not paths:
+        print("error: no .bin files found", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fineweb.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("download", help="fetch the manifest, tokenizer and shards from the Hub")
+    d.add_argument("--variant", default="sp1024", help="tokenizer variant, e.g. sp1024 (default)")
+    d.add_argument("--train-shards", type=int, default=1, help="how many train shards, from the first (default 1)")
+    d.add_argument("--root", default=str(DATA_DIR), help="layout root: <root>/datasets, <root>/tokenizers (default data/)")
+    d.add_argument("--repo-id", default=None,
+                   help=f"Hub dataset repo (default {DEFAULT_REPO_ID}; env {' or '.join(REPO_ID_VARS)})")
+    d.add_argument("--remote-dir", default=None,
+                   help=f"folder of the export in the repo (default {DEFAULT_REMOTE_DIR}; env {' or '.join(REMOTE_DIR_VARS)})")
+    d.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
+    d.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    d.add_argument("--no-progress", action="store_true", help="no live progress bar (there is none off a terminal)")
+    d.set_defaults(run=cmd_download)
+    i = sub.add_parser("inspect", help="header, counts and first document of shard files")
+    i.add_argument("paths", nargs="+", help="shard files (or folders of them)")
+    i.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the one beside the shard)")
+    i.add_argument("--chars", type=int, default=600, help="characters of the first document to show")
+    i.set_defaults(run=cmd_inspect)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Fail as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
