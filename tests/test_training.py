@@ -1,0 +1,354 @@
+"""Training runs of train_gpt.py on the embedded sample: the whole script end to end, determinism, 2-process
+Parallel Muon against 1 process, the artifact limit, and every user error as one line on stderr."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_GPT = ROOT / "train_gpt.py"
+SAMPLE_DATA = ROOT / "data" / "datasets" / "sample_sp1024"
+SAMPLE_TRAIN = SAMPLE_DATA / "fineweb_train_000000.bin"
+SAMPLE_VAL = SAMPLE_DATA / "fineweb_val_000000.bin"
+SAMPLE_TOKENIZER = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
+
+# 16 steps of 2,048 tokens with a warmdown over the last 8, so that late QAT (multiplier < 0.15) and one SWA
+# snapshot (< 0.2) happen; a fast EMA so that 16 steps show in the exported weights.
+E2E = dict(ITERATIONS=16, WARMDOWN_ITERS=8, SWA_EVERY=2, EMA_DECAY=0.9, TRAIN_BATCH_TOKENS=2048)
+
+
+def read_tokens(path: Path) -> np.ndarray:
+    """A shard read from SPEC §3 directly: 256 int32 header words, then header[2] uint16 tokens."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert (header[0], header[1]) == (20240520, 1)
+    return np.fromfile(path, dtype="<u2", offset=1024, count=int(header[2])).astype(np.int64)
+
+
+def write_shard(path: Path, tokens) -> Path:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
+def log_parts(out_dir: Path, run_id: str = "test") -> tuple[str, list[str]]:
+    """The log file: the script's source, a line of 100 '=', then the run's own lines."""
+    text = (out_dir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8")
+    code, sep, rest = text.partition("\n" + "=" * 100 + "\n")
+    assert sep, "no separator after the source code in the log"
+    return code, rest.splitlines()
+
+
+def log_lines(out_dir: Path, run_id: str = "test") -> list[str]:
+    return log_parts(out_dir, run_id)[1]
+
+
+def summary(out_dir: Path, run_id: str = "test") -> dict:
+    return json.loads((out_dir / "logs" / f"{run_id}.json").read_text(encoding="utf-8"))
+
+
+def metric_line(lines: list[str], label: str) -> tuple[float, float]:
+    found = [ln for ln in lines if ln.startswith(f"{label} ")]
+    assert len(found) == 1, (label, found)
+    m = re.search(r"val_loss:(\S+) val_bpb:(\S+)", found[0])
+    return float(m.group(1)), float(m.group(2))
+
+
+def assert_clean(proc):
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the whole script, end to end
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, script_env, run_script):
+    out = tmp_path_factory.mktemp("e2e")
+    proc = run_script(script_env(out, **E2E))
+    return out, proc
+
+
+def test_end_to_end_final_lines_match_the_summary(e2e):
+    out, proc = e2e
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean(proc)
+    lines, js = log_lines(out), summary(out)
+    labels = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")  # EVAL_STRIDE 64 < EVAL_SEQ_LEN 128
+    assert set(js["metrics"]) == set(labels)
+    for label in labels:
+        loss, bpb = metric_line(lines, label)
+        assert loss == pytest.approx(js["metrics"][label]["val_loss"], abs=6e-9)
+        assert bpb == pytest.approx(js["metrics"][label]["val_bpb"], abs=6e-9)
+        assert f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f}" in proc.stdout
+    final = [ln for ln in lines if ln.startswith("final_score_exact ")]
+    assert len(final) == 1 and lines[-1] == final[0]
+    loss, bpb = metric_line(lines, "final_score_exact")
+    assert (loss, bpb) == metric_line(lines, "final_int6_sliding_window_exact")
+    assert js["final"]["val_loss"] == js["metrics"]["final_int6_sliding_window_exact"]["val_loss"]
+    assert js["final"]["causal"] is True
+    # Sizes: the code is this very train_gpt.py (also logged in full), the model bytes are the artifact's.
+    code_bytes = TRAIN_GPT.stat().st_size
+    assert log_parts(out)[0] == TRAIN_GPT.read_text(encoding="utf-8")
+    assert [ln for ln in lines if ln.startswith("Code size:")] == [f"Code size: {code_bytes} bytes"]
+    artifact = out / tg.ARTIFACT_NAME
+    model_bytes = artifact.stat().st_size
+    assert js["bytes"] == dict(model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=16_000_000)
+    assert f"Serialized model int6+lzma: {model_bytes} bytes" in lines
+    assert f"Total submission size int6+lzma: {model_bytes + code_bytes} bytes" in lines
+    assert js["over_limit"] is False and not any("OVER THE LIMIT" in ln for ln in lines)
+    assert js["steps"] == 16 and js["settings"]["NUM_LAYERS"] == 4 and js["settings"]["VE_LAYERS"] == [2, 3]
+    # The stages of the schedule showed up. Step-count warmdown: multiplier(k) = min(1, (16 - k)/8) before step k+1;
+    # late QAT from the first k with multiplier < 0.15, an SWA snapshot after each step k+1 that is even with < 0.2.
+    mult = [min(1.0, (16 - k) / 8) for k in range(16)]
+    qat = next(k for k in range(16) if mult[k] < 0.15)
+    snapshots = sum(1 for k in range(16) if mult[k] < 0.2 and (k + 1) % 2 == 0)
+    assert snapshots >= 1
+    assert [ln for ln in lines if ln.startswith("late_qat")] == [f"late_qat:enabled step:{qat} scale:{mult[qat]:.4f}"]
+    assert f"final_weights:swa({snapshots} snapshots)" in lines
+
+
+def test_loss_falls(e2e):
+    out, proc = e2e
+    curve = summary(out)["train_curve"]
+    assert [c["step"] for c in curve] == list(range(1, 17))
+    losses = [c["train_loss"] for c in curve]
+    assert all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(1024)) < 0.05  # near-uniform predictions at initialization
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.4, losses
+    logged = [float(m.group(1)) for ln in log_lines(out) if (m := re.match(r"step:\d+/16 train_loss:(\S+) ", ln))]
+    assert logged == [round(x, 4) for x in losses]
+    # The exported model predicts the validation text clearly better than uniform guessing.
+    assert summary(out)["metrics"]["final_int6_roundtrip_exact"]["val_loss"] < math.log(1024) - 0.5
+
+
+def test_reported_score_is_that_of_the_artifact(e2e, tiny_settings, one_thread):
+    """Re-score the written artifact here: plain evaluation over 128-token windows, bytes per SPEC §4."""
+    out, proc = e2e
+    s = tiny_settings(**E2E)
+    model = tg.GPT(s)
+    model.load_state_dict(tg.load_artifact(out / tg.ARTIFACT_NAME, s))
+    val = torch.from_numpy(read_tokens(SAMPLE_VAL)[:2049])
+    x, y = val[:-1].view(16, 128), val[1:].view(16, 128)
+    with torch.no_grad():
+        logits = model.compute_logits(model.forward_hidden(x)).double()
+    nll = F.cross_entropy(logits.reshape(-1, 1024), y.reshape(-1), reduction="sum").item()
+    sp = spm.SentencePieceProcessor(model_file=str(SAMPLE_TOKENIZER))
+    special = lambda t: sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t)  # noqa: E731
+    n_bytes = 0
+    for prev, tgt in zip(x.reshape(-1).tolist(), y.reshape(-1).tolist()):
+        if special(tgt):
+            continue
+        if sp.is_byte(tgt):
+            n_bytes += 1
+            continue
+        piece = sp.id_to_piece(tgt)
+        space = piece.startswith("\u2581")
+        n_bytes += len(piece[1:].encode() if space else piece.encode()) + (1 if space and not special(prev) else 0)
+    got = summary(out)["metrics"]["final_int6_roundtrip_exact"]
+    assert got["val_loss"] == pytest.approx(nll / 2048, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- determinism (in process)
+
+def train_in_process(s: dict, monkeypatch):
+    for name in tg.LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    run = tg.Run(s)
+    torch.manual_seed(s["SEED"])
+    model = tg.GPT(s, run.attention)
+    initial = copy.deepcopy(model)
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
+    val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    return tg.train(model, run, val, luts), run.summary, initial
+
+
+def test_same_seed_same_run(tiny_settings, tmp_path, monkeypatch, one_thread):
+    kw = dict(ITERATIONS=4, WARMDOWN_ITERS=8, SWA_EVERY=1, EMA_DECAY=0.9, OUTPUT_DIR=tmp_path)
+    a, sum_a, init_a = train_in_process(tiny_settings(SEED=7, RUN_ID="a", **kw), monkeypatch)
+    b, sum_b, _ = train_in_process(tiny_settings(SEED=7, RUN_ID="b", **kw), monkeypatch)
+    c, sum_c, _ = train_in_process(tiny_settings(SEED=8, RUN_ID="c", **kw), monkeypatch)
+    assert set(a) == set(b) == set(init_a.state_dict())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["train_loss"] for x in sum_a["train_curve"]] == [x["train_loss"] for x in sum_b["train_curve"]]
+    assert sum_a["val_curve"][-1]["val_loss"] == sum_b["val_curve"][-1]["val_loss"]
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3  # another seed, other weights
+    # The first step's loss is the mean over 8 micro-batches of consecutive, non-overlapping 129-token windows
+    # from the start of the train shard (SPEC §3), scored by the initial model.
+    tokens = torch.from_numpy(read_tokens(SAMPLE_TRAIN)[:8 * 129]).view(8, 129)
+    with torch.no_grad():
+        first = np.mean([init_a(w[None, :-1], w[None, 1:]).item() for w in tokens])
+    assert sum_a["train_curve"][0]["train_loss"] == pytest.approx(first, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo) = 1 process
+
+DRIVER = '''
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+import train_gpt as tg
+
+s = tg.parse_settings()
+run = tg.Run(s)
+torch.manual_seed(s["SEED"])
+model = tg.GPT(s, run.attention)
+initial = {k: v.clone() for k, v in model.state_dict().items()}
+luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
+val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+state = tg.train(model, run, val, luts)
+torch.save(dict(state=state, initial=initial, world=run.world, val_curve=run.summary["val_curve"]),
+           f"{sys.argv[1]}.rank{run.rank}.pt")
+if tg.dist.is_initialized():
+    tg.dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    # 3 layers: the MLP banks have 3 matrices, so the 2-rank reduce-scatter pads them to 4.
+    kw = dict(NUM_LAYERS=3, VE_LAYERS="1,2", XSA_LAST_N=2, ITERATIONS=6, WARMDOWN_ITERS=8, SWA_EVERY=1, EMA_DECAY=0.9)
+    results = {}
+    for world, launcher in ((1, [sys.executable]),
+                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        out = tmp_path / f"w{world}"
+        proc = subprocess.run([*launcher, str(driver), str(out), str(ROOT)], env=script_env(tmp_path, **kw), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
+    one, two = results[1][0], results[2][0]
+    assert (one["world"], two["world"]) == (1, 2)
+    assert one["val_curve"][-1]["val_loss"] == pytest.approx(two["val_curve"][-1]["val_loss"], abs=1e-5)
+    # Both ranks of the 2-process run end with the very same weights.
+    assert all(torch.equal(two["state"][k], results[2][1]["state"][k]) for k in two["state"])
+    # The same initialization, training that moved the weights, and the same end point within float tolerance.
+    assert all(torch.equal(one["initial"][k], two["initial"][k]) for k in one["initial"])
+    moved = max((one["state"][k] - one["initial"][k]).abs().max().item() for k in one["state"])
+    assert moved > 1e-2
+    for k in one["state"]:
+        a, b = one["state"][k], two["state"][k]
+        scale = max(1.0, a.abs().max().item())
+        assert (a - b).abs().max().item() <= 1e-5 * scale, k
+
+
+# ----------------------------------------------------------------------------- user errors: one line, exit 2
+
+def case_missing_data(tmp):
+    where = tmp / "nowhere"
+    return dict(DATA_PATH=where), [str(where), "python data/fineweb.py download"]
+
+
+def case_vocab_mismatch(tmp):
+    vocab = spm.SentencePieceProcessor(model_file=str(SAMPLE_TOKENIZER)).vocab_size()
+    return dict(VOCAB_SIZE=vocab // 2), [f"VOCAB_SIZE={vocab // 2}", str(vocab), str(SAMPLE_TOKENIZER)]
+
+
+def case_truncated_shard(tmp):
+    ds = tmp / "ds"
+    ds.mkdir()
+    (ds / SAMPLE_VAL.name).write_bytes(SAMPLE_VAL.read_bytes())
+    raw = SAMPLE_TRAIN.read_bytes()
+    count = int(np.frombuffer(raw[:12], dtype="<i4")[2])
+    cut = raw[:len(raw) // 2 + 1]
+    (ds / SAMPLE_TRAIN.name).write_bytes(cut)
+    return dict(DATA_PATH=ds), [str(ds / SAMPLE_TRAIN.name), str(count), str(len(cut))]
+
+
+def case_short_validation(tmp):
+    ds = tmp / "ds"
+    ds.mkdir()
+    (ds / SAMPLE_TRAIN.name).symlink_to(SAMPLE_TRAIN)
+    write_shard(ds / SAMPLE_VAL.name, read_tokens(SAMPLE_VAL)[:100])
+    return dict(DATA_PATH=ds), [str(ds), r"\b100\b", r"\b128\b"]
+
+
+def case_world_size_3(tmp):
+    return dict(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0), ["WORLD_SIZE=3"]
+
+
+def case_setting_typo(tmp):
+    return dict(SLOT_LRR="0.01"), ["SLOT_LRR", r"\bSLOT_LR\b"]
+
+
+def case_bad_int(tmp):
+    return dict(NUM_LAYERS="4.5"), ["NUM_LAYERS", "4.5"]
+
+
+def case_bad_float(tmp):
+    return dict(MATRIX_LR="fast"), ["MATRIX_LR", "fast"]
+
+
+def case_bad_choice(tmp):
+    return dict(COMPRESSOR="gzip"), ["COMPRESSOR", "gzip"]
+
+
+ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_world_size_3,
+               case_setting_typo, case_bad_int, case_bad_float, case_bad_choice]
+
+
+def assert_one_line_error(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert_clean(proc)
+    lines = proc.stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c.__name__[5:] for c in ERROR_CASES])
+def test_user_error_is_one_line(case, tmp_path, script_env, run_script):
+    overrides, expected = case(tmp_path)
+    proc = run_script(script_env(tmp_path / "out", **overrides), timeout=120)
+    line = assert_one_line_error(proc)
+    for want in expected:
+        if want.startswith(r"\b"):
+            assert re.search(want, line), (want, line)
+        else:
+            assert want in line, (want, line)
+    assert not list(tmp_path.rglob("*.ptz"))
+
+
+def test_non_finite_loss_names_the_step(tmp_path, script_env, run_script):
+    out = tmp_path / "out"
+    proc = run_script(script_env(out, ITERATIONS=6, MATRIX_LR="1e30", TIED_EMBED_LR="1e30", SCALAR_LR="1e30"))
+    line = assert_one_line_error(proc)
+    assert "non-finite" in line
+    step = int(re.search(r"\bstep (\d+)\b", line).group(1))
+    logged = [float(m.group(1)) for ln in log_lines(out) if (m := re.match(r"step:\d+/6 train_loss:(\S+) ", ln))]
+    # Every step before it logged a finite loss (TRAIN_LOG_EVERY=1); the named step is the first that did not.
+    assert step >= 2 and len(logged) == step - 1 and all(math.isfinite(x) for x in logged)
+    assert not (out / tg.ARTIFACT_NAME).exists()
+
+
+def test_over_the_artifact_limit(tmp_path, script_env, run_script):
+    out = tmp_path / "out"
+    proc = run_script(script_env(out, ITERATIONS=2, ARTIFACT_LIMIT_BYTES=1000))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert_clean(proc)
+    assert "error:" not in proc.stderr
+    lines, js = log_lines(out), summary(out)
+    artifact = out / tg.ARTIFACT_NAME
+    assert artifact.is_file() and artifact.stat().st_size == js["bytes"]["model"]
+    total = js["bytes"]["total"]
+    assert total == artifact.stat().st_size + TRAIN_GPT.stat().st_size and total > 1000
+    loud = [ln for ln in lines if "OVER THE LIMIT" in ln]
+    assert len(loud) == 1 and str(total) in loud[0] and "1000" in loud[0] and loud[0] in proc.stdout
+    assert js["over_limit"] is True and js["bytes"]["limit"] == 1000
+    # Evaluation still ran on the kept artifact.
+    loss, bpb = metric_line(lines, "final_int6_roundtrip_exact")
+    assert loss == pytest.approx(js["metrics"]["final_int6_roundtrip_exact"]["val_loss"], abs=6e-9)
+    assert lines[-1].startswith("final_score_exact ") and math.isfinite(bpb)
