@@ -259,7 +259,9 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(V, d)
         nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
         self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
-        self.bigram_proj = nn.Parameter(torch.zeros(d, s["BIGRAM_DIM"]))
+        # The reference zero-inits this projection in its constructor, then its generic init overwrites it with an
+        # orthogonal matrix; a zero table times a zero projection would never get a gradient.
+        self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s["BIGRAM_DIM"])))
         self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         self.smear_gate = nn.Parameter(torch.zeros(d))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
@@ -278,7 +280,7 @@ class GPT(nn.Module):
         self.ve_layers = list(s["VE_LAYERS"])
         if self.ve_layers:
             self.ve_emb = nn.Parameter(torch.randn(V, s["VE_DIM"]) * 0.01)
-            self.ve_proj = nn.Parameter(torch.zeros(kv_dim, s["VE_DIM"]))
+            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s["VE_DIM"])))  # as the bigram one
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
 
@@ -779,8 +781,9 @@ def save_artifact(state: dict, s: dict, path: Path) -> tuple[int, str]:
     """Quantize, serialize as safetensors (loading it runs no code), compress, write atomically."""
     from safetensors.torch import save
     tensors, scheme = quantize_state(state, s["NUM_LAYERS"])
-    meta = dict(format="pgolf-int6-v1", scheme=json.dumps(scheme), config=json.dumps({k: s[k] for k in MODEL_KEYS}))
-    blob, method = compress(save(tensors, metadata=meta), s["COMPRESSOR"])
+    # One metadata key: safetensors writes several in no fixed order, and the artifact's bytes should be reproducible.
+    meta = json.dumps(dict(format="pgolf-int6-v1", scheme=scheme, config={k: s[k] for k in MODEL_KEYS}))
+    blob, method = compress(save(tensors, metadata={"pgolf": meta}), s["COMPRESSOR"])
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
@@ -797,8 +800,8 @@ def load_artifact(path, s: dict) -> dict:
     raw = decompress(path.read_bytes(), path)
     try:
         tensors = load(raw)
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
-        scheme, config = json.loads(header["scheme"]), json.loads(header["config"])
+        header = json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
+        scheme, config = header["scheme"], header["config"]
     except (SafetensorError, ValueError, KeyError, TypeError):
         raise Fail(f"{path} is not a safetensors int6 artifact of this script (refusing to unpickle anything)") from None
     wrong = [f"{k}={config.get(k)!r} in the artifact but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
@@ -835,8 +838,7 @@ def slot_delta(model: GPT, H: Tensor, y: Tensor, fit: Tensor, s: dict, shared: b
             logits = model.compute_logits(H + delta)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
             loss = (nll * weight).sum()
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
+            delta.grad, = torch.autograd.grad(loss, [delta])  # no gradient into the model's weights
         opt.step()
     return delta.detach()
 
@@ -900,7 +902,8 @@ def ttt_train_chunk(model: GPT, run: Run, val: Tensor, c: int, n_chunks: int, op
                     bank.grad[nl:nl + frozen].zero_()
                 for bank in (model.mlp_up_bank, model.mlp_down_bank):
                     bank.grad[:frozen].zero_()
-            torch.nn.utils.clip_grad_norm_(params, s["TTT_GRAD_CLIP"])
+            if s["TTT_GRAD_CLIP"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, s["TTT_GRAD_CLIP"])
             opt.step()
 
 
@@ -1000,6 +1003,9 @@ def main() -> int:
     s = parse_settings()
     if not 0 < s["EVAL_STRIDE"] <= s["EVAL_SEQ_LEN"]:
         raise Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be between 1 and EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
+    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] < s["EVAL_SEQ_LEN"]:
+        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} holds no whole EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']} "
+                   f"sequence to train on; raise it")
     run = Run(s)
     code = Path(__file__).read_text(encoding="utf-8")
     log_header(run, code)
