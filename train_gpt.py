@@ -655,17 +655,20 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
         step += 1
         averages.update(model, step, lr_mul)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise Fail(f"non-finite train loss ({loss_value}) at step {step}; lower the learning rates or check the data")
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        # One collective for both: every rank stops at the same step, and on any rank's non-finite loss.
+        flags = torch.tensor([float(cap_ms > 0 and elapsed >= cap_ms), float(not math.isfinite(loss_value))],
+                             device=run.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        reached, nonfinite = flags.tolist()
+        if nonfinite:
+            raise Fail(f"non-finite train loss at step {step}; lower the learning rates or check the data")
         if s["TRAIN_LOG_EVERY"] > 0 and (step <= 10 or step % s["TRAIN_LOG_EVERY"] == 0 or stop_after is not None):
             run.log(f"step:{step}/{s['ITERATIONS']} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / step:.2f}ms")
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
-        reached = torch.tensor(float(cap_ms > 0 and elapsed >= cap_ms), device=run.device)
-        if dist.is_initialized():
-            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
-        if stop_after is None and reached.item():
+        if stop_after is None and reached:
             stop_after = step
             run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s['ITERATIONS']}")
     if run.device.type == "cuda":

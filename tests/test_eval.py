@@ -500,9 +500,6 @@ def test_audit_catches_a_planted_leak(base, monkeypatch, capsys, leak):
 # ----------------------------------------------------------------------------- known problems of train_gpt.py
 
 @needs_sample
-@pytest.mark.xfail(strict=True, reason="train_gpt.ttt_train_chunk calls clip_grad_norm_(params, TTT_GRAD_CLIP) "
-                   "unguarded: TTT_GRAD_CLIP=0 scales every gradient by 0, so TTT silently never updates, "
-                   "while GRAD_CLIP_NORM=0 means 'no clipping' (needs `if s['TTT_GRAD_CLIP'] > 0:`)")
 def test_ttt_grad_clip_zero_means_no_clipping(base):
     changed = {}
     for clip in (1.0, 0.0):
@@ -516,10 +513,6 @@ def test_ttt_grad_clip_zero_means_no_clipping(base):
 
 
 @needs_sample
-@pytest.mark.xfail(strict=True, reason="train_gpt.slot_delta runs loss.backward() on compute_logits(H + delta), "
-                   "which also accumulates d(loss)/d(tok_emb.weight) into the model's .grad at every SLOT step: "
-                   "an unused [V, d] gradient matmul per step and a side effect on the model "
-                   "(use torch.autograd.grad(loss, [delta]) or a detached embedding)")
 def test_slot_delta_leaves_the_model_gradients_alone(base):
     s, run, model = make_run(base)
     x = base["val"][:2 * L].view(2, L)
