@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # With CUDA GPUs: the seed's record run on all of them (FineWeb sp1024 data, see data/README.md).
 # Without: the CPU demo on the embedded sample, the whole pipeline in a few minutes on 2 cores.
-# Any setting already in the environment wins over the values below.
+# Any setting already in the environment wins over the values below. `bash run.sh CMD ARGS...` runs CMD with
+# those settings instead of training (e.g. `bash run.sh python3 tools/audit_causality.py`).
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -c "import torch, numpy, sentencepiece, safetensors" 2>/dev/null || python3 -m pip install -r requirements.txt
@@ -17,6 +18,7 @@ if [ "$ngpu" -gt 0 ]; then
     ADAM_WD=0.04 MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 \
     MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500 WARMDOWN_ITERS=3500 ITERATIONS=9000 \
     MAX_WALLCLOCK_SECONDS=600 EVAL_STRIDE=64
+  [ $# -eq 0 ] || exec "$@"
   exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
 fi
 
@@ -24,10 +26,11 @@ fi
 # sliding eval, score-first TTT with causal SLOT), on the embedded sample (data/README.md).
 set_default DATA_PATH=./data/datasets/sample_sp1024 TOKENIZER_PATH=./data/tokenizers/sample_1024_bpe.model \
   OUTPUT_DIR=./out/cpu_demo NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=3 \
-  VE_LAYERS=2,3 XSA_LAST_N=2 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 TRAIN_BATCH_TOKENS=16384 \
-  ITERATIONS=200 WARMDOWN_ITERS=80 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
-  EMA_DECAY=0.97 SWA_EVERY=5 VAL_LOSS_EVERY=50 TRAIN_LOG_EVERY=20 VAL_MAX_TOKENS=32768 EVAL_STRIDE=64 \
+  VE_LAYERS=2,3 XSA_LAST_N=2 BIGRAM_DIM=32 VE_DIM=32 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 TRAIN_BATCH_TOKENS=8192 \
+  ITERATIONS=180 WARMDOWN_ITERS=60 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
+  EMA_DECAY=0.97 SWA_EVERY=5 VAL_LOSS_EVERY=60 TRAIN_LOG_EVERY=20 VAL_MAX_TOKENS=32768 EVAL_STRIDE=64 \
   EVAL_BATCH_SEQS=32 TTT_CHUNK_TOKENS=8192 TTT_EPOCHS=1 TTT_BATCH_SEQS=8
+[ $# -eq 0 ] || exec "$@"
 # NPROC=2 runs it as 2 gloo processes (same global batch, same result up to float rounding).
 if [ "${NPROC:-1}" -gt 1 ]; then exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py; fi
 exec python3 train_gpt.py
