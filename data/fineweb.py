@@ -136,7 +136,10 @@ def _shard_items(entry: dict, split: str) -> list | None:
     return None
 
 
-def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, wanted: int) -> list[Artifact]:
+FULL_TRAIN_SHARDS = 80  # the challenge's sp1024 export: 80 train shards of 100M tokens (SPEC §3)
+
+
+def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, wanted: int | None) -> list[Artifact]:
     """The shards of one split; when the manifest gives neither a list nor a count, the first `wanted` names."""
     name = str(entry.get("name"))
     remote_dir = str(_first(entry, "path", "dir", "remote_path") or f"datasets/{name}").strip("/")
@@ -149,7 +152,7 @@ def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, want
             count = _as_int(_first(entry, f"files_{split}", f"num_{split}_shards", f"{split}_shard_count"),
                             f"{name} {split} shard count")
         if count is None:
-            count = wanted
+            count = FULL_TRAIN_SHARDS if wanted is None else wanted
         items = [f"fineweb_{split}_{i:06d}.bin" for i in range(count)]
     out = []
     for item in items:
@@ -194,7 +197,7 @@ def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -
                      vocab_size=vocab_size) for p in paths]
 
 
-def plan_download(manifest: dict, variant: str, train_shards: int, root: Path) -> list[Artifact]:
+def plan_download(manifest: dict, variant: str, train_shards: int | None, root: Path) -> list[Artifact]:
     if not isinstance(manifest, dict):
         raise Fail("manifest: expected a JSON object at the top level")
     entry = find_dataset(manifest, variant)
@@ -204,6 +207,8 @@ def plan_download(manifest: dict, variant: str, train_shards: int, root: Path) -
     train = shard_artifacts(entry, "train", root, vocab, wanted=train_shards)
     if not val:
         raise Fail(f"manifest: variant {variant} lists no validation shard")
+    if train_shards is None:
+        train_shards = len(train)
     if train_shards > len(train):
         raise Fail(f"variant {variant} has {len(train)} train shards in the manifest; asked for {train_shards}")
     return tokenizer + val + train[:train_shards]
@@ -417,7 +422,7 @@ def cmd_download(args) -> int:
     root = Path(args.root)
     repo_id = _setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID)
     remote_dir = _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR)
-    if args.train_shards < 0:
+    if args.train_shards is not None and args.train_shards < 0:
         raise Fail(f"--train-shards {args.train_shards}: must be 0 or more")
     try:
         hub = Hub(repo_id, remote_dir, args.revision, args.endpoint, progress=not args.no_progress)
@@ -547,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch the manifest, tokenizer and shards from the Hub")
     d.add_argument("--variant", default="sp1024", help="tokenizer variant, e.g. sp1024 (default)")
-    d.add_argument("--train-shards", type=int, default=1, help="how many train shards, from the first (default 1)")
+    d.add_argument("--train-shards", type=int, default=None,
+                   help="how many train shards, from the first (default: all the manifest lists, 80 for sp1024)")
     d.add_argument("--root", default=str(DATA_DIR), help="layout root: <root>/datasets, <root>/tokenizers (default data/)")
     d.add_argument("--repo-id", default=None,
                    help=f"Hub dataset repo (default {DEFAULT_REPO_ID}; env {' or '.join(REPO_ID_VARS)})")

@@ -442,6 +442,15 @@ def test_download_fresh(hub, tmp_path, download):
     assert "5 downloaded, 0 already present" in r.stdout
 
 
+def test_download_defaults_to_every_train_shard_in_the_manifest(hub, tmp_path, download):
+    root = tmp_path / "data"
+    r = download(hub, root, "--variant", "sp1024")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = sum(1 for n in hub.shards if n.startswith("fineweb_train_"))
+    assert listed >= 2
+    assert_layout_complete(hub, root, listed)
+
+
 def test_download_skips_files_already_complete(hub, tmp_path, download):
     root = tmp_path / "data"
     assert download(hub, root, "--train-shards", "2").returncode == 0

@@ -7,7 +7,7 @@
 #
 # Each grid point runs `bash run.sh` (the CPU demo; it honours settings already in the environment and
 # passes OUTPUT_DIR / RUN_ID through) with SEED, the swept variable, OUTPUT_DIR=$SWEEP_DIR and a RUN_ID
-# exported. Without run.sh it runs `python train_gpt.py` with the tiny configuration below instead.
+# exported.
 # Every run writes $SWEEP_DIR/logs/<RUN_ID>.{txt,json}; its console output goes to $SWEEP_DIR/<RUN_ID>.out.
 # Any other setting can be fixed for the whole grid from the environment (e.g. ITERATIONS=50 bash tools/sweep.sh).
 set -u
@@ -20,38 +20,11 @@ SWEEP_VAR="${SWEEP_VAR:-MATRIX_LR}"          # the swept setting (any train_gpt.
 SWEEP_VALUES="${SWEEP_VALUES:-0.02 0.04}"    # its values
 SWEEP_SEEDS="${SWEEP_SEEDS:-1337 42}"        # seeds, crossed with the values
 SWEEP_DIR="${SWEEP_DIR:-out/sweep_$(date +%Y%m%d_%H%M%S)}"
-SWEEP_RUNNER="${SWEEP_RUNNER:-}"             # command for one run; default: bash run.sh, else python train_gpt.py
+SWEEP_RUNNER="${SWEEP_RUNNER:-bash run.sh}"  # command for one run
 SWEEP_DRY_RUN="${SWEEP_DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
 # keep the sweep's own variables out of the training process's environment
 export -n SWEEP_VAR SWEEP_VALUES SWEEP_SEEDS SWEEP_DIR SWEEP_RUNNER SWEEP_DRY_RUN PYTHON 2>/dev/null
-
-# ----------------------------------------------------------------------------- tiny config (no run.sh only)
-# Used only when run.sh is missing: a model small enough for a few minutes per run on 2 CPU cores.
-# Edit freely; a value already set in the environment wins.
-tiny_config() {
-  export DATA_PATH="${DATA_PATH:-./data/datasets/sample_sp1024}"
-  export TOKENIZER_PATH="${TOKENIZER_PATH:-./data/tokenizers/sample_1024_bpe.model}"
-  export DEVICE="${DEVICE:-cpu}" COMPILE="${COMPILE:-0}"
-  export NUM_LAYERS="${NUM_LAYERS:-2}" MODEL_DIM="${MODEL_DIM:-64}" NUM_HEADS="${NUM_HEADS:-2}"
-  export NUM_KV_HEADS="${NUM_KV_HEADS:-1}" XSA_LAST_N="${XSA_LAST_N:-1}" VE_LAYERS="${VE_LAYERS:-1}"
-  export ITERATIONS="${ITERATIONS:-30}" WARMUP_STEPS="${WARMUP_STEPS:-2}" WARMDOWN_ITERS="${WARMDOWN_ITERS:-10}"
-  export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-5}"
-  export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}" TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}"
-  export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-10}" VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-32768}"
-  export EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-256}" EVAL_BATCH_SEQS="${EVAL_BATCH_SEQS:-8}"
-  export TTT_CHUNK_TOKENS="${TTT_CHUNK_TOKENS:-8192}" TTT_BATCH_SEQS="${TTT_BATCH_SEQS:-4}"
-}
-
-if [[ -z "$SWEEP_RUNNER" ]]; then
-  if [[ -f run.sh ]]; then
-    SWEEP_RUNNER="bash run.sh"
-  else
-    echo "sweep: run.sh not found; using python train_gpt.py with the tiny config in tools/sweep.sh" >&2
-    tiny_config
-    SWEEP_RUNNER="$PYTHON train_gpt.py"
-  fi
-fi
 
 mkdir -p "$SWEEP_DIR" || exit 1
 SWEEP_DIR="$(cd "$SWEEP_DIR" && pwd)"   # absolute, so a runner that changes directory still finds it
