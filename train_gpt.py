@@ -6,7 +6,7 @@ Every hyperparameter is an environment variable; see README.md for the table.
 """
 from __future__ import annotations
 
-import copy, difflib, glob, io, json, lzma, math, os, sys, time, uuid
+import copy, difflib, glob, json, lzma, math, os, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def shard_files(pattern: str) -> list[str]:
     files = sorted(glob.glob(pattern))
     if not files:
         raise Fail(f"no data files match {pattern}; fetch them with "
-                   f"`python data/fineweb.py download --variant sp1024 --train-shards 10` or set DATA_PATH")
+                   f"`python data/fineweb.py download --variant sp1024` or set DATA_PATH")
     return files
 
 
@@ -129,7 +129,7 @@ class DistributedTokenLoader:
     """Each call takes world_size contiguous spans of local_tokens+1 and keeps this rank's span."""
 
     def __init__(self, pattern: str, rank: int, world_size: int, device):
-        self.pattern, self.rank, self.world_size, self.device = pattern, rank, world_size, device
+        self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern)
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -380,7 +380,6 @@ class ParallelMuon(torch.optim.Optimizer):
         super().__init__(sorted(banks, key=lambda p: -p.numel()),
                          dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.pending = []
 
     def padded_rows(self, p: Tensor) -> int:
