@@ -11,13 +11,7 @@ set_default() { for kv in "$@"; do k=${kv%%=*}; [ -n "${!k+x}" ] || export "$kv"
 
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -gt 0 ]; then
-  set_default SEED=1337 SLOT_ENABLED=1 SLOT_LR=0.003 SLOT_STEPS=5 NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=1536 \
-    XSA_LAST_N=4 EMA_ENABLED=1 EMA_DECAY=0.997 SWA_ENABLED=1 SWA_EVERY=50 ROPE_DIMS=16 LN_SCALE=1 LATE_QAT=1 \
-    LATE_QAT_THRESHOLD=0.15 VE_ENABLED=1 VE_DIM=128 VE_LAYERS=9,10 TTT_ENABLED=1 TTT_LR=0.002 TTT_EPOCHS=3 \
-    TTT_CHUNK_TOKENS=32768 TTT_FREEZE_BLOCKS=0 TTT_MOMENTUM=0.9 TTT_BATCH_SEQS=32 TTT_GRAD_CLIP=1.0 MUON_WD=0.04 \
-    ADAM_WD=0.04 MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 \
-    MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500 WARMDOWN_ITERS=3500 ITERATIONS=9000 \
-    MAX_WALLCLOCK_SECONDS=600 EVAL_STRIDE=64
+  # train_gpt.py's defaults are the seed's record command (SPEC §9), with the legal causal SLOT.
   [ $# -eq 0 ] || exec "$@"
   exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
 fi

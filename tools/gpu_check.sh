@@ -27,15 +27,17 @@ flops_per_token = 6 * n_params + 6 * s["NUM_LAYERS"] * s["TRAIN_SEQ_LEN"] * s["M
 name = torch.cuda.get_device_name(0)
 peak = 989e12  # dense bf16 tensor-core peak of H100 SXM and H200
 print(f"gpu: {name}")
-print(f"attention: {re.search(r'attention:(\S+)', log).group(1)}")
-print(f"ms_per_step: {summary['step_avg_ms']:.1f} (one GPU, {8} micro-batches of the 8-GPU record step)")
+backend = re.findall(r"^torch:.* attention:(\S+)", log, flags=re.M)[-1]  # the header line, not the code dump
+print(f"attention: {backend}")
+print(f"ms_per_step: {summary['step_avg_ms']:.1f} (one GPU doing all 8 micro-batches of the record step)")
 print(f"tokens_per_s: {tokens / step_s:,.0f}")
 print(f"mfu: {100 * flops_per_token * tokens / step_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s")
 m = re.search(r"peak memory allocated: (\d+) MiB", log)
 print(f"peak_memory_allocated_mib: {m.group(1) if m else '?'}")
 val_tokens = int(re.search(r"val_tokens:(\d+)", log).group(1))
 for label, r in summary["metrics"].items():
-    print(f"{label}: val_bpb {r['val_bpb']:.4f}  eval {r['eval_time_s']:.1f}s  {val_tokens / r['eval_time_s']:,.0f} tokens/s")
+    print(f"{label}: val_bpb {r['val_bpb']:.4f}  eval {r['eval_time_s']:.1f}s  "
+          f"{val_tokens / r['eval_time_s']:,.0f} val tokens scored/s")
 PY
 # TTT alone (no SLOT) from the same artifact, for its own throughput line.
 EVAL_ONLY=1 ARTIFACT_PATH="$out/final_model.int6.ptz" SLOT_ENABLED=0 RUN_ID=gpu_check_ttt python3 train_gpt.py 2>&1 \
