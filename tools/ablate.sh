@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-./out/ablate}
 variants=(
-  "ours (defaults)|"
-  "SWA unused (reference)|SWA_ENABLED=0"
+  "defaults (EMA only, banks in late QAT, no rotary scaling)|"
+  "SWA snapshots averaged into the final weights|SWA_ENABLED=1"
   "late QAT without banks (reference)|LATE_QAT_BANKS=0"
   "EMA decay 0.997 as the reference hard-codes|EMA_DECAY=0.997"
   "rotary base scaling from half the train length (reference at 2048)|ROPE_TRAIN_SEQ_LEN=128"
-  "all of the reference's effective behaviours|SWA_ENABLED=0 LATE_QAT_BANKS=0 EMA_DECAY=0.997 ROPE_TRAIN_SEQ_LEN=128"
+  "all of the reference's effective behaviours|LATE_QAT_BANKS=0 EMA_DECAY=0.997 ROPE_TRAIN_SEQ_LEN=128"
   "2 processes, global clip (ours)|NPROC=2"
   "2 processes, per-rank local clip (reference)|NPROC=2 GRAD_CLIP_LOCAL=1"
 )
