@@ -261,8 +261,10 @@ def test_partial_rope_rotates_only_the_first_16_dims():
         torch.testing.assert_close(diag, diag[:, :1].expand_as(diag), rtol=0, atol=1e-5)
 
 
-def test_rope_base_is_raised_beyond_the_1024_table():
-    s = tg.parse_settings({})
+def test_rope_base_is_raised_beyond_the_1024_table_only_as_the_reference():
+    s = tg.parse_settings({})  # default: the base is ROPE_BASE at every length
+    assert tg.rope_base(s, 128) == tg.rope_base(s, 2048) == tg.rope_base(s, 8192) == 10000.0
+    s = tg.parse_settings({"ROPE_TRAIN_SEQ_LEN": "1024"})  # the reference's tables
     assert tg.rope_base(s, 1024) == 10000.0 and tg.rope_base(s, 128) == 10000.0
     assert tg.rope_base(s, 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14), rel=1e-12)
 

@@ -28,7 +28,7 @@ SAMPLE_TOKENIZER = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
 
 # 16 steps of 2,048 tokens with a warmdown over the last 8, so that late QAT (multiplier < 0.15) and one SWA
 # snapshot (< 0.2) happen; a fast EMA so that 16 steps show in the exported weights.
-E2E = dict(ITERATIONS=16, WARMDOWN_ITERS=8, SWA_EVERY=2, EMA_DECAY=0.9, TRAIN_BATCH_TOKENS=2048)
+E2E = dict(ITERATIONS=16, WARMDOWN_ITERS=8, SWA_ENABLED=1, SWA_EVERY=2, EMA_DECAY=0.9, TRAIN_BATCH_TOKENS=2048)
 
 
 def read_tokens(path: Path) -> np.ndarray:
@@ -177,7 +177,7 @@ def train_in_process(s: dict, monkeypatch):
 
 
 def test_same_seed_same_run(tiny_settings, tmp_path, monkeypatch, one_thread):
-    kw = dict(ITERATIONS=4, WARMDOWN_ITERS=8, SWA_EVERY=1, EMA_DECAY=0.9, OUTPUT_DIR=tmp_path)
+    kw = dict(ITERATIONS=4, WARMDOWN_ITERS=8, SWA_ENABLED=1, SWA_EVERY=1, EMA_DECAY=0.9, OUTPUT_DIR=tmp_path)
     a, sum_a, init_a = train_in_process(tiny_settings(SEED=7, RUN_ID="a", **kw), monkeypatch)
     b, sum_b, _ = train_in_process(tiny_settings(SEED=7, RUN_ID="b", **kw), monkeypatch)
     c, sum_c, _ = train_in_process(tiny_settings(SEED=8, RUN_ID="c", **kw), monkeypatch)
@@ -222,7 +222,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     # 3 layers: the MLP banks have 3 matrices, so the 2-rank reduce-scatter pads them to 4.
-    kw = dict(NUM_LAYERS=3, VE_LAYERS="1,2", XSA_LAST_N=2, ITERATIONS=6, WARMDOWN_ITERS=8, SWA_EVERY=1, EMA_DECAY=0.9)
+    kw = dict(NUM_LAYERS=3, VE_LAYERS="1,2", XSA_LAST_N=2, ITERATIONS=6, WARMDOWN_ITERS=8, SWA_ENABLED=1, SWA_EVERY=1,
+              EMA_DECAY=0.9)
     results = {}
     for world, launcher in ((1, [sys.executable]),
                             (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
