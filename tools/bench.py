@@ -1,0 +1,576 @@
+#!/usr/bin/env python3
+"""Throughput, FLOPs and MFU of train_gpt.py's training step and of each pass of its final evaluation.
+
+Same environment settings as train_gpt.py (parse_settings), on whatever device train_gpt.Run picks: the CPU,
+one GPU, or every rank under torchrun. After warm-up it times
+  - training steps (the real step: 8 micro-batches split over the ranks, Muon + AdamW, EMA update);
+  - each pass of the configured final evaluation (train_gpt.eval_paths: plain round trip, standalone sliding,
+    TTT with SLOT) and, when the final pass fits SLOT, the same pass without SLOT (marked extra),
+on a val slice, and prints per phase: time, tokens/s, seconds per 1M scored tokens, model FLOPs per token from
+an analytic count (README, Performance), achieved TFLOP/s, MFU against a matmul peak measured here on this
+device (bf16 on GPU, fp32 on CPU), compile time apart from run time, and peak memory.
+
+  python3 tools/bench.py [--json PATH] [--project-8xh100] [--baseline REV [--rounds N]]
+
+--baseline REV checks REV out in a git worktree and runs this same measurement, in fresh processes, on the
+current train_gpt.py and on REV's, interleaved (A, B, A, B, ...), then prints time ratios per phase: speed claims
+in this project are ratios measured side by side. The last line is for scripts:
+  bench train_ms_per_step:X train_mfu:Y final_eval_tokens_per_s:Z final_eval_mfu:W slot_time_share:A
+        slot_flop_share:B projected_8xh100_eval_s:P
+"""
+from __future__ import annotations
+
+import argparse, copy, glob, importlib.util, json, math, os, resource, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD_VAL_TOKENS = 62_021_632  # the challenge's full validation split, in usable tokens (SPEC §3)
+H100_MATMUL_TFLOPS = 800.0      # achieved dense bf16 matmul rate assumed for an H100 when none was measured on one
+GPU_PEAK_N, CPU_PEAK_N = 8192, 1024
+
+
+def load_train_gpt(path: Path):
+    """Import train_gpt.py from a given file (the current tree's, or a baseline worktree's) as `train_gpt`."""
+    loaded = sys.modules.get("train_gpt")
+    if loaded is not None and Path(loaded.__file__).resolve() == Path(path).resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- analytic FLOP count
+# Multiply-adds count 2 FLOPs. Only matmuls and attention are counted (norms, rotary, softcap, softmax, the
+# optimizer's Newton-Schulz are not): the usual "model FLOPs" of MFU. Padding is never counted.
+
+def dims(s: dict) -> dict:
+    d, H = s["MODEL_DIM"], s["NUM_HEADS"]
+    kv = s["NUM_KV_HEADS"] * (d // H)
+    return dict(d=d, kv=kv, hidden=int(s["MLP_MULT"] * d), L=s["NUM_LAYERS"], V=s["VOCAB_SIZE"])
+
+
+def layer_matmul_flops(s: dict) -> int:
+    """Per token and layer: q (d->d), k and v (d->kv), out (d->d), MLP up (d->hidden) and down (hidden->d)."""
+    m = dims(s)
+    d, kv, h = m["d"], m["kv"], m["hidden"]
+    return 2 * d * (d + kv + kv + d + h) + 2 * h * d
+
+
+def attention_flops(s: dict, T: int, causal: bool = True) -> int:
+    """Per layer, for one sequence of T positions: QK^T and AV, each 2*d FLOPs per (query, key) pair over all
+    heads (d = heads x head dim); causal attention has T(T+1)/2 pairs, full attention T^2."""
+    pairs = T * (T + 1) // 2 if causal else T * T
+    return 2 * (2 * s["MODEL_DIM"] * pairs)
+
+
+def embed_flops(s: dict) -> int:
+    """Per token: the BigramHash projection and, when value embeddings are on, their projection (once)."""
+    m = dims(s)
+    return 2 * s["BIGRAM_DIM"] * m["d"] + (2 * s["VE_DIM"] * m["kv"] if s["VE_LAYERS"] else 0)
+
+
+def head_flops(s: dict) -> int:
+    """Per token: the tied output head, d -> vocab."""
+    return 2 * s["MODEL_DIM"] * s["VOCAB_SIZE"]
+
+
+def hidden_flops(s: dict, T: int, causal: bool = True) -> int:
+    """forward_hidden on one sequence of T positions."""
+    return T * (embed_flops(s) + s["NUM_LAYERS"] * layer_matmul_flops(s)) + s["NUM_LAYERS"] * attention_flops(s, T, causal)
+
+
+def forward_flops(s: dict, T: int) -> int:
+    return hidden_flops(s, T) + T * head_flops(s)
+
+
+def train_flops(s: dict, T: int) -> int:
+    """Forward + backward (input and weight gradients, each as costly as the forward) = 3x forward."""
+    return 3 * forward_flops(s, T)
+
+
+def slot_flops_per_position(s: dict) -> int:
+    """SLOT_STEPS x (head forward + backward to the hidden state only: no weight gradient) = 2 head forwards."""
+    return s["SLOT_STEPS"] * 2 * head_flops(s)
+
+
+def ttt_sequences(s: dict, n: int) -> list[int]:
+    """Sequences of EVAL_SEQ_LEN trained on after each chunk but the last, as train_gpt.ttt_train_chunk does."""
+    chunk, L = s["TTT_CHUNK_TOKENS"], s["EVAL_SEQ_LEN"]
+    n_chunks = (n - 1) // chunk + 1
+    return [(min(c * chunk + chunk, n) - c * chunk) // L for c in range(n_chunks - 1)]
+
+
+def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool) -> dict:
+    """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training."""
+    lens = np.array([e - b for b, e, _ in tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)], dtype=np.float64)
+    per_tok = embed_flops(s) + s["NUM_LAYERS"] * layer_matmul_flops(s) + head_flops(s)
+    score = float((lens * per_tok).sum() + s["NUM_LAYERS"] * (4 * s["MODEL_DIM"] * lens * (lens + 1) / 2).sum())
+    slot_f = float(lens.sum()) * slot_flops_per_position(s) if slot else 0.0
+    ttt_f = float(sum(ttt_sequences(s, n))) * s["TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"]) if ttt else 0.0
+    return dict(score=score, slot=slot_f, ttt=ttt_f, total=score + slot_f + ttt_f, windows=len(lens),
+                positions=float(lens.sum()), scored=n)
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Best achieved rate of a large square matmul: bf16 on GPU, fp32 on CPU (the model's compute dtypes)."""
+    cuda = device.type == "cuda"
+    n, dtype = (GPU_PEAK_N, torch.bfloat16) if cuda else (CPU_PEAK_N, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    reps = 10 if cuda else 2
+    best = float("inf")
+    for trial in range(6):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            c = a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        if trial:  # the first one warms up
+            best = min(best, time.perf_counter() - t0)
+    del c
+    return 2 * n ** 3 * reps / best, f"{'bf16' if cuda else 'fp32'} {n}x{n} matmul"
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
+
+
+class Timed:
+    """Wraps a train_gpt function to add up the seconds spent in it (device-synchronized)."""
+
+    def __init__(self, tg, name: str, run):
+        self.tg, self.name, self.run, self.fn, self.seconds = tg, name, run, getattr(tg, name, None), 0.0
+
+    def __enter__(self):
+        if self.fn is not None:
+            def timed(*a, **k):
+                self.run.sync()
+                t0 = time.perf_counter()
+                out = self.fn(*a, **k)
+                self.run.sync()
+                self.seconds += time.perf_counter() - t0
+                return out
+            setattr(self.tg, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fn is not None:
+            setattr(self.tg, self.name, self.fn)
+
+
+def load_data(tg, s: dict, run, n_val: int):
+    """Val slice, bpb tables, a training batch source and a description: the real data when DATA_PATH holds it,
+    else random tokens (throughput only; scores meaningless)."""
+    val_pattern = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
+    train_pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
+    L, V = s["EVAL_SEQ_LEN"], s["VOCAB_SIZE"]
+    try:
+        luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), V, run.device)
+        have_tok = True
+    except tg.Fail:
+        ones = torch.ones(V, dtype=torch.int16, device=run.device)
+        luts, have_tok = (ones, torch.zeros(V, dtype=torch.bool, device=run.device),
+                          torch.zeros(V, dtype=torch.bool, device=run.device)), False
+    gen = torch.Generator().manual_seed(s["SEED"])
+    if have_tok and glob.glob(val_pattern):
+        val, source = tg.load_validation_tokens(val_pattern, L, n_val), f"val {val_pattern}"
+    else:
+        val = torch.randint(0, V, ((n_val // L) * L + 1,), generator=gen)
+        source = f"val RANDOM tokens (no tokenizer + {val_pattern})"
+    if glob.glob(train_pattern):
+        loader = tg.DistributedTokenLoader(train_pattern, run.rank, run.world, run.device)
+        batches, tsource = loader.next_batch, f"train {train_pattern}"
+    else:
+        def batches(local_tokens, seq_len):
+            t = torch.randint(0, V, (local_tokens // seq_len, seq_len + 1), generator=gen).to(run.device)
+            return t[:, :-1], t[:, 1:]
+        tsource = f"train RANDOM tokens (no {train_pattern})"
+    return val, luts, batches, f"{tsource}; {source}"
+
+
+# ----------------------------------------------------------------------------- phases
+
+def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> dict:
+    muon, adam, others = tg.build_optimizers(model, s)
+    grad_accum = 8 // run.world
+    seq_len = s["TRAIN_SEQ_LEN"]
+    local_tokens = s["TRAIN_BATCH_TOKENS"] // (run.world * grad_accum)
+    if local_tokens < seq_len or local_tokens % seq_len:
+        raise tg.Fail(f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
+                      f"TRAIN_SEQ_LEN={seq_len} sequences")
+    train_model = run.compiled(model)
+    averages = tg.WeightAverages(model, s) if hasattr(tg, "WeightAverages") else None
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["lr"] = group.get("base_lr", group["lr"])
+    times = []
+    reset_peak_memory(run.device)
+    for i in range(warmup + steps):
+        run.sync()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=run.device)
+        for _ in range(grad_accum):
+            x, y = batches(local_tokens, seq_len)
+            with run.autocast():
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+            total += loss.detach()
+        tg.optimizer_step(muon, adam, others, s)
+        model.zero_grad(set_to_none=True)
+        if averages is not None:
+            averages.update(model, i + 1, 1.0)
+        loss_value = (total / grad_accum).item()
+        run.sync()
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times[warmup:])
+    flops = train_flops(s, seq_len) * (s["TRAIN_BATCH_TOKENS"] // seq_len)
+    mem, mem_kind = peak_memory_mib(run.device)
+    return dict(name="train", kind="train", seconds=steady, first_s=times[0], all_s=times, steps=steps,
+                tokens=s["TRAIN_BATCH_TOKENS"], flops=flops, flops_parts=dict(train=flops),
+                peak_mem_mib=mem, peak_mem_kind=mem_kind, loss=loss_value)
+
+
+def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repeats: int, extra: bool) -> dict:
+    s = run.s
+    n = val.numel() - 1
+    times, parts = [], []
+    reset_peak_memory(run.device)
+    for r in range(1 + repeats):  # the first pass warms up (and compiles)
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with Timed(tg, "slot_delta", run) as slot_t, Timed(tg, "ttt_train_chunk", run) as ttt_t:
+            run.sync()
+            t0 = time.perf_counter()
+            loss, bpb = tg.evaluate(model, run, val, luts, tag=name, **kw)
+            run.sync()
+            times.append(time.perf_counter() - t0)
+        parts.append(dict(slot=slot_t.seconds, ttt=ttt_t.seconds))
+    steady = statistics.median(times[1:])
+    mid = sorted(range(1, len(times)), key=lambda i: times[i])[(len(times) - 1) // 2]
+    seconds_parts = dict(slot=parts[mid]["slot"], ttt=parts[mid]["ttt"])
+    seconds_parts["score"] = max(times[mid] - seconds_parts["slot"] - seconds_parts["ttt"], 0.0)
+    f = pass_flops(tg, s, n, **kw)
+    mem, mem_kind = peak_memory_mib(run.device)
+    return dict(name=name, kind="eval", extra=extra, config=kw, seconds=steady, first_s=times[0], all_s=times,
+                tokens=n, flops=f["total"], flops_parts=dict(score=f["score"], slot=f["slot"], ttt=f["ttt"]),
+                seconds_parts=seconds_parts, windows=f["windows"], positions=f["positions"],
+                peak_mem_mib=mem, peak_mem_kind=mem_kind, val_bpb=bpb)
+
+
+def derive(p: dict, peak: float, world: int, compiling: bool) -> dict:
+    """Rates from a phase's seconds and FLOPs; peak is one device's, the MFU is against all ranks' devices."""
+    p["tokens_per_s"] = p["tokens"] / p["seconds"]
+    p["s_per_1m_tokens"] = p["seconds"] / p["tokens"] * 1e6
+    p["flops_per_token"] = p["flops"] / p["tokens"]
+    p["tflops"] = p["flops"] / p["seconds"] / 1e12
+    p["mfu"] = p["flops"] / p["seconds"] / (peak * world)
+    p["compile_s"] = max(p["first_s"] - p["seconds"], 0.0) if compiling else None
+    if p["kind"] == "eval":
+        p["mfu_parts"] = {k: (p["flops_parts"][k] / p["seconds_parts"][k] / (peak * world)
+                              if p["flops_parts"][k] and p["seconds_parts"][k] > 0 else None) for k in p["flops_parts"]}
+    return p
+
+
+def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: float, gpus: int = 8) -> dict:
+    """Seconds of each configured final-evaluation pass on `gpus` H100s at the full validation size: its FLOP
+    count (scoring, SLOT, TTT apart) divided by MFU x H100 matmul rate x gpus. MFU: this run's, per part, on a
+    GPU; the stated one elsewhere. Assumes perfect scaling over the GPUs."""
+    L = s["EVAL_SEQ_LEN"]
+    n = (s["VAL_MAX_TOKENS"] or RECORD_VAL_TOKENS) // L * L
+    rows = []
+    for label, kw in tg.eval_paths(s):
+        f = pass_flops(tg, s, n, **kw)
+        secs = 0.0
+        mfus = {}
+        for part in ("score", "slot", "ttt"):
+            if not f[part]:
+                continue
+            mfu = stated_mfu
+            if measured and label in evals:
+                m = evals[label]
+                mfu = m["mfu_parts"].get(part) or m["mfu"]
+            mfus[part] = mfu
+            secs += f[part] / (mfu * h100 * gpus)
+        rows.append(dict(name=label, tokens=n, flops=f["total"], flops_parts={k: f[k] for k in ("score", "slot", "ttt")},
+                         mfu=mfus, seconds=secs))
+    return dict(tokens=n, gpus=gpus, h100_tflops=h100 / 1e12, mfu_source="measured" if measured else "stated",
+                passes=rows, total_s=sum(r["seconds"] for r in rows),
+                budget_s=float(s.get("EVAL_BUDGET_SECONDS", 600.0)))
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def measure(args) -> dict:
+    tg = load_train_gpt(Path(args.module))
+    s = tg.parse_settings()
+    if not 0 < s["EVAL_STRIDE"] <= s["EVAL_SEQ_LEN"]:
+        raise tg.Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be between 1 and EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
+    tmp = tempfile.mkdtemp(prefix="bench_")
+    s.update(OUTPUT_DIR=tmp, RUN_ID="bench")
+    run = tg.Run(s)
+    run.log = lambda *a, **k: None  # evaluate's per-chunk lines are not part of the benchmark's output
+    torch.manual_seed(s["SEED"])
+    L = s["EVAL_SEQ_LEN"]
+    n_default = max(4 * L, 2 * s["TTT_CHUNK_TOKENS"] if s["TTT_ENABLED"] else 0)
+    n_val = args.val_tokens or n_default
+    if s["VAL_MAX_TOKENS"]:
+        n_val = min(n_val, s["VAL_MAX_TOKENS"])
+    val, luts, batches, data_source = load_data(tg, s, run, n_val)
+    n = val.numel() - 1
+    notes = []
+    if s["TTT_ENABLED"] and n <= s["TTT_CHUNK_TOKENS"]:
+        notes.append(f"the val slice ({n} tokens) is one TTT chunk: TTT never trains in it; raise --val-tokens")
+    peak, peak_what = (args.peak_tflops * 1e12, "given") if args.peak_tflops else matmul_peak(run.device)
+    model = tg.GPT(s, run.attention).to(run.device)
+    phases = []
+    if args.train_steps > 0:
+        phases.append(bench_train(tg, run, model, s, batches, args.train_steps, args.train_warmup))
+    state = copy.deepcopy(model.state_dict())
+    paths = tg.eval_paths(s)
+    for label, kw in paths:
+        phases.append(bench_eval(tg, run, model, state, val, luts, label, kw, args.eval_repeats, extra=False))
+    final_label, final_kw = paths[-1]
+    if final_kw["slot"] and not args.no_extra:
+        phases.append(bench_eval(tg, run, model, state, val, luts, final_label + "_noslot",
+                                 dict(final_kw, slot=False), args.eval_repeats, extra=True))
+    for p in phases:
+        derive(p, peak, run.world, run.compile)
+    on_gpu = run.device.type == "cuda"
+    hopper = on_gpu and any(k in torch.cuda.get_device_name(run.device) for k in ("H100", "H200"))
+    h100 = peak if hopper else args.h100_tflops * 1e12
+    evals = {p["name"]: p for p in phases if p["kind"] == "eval"}
+    projection = project(tg, s, evals, on_gpu, args.mfu, h100)
+    projection["h100_rate_source"] = "measured on this Hopper GPU" if hopper else "assumed (--h100-tflops)"
+    hw = torch.cuda.get_device_name(run.device) if on_gpu else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    changed = {k: os.environ[k] for k in tg.DEFAULTS if k in os.environ}
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dict(module=str(args.module), torch=torch.__version__, device=hw, world=run.world, attention=run.attn_name,
+                compile=bool(run.compile), peak_flops=peak, peak_what=peak_what, data=data_source, val_tokens=n,
+                settings_changed=changed, notes=notes, phases=phases, projection=projection, summary=summary(phases, projection),
+                master=run.master)
+
+
+def summary(phases: list, projection: dict) -> dict:
+    train = next((p for p in phases if p["kind"] == "train"), None)
+    final = [p for p in phases if p["kind"] == "eval" and not p["extra"]][-1]
+    flops = final["flops_parts"]
+    return dict(train_ms_per_step=1000 * train["seconds"] if train else float("nan"),
+                train_mfu=train["mfu"] if train else float("nan"),
+                final_eval_tokens_per_s=final["tokens_per_s"], final_eval_mfu=final["mfu"],
+                slot_time_share=final["seconds_parts"]["slot"] / final["seconds"],
+                slot_flop_share=flops["slot"] / final["flops"],
+                projected_8xh100_eval_s=projection["total_s"])
+
+
+# ----------------------------------------------------------------------------- printing
+
+def fmt_mem(p):
+    return f"{p['peak_mem_mib']:.0f}"
+
+
+def print_report(r: dict, show_projection: bool):
+    print(f"bench: torch {r['torch']}, {r['device']}, world {r['world']}, attention {r['attention']}, "
+          f"compile {'on' if r['compile'] else 'off'}")
+    print(f"matmul peak: {r['peak_flops'] / 1e12:.3f} TFLOP/s per device ({r['peak_what']}); MFU = achieved / (peak x world)")
+    print(f"data: {r['data']}; val slice {r['val_tokens']} tokens")
+    if r["settings_changed"]:
+        print("settings: " + " ".join(f"{k}={v}" for k, v in r["settings_changed"].items()))
+    for note in r["notes"]:
+        print(f"NOTE: {note}")
+    mem_kind = r["phases"][0]["peak_mem_kind"]
+    print()
+    print(f"| phase | time | tokens/s | s per 1M tokens | GFLOP/token | TFLOP/s | MFU | compile s | peak MiB ({mem_kind}) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in r["phases"]:
+        t = f"{1000 * p['seconds']:.1f} ms/step" if p["kind"] == "train" else f"{p['seconds']:.3f} s"
+        name = p["name"] + (" (extra)" if p.get("extra") else "")
+        comp = f"{p['compile_s']:.1f}" if p["compile_s"] is not None else "-"
+        print(f"| {name} | {t} | {p['tokens_per_s']:,.0f} | {p['s_per_1m_tokens']:.2f} | {p['flops_per_token'] / 1e9:.4f} | "
+              f"{p['tflops']:.4f} | {100 * p['mfu']:.1f}% | {comp} | {fmt_mem(p)} |")
+    print()
+    print("eval passes by part (seconds measured around slot_delta / ttt_train_chunk; scoring = the rest):")
+    print("| pass | part | seconds | time share | GFLOP | FLOP share | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for p in r["phases"]:
+        if p["kind"] != "eval":
+            continue
+        for part in ("score", "slot", "ttt"):
+            f, sec = p["flops_parts"][part], p["seconds_parts"][part]
+            if not f and not sec:
+                continue
+            mfu = p["mfu_parts"][part]
+            print(f"| {p['name']} | {part} | {sec:.3f} | {100 * sec / p['seconds']:.1f}% | {f / 1e9:.2f} | "
+                  f"{100 * f / p['flops']:.1f}% | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |")
+    if show_projection:
+        pr = r["projection"]
+        print()
+        print(f"projection: {pr['gpus']}xH100 at {pr['tokens']:,} val tokens, H100 matmul rate {pr['h100_tflops']:.0f} "
+              f"TFLOP/s ({pr['h100_rate_source']}), MFU {pr['mfu_source']}, perfect scaling assumed")
+        print("| pass | PFLOP | of which SLOT | of which TTT | MFU | projected s |")
+        print("|---|---|---|---|---|---|")
+        for row in pr["passes"]:
+            mfu = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["mfu"].items())
+            fp = row["flops_parts"]
+            print(f"| {row['name']} | {row['flops'] / 1e15:.1f} | {100 * fp['slot'] / row['flops']:.1f}% | "
+                  f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.0f} |")
+        verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
+        print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.1f} | | | | "
+              f"{pr['total_s']:.0f} ({verdict} the {pr['budget_s']:.0f} s budget) |")
+
+
+def last_line(summ: dict) -> str:
+    keys = ("train_ms_per_step", "train_mfu", "final_eval_tokens_per_s", "final_eval_mfu", "slot_time_share",
+            "slot_flop_share", "projected_8xh100_eval_s")
+    return "bench " + " ".join(f"{k}:{summ[k]:.6g}" for k in keys)
+
+
+# ----------------------------------------------------------------------------- baseline comparison
+
+def worker_argv(args, module: Path, json_path: str) -> list[str]:
+    argv = [str(Path(__file__).resolve()), "--module", str(module), "--json", json_path,
+            "--train-steps", str(args.train_steps), "--train-warmup", str(args.train_warmup),
+            "--eval-repeats", str(args.eval_repeats), "--mfu", str(args.mfu), "--h100-tflops", str(args.h100_tflops)]
+    if args.val_tokens:
+        argv += ["--val-tokens", str(args.val_tokens)]
+    if args.peak_tflops:
+        argv += ["--peak-tflops", str(args.peak_tflops)]
+    if args.no_extra:
+        argv.append("--no-extra")
+    launcher = [sys.executable]
+    if args.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    return launcher + argv
+
+
+def phase_times(result: dict) -> dict:
+    times = {p["name"]: p["seconds"] for p in result["phases"]}
+    times["final_eval_total"] = sum(p["seconds"] for p in result["phases"] if p["kind"] == "eval" and not p["extra"])
+    return times
+
+
+def compare(args) -> dict:
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", args.baseline + "^{commit}"],
+                         capture_output=True, text=True)
+    if rev.returncode:
+        raise SystemExit(f"error: --baseline {args.baseline!r} is not a revision of {ROOT}")
+    sha = rev.stdout.strip()
+    tree = Path(tempfile.mkdtemp(prefix="bench_baseline_"))
+    wt = tree / "worktree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(wt), sha], check=True)
+    sides = dict(current=Path(args.module), baseline=wt / "train_gpt.py")
+    runs = {k: [] for k in sides}
+    try:
+        for r in range(args.rounds):
+            for side, module in sides.items():  # A, B, A, B, ...: drift on a shared machine hits both alike
+                out = str(tree / f"{side}_{r}.json")
+                proc = subprocess.run(worker_argv(args, module, out), cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+                    raise SystemExit(f"error: the {side} measurement ({module}) failed with exit {proc.returncode}")
+                runs[side].append(json.loads(Path(out).read_text()))
+                print(f"round {r + 1}/{args.rounds} {side}: done", flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+    times = {side: [phase_times(x) for x in rs] for side, rs in runs.items()}
+    names = list(dict.fromkeys([k for t in times["current"][:1] + times["baseline"][:1] for k in t]))
+    ratios = {}
+    print()
+    print(f"current ({sides['current']}) vs baseline {args.baseline} ({sha[:10]}), {args.rounds} interleaved rounds, "
+          f"median seconds; ratio = current / baseline time (< 1: current is faster). Noisy on a shared machine.")
+    print("| phase | current s | baseline s | ratio | current rounds | baseline rounds |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        cur = [t[name] for t in times["current"] if name in t]
+        base = [t[name] for t in times["baseline"] if name in t]
+        if cur and base:
+            ratios[name] = statistics.median(cur) / statistics.median(base)
+        med = lambda xs: f"{statistics.median(xs):.4f}" if xs else "-"
+        print(f"| {name} | {med(cur)} | {med(base)} | {ratios[name]:.3f} | " if name in ratios else
+              f"| {name} | {med(cur)} | {med(base)} | - | ", end="")
+        print(f"{' '.join(f'{x:.4f}' for x in cur)} | {' '.join(f'{x:.4f}' for x in base)} |")
+    cur_p = statistics.median(x["projection"]["total_s"] for x in runs["current"])
+    base_p = statistics.median(x["projection"]["total_s"] for x in runs["baseline"])
+    print(f"projected 8xH100 final evaluation: current {cur_p:.0f} s, baseline {base_p:.0f} s, ratio {cur_p / base_p:.3f}")
+    for name in names:
+        if name in ratios:
+            print(f"ratio {name} current/baseline:{ratios[name]:.4f}")
+    return dict(baseline=args.baseline, baseline_sha=sha, rounds=args.rounds, ratios=ratios, runs=runs,
+                projected_ratio=cur_p / base_p)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Settings come from the environment, as for train_gpt.py.")
+    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5; 0 = no training phase)")
+    p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
+    p.add_argument("--val-tokens", type=int, default=0,
+                   help="val slice for the eval passes (default: 2 TTT chunks, at least 4 EVAL_SEQ_LEN)")
+    p.add_argument("--eval-repeats", type=int, default=1, help="timed passes after the warm-up pass (default 1)")
+    p.add_argument("--no-extra", action="store_true", help="skip the final pass without SLOT")
+    p.add_argument("--project-8xh100", action="store_true", help="print the projected 8xH100 eval seconds per pass")
+    p.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the projection off a GPU (default 0.35)")
+    p.add_argument("--h100-tflops", type=float, default=H100_MATMUL_TFLOPS,
+                   help=f"H100 bf16 matmul rate for the projection unless measured on a Hopper GPU (default {H100_MATMUL_TFLOPS:.0f})")
+    p.add_argument("--peak-tflops", type=float, default=0, help="use this matmul peak instead of measuring it")
+    p.add_argument("--baseline", help="also measure this git revision, interleaved, and print ratios")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per side with --baseline (default 2)")
+    p.add_argument("--nproc", type=int, default=1, help="with --baseline: run each side under torchrun with N processes")
+    p.add_argument("--module", default=str(ROOT / "train_gpt.py"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.eval_repeats < 1 or args.train_steps < 0 or args.train_warmup < 0 or args.rounds < 1:
+        p.error("--eval-repeats and --rounds must be >= 1, step counts >= 0")
+    if args.train_steps == 0 and args.train_warmup:
+        args.train_warmup = 0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.baseline:
+        if "RANK" in os.environ:
+            raise SystemExit("error: run --baseline as one plain process; --nproc N launches each side under torchrun")
+        result = compare(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        summ = summary(result["runs"]["current"][-1]["phases"], result["runs"]["current"][-1]["projection"])
+        print(last_line(summ))
+        return 0
+    try:
+        result = measure(args)
+    except Exception as e:
+        if type(e).__name__ == "Fail":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    if result.pop("master"):
+        print_report(result, args.project_8xh100)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        print(last_line(result["summary"]))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
