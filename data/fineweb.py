@@ -9,13 +9,12 @@ writer (write_shard), the downloader and the inspector. See data/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,18 +256,50 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- Hub transfer
+# ----------------------------------------------------------------------------- download (huggingface_hub)
 
-def network_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
-    for mod, name in (("huggingface_hub.errors", "HfHubHTTPError"), ("huggingface_hub.errors", "OfflineModeIsEnabled"),
-                      ("huggingface_hub.errors", "FileMetadataError"), ("httpx2", "HTTPError"),
-                      ("httpx", "HTTPError"), ("requests", "RequestException")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+DEFAULT_WORKERS = 8   # files fetched at once: snapshot_download's max_workers
+
+
+class Hub:
+    """One dataset repo, read at one commit through huggingface_hub into its local_dir <root>/.download, from where
+    each file is verified and moved into the layout."""
+
+    def __init__(self, repo_id: str, remote_dir: str, revision: str, endpoint: str | None, root: Path):
+        from huggingface_hub import constants
+        self.repo_id, self.remote_dir, self.revision = repo_id, remote_dir.strip("/"), revision
+        self.endpoint, self.staging = (endpoint or constants.ENDPOINT).rstrip("/"), root / ".download"
+
+    def path(self, remote: str = "") -> str:
+        return f"{self.remote_dir}/{remote}".strip("/")
+
+    def describe(self, remote: str = "") -> str:
+        return f"{self.repo_id}/{self.path(remote)}"
+
+    def explain(self, e: BaseException, what: str) -> str:
+        """One line for an error of huggingface_hub or of the HTTP client under it (looked for along the causes)."""
+        from huggingface_hub import errors as hf
+        chain = [e]
+        while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 20:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        find = lambda *types: next((c for c in chain if isinstance(c, types)), None)  # noqa: E731
+        status = getattr(getattr(find(hf.HfHubHTTPError), "response", None), "status_code", None)
+        if find(hf.OfflineModeIsEnabled):
+            return f"cannot download {what}: HF_HUB_OFFLINE is set (unset it to download)"
+        if find(hf.RevisionNotFoundError):
+            return f"the dataset repo {self.repo_id} has no revision {self.revision!r} (check --revision)"
+        if find(hf.EntryNotFoundError):
+            return f"{what} is not on the Hub (revision {self.revision})"
+        if find(hf.RepositoryNotFoundError, hf.GatedRepoError):
+            return (f"cannot read the dataset repo {self.repo_id} at {self.endpoint}: check --repo-id, or log in "
+                    f"(hf auth login, or HF_TOKEN) if it is private or gated")
+        if status is not None:
+            return f"the Hub answered {status} for {what}: {one_line(find(hf.HfHubHTTPError))}"
+        net = next((c for c in chain if isinstance(c, (ConnectionError, TimeoutError)) or any(
+            k in type(c).__name__ for k in ("Connect", "Timeout", "Network", "Protocol"))), None)
+        if net is not None:
+            return f"cannot reach the Hub at {self.endpoint} (offline?): {one_line(net)}"
+        return f"downloading {what} failed: {one_line(e)}"
 
 
 def one_line(e: BaseException) -> str:
@@ -276,197 +307,106 @@ def one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-class Hub:
-    """Reads files of one dataset repo through huggingface_hub: HEAD for size/etag/commit, then a ranged GET into
-    `<file>.<etag>.part`, so an interrupted transfer resumes on the next run."""
-
-    def __init__(self, repo_id: str, remote_dir: str, revision: str, endpoint: str | None, progress: bool = True):
-        import huggingface_hub  # noqa: F401  (fail early with a clear message when missing)
-        self.repo_id, self.remote_dir, self.revision, self.endpoint = repo_id, remote_dir.strip("/"), revision, endpoint
-        self.progress = progress and sys.stderr.isatty()   # a live bar on a terminal; plain lines otherwise
-        self.errors = network_errors()
-
-    def url(self, remote: str) -> str:
-        from huggingface_hub import hf_hub_url
-        filename = f"{self.remote_dir}/{remote}" if self.remote_dir else remote
-        return hf_hub_url(self.repo_id, filename, repo_type="dataset", revision=self.revision, endpoint=self.endpoint)
-
-    def describe(self, remote: str) -> str:
-        return f"{self.repo_id}/{self.remote_dir + '/' if self.remote_dir else ''}{remote}"
-
-    def fetch(self, remote: str, dest: Path, check=None) -> Path:
-        """Download remote into dest (atomically, resuming a partial copy); check(part_path) runs before the move."""
-        from huggingface_hub import get_hf_file_metadata
-        from huggingface_hub.utils import build_hf_headers
-        url = self.url(remote)
-        try:
-            headers = build_hf_headers()
-            meta = get_hf_file_metadata(url, headers=headers)
-        except self.errors as e:
-            raise Fail(self.explain(remote, e)) from None
-        if meta.commit_hash and self.revision != meta.commit_hash:
-            self.revision = meta.commit_hash   # every later file comes from the same commit as the manifest
-        part = part_path(dest, meta.etag)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        for stale in dest.parent.glob(f"{dest.name}.*.part"):
-            if stale != part:      # left by an interrupted download of another version of the file
-                stale.unlink()
-        location = meta.location or url
-        if location != url and _origin(location) != _origin(url):
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}   # signed CDN URL
-        started = time.time()
-        try:
-            self.transfer(location, headers, part, meta.size, dest.name)
-        except self.errors as e:
-            raise Fail(self.explain(remote, e) + f"; the partial file {part.name} is kept, run again to resume") from None
-        got = part.stat().st_size
-        if meta.size is not None and got != meta.size:
-            raise Fail(f"{dest}: got {got:,} bytes, the Hub says {meta.size:,}; run again to resume")
-        if check is not None:
-            try:
-                check(part)
-            except Invalid:
-                part.unlink()
-                raise
-        os.replace(part, dest)
-        seconds = time.time() - started
-        if got >= 1 << 20:
-                print(f"  {got:,} bytes in {seconds:.1f} s ({got / max(seconds, 1e-3) / 1e6:.1f} MB/s)", flush=True)
-        return dest
-
-    def transfer(self, url: str, headers: dict, part: Path, size: int | None, name: str, retries: int = 3) -> None:
-        """GET url into part, appending from its current length (HTTP Range); brief network drops are retried."""
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-        from huggingface_hub.utils import tqdm as hub_tqdm
-        session, failures = get_session(), 0
-        while True:
-            have = part.stat().st_size if part.exists() else 0
-            if size is not None and have >= size:
-                return
-            if have:
-                print(f"  resuming at byte {have:,}" + (f" of {size:,}" if size else ""), flush=True)
-            request_headers = dict(headers, **({"Range": f"bytes={have}-"} if have else {}))
-            try:
-                with _stream(session, url, request_headers) as (response, chunks):
-                    hf_raise_for_status(response)
-                    served_from = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-                    if have and response.status_code == 206 and (not served_from or int(served_from.group(1)) != have):
-                        part.unlink()      # a range we did not ask for: start over
-                        continue
-                    if have and response.status_code != 206:
-                        have = 0           # the server ignored the Range and sends the whole file
-                    bar_off = not self.progress or (size or 0) < (1 << 20)
-                    with open(part, "ab" if have else "wb") as f, hub_tqdm(
-                            total=size, initial=have, unit="B", unit_scale=True, desc=name, leave=False,
-                            disable=bar_off) as bar:
-                        for chunk in chunks:
-                            f.write(chunk)
-                            bar.update(len(chunk))
-                            failures = 0
-                return
-            except self.errors as e:
-                if getattr(e, "response", None) is not None or failures >= retries:
-                    raise
-                failures += 1
-                print(f"  connection lost ({one_line(e)}); retrying", file=sys.stderr, flush=True)
-                time.sleep(1)
-
-    def explain(self, remote: str, e: BaseException) -> str:
-        name = type(e).__name__
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if "OfflineMode" in name:
-            return f"cannot download {self.describe(remote)}: HF_HUB_OFFLINE is set"
-        if status == 404 or "EntryNotFound" in name:
-            return f"{self.describe(remote)} is not on the Hub (revision {self.revision})"
-        if "RepositoryNotFound" in name or "GatedRepo" in name or status in (401, 403):
-            return f"cannot read the dataset repo {self.repo_id} ({status or name}); check the repo id or your HF token"
-        if status is not None:
-            return f"the Hub answered {status} for {self.describe(remote)}: {one_line(e)}"
-        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
-            return f"cannot reach the Hub at {self.url(remote)} (offline?): {one_line(e)}"
-        return f"downloading {self.describe(remote)} failed: {one_line(e)}"
-
-
-def part_path(dest: Path, etag: str | None) -> Path:
-    """Where a partial download of one version (etag) of dest is kept."""
-    return dest.with_name(f"{dest.name}.{hashlib.sha1((etag or '').encode()).hexdigest()[:12]}.part")
-
-
-@contextlib.contextmanager
-def _stream(session, url: str, headers: dict):
-    """(response, byte chunks as they arrive) from an httpx-style or a requests-style session."""
-    if hasattr(session, "stream"):
-        with session.stream("GET", url, headers=headers, timeout=60, follow_redirects=True) as response:
-            yield response, response.iter_bytes()
-    else:
-        with contextlib.closing(session.get(url, headers=headers, stream=True, timeout=60)) as response:
-            yield response, response.iter_content(chunk_size=1 << 16)
-
-
-def _origin(url: str) -> tuple:
-    from urllib.parse import urlparse
-    p = urlparse(url)
-    return p.scheme, (p.hostname or "").lower(), p.port
-
-
 def _setting(flag_value, env_names, default):
-    if flag_value:
-        return flag_value
-    for name in env_names:
-        if os.environ.get(name):
-            return os.environ[name]
+    for value in (flag_value, *(os.environ.get(name) for name in env_names)):
+        if value:
+            return value
     return default
 
 
 def cmd_download(args) -> int:
-    root = Path(args.root)
-    repo_id = _setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID)
-    remote_dir = _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR)
     if args.train_shards is not None and args.train_shards < 0:
         raise Fail(f"--train-shards {args.train_shards}: must be 0 or more")
+    if args.workers < 1:
+        raise Fail(f"--workers {args.workers}: must be 1 or more")
     try:
-        hub = Hub(repo_id, remote_dir, args.revision, args.endpoint, progress=not args.no_progress)
+        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
     except ImportError:
         raise Fail("huggingface_hub is not installed: pip install huggingface_hub") from None
-    manifest_path = root / "manifest.json"
-    print(f"manifest: {hub.describe('manifest.json')} -> {manifest_path}", flush=True)
-
-    def manifest_ok(path):
-        try:
-            json.loads(Path(path).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Invalid(f"{hub.describe('manifest.json')} is not valid JSON ({one_line(e)})") from None
-
+    if args.no_progress or not sys.stderr.isatty():
+        disable_progress_bars()
+    if "HF_HUB_VERBOSITY" not in os.environ:   # its retry warnings would break the one-line errors
+        hf_logging.set_verbosity_error()
+    root = Path(args.root)
+    hub = Hub(_setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID),
+              _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR), args.revision, args.endpoint, root)
     try:
-        hub.fetch("manifest.json", manifest_path, check=manifest_ok)
-    except Invalid:
-        raise
-    except Fail as e:
-        if not manifest_path.is_file():
-            raise
-        print(f"warning: {e}; using the manifest already at {manifest_path}", file=sys.stderr, flush=True)
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    plan = plan_download(manifest, args.variant, args.train_shards, root)
-    width = len(str(len(plan)))
-    fetched = present = 0
-    for i, a in enumerate(plan, 1):
-        label = f"[{i:>{width}}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
+        return download(hub, root, args.variant, args.train_shards, args.workers)
+    finally:
+        shutil.rmtree(hub.staging, ignore_errors=True)   # verified files were moved out; nothing else is kept
+
+
+def download(hub: Hub, root: Path, variant: str, train_shards: int | None, workers: int) -> int:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    api = HfApi(endpoint=hub.endpoint)
+    try:          # the manifest's commit pins every other file
+        hub.revision = api.repo_info(hub.repo_id, repo_type="dataset", revision=hub.revision).sha or hub.revision
+        staged = Path(hf_hub_download(hub.repo_id, hub.path("manifest.json"), repo_type="dataset",
+                                      revision=hub.revision, local_dir=hub.staging, endpoint=hub.endpoint))
+    except Exception as e:
+        raise Fail(hub.explain(e, hub.describe("manifest.json"))) from None
+    try:
+        manifest = json.loads(staged.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Fail(f"{hub.describe('manifest.json')} is not valid JSON ({one_line(e)})") from None
+    root.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, root / "manifest.json")
+    print(f"manifest: {hub.describe('manifest.json')} at commit {hub.revision} -> {root / 'manifest.json'}", flush=True)
+
+    plan = plan_download(manifest, variant, train_shards, root)
+    labels = {id(a): f"[{i}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
+              for i, a in enumerate(plan, 1)}
+    wanted = []
+    for a in plan:
         if a.local.is_file():
             try:
                 verify(a)
-                print(f"{label}: present, verified", flush=True)
-                present += 1
+                print(f"{labels[id(a)]}: present, verified", flush=True)
                 continue
             except Fail as e:
-                print(f"{label}: {e}; fetching it again", flush=True)
+                print(f"{labels[id(a)]}: {e}; fetching it again", flush=True)
                 a.local.unlink()
-        print(f"{label}: downloading {hub.describe(a.remote)}", flush=True)
+        wanted.append(a)
+    if wanted:
+        try:      # fail before any transfer when the manifest lists a file the commit does not have
+            listed = {f.path for f in api.list_repo_tree(hub.repo_id, hub.remote_dir or None, recursive=True,
+                                                         revision=hub.revision, repo_type="dataset")}
+        except Exception as e:
+            raise Fail(hub.explain(e, f"the file list of {hub.describe()}")) from None
+        absent = [a.remote for a in wanted if hub.path(a.remote) not in listed]
+        if absent:
+            raise Fail(f"{hub.describe(absent[0])} is not on the Hub (commit {hub.revision})"
+                       + (f", nor {len(absent) - 1} other file(s) the manifest lists" if len(absent) > 1 else ""))
+        print(f"downloading {len(wanted)} file(s), {workers} at a time, from {hub.describe()}", flush=True)
+    error = refused = None
+    if wanted:
         try:
-            hub.fetch(a.remote, a.local, check=lambda part, a=a: verify(a, part))
-        except Invalid as e:
-            raise Fail(f"refusing the download: {e} (removed)") from None
-        fetched += 1
-    print(f"done: {fetched} downloaded, {present} already present, in {root}", flush=True)
+            snapshot_download(hub.repo_id, repo_type="dataset", revision=hub.revision, local_dir=hub.staging,
+                              allow_patterns=[hub.path(a.remote) for a in wanted], max_workers=workers,
+                              endpoint=hub.endpoint)
+        except Exception as e:    # the files completed before the error are kept all the same
+            error = e
+    fetched = 0
+    for a in wanted:              # verify what arrived and move it into the layout; a bad file is deleted
+        staged = hub.staging.joinpath(*hub.path(a.remote).split("/"))
+        if staged.is_file():
+            try:
+                verify(a, staged)
+            except Invalid as e:
+                staged.unlink()
+                refused = refused or e
+                continue
+            a.local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, a.local)
+            fetched += 1
+            print(f"{labels[id(a)]}: downloaded, verified", flush=True)
+    if refused is not None:
+        raise Fail(f"refusing the download: {refused} (removed)")
+    if error is not None or fetched < len(wanted):
+        reason = hub.explain(error, hub.describe()) if error else f"some files did not arrive from {hub.describe()}"
+        raise Fail(f"{reason}; {fetched} of {len(wanted)} file(s) downloaded and kept, run the same command again "
+                   f"for the rest")
+    print(f"done: {fetched} downloaded, {len(plan) - fetched} already present, in {root}", flush=True)
     return 0
 
 
@@ -529,19 +469,19 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
 
 
 def cmd_inspect(args) -> int:
-    paths = []
+    paths, failed = [], 0
     for p in map(Path, args.paths):
-        paths.extend(sorted(p.glob("*.bin")) if p.is_dir() else [p])
-    failed = 0
+        found = sorted(p.glob("*.bin")) if p.is_dir() else [p]
+        if not found:
+            print(f"error: {p}: no .bin files in this folder", file=sys.stderr, flush=True)
+            failed += 1
+        paths.extend(found)
     for p in paths:
         try:
             inspect_one(p, Path(args.tokenizer) if args.tokenizer else None, args.chars)
         except Fail as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             failed += 1
-    if not paths:
-        print("error: no .bin files found", file=sys.stderr)
-        return 1
     return 1 if failed else 0
 
 
@@ -559,9 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Hub dataset repo (default {DEFAULT_REPO_ID}; env {' or '.join(REPO_ID_VARS)})")
     d.add_argument("--remote-dir", default=None,
                    help=f"folder of the export in the repo (default {DEFAULT_REMOTE_DIR}; env {' or '.join(REMOTE_DIR_VARS)})")
-    d.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
+    d.add_argument("--revision", default="main",
+                   help="branch, tag or commit (default main); resolved once, every file comes from that commit")
     d.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-    d.add_argument("--no-progress", action="store_true", help="no live progress bar (there is none off a terminal)")
+    d.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"files downloaded at once (default {DEFAULT_WORKERS})")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (there are none off a terminal)")
     d.set_defaults(run=cmd_download)
     i = sub.add_parser("inspect", help="header, counts and first document of shard files")
     i.add_argument("paths", nargs="+", help="shard files (or folders of them)")
@@ -579,7 +522,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume", file=sys.stderr, flush=True)
+        print("\ninterrupted; run the same command again: files already in place are kept", file=sys.stderr,
+              flush=True)
         return 130
 
 

@@ -245,17 +245,34 @@ def test_inspect_rejects_bad_files_in_one_line(tmp_path, damage, tool):
     assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in r.stderr
 
 
+def test_inspect_of_a_folder_without_shards_names_the_folder(tmp_path, tool):
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a shard")
+    r = tool("inspect", empty)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"error: {empty}: no .bin files in this folder"]
+    r = tool("inspect", SAMPLE_VAL, empty)          # the good file is still shown, the run still fails
+    assert r.returncode == 1 and "first document" in r.stdout and str(empty) in r.stderr
+
+
 # ----------------------------------------------------------------------------- the Hub stand-in
 
 COMMIT = hashlib.sha1(b"fake hub commit").hexdigest()
 
 
 class FakeHub:
-    """Two loopback HTTP servers standing in for the Hub: `hub` answers HEAD/GET on
-    /datasets/<repo>/resolve/<revision>/<path> like huggingface.co (X-Repo-Commit, ETag, and for large files a
-    302 to the CDN with X-Linked-Size / X-Linked-Etag); `cdn` (another loopback address) serves the bytes with
-    HTTP Range support. `cut` makes the CDN drop the connection once after that many bytes of a file, and
-    `outage` makes every later request answer 503, as if the network had gone away mid-download."""
+    """Two loopback HTTP servers standing in for the Hub, enough for huggingface_hub's own downloader: `hub` answers
+    GET /api/datasets/<repo>/revision/<rev> (the commit, as repo_info reads it), GET
+    /api/datasets/<repo>/tree/<rev>[/<folder>] (the file list, as list_repo_tree and snapshot_download read it) and
+    HEAD/GET /datasets/<repo>/resolve/<rev>/<path> like huggingface.co (X-Repo-Commit, ETag, Content-Length, and for
+    large files a 302 to the CDN with X-Linked-Size / X-Linked-Etag); `cdn` (another loopback address) serves the
+    bytes with HTTP Range support. `cut` makes the CDN drop the connection once after that many bytes of a file;
+    with `outage_after_cut`, every later request for that file answers 503 (it stays unreachable: `broken`), and
+    `outage` makes every request answer 503. `gate(n)` holds
+    the first n CDN transfers until all n have started (or 5 s passed); `peak` is the most transfers in flight at
+    once."""
 
     LFS_SUFFIXES = (".bin", ".model")
 
@@ -264,8 +281,16 @@ class FakeHub:
         self.cut: dict[str, int] = {}
         self.outage_after_cut = False
         self.outage = False
+        self.broken: set[str] = set()
         self.lock = threading.Lock()
         self.servers = []
+        self.gate(0)
+
+    def gate(self, n: int):
+        self.gate_size, self.arrivals, self.inflight, self.peak = n, 0, 0, 0
+        self.gate_open = threading.Event()
+        if n == 0:
+            self.gate_open.set()
 
     def add(self, path: str, data: bytes):
         self.files[path] = data
@@ -309,11 +334,14 @@ class FakeHub:
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
                 with hub.lock:
                     hub.log.append((self.command, path, self.headers.get("Range")))
-                    down = hub.outage
+                    down = hub.outage or any(path.endswith(n) or path.endswith(hashlib.sha256(hub.files[n]).hexdigest())
+                                             for n in hub.broken)
                 if down:
                     return self.reply(503, {}, b"service unavailable", body)
                 if path.startswith("/cdn/"):
                     return self.serve_cdn(path[len("/cdn/"):], body)
+                if path.startswith("/api/"):
+                    return self.serve_api(path)
                 prefix = f"/datasets/{hub.repo_id}/resolve/"
                 if not path.startswith(prefix):
                     return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"repository not found", body)
@@ -330,7 +358,41 @@ class FakeHub:
                                                          "X-Linked-Etag": f'"{sha}"', "ETag": '"pointer"'}), b"", body)
                 self.reply(200, dict(base, ETag=f'"{sha[:40]}"'), data, body)
 
+            def serve_api(self, path):
+                prefix = f"/api/datasets/{hub.repo_id}/"
+                if not path.startswith(prefix):
+                    return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"repository not found")
+                kind, _, rest = path[len(prefix):].partition("/")
+                revision, _, folder = rest.partition("/")
+                if revision not in ("main", COMMIT):
+                    return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"revision not found")
+                if kind == "revision":
+                    info = {"id": hub.repo_id, "sha": COMMIT, "private": False,
+                            "siblings": [{"rfilename": n} for n in sorted(hub.files)]}
+                elif kind == "tree":
+                    info = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                            for n, d in sorted(hub.files.items()) if not folder or n.startswith(folder + "/")]
+                else:
+                    return self.reply(404, {}, b"not found")
+                self.reply(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
+
             def serve_cdn(self, sha, body):
+                if not body:
+                    return self.serve_blob(sha, body)
+                with hub.lock:
+                    hub.arrivals += 1
+                    hub.inflight += 1
+                    hub.peak = max(hub.peak, hub.inflight)
+                    if hub.arrivals >= hub.gate_size:
+                        hub.gate_open.set()
+                try:
+                    hub.gate_open.wait(timeout=5)
+                    self.serve_blob(sha, body)
+                finally:
+                    with hub.lock:
+                        hub.inflight -= 1
+
+            def serve_blob(self, sha, body):
                 data = next((d for d in hub.files.values() if hashlib.sha256(d).hexdigest() == sha), None)
                 name = next((n for n, d in hub.files.items() if d is data), None)
                 if data is None:
@@ -359,7 +421,8 @@ class FakeHub:
                 self.wfile.write(chunk[:cut])
                 self.wfile.flush()
                 with hub.lock:
-                    hub.outage = hub.outage_after_cut
+                    if hub.outage_after_cut:
+                        hub.broken.add(name)
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -476,31 +539,86 @@ def test_download_replaces_a_damaged_local_shard(hub, tmp_path, download):
     assert "fetching it again" in r.stdout
 
 
-def test_download_resumes_after_an_interruption(hub, tmp_path, download):
+def test_download_resumes_a_dropped_connection(hub, tmp_path, download):
+    """huggingface_hub's downloader picks a transfer up where the connection dropped, in the same run: it asks for
+    the rest (HTTP Range) from the last whole chunk it wrote (10 MiB chunks), so the shard here is 12 MB."""
+    from huggingface_hub import constants
     root = tmp_path / "data"
     name = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
-    cut = 15_000
-    hub.cut[name] = cut
-    hub.outage_after_cut = True       # the connection drops mid-file and the network stays down
+    big = np.resize(load_data_shard(SAMPLE_VAL), 6_000_000)
+    hub.shards["fineweb_train_000001.bin"] = write_shard(tmp_path / "big.bin", big).read_bytes()
+    hub.add(name, hub.shards["fineweb_train_000001.bin"])
+    hub.cut[name] = constants.DOWNLOAD_CHUNK_SIZE + 500_000
+    r = download(hub, root, "--train-shards", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_layout_complete(hub, root, 2)
+    blob = f"/cdn/{hashlib.sha256(hub.files[name]).hexdigest()}"
+    assert [rng for m, p, rng in hub.requests("GET") if p == blob] == [None, f"bytes={constants.DOWNLOAD_CHUNK_SIZE}-"]
+
+
+def test_download_interrupted_keeps_completed_files_and_the_next_run_fetches_the_rest(hub, tmp_path, download):
+    root = tmp_path / "data"
+    ds = root / "datasets" / "fineweb10B_sp1024"
+    hub.cut["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"] = 15_000
+    hub.outage_after_cut = True       # the connection drops mid-file and that file stays unreachable
     r = download(hub, root, "--train-shards", "3")
     assert r.returncode != 0
-    assert "run again to resume" in r.stderr and "Traceback" not in r.stderr
-    ds = root / "datasets" / "fineweb10B_sp1024"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "503" in lines[0] and "run the same command again" in lines[0], r.stderr
     assert not (ds / "fineweb_train_000001.bin").exists()
-    parts = list(ds.glob("fineweb_train_000001.bin.*.part"))
-    assert len(parts) == 1 and parts[0].stat().st_size == cut
-    assert (ds / "fineweb_train_000000.bin").read_bytes() == hub.shards["fineweb_train_000000.bin"]
+    kept = sorted(p.name for p in ds.iterdir()) if ds.is_dir() else []
+    for n in kept:                    # whatever is in place is complete and verified; nothing half-written
+        assert (ds / n).read_bytes() == hub.shards[n]
+    assert not (root / ".download").exists()
 
-    hub.outage, hub.outage_after_cut = False, False
+    hub.broken.clear()
     hub.log.clear()
     r = download(hub, root, "--train-shards", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert_layout_complete(hub, root, 3)
-    assert not list(ds.glob("*.part"))
-    cdn_gets = [(p, rng) for m, p, rng in hub.requests("GET") if p.startswith("/cdn/")]
-    assert (f"/cdn/{hashlib.sha256(hub.shards['fineweb_train_000001.bin']).hexdigest()}", f"bytes={cut}-") in cdn_gets
-    assert not any(p.endswith("fineweb_train_000000.bin") for _, p, _ in hub.requests("GET"))
-    assert "resuming at byte 15,000" in r.stdout
+    fetched = {p.rsplit("/", 1)[-1] for _, p, _ in hub.log if "/resolve/" in p} - {"manifest.json"}
+    shards = {n for n in fetched if n.endswith(".bin")}
+    assert shards == {"fineweb_train_000001.bin"} and len(kept) == 3
+    assert "1 downloaded, 5 already present" in r.stdout
+
+
+def test_download_fetches_files_concurrently_through_hf_endpoint(hub, tmp_path):
+    """As a user runs it (a separate process, the Hub named by HF_ENDPOINT): the shards come down at once,
+    --workers at a time, each verified, every request pinned to the manifest's commit."""
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+    blobs = 5                         # the tokenizer model, the val shard and 3 train shards go through the CDN
+    hub.gate(blobs)                   # each transfer waits until all five have started
+    r = run_tool("download", "--root", tmp_path / "all", "--train-shards", "3", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_layout_complete(hub, tmp_path / "all", 3)
+    assert hub.peak == blobs
+    resolved = [p for _, p, _ in hub.log if "/resolve/" in p]
+    assert resolved and all(f"/resolve/{COMMIT}/" in p for p in resolved)
+    hub.gate(2)
+    r = run_tool("download", "--root", tmp_path / "two", "--train-shards", "3", "--workers", "2", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_layout_complete(hub, tmp_path / "two", 3)
+    assert hub.peak == 2
+
+
+def test_download_names_a_file_the_hub_lacks_before_any_transfer(hub, tmp_path, download):
+    del hub.files["datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+    r = download(hub, tmp_path / "data", "--train-shards", "3")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fineweb_train_000002.bin is not on the Hub" in lines[0] and COMMIT in lines[0]
+    assert not [p for _, p, _ in hub.log if p.startswith("/cdn/")]
+
+
+def test_download_of_a_repo_the_hub_lacks(hub, tmp_path, download):
+    r = download(hub, tmp_path / "data", "--repo-id", "nobody/nothing")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read the dataset repo nobody/nothing" in lines[0] and "--repo-id" in lines[0]
+    r = download(hub, tmp_path / "data", "--revision", "v9")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "no revision 'v9'" in lines[0]
 
 
 def test_download_refuses_a_size_mismatch(hub, tmp_path, download):
