@@ -7,7 +7,8 @@
     python tools/record.py plot LOG... -o out.png
 
 A LOG is either a text log (ours, logs/<RUN_ID>.txt, or the reference's train_seed*.log) or our
-JSON summary (logs/<RUN_ID>.json). Only the standard library is needed, plus matplotlib for `plot`.
+JSON summary (logs/<RUN_ID>.json). Only the standard library is needed, plus scipy for the t-test
+(`--sota-val-loss`) and matplotlib for `plot`.
 """
 from __future__ import annotations
 
@@ -31,84 +32,29 @@ class RecordError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit status 1."""
 
 
+class UsageError(RecordError):
+    """Input that can never work as given (the same run twice, a missing library): one line, exit status 2."""
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- Student-t CDF
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function, evaluated by the modified Lentz method.
-
-    I_x(a,b) = x^a (1-x)^b / (a B(a,b)) * 1/(1+ d1/(1+ d2/(1+ ...))) with
-    d_{2m+1} = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1)),  d_{2m} = m(b-m) x / ((a+2m-1)(a+2m)).
-    """
-    tiny, eps = 1e-300, 1e-15
-    # Lentz on 0 + n_1/(1 + n_2/(1 + ...)) with n_1 = 1 and n_{k+1} = d_k
-    f = c = tiny
-    d = 0.0
-    for k in range(0, 20000):
-        if k == 0:
-            num = 1.0
-        elif k % 2:  # d_{2m+1}
-            m = (k - 1) // 2
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:  # d_{2m}
-            m = k // 2
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = tiny if abs(d) < tiny else d
-        c = 1.0 + num / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = c * d
-        f *= delta
-        if k > 0 and abs(delta - 1.0) < eps:
-            return f
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if not (a > 0 and b > 0):
-        raise ValueError("betainc needs a > 0 and b > 0")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with df degrees of freedom."""
-    if df <= 0:
-        raise ValueError("degrees of freedom must be positive")
-    if math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 0.0 if t < 0 else 1.0
-    # P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2)
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t < 0 else 1.0 - tail
-
+# ----------------------------------------------------------------------------- t-test
 
 def one_sided_t_test(values: list[float], threshold: float) -> tuple[float, float]:
-    """t statistic and p-value for H0: mean >= threshold against H1: mean < threshold."""
-    n = len(values)
-    if n < 2:
+    """t statistic and p-value for H0: mean >= threshold against H1: mean < threshold (scipy.stats.ttest_1samp)."""
+    if len(values) < 2:
         raise RecordError("a t-test needs at least 2 values")
-    mean = sum(values) / n
-    sd = sample_std(values)
-    diff = mean - threshold
-    if sd == 0.0:  # degenerate: all values identical
-        t = math.copysign(math.inf, diff) if diff else 0.0
-        return t, (0.0 if diff < 0 else 1.0 if diff > 0 else 0.5)
-    t = diff / (sd / math.sqrt(n))
-    return t, student_t_cdf(t, n - 1)
+    try:
+        from scipy import stats
+    except ImportError:
+        raise UsageError("the t-test needs scipy: pip install scipy (or pip install -r requirements-dev.txt)") from None
+    diff = sum(values) / len(values) - threshold
+    if sample_std(values) == 0.0:  # all values identical: scipy gives nan; the answer is certain either way
+        return (math.copysign(math.inf, diff) if diff else 0.0), (0.0 if diff < 0 else 1.0 if diff > 0 else 0.5)
+    result = stats.ttest_1samp(values, popmean=threshold, alternative="less")
+    return float(result.statistic), float(result.pvalue)
 
 
 def sample_std(values: list[float]) -> float:
@@ -332,9 +278,9 @@ def parse_scored_logs(paths, minimum: int) -> list[RunLog]:
     seen: dict[int, Path] = {}
     for log in logs:
         if log.seed is not None and log.seed in seen:
-            warn(f"seed {log.seed} appears in both {seen[log.seed]} and {log.path}: "
-                 f"the same run given twice (its .txt and .json?) would fake the statistics")
-        elif log.seed is not None:
+            raise UsageError(f"seed {log.seed} appears in both {seen[log.seed]} and {log.path}: the same run given "
+                             f"twice (its .txt and .json?) would fake the statistics; give each run once")
+        if log.seed is not None:
             seen[log.seed] = log.path
     return logs
 
@@ -387,6 +333,8 @@ def summary_line(s: dict) -> str:
 
 
 def cmd_stats(args) -> int:
+    if args.sota_val_loss is not None:
+        one_sided_t_test([0.0, 1.0], 0.0)   # scipy missing: say so before reading any log
     logs = parse_scored_logs(args.logs, minimum=2)
     print(text_table(RESULT_HEADER, results_rows(logs)))
     for log in logs:
@@ -633,7 +581,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":
