@@ -33,13 +33,16 @@ DEFAULTS = dict(
     MUON_WD=0.04, ADAM_WD=0.04, BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3, GRAD_CLIP_LOCAL=0,
     EMA_ENABLED=1, EMA_DECAY=0.997, SWA_ENABLED=0, SWA_EVERY=50, SWA_THRESHOLD=0.2,
     LATE_QAT=1, LATE_QAT_THRESHOLD=0.15, LATE_QAT_BANKS=1,
-    COMPRESSOR="lzma", ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
+    QUANT="gptq", MATRIX_BITS=6, EMBED_BITS=8, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=64, GPTQ_CALIB_LEN=2048,
+    GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.01, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
+    COMPRESSOR="rans", FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
     TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
     TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0,
     SLOT_ENABLED=1, SLOT_LR=0.003, SLOT_STEPS=5, SLOT_MODE="causal",
 )
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
-               COMPILE=("auto", "0", "1"), COMPRESSOR=("lzma", "zstd", "best"), SLOT_MODE=("causal", "batch"))
+               COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
+               QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8))
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
 
@@ -66,13 +69,18 @@ def parse_settings(env=os.environ) -> dict:
         except ValueError:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
         if name in CHOICES and s[name] not in CHOICES[name]:
-            raise Fail(f"{name}={raw!r} must be one of {', '.join(CHOICES[name])}")
+            raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
     s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
     if any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]):
         raise Fail(f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1")
     if s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"]:
         raise Fail("MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS")
+    if s["QUANT"] == "gptq" and (s["GPTQ_CALIB_SEQS"] < 1 or s["GPTQ_CALIB_LEN"] < 2 or s["GPTQ_CALIB_TEMP"] <= 0):
+        raise Fail("GPTQ_CALIB_SEQS must be >= 1, GPTQ_CALIB_LEN >= 2 and GPTQ_CALIB_TEMP > 0")
+    if s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0:
+        raise Fail("GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 to take "
+                   "that time out of MAX_WALLCLOCK_SECONDS (or use GPTQ_CALIB=self)")
     return s
 
 
@@ -198,11 +206,12 @@ def fake_quant_int6(w: Tensor) -> Tensor:
     return w + (q - w).detach()
 
 
-def apply_partial_rope(x: Tensor, rope_dims: int, base: float) -> Tensor:
-    """Rotate the first rope_dims of each head (its two halves are the rotation pairs); x is [B, T, H, D]."""
+def apply_partial_rope(x: Tensor, rope_dims: int, base: float, past: int = 0) -> Tensor:
+    """Rotate the first rope_dims of each head (its two halves are the rotation pairs); x is [B, T, H, D] at
+    positions past..past+T-1."""
     T, half = x.size(1), rope_dims // 2
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=x.device, dtype=torch.float32) / rope_dims)
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(past, past + T, device=x.device, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
@@ -237,6 +246,16 @@ def pick_attention(backend: str, device: torch.device):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
+BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c_v"),
+                 mlp_up_bank=("mlp.fc",), mlp_down_bank=("mlp.proj",))
+EMBED_TABLES = ("tok_emb.weight", "bigram_emb", "ve_emb")
+
+
+def matrix_name(bank: str, j: int, num_layers: int) -> str:
+    """The per-layer name of row j of a bank, as the export stores it."""
+    return f"blocks.{j % num_layers}.{BANK_ROWS[bank][j // num_layers]}.weight"
+
+
 class Block(nn.Module):
     """Per-layer control parameters; the layer's matrices live in the GPT's banks."""
 
@@ -256,6 +275,7 @@ class GPT(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = s["NUM_HEADS"], s["NUM_KV_HEADS"], d // s["NUM_HEADS"]
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s["MLP_MULT"] * d)
         self.qat = False
+        self.hessians = None  # GPTQ calibration sets a dict: name -> sum of x^T x over the inputs of that matrix
         self.tok_emb = nn.Embedding(V, d)
         nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
         self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
@@ -287,6 +307,15 @@ class GPT(nn.Module):
     def bank(self, w: Tensor, dtype) -> Tensor:
         return (fake_quant_int6(w) if self.qat and self.s["LATE_QAT_BANKS"] else w).to(dtype)
 
+    def accumulate_hessian(self, name: str, x: Tensor):
+        x = x.reshape(-1, x.size(-1)).float()
+        self.hessians[name] = self.hessians.get(name, 0) + x.T @ x
+
+    def bank_linear(self, x: Tensor, bank: str, j: int, dtype) -> Tensor:
+        if self.hessians is not None:
+            self.accumulate_hessian(matrix_name(bank, j, len(self.blocks)), x)
+        return F.linear(x, self.bank(getattr(self, bank)[j], dtype))
+
     def linear_weight(self, w: Tensor, dtype) -> Tensor:
         return (fake_quant_int6(w) if self.qat else w).to(dtype)
 
@@ -304,36 +333,49 @@ class GPT(nn.Module):
         prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return (1 - g) * x + g * prev
 
-    def attn(self, i: int, x: Tensor, ve: Tensor | None, dtype) -> Tensor:
+    def attn(self, i: int, x: Tensor, ve: Tensor | None, dtype, cache: dict | None) -> Tensor:
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
-        q = F.linear(x, self.bank(self.qo_bank[i], dtype)).view(B, T, H, D)
-        k = F.linear(x, self.bank(self.kv_bank[i], dtype)).view(B, T, Hkv, D)
-        v = F.linear(x, self.bank(self.kv_bank[L + i], dtype))
+        q = self.bank_linear(x, "qo_bank", i, dtype).view(B, T, H, D)
+        k = self.bank_linear(x, "kv_bank", i, dtype).view(B, T, Hkv, D)
+        v = self.bank_linear(x, "kv_bank", L + i, dtype)
         if ve is not None:
             v = v + ve * self.ve_layer_scales[self.ve_layers.index(i)].to(dtype)
         v = v.view(B, T, Hkv, D)
-        base, rd = rope_base(self.s, T), self.s["ROPE_DIMS"]
-        q, k = apply_partial_rope(rms_norm(q), rd, base), apply_partial_rope(rms_norm(k), rd, base)
+        past = cache["len"] if cache else 0
+        base, rd = rope_base(self.s, past + T), self.s["ROPE_DIMS"]
+        q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
-        y = self.attention(q, k, v)
+        if past:  # generation: one new position attends to every cached one
+            ck, cv = cache[i]
+            ck[:, past:past + T], cv[:, past:past + T] = k, v
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), ck[:, :past + T].transpose(1, 2),
+                                               cv[:, :past + T].transpose(1, 2), enable_gqa=True).transpose(1, 2)
+        else:
+            if cache is not None:
+                cache[i] = tuple(t.new_zeros(B, cache["max_len"], Hkv, D) for t in (k, v))
+                cache[i][0][:, :T], cache[i][1][:, :T] = k, v
+            y = self.attention(q, k, v)
         if i >= L - self.s["XSA_LAST_N"]:
             y = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
-        return F.linear(y.reshape(B, T, H * D), self.bank(self.qo_bank[L + i], dtype))
+        return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype)
 
     def mlp(self, i: int, x: Tensor, dtype) -> Tensor:
-        h = F.leaky_relu(F.linear(x, self.bank(self.mlp_up_bank[i], dtype)), negative_slope=0.5)
-        return F.linear(h.square(), self.bank(self.mlp_down_bank[i], dtype))
+        h = F.leaky_relu(self.bank_linear(x, "mlp_up_bank", i, dtype), negative_slope=0.5)
+        return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
-    def forward_hidden(self, idx: Tensor) -> Tensor:
-        """Everything up to the last block's output, [B, T, d]."""
+    def forward_hidden(self, idx: Tensor, cache: dict | None = None) -> Tensor:
+        """Everything up to the last block's output, [B, T, d]. With a cache (generation: {"len": 0, "max_len": N}
+        to start) idx is the whole sequence so far and only the positions not yet cached are computed."""
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
-        x = x0 = self.embed(idx, dtype)
+        past = cache["len"] if cache else 0
+        ctx = max(past - 2, 0)  # the bigram hash and the smear gate look back two tokens
+        x = x0 = self.embed(idx[:, ctx:], dtype)[:, past - ctx:]
         ve = None
         if self.ve_layers:
-            ve = F.linear(self.ve_emb.to(dtype)[idx], self.linear_weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
+            ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.linear_weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
         skips = []
         for i, blk in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
@@ -341,14 +383,19 @@ class GPT(nn.Module):
             mix = blk.resid_mix.to(dtype)
             x = mix[0] * x + mix[1] * x0
             s = 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
-            x = x + blk.attn_scale.to(dtype) * self.attn(i, rms_norm(x) * s, ve if i in self.ve_layers else None, dtype)
+            x = x + blk.attn_scale.to(dtype) * self.attn(i, rms_norm(x) * s, ve if i in self.ve_layers else None, dtype, cache)
             x = x + blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(x) * s, dtype)
             if i < self.num_encoder:
                 skips.append(x)
+        if cache is not None:
+            cache["len"] = idx.size(1)
         return x
 
     def compute_logits(self, h: Tensor) -> Tensor:
-        z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
+        h = rms_norm(h)
+        if self.hessians is not None:
+            self.accumulate_hessian("tok_emb.weight", h)
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
@@ -549,11 +596,17 @@ class Run:
             os.replace(path.with_suffix(".tmp"), path)
 
 
+def train_cap_ms(s: dict) -> float:
+    """The training wallclock cap, less the time reserved for GPTQ calibration on training tokens."""
+    reserve = s["GPTQ_RESERVE_SECONDS"] if s["QUANT"] == "gptq" and s["GPTQ_CALIB"] == "train" else 0.0
+    return 1000 * (s["MAX_WALLCLOCK_SECONDS"] - reserve) if s["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
+
+
 def lr_multiplier(s: dict, step: int, elapsed_ms: float) -> float:
     warmdown = s["WARMDOWN_ITERS"]
     if warmdown <= 0:
         return 1.0
-    cap_ms = 1000 * s["MAX_WALLCLOCK_SECONDS"]
+    cap_ms = train_cap_ms(s)
     if cap_ms <= 0:
         return min(max((s["ITERATIONS"] - step) / warmdown, 0.0), 1.0)
     warmdown_ms = warmdown * elapsed_ms / max(step, 1)
@@ -628,7 +681,7 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
         adam.load_state_dict(initial[2])
         loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     averages = WeightAverages(model, s)
-    cap_ms = 1000 * s["MAX_WALLCLOCK_SECONDS"]
+    cap_ms = train_cap_ms(s)
     train_ms, step, stop_after = 0.0, 0, None
     run.sync()
     t0 = time.perf_counter()
@@ -679,35 +732,76 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
     return {k: v.to(model.state_dict()[k].dtype) for k, v in weights.items()}
 
 
-# ----------------------------------------------------------------------------- export (GPTQ-lite int6 + LZMA)
+# ----------------------------------------------------------------------------- export (GPTQ int6 + rANS)
 
-ARTIFACT_NAME = "final_model.int6.ptz"
+ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "BIGRAM_VOCAB_SIZE",
               "BIGRAM_DIM", "VE_DIM", "VE_LAYERS", "XSA_LAST_N", "ROPE_DIMS", "ROPE_BASE", "ROPE_TRAIN_SEQ_LEN",
               "LN_SCALE", "LOGIT_SOFTCAP")
-BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c_v"),
-                 mlp_up_bank=("mlp.fc",), mlp_down_bank=("mlp.proj",))
+BOS_ID = 1
+MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.99984,)
+GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
 
 def unbank(state: dict, num_layers: int) -> dict:
     """Split the 3-D banks into one 2-D matrix per layer and role."""
     out = {k: v for k, v in state.items() if k not in BANK_ROWS}
-    for bank, roles in BANK_ROWS.items():
-        for r, role in enumerate(roles):
-            for i in range(num_layers):
-                out[f"blocks.{i}.{role}.weight"] = state[bank][r * num_layers + i]
+    for bank, rows in state.items():
+        if bank in BANK_ROWS:
+            out.update((matrix_name(bank, j, num_layers), w) for j, w in enumerate(rows))
     return out
 
 
 def rebank(flat: dict, num_layers: int) -> dict:
     out = {k: v for k, v in flat.items() if not k.endswith(tuple(f"{r}.weight" for rs in BANK_ROWS.values() for r in rs))}
     for bank, roles in BANK_ROWS.items():
-        out[bank] = torch.stack([flat[f"blocks.{i}.{role}.weight"] for role in roles for i in range(num_layers)])
+        out[bank] = torch.stack([flat[matrix_name(bank, j, num_layers)] for j in range(len(roles) * num_layers)])
     return out
 
 
+def save_float_weights(state: dict, s: dict, path: Path):
+    """The final float weights (after EMA/SWA), so that export can be redone without retraining."""
+    from safetensors.torch import save_file
+    meta = json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in MODEL_KEYS}))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"pgolf": meta})
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def calibration_tokens(model: GPT, run) -> Tensor:
+    """GPTQ calibration sequences: by default the model's own samples from BOS (no validation or training token),
+    with GPTQ_CALIB=train the start of the training stream (its time is reserved inside the training cap)."""
+    s, dev = run.s, run.device
+    n, T = s["GPTQ_CALIB_SEQS"], s["GPTQ_CALIB_LEN"]
+    if s["GPTQ_CALIB"] == "train":
+        tokens = TokenStream(os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")).take(n * T)
+        return torch.from_numpy(tokens.astype(np.int64)).view(n, T).to(dev)
+    gen = torch.Generator(dev).manual_seed(s["SEED"])
+    idx = torch.full((n, 1), BOS_ID, dtype=torch.int64, device=dev)
+    cache = dict(len=0, max_len=T)
+    for _ in range(T - 1):
+        with run.autocast():
+            logits = model.compute_logits(model.forward_hidden(idx, cache)[:, -1:])[:, -1]
+        probs = torch.softmax(logits.float() / s["GPTQ_CALIB_TEMP"], dim=-1)
+        idx = torch.cat((idx, torch.multinomial(probs, 1, generator=gen)), dim=1)
+    return idx
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, run) -> dict:
+    """H = sum of x^T x over the calibration tokens, for the inputs of every matrix (and of the tied head)."""
+    tokens = calibration_tokens(model, run)
+    model.hessians = {}
+    for b in range(0, len(tokens), 8):
+        with run.autocast():
+            model.compute_logits(model.forward_hidden(tokens[b:b + 8]))
+    hessians, model.hessians = model.hessians, None
+    return {k: h.cpu() for k, h in hessians.items()}
+
+
 def quantize_rows(w: Tensor, max_q: int, percentiles) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric quantization; each row keeps the clip percentile with the least squared error."""
+    """GPTQ-lite: per-row symmetric round-to-nearest; each row keeps the clip percentile with the least squared error."""
     w = w.float()
     a = w.abs()
     best_q, best_scale, best_err = None, None, None
@@ -725,91 +819,365 @@ def quantize_rows(w: Tensor, max_q: int, percentiles) -> tuple[Tensor, Tensor]:
     return best_q.to(torch.int8).contiguous(), best_scale.half().contiguous()
 
 
-def quantize_state(state: dict, num_layers: int) -> tuple[dict, dict]:
-    tensors, scheme = {}, {}
-    for name, t in unbank(state, num_layers).items():
-        t = t.detach().cpu()
-        if not t.is_floating_point():
-            tensors[name], scheme[name] = t.contiguous(), "raw"
-        elif t.numel() <= 65536:
-            tensors[name], scheme[name] = t.half().contiguous(), "fp16"
-        elif ".attn." in name or ".mlp." in name:
-            tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, 31, (99.9, 99.95, 99.99, 99.999, 100))
-            scheme[name] = "int6"
+def output_error_scales(w: Tensor, H: Tensor, max_q: int) -> Tensor:
+    """Per-row scale whose round-to-nearest error costs the layer's output least: min over clips of d H d^T."""
+    amax = w.abs().amax(dim=1).clamp_min(1e-8)
+    best_scale, best_err = None, None
+    for frac in GPTQ_CLIPS:
+        scale = (amax * frac / max_q).half().float()
+        d = w - torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q) * scale[:, None]
+        err = ((d @ H) * d).sum(dim=1)
+        if best_err is None:
+            best_scale, best_err = scale, err
         else:
-            tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, 127, (99.99984,))
-            scheme[name] = "int8"
+            best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
+    return best_scale
+
+
+def gptq_rows(w: Tensor, H: Tensor, max_q: int, s: dict) -> tuple[Tensor, Tensor]:
+    """Full GPTQ: columns quantized one at a time (most active input first), each one's rounding error spread
+    over the columns not yet quantized through the upper Cholesky factor of H^-1, block by block."""
+    W, H = w.float().clone(), H.float().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scale = output_error_scales(W, H, max_q)
+    H.diagonal().add_(s["GPTQ_DAMP"] * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True) if s["GPTQ_ACTORDER"] else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for a in range(0, cols, s["GPTQ_BLOCK"]):
+        b = min(a + s["GPTQ_BLOCK"], cols)
+        Wb, E = W[:, a:b].clone(), torch.zeros(rows, b - a)
+        for j in range(b - a):
+            Q[:, a + j] = q = torch.clamp(torch.round(Wb[:, j] / scale), -max_q, max_q)
+            E[:, j] = (Wb[:, j] - q * scale) / U[a + j, a + j]
+            Wb[:, j + 1:] -= E[:, j:j + 1] * U[a + j, a + j + 1:b]
+        W[:, b:] -= E @ U[a:b, b:]
+    return Q[:, torch.argsort(perm)].to(torch.int8).contiguous(), scale.half().contiguous()
+
+
+def precision_of(name: str, t: Tensor, s: dict) -> str:
+    """By role: attention and MLP matrices at MATRIX_BITS, embedding tables at EMBED_BITS, the rest fp16."""
+    if not t.is_floating_point():
+        return "raw"
+    if ".attn." in name or ".mlp." in name:
+        return f"int{s['MATRIX_BITS']}"
+    return f"int{s['EMBED_BITS']}" if name in EMBED_TABLES else "fp16"
+
+
+def max_q_of(kind: str) -> int:
+    return 2 ** (int(kind[3:]) - 1) - 1
+
+
+def quantize_state(state: dict, s: dict, hessians: dict | None = None) -> tuple[dict, dict]:
+    """Quantized tensors (name.q int8 + name.scale fp16 per row) and each tensor's precision; GPTQ where a Hessian
+    was collected, the seed's GPTQ-lite elsewhere."""
+    tensors, scheme = {}, {}
+    for name, t in unbank(state, s["NUM_LAYERS"]).items():
+        t = t.detach().cpu()
+        kind = scheme[name] = precision_of(name, t, s)
+        if kind == "raw":
+            tensors[name] = t.contiguous()
+        elif kind == "fp16":
+            tensors[name] = t.half().contiguous()
+        elif hessians and name in hessians:
+            tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s)
+        else:
+            pcts = EMBED_PERCENTILES if name in EMBED_TABLES else MATRIX_PERCENTILES
+            tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
     return tensors, scheme
 
 
 def dequantize_state(tensors: dict, scheme: dict, num_layers: int) -> dict:
     flat = {}
     for name, kind in scheme.items():
-        if kind in ("int6", "int8"):
+        if kind.startswith("int"):
             flat[name] = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
         else:
             flat[name] = tensors[name].float() if kind == "fp16" else tensors[name]
     return rebank(flat, num_layers)
 
 
-def compress(raw: bytes, method: str) -> tuple[bytes, str]:
+# rANS: every quantized symbol in one stream, coded with its tensor's frequency table by LANES interleaved coders
+# (numpy-vectorized across lanes). 32-bit states in [2^16, 2^32), 16-bit words, frequencies summing to 2^14.
+RANS_MAGIC, RANS_PREC, RANS_LOW = b"PGRANS1\n", 14, 1 << 16
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def rans_tables(symbols: list[np.ndarray], alphabet: int) -> np.ndarray:
+    """Per-tensor symbol counts scaled to sum 2^RANS_PREC, every symbol that occurs at least 1."""
+    M, freq = 1 << RANS_PREC, np.zeros((len(symbols), alphabet), np.int64)
+    for i, sym in enumerate(symbols):
+        counts = np.bincount(sym, minlength=alphabet)
+        f = np.where(counts > 0, np.maximum(1, np.round(counts * M / counts.sum())), 0).astype(np.int64)
+        while f.sum() != M:  # rounding left the total off: the most frequent symbols absorb the difference
+            j = f.argmax()
+            f[j] += max(M - f.sum(), 1 - f[j])
+        freq[i] = f
+    return freq
+
+
+def rans_lanes(n: int) -> int:
+    return int(min(1024, max(1, n // 4096)))
+
+
+def rans_encode(keys: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """keys = table * alphabet + symbol, in decoding order. Returns the final states, each lane's word count and
+    the words, lane by lane in the order the decoder reads them."""
+    P = RANS_PREC
+    steps = -(-len(keys) // lanes)
+    f_flat, c_flat = freq.ravel().astype(np.uint64), (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint64)
+    f_all = np.full(steps * lanes, 1 << P, np.uint64)  # padding codes as the identity (f = 2^P, c = 0)
+    c_all = np.zeros(steps * lanes, np.uint64)
+    f_all[:len(keys)], c_all[:len(keys)] = f_flat[keys], c_flat[keys]
+    f_all, c_all = f_all.reshape(steps, lanes), c_all.reshape(steps, lanes)
+    x = np.full(lanes, RANS_LOW, np.uint64)
+    out_lanes, out_words = [], []
+    for t in range(steps - 1, -1, -1):
+        f = f_all[t]
+        emit = np.flatnonzero(x >= f << np.uint64(32 - P))
+        out_lanes.append(emit)
+        out_words.append((x[emit] & np.uint64(0xFFFF)).astype(np.uint16))
+        x[emit] >>= np.uint64(16)
+        x = (x // f << np.uint64(P)) + x % f + c_all[t]
+    lane, words = np.concatenate(out_lanes[::-1]), np.concatenate(out_words[::-1])
+    order = np.argsort(lane, kind="stable")
+    return x, np.bincount(lane, minlength=lanes), words[order]
+
+
+def rans_decode(tables: np.ndarray, freq: np.ndarray, states: np.ndarray, counts: np.ndarray, words: np.ndarray):
+    """Inverse of rans_encode given each position's table; None when the stream does not decode cleanly."""
+    P, M, A = RANS_PREC, 1 << RANS_PREC, freq.shape[1]
+    lanes, n = len(states), len(tables)
+    steps = -(-n // lanes)
+    lookup = np.concatenate([np.repeat(np.arange(A), f) for f in freq])  # table * M + slot -> symbol
+    f_flat, c_flat = freq.ravel().astype(np.uint64), (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint64)
+    tab = np.zeros(steps * lanes, np.int64)
+    tab[:n] = tables
+    tab = tab.reshape(steps, lanes)
+    ptr, end = np.cumsum(counts) - counts, np.cumsum(counts)
+    words = np.append(words, 0).astype(np.uint64)
+    x = states.astype(np.uint64)
+    out = np.zeros((steps, lanes), np.int64)
+    for t in range(steps):
+        slot = (x & np.uint64(M - 1)).astype(np.int64)
+        sym = lookup[tab[t] * M + slot]
+        key = tab[t] * A + sym
+        nx = f_flat[key] * (x >> np.uint64(P)) + slot.astype(np.uint64) - c_flat[key]
+        if t == steps - 1 and n % lanes:
+            nx[n % lanes:] = x[n % lanes:]  # padding
+        read = np.flatnonzero(nx < RANS_LOW)
+        nx[read] = (nx[read] << np.uint64(16)) | words[np.minimum(ptr[read], len(words) - 1)]
+        ptr[read] += 1
+        x, out[t] = nx, sym
+    if not ((x == RANS_LOW).all() and (ptr == end).all()):
+        return None
+    return out.ravel()[:n]
+
+
+def pack_rans(tensors: dict, scheme: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+    coded = [k for k, v in scheme.items() if v.startswith("int")]
+    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + max_q_of(scheme[k]) for k in coded]
+    alphabet = max([2 * max_q_of(scheme[k]) + 1 for k in coded], default=1)
+    freq = rans_tables(symbols, alphabet)
+    keys = np.concatenate([i * alphabet + sym for i, sym in enumerate(symbols)] or [np.zeros(0, np.int64)])
+    states, counts, words = rans_encode(keys, freq, rans_lanes(len(keys)))
+    rest = {k: v for k, v in tensors.items() if not k.endswith(".q")}
+    rest.update({"rans.freq": torch.from_numpy(freq.astype(np.int32)), "rans.states": torch.from_numpy(states.astype(np.int64)),
+                 "rans.counts": torch.from_numpy(counts.astype(np.int64))})
+    head = lzma.compress(save(rest, metadata={"pgolf": json.dumps(meta)}), preset=9)
+    return RANS_MAGIC + len(head).to_bytes(4, "little") + head + words.astype("<u2").tobytes()
+
+
+def pack(tensors: dict, scheme: dict, s: dict) -> tuple[bytes, str]:
+    """Serialize the quantized model (safetensors, no pickle) and compress it with COMPRESSOR (best: the smaller)."""
+    from safetensors.torch import save
+    meta = dict(format="pgolf-int-v2", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
+                shapes={k: list(tensors[k + ".q"].shape) for k, v in scheme.items() if v.startswith("int")})
     options = {}
-    if method in ("lzma", "best"):
-        options["lzma"] = lzma.compress(raw, preset=6)
-    if method in ("zstd", "best"):
-        try:
-            import zstandard
-            options["zstd"] = zstandard.ZstdCompressor(level=22).compress(raw)
-        except ImportError:
-            if method == "zstd":
-                raise Fail("COMPRESSOR=zstd needs the zstandard package (pip install zstandard) or use COMPRESSOR=lzma")
+    if s["COMPRESSOR"] in ("rans", "best"):
+        options["rans"] = pack_rans(tensors, scheme, meta)
+    if s["COMPRESSOR"] in ("lzma", "best"):
+        # One metadata key: safetensors writes several in no fixed order, and the bytes should be reproducible.
+        options["lzma"] = lzma.compress(save(tensors, metadata={"pgolf": json.dumps(meta)}), preset=9)
     name = min(options, key=lambda k: len(options[k]))
     return options[name], name
 
 
-def decompress(blob: bytes, path) -> bytes:
-    if blob[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(blob)
-    if blob[:4] == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            raise Fail(f"{path} is zstd-compressed; pip install zstandard to read it") from None
-        return zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
-    raise Fail(f"{path} is neither an LZMA (xz) nor a zstd artifact")
+def read_safetensors(raw: bytes) -> tuple[dict, dict]:
+    from safetensors.torch import load
+    tensors = load(raw)
+    header = json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
+    return tensors, header
 
 
-def save_artifact(state: dict, s: dict, path: Path) -> tuple[int, str]:
-    """Quantize, serialize as safetensors (loading it runs no code), compress, write atomically."""
-    from safetensors.torch import save
-    tensors, scheme = quantize_state(state, s["NUM_LAYERS"])
-    # One metadata key: safetensors writes several in no fixed order, and the artifact's bytes should be reproducible.
-    meta = json.dumps(dict(format="pgolf-int6-v1", scheme=scheme, config={k: s[k] for k in MODEL_KEYS}))
-    blob, method = compress(save(tensors, metadata={"pgolf": meta}), s["COMPRESSOR"])
+def unpack(blob: bytes) -> tuple[dict, dict]:
+    """Tensors and header of a packed artifact; raises ValueError (or a parser's error) on anything malformed."""
+    if blob[:6] == XZ_MAGIC:
+        return read_safetensors(lzma.decompress(blob))
+    if blob[:8] != RANS_MAGIC:
+        raise ValueError("unknown header")
+    head_len = int.from_bytes(blob[8:12], "little")
+    if 12 + head_len > len(blob) or (len(blob) - 12 - head_len) % 2:
+        raise ValueError("truncated")
+    tensors, header = read_safetensors(lzma.decompress(blob[12:12 + head_len]))
+    freq, states, counts = (tensors.pop(k).numpy().astype(np.int64) for k in ("rans.freq", "rans.states", "rans.counts"))
+    words = np.frombuffer(blob[12 + head_len:], "<u2")
+    coded = [k for k, v in header["scheme"].items() if v.startswith("int")]
+    sizes = [math.prod(header["shapes"][k]) for k in coded]
+    if (freq.shape[0] != len(coded) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
+            or len(states) != len(counts) or len(states) < 1 or (counts < 0).any() or counts.sum() != len(words)
+            or (states < RANS_LOW).any() or (states >= 1 << 32).any() or min(sizes, default=1) < 1):
+        raise ValueError("inconsistent rANS tables")
+    sym = rans_decode(np.repeat(np.arange(len(coded)), sizes), freq, states, counts, words)
+    if sym is None:
+        raise ValueError("corrupt rANS stream")
+    for k, part in zip(coded, np.split(sym, np.cumsum(sizes)[:-1])):
+        max_q = max_q_of(header["scheme"][k])
+        if part.max(initial=0) > 2 * max_q:
+            raise ValueError("symbol out of range")
+        tensors[k + ".q"] = torch.from_numpy((part - max_q).astype(np.int8).reshape(header["shapes"][k]))
+    return tensors, header
+
+
+def check_config(path, config: dict, s: dict):
+    wrong = [f"{k}={config.get(k)!r} in the file but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
+    if wrong:
+        raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
+
+
+def load_artifact(path, s: dict) -> dict:
+    """Read an artifact back into a GPT state dict; refuse one that is malformed or whose model settings differ."""
+    from safetensors import SafetensorError
+    path = Path(path)
+    if not path.is_file():
+        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
+    try:
+        tensors, header = unpack(path.read_bytes())
+        scheme, config = header["scheme"], header["config"]
+        if any(k not in ("raw", "fp16", "int5", "int6", "int7", "int8") for k in scheme.values()):
+            raise ValueError("unknown precision")
+    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError):
+        raise Fail(f"{path} is not an intact artifact of this script (truncated, corrupt or another format; "
+                   f"nothing in it was run)") from None
+    check_config(path, config, s)
+    try:
+        return dequantize_state(tensors, scheme, s["NUM_LAYERS"])
+    except (KeyError, RuntimeError):
+        raise Fail(f"{path} is not an intact artifact of this script (tensors missing or misshapen)") from None
+
+
+def load_float_weights(path: Path, s: dict) -> dict:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = json.loads(f.metadata()["pgolf"])["config"]
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError):
+        raise Fail(f"{path} is not a {FLOAT_NAME} file of this script") from None
+    check_config(path, config, s)
+    return state
+
+
+def entropy_bytes(counts: np.ndarray) -> float:
+    """Order-0 entropy, in bytes, of symbols with these counts (one row per tensor)."""
+    c = counts.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nansum(c * np.log2(c.sum(axis=-1, keepdims=True) / c)) / 8)
+
+
+def log_precision_groups(run, state: dict, tensors: dict, scheme: dict):
+    """Per precision: parameters, estimated bytes (order-0 entropy of the symbols + scales) and relative MSE."""
+    flat, back = unbank({k: v.detach().float().cpu() for k, v in state.items()}, run.s["NUM_LAYERS"]), \
+        unbank(dequantize_state(tensors, scheme, run.s["NUM_LAYERS"]), run.s["NUM_LAYERS"])
+    groups = {}
+    for name, kind in scheme.items():
+        g = groups.setdefault(kind, [0, 0.0, 0.0, 0.0])
+        g[0] += flat[name].numel()
+        if kind.startswith("int"):
+            g[1] += entropy_bytes(np.bincount(tensors[name + ".q"].numpy().astype(np.int64).ravel() + 127)) + \
+                2 * tensors[name + ".scale"].numel()
+        else:
+            g[1] += tensors[name].numel() * tensors[name].element_size()
+        g[2] += (flat[name].float() - back[name].float()).square().sum().item()
+        g[3] += flat[name].float().square().sum().item()
+    for kind, (n, nbytes, err, norm) in sorted(groups.items()):
+        run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
+    run.log("quant_precision " + " ".join(f"{k}:{g[0]}" for k, g in sorted(groups.items())))
+
+
+def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget: int) -> tuple[bytes, str]:
+    """Pack; when over budget, zero the +-1 values whose removal costs least (scale^2 times the input's Hessian
+    diagonal, normalized per matrix) until the packed model fits."""
+    blob, method = pack(tensors, scheme, run.s)
+    if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
+        return blob, method
+    names = [k for k, v in scheme.items() if v.startswith("int")]
+    cost, cells, signal = [], [], 0.0
+    for i, k in enumerate(names):
+        q, scale = tensors[k + ".q"], tensors[k + ".scale"].float()
+        h = hessians[k].diagonal() / hessians[k].diagonal().mean() if hessians and k in hessians else torch.ones(q.size(1))
+        r, c = (q.abs() == 1).nonzero(as_tuple=True)
+        cost.append((scale[r].square() * h[c]).numpy())
+        cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].numpy()]))
+        signal += ((q.float() * scale[:, None]).square() * h[None]).sum().item()
+    order = np.argsort(np.concatenate(cost), kind="stable")
+    cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
+    counts = np.stack([np.bincount(tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127, minlength=255)
+                       for k in names])
+    keys = cells[0] * 255 + 127 + cells[3]
+
+    def saving(n: int) -> float:  # order-0 bytes saved by zeroing the n cheapest values
+        moved = np.bincount(keys[:n], minlength=counts.size).reshape(counts.shape)
+        after = counts - moved
+        after[:, 127] += moved.sum(axis=1)
+        return entropy_bytes(counts) - entropy_bytes(after)
+
+    original = {k: tensors[k + ".q"] for k in names}
+    need = len(blob) - budget
+    for _ in range(8):
+        lo, hi = 0, len(cost)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if saving(mid) >= need else (mid + 1, hi)
+        for i, k in enumerate(names):
+            sel = cells[1:3, :lo][:, cells[0, :lo] == i]
+            tensors[k + ".q"] = original[k].clone()
+            tensors[k + ".q"][sel[0], sel[1]] = 0
+        fitted, method = pack(tensors, scheme, run.s)
+        if len(fitted) <= budget or lo == len(cost):
+            break
+        need = int(need * 1.25) + 64
+    run.log(f"fit_to_limit: zeroed {lo} of {len(cost)} +-1 values, bytes {len(blob)} -> {len(fitted)} "
+            f"(budget {budget}), predicted output error +{cost[:lo].sum() / max(signal, 1e-30):.3e} of the signal")
+    return fitted, method
+
+
+def export_artifact(run, state: dict, path: Path, code_bytes: int) -> tuple[int, str]:
+    """Calibrate (GPTQ), quantize by role, fit the byte budget, pack, write atomically."""
+    s = run.s
+    hessians, t0 = None, time.perf_counter()
+    if s["QUANT"] == "gptq":
+        model = GPT(s, run.attention).to(run.device)
+        model.load_state_dict(state)
+        hessians = collect_hessians(model, run)
+        run.log(f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
+                f"time:{time.perf_counter() - t0:.1f}s")
+    t1 = time.perf_counter()
+    tensors, scheme = quantize_state(state, s, hessians)
+    run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")
+    log_precision_groups(run, state, tensors, scheme)
+    t2 = time.perf_counter()
+    blob, method = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
+    run.log(f"pack:{method} time:{time.perf_counter() - t2:.1f}s")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)
     return len(blob), method
-
-
-def load_artifact(path, s: dict) -> dict:
-    """Read an artifact back into a GPT state dict; refuse one whose model settings differ from s."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-    path = Path(path)
-    if not path.is_file():
-        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
-    raw = decompress(path.read_bytes(), path)
-    try:
-        tensors = load(raw)
-        header = json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
-        scheme, config = header["scheme"], header["config"]
-    except (SafetensorError, ValueError, KeyError, TypeError):
-        raise Fail(f"{path} is not a safetensors int6 artifact of this script (refusing to unpickle anything)") from None
-    wrong = [f"{k}={config.get(k)!r} in the artifact but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
-    if wrong:
-        raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
-    return dequantize_state(tensors, scheme, s["NUM_LAYERS"])
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -961,7 +1329,7 @@ def eval_name(s: dict, stride: int, ttt: bool, slot: bool) -> str:
     return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
 
 
-def final_evaluation(run: Run, state: dict, val: Tensor, luts):
+def final_evaluation(run: Run, state: dict, val: Tensor, luts, float_bpb: float | None):
     s = run.s
     if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
         run.log("WARNING: SLOT_MODE=batch fits one delta on the very targets it scores: it breaks the causality "
@@ -976,6 +1344,9 @@ def final_evaluation(run: Run, state: dict, val: Tensor, luts):
         run.log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         run.log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         run.summary["metrics"][f"{label}_exact"] = dict(val_loss=loss, val_bpb=bpb, eval_time_s=ms / 1000)
+        if label == "final_int6_roundtrip" and float_bpb is not None:
+            run.summary["quant_gap_bpb"] = bpb - float_bpb
+            run.log(f"quant_gap_bpb:{bpb - float_bpb:.8f}")
         run.summary["eval_time_s"] = run.summary.get("eval_time_s", 0) + ms / 1000
     name = eval_name(s, **kw)
     causal = not (kw["slot"] and s["SLOT_MODE"] == "batch")
@@ -1016,22 +1387,33 @@ def main() -> int:
     luts = build_sentencepiece_luts(load_tokenizer(s), s["VOCAB_SIZE"], run.device)
     val = load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
     run.log(f"val_tokens:{val.numel() - 1}")
+    state, float_bpb, code_bytes = None, None, len(code.encode())
     if s["EVAL_ONLY"]:
         if not s["ARTIFACT_PATH"]:
-            raise Fail("EVAL_ONLY=1 needs ARTIFACT_PATH=<path to final_model.int6.ptz>")
+            raise Fail(f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>")
         artifact = Path(s["ARTIFACT_PATH"])
+        if artifact.name.endswith(".safetensors"):
+            state = load_float_weights(artifact, s)
     else:
         model = GPT(s, run.attention).to(run.device)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
+        if run.master:
+            save_float_weights(state, s, run.out / FLOAT_NAME)
+    if state is not None:
         artifact = run.out / ARTIFACT_NAME
         if run.master:
-            save_artifact(state, s, artifact)
+            export_artifact(run, state, artifact, code_bytes)
         if dist.is_initialized():
             dist.barrier()
-    state = load_artifact(artifact, s)
-    model_bytes, code_bytes = artifact.stat().st_size, len(code.encode())
-    method = "zstd" if artifact.read_bytes()[:4] == b"\x28\xb5\x2f\xfd" else "lzma"
+        model = GPT(s, run.attention).to(run.device)
+        model.load_state_dict(state)
+        float_loss, float_bpb = evaluate(model, run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)
+        run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
+        run.summary["metrics"]["final_float_exact"] = dict(val_loss=float_loss, val_bpb=float_bpb)
+    quantized = load_artifact(artifact, s)
+    model_bytes = artifact.stat().st_size
+    method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
     run.log(f"Serialized model int6+{method}: {model_bytes} bytes")
     run.log(f"Total submission size int6+{method}: {model_bytes + code_bytes} bytes")
     over = model_bytes + code_bytes > s["ARTIFACT_LIMIT_BYTES"]
@@ -1041,7 +1423,7 @@ def main() -> int:
     run.summary.update(artifact=str(artifact), over_limit=over, bytes=dict(
         model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=s["ARTIFACT_LIMIT_BYTES"]))
     run.write_summary()
-    final_evaluation(run, state, val, luts)
+    final_evaluation(run, quantized, val, luts, float_bpb)
     run.write_summary()
     return 1 if over else 0
 

@@ -403,10 +403,17 @@ def test_quantize_rows_int6_error_bound_and_best_clip():
 
 
 def export_settings(tiny_settings, **kw):
-    # d = 256 so that the tensors fall on both sides of the 65,536-element line: Q/Out matrices are exactly 65,536
-    # (fp16), MLP matrices 131,072 (int6), the token embedding 262,144 (int8).
+    # d = 256: Q/Out matrices have exactly 65,536 elements (the seed's size rule would keep them fp16), MLP matrices
+    # 131,072, the token embedding 262,144.
     return tiny_settings(NUM_LAYERS=2, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, VE_LAYERS="1",
                          XSA_LAST_N=1, **kw)
+
+
+def save(state, s, path):
+    """What the exporter writes for these weights with GPTQ-lite (no calibration): returns (bytes, packer)."""
+    blob, method = tg.pack(*tg.quantize_state(state, s), s)
+    path.write_bytes(blob)
+    return len(blob), method
 
 
 def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
@@ -414,20 +421,18 @@ def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
     torch.manual_seed(0)
     model = randomize_(tg.GPT(s), 15)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tensors, scheme = tg.quantize_state(state, 2)
+    tensors, scheme = tg.quantize_state(state, s)
     flat = tg.unbank(state, 2)
     assert set(scheme) == set(flat)
     for name, t in flat.items():
-        if t.numel() <= 65536:
+        if ".attn." in name or ".mlp." in name:
+            assert scheme[name] == "int6", name
+        elif name in ("tok_emb.weight", "bigram_emb", "ve_emb"):
+            assert scheme[name] == "int8", name
+        else:
             assert scheme[name] == "fp16", name
             assert tensors[name].dtype == torch.float16 and torch.equal(tensors[name], t.half())
-        elif ".attn." in name or ".mlp." in name:
-            assert scheme[name] == "int6", name
-        else:
-            assert scheme[name] == "int8", name
-    assert scheme["blocks.0.attn.c_q.weight"] == "fp16" and state["qo_bank"][0].numel() == 65536
-    assert scheme["blocks.1.mlp.fc.weight"] == "int6" and scheme["blocks.0.mlp.proj.weight"] == "int6"
-    assert scheme["tok_emb.weight"] == "int8"
+    assert scheme["blocks.0.attn.c_q.weight"] == "int6" and state["qo_bank"][0].numel() == 65536
     # int8 per row: clip at the 99.99984th percentile of |w|, scale = clip/127, values in [-127, 127].
     w = flat["tok_emb.weight"].double().numpy()
     q, sc = tensors["tok_emb.weight.q"].numpy().astype(np.float64), tensors["tok_emb.weight.scale"].double().numpy()
@@ -437,9 +442,12 @@ def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
     inside = np.abs(w) <= 127 * sc[:, None]
     err = np.abs(q * sc[:, None] - w)
     assert (err[inside] <= np.broadcast_to(sc[:, None], w.shape)[inside] / 2 * (1 + 1e-6)).all()
-    # int6 matrices: values within [-31, 31]
+    # int6 matrices: values within [-31, 31]; other bit widths follow MATRIX_BITS / EMBED_BITS.
     q6 = tensors["blocks.1.mlp.fc.weight.q"]
     assert q6.dtype == torch.int8 and q6.min() >= -31 and q6.max() <= 31
+    t5, s5 = tg.quantize_state(state, export_settings(tiny_settings, MATRIX_BITS=5, EMBED_BITS=7))
+    assert s5["blocks.1.mlp.fc.weight"] == "int5" and s5["tok_emb.weight"] == "int7"
+    assert t5["blocks.1.mlp.fc.weight.q"].abs().max() == 15 and t5["tok_emb.weight.q"].abs().max() <= 63
     # unbank/rebank: per-layer roles come from the bank rows the forward pass uses
     assert torch.equal(flat["blocks.1.attn.c_q.weight"], state["qo_bank"][1])
     assert torch.equal(flat["blocks.1.attn.proj.weight"], state["qo_bank"][3])
@@ -449,51 +457,32 @@ def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
 
 
 def test_artifact_round_trip_is_exact(tiny_settings, tmp_path):
-    s = export_settings(tiny_settings)
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 16)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    n_bytes, method = tg.save_artifact(state, s, tmp_path / "a.ptz")
-    assert method == "lzma" and n_bytes == (tmp_path / "a.ptz").stat().st_size
-    assert (tmp_path / "a.ptz").read_bytes()[:6] == b"\xfd7zXZ\x00"
-    loaded = tg.load_artifact(tmp_path / "a.ptz", s)
-    want = tg.dequantize_state(*tg.quantize_state(state, 2), 2)
-    assert set(loaded) == set(state) == set(want)
-    for k in state:
-        assert loaded[k].shape == state[k].shape, k
-        assert loaded[k].dtype == want[k].dtype and torch.equal(loaded[k], want[k]), k
+    s = export_settings(tiny_settings)
+    state = {k: v.detach().clone() for k, v in randomize_(tg.GPT(s), 16).state_dict().items()}
+    want = tg.dequantize_state(*tg.quantize_state(state, s), 2)
+    for method, magic in (("rans", b"PGRANS1\n"), ("lzma", b"\xfd7zXZ\x00")):
+        path = tmp_path / f"{method}.ptz"
+        n_bytes, used = save(state, export_settings(tiny_settings, COMPRESSOR=method), path)
+        assert used == method and n_bytes == path.stat().st_size and path.read_bytes().startswith(magic)
+        loaded = tg.load_artifact(path, s)
+        assert set(loaded) == set(state) == set(want)
+        for k in state:
+            assert loaded[k].shape == state[k].shape, k
+            assert loaded[k].dtype == want[k].dtype and torch.equal(loaded[k], want[k]), k
     # The dequantized weights are close to the originals, and a fresh model accepts them as they are.
     for k in ("mlp_up_bank", "tok_emb.weight", "qo_bank"):
         assert (loaded[k] - state[k]).norm() < 0.1 * state[k].norm(), k
     tg.GPT(s).load_state_dict(loaded, strict=True)
 
 
-def test_compressor_choice(tiny_settings, tmp_path):
-    zstandard = pytest.importorskip("zstandard")
+def test_compressor_best_keeps_the_smaller(tiny_settings, tmp_path):
     torch.manual_seed(0)
     state = {k: v.detach().clone() for k, v in randomize_(tg.GPT(export_settings(tiny_settings)), 17).state_dict().items()}
-    loaded = {}
-    for method in ("lzma", "zstd", "best"):
-        s = export_settings(tiny_settings, COMPRESSOR=method)
-        path = tmp_path / f"{method}.ptz"
-        n, used = tg.save_artifact(state, s, path)
-        blob = path.read_bytes()
-        assert n == len(blob)
-        if blob[:6] == b"\xfd7zXZ\x00":
-            raw, kind = lzma.decompress(blob), "lzma"
-        else:
-            assert blob[:4] == b"\x28\xb5\x2f\xfd"
-            raw, kind = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 30), "zstd"
-        assert used == kind
-        if method != "best":
-            assert used == method
-        else:  # the smaller of LZMA preset 6 and zstd level 22 on the very bytes it wrote
-            options = dict(lzma=len(lzma.compress(raw, preset=6)), zstd=len(zstandard.ZstdCompressor(level=22).compress(raw)))
-            assert options["lzma"] != options["zstd"]
-            assert (n, used) == (min(options.values()), min(options, key=options.get))
-        loaded[method] = tg.load_artifact(path, s)
-    for k in loaded["lzma"]:
-        assert torch.equal(loaded["lzma"][k], loaded["zstd"][k]) and torch.equal(loaded["lzma"][k], loaded["best"][k])
+    sizes = {m: save(state, export_settings(tiny_settings, COMPRESSOR=m), tmp_path / f"{m}.ptz")[0] for m in ("rans", "lzma")}
+    n, used = save(state, export_settings(tiny_settings, COMPRESSOR="best"), tmp_path / "best.ptz")
+    assert sizes["rans"] != sizes["lzma"] and (n, used) == (min(sizes.values()), min(sizes, key=sizes.get))
+    assert (tmp_path / "best.ptz").read_bytes() == (tmp_path / f"{used}.ptz").read_bytes()
 
 
 def test_artifact_bytes_are_reproducible(tiny_settings, tmp_path):
@@ -501,10 +490,12 @@ def test_artifact_bytes_are_reproducible(tiny_settings, tmp_path):
     torch.manual_seed(0)
     state = tg.GPT(s).state_dict()
     blobs = set()
-    for i in range(10):  # 3 metadata keys: ten saves all in one order by chance has probability 6^-9
-        tg.save_artifact(state, s, tmp_path / f"{i}.ptz")
-        blobs.add((tmp_path / f"{i}.ptz").read_bytes())
-    assert len(blobs) == 1
+    for method in ("rans", "lzma"):
+        for i in range(10):  # 3 metadata keys: ten saves all in one order by chance has probability 6^-9
+            save(state, tiny_settings(NUM_LAYERS=1, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, VE_LAYERS="0",
+                                      XSA_LAST_N=1, COMPRESSOR=method), tmp_path / f"{i}.ptz")
+            blobs.add((tmp_path / f"{i}.ptz").read_bytes())
+    assert len(blobs) == 2
 
 
 class _Payload:
@@ -540,7 +531,7 @@ def test_artifact_that_would_run_code_is_refused(tiny_settings, tmp_path):
 def test_artifact_with_other_model_settings_is_refused(tiny_settings, tmp_path):
     s = tiny_settings()
     torch.manual_seed(0)
-    tg.save_artifact(tg.GPT(s).state_dict(), s, tmp_path / "a.ptz")
+    save(tg.GPT(s).state_dict(), s, tmp_path / "a.ptz")
     with pytest.raises(tg.Fail) as err:
         tg.load_artifact(tmp_path / "a.ptz", tiny_settings(XSA_LAST_N=1))
     assert "XSA_LAST_N" in str(err.value) and "MODEL_DIM" not in str(err.value)

@@ -81,13 +81,13 @@ def e2e(tmp_path_factory, script_env, run_script):
     return out, proc
 
 
-def test_end_to_end_final_lines_match_the_summary(e2e):
+def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     out, proc = e2e
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_clean(proc)
     lines, js = log_lines(out), summary(out)
     labels = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")  # EVAL_STRIDE 64 < EVAL_SEQ_LEN 128
-    assert set(js["metrics"]) == set(labels)
+    assert set(js["metrics"]) == set(labels) | {"final_float_exact"}
     for label in labels:
         loss, bpb = metric_line(lines, label)
         assert loss == pytest.approx(js["metrics"][label]["val_loss"], abs=6e-9)
@@ -106,8 +106,20 @@ def test_end_to_end_final_lines_match_the_summary(e2e):
     artifact = out / tg.ARTIFACT_NAME
     model_bytes = artifact.stat().st_size
     assert js["bytes"] == dict(model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=16_000_000)
-    assert f"Serialized model int6+lzma: {model_bytes} bytes" in lines
-    assert f"Total submission size int6+lzma: {model_bytes + code_bytes} bytes" in lines
+    assert f"Serialized model int6+rans: {model_bytes} bytes" in lines
+    assert f"Total submission size int6+rans: {model_bytes + code_bytes} bytes" in lines
+    # The float weights are scored before the round trip, and the gap between the two is logged and summarized.
+    float_loss, float_bpb = metric_line(lines, "final_float_exact")
+    assert lines.index(next(ln for ln in lines if ln.startswith("final_float_exact"))) < \
+        lines.index(next(ln for ln in lines if ln.startswith("final_int6_roundtrip ")))
+    assert js["metrics"]["final_float_exact"]["val_bpb"] == pytest.approx(float_bpb, abs=6e-9)
+    gap = js["metrics"]["final_int6_roundtrip_exact"]["val_bpb"] - js["metrics"]["final_float_exact"]["val_bpb"]
+    assert js["quant_gap_bpb"] == pytest.approx(gap, abs=1e-12)
+    assert f"quant_gap_bpb:{gap:.8f}" in lines
+    # The precision summary counts every parameter once: the tiny model's matrices are int6 whatever their size.
+    n_params = sum(p.numel() for p in tg.GPT(tiny_settings(**E2E)).parameters())
+    counts = dict(kv.split(":") for kv in next(ln for ln in lines if ln.startswith("quant_precision ")).split()[1:])
+    assert sum(map(int, counts.values())) == n_params and int(counts["int6"]) > n_params // 2
     assert js["over_limit"] is False and not any("OVER THE LIMIT" in ln for ln in lines)
     assert js["steps"] == 16 and js["settings"]["NUM_LAYERS"] == 4 and js["settings"]["VE_LAYERS"] == [2, 3]
     # The stages of the schedule showed up. Step-count warmdown: multiplier(k) = min(1, (16 - k)/8) before step k+1;

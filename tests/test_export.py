@@ -1,0 +1,262 @@
+"""Export: precision by role, full GPTQ, calibration data, rANS packing, corrupt artifacts, fitting the byte limit."""
+from __future__ import annotations
+
+import lzma
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from test_model import export_settings, randomize_, save
+
+SAMPLE_TRAIN_GLOB = "fineweb_train_"
+
+
+def cpu_run(s):
+    """The part of train_gpt.Run that calibration uses."""
+    return types.SimpleNamespace(s=s, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+
+
+# ----------------------------------------------------------------------------- precision by role
+
+def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small_matrices():
+    s = tg.parse_settings({})
+    with torch.device("meta"):
+        flat = tg.unbank(tg.GPT(s).state_dict(), s["NUM_LAYERS"])
+    for name, t in flat.items():  # the seed's rule: by size, then attention/MLP int6, other large tensors int8
+        seed = "fp16" if t.numel() <= 65536 else "int6" if (".attn." in name or ".mlp." in name) else "int8"
+        assert tg.precision_of(name, t, s) == seed, name
+    kinds = [tg.precision_of(n, t, s) for n, t in flat.items()]
+    assert kinds.count("int6") == 11 * 6 and kinds.count("int8") == 3
+    # At the CPU demo's width the seed kept every matrix fp16; by role they are int6 like at the record shape.
+    demo = tg.parse_settings(dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", VE_LAYERS="2,3",
+                                  XSA_LAST_N="2", BIGRAM_DIM="32", VE_DIM="32"))
+    small = tg.unbank(tg.GPT(demo).state_dict(), 4)
+    matrices = [n for n in small if ".attn." in n or ".mlp." in n]
+    assert len(matrices) == 24 and all(small[n].numel() <= 65536 for n in matrices)
+    assert all(tg.precision_of(n, small[n], demo) == "int6" for n in matrices)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+def obs_reference(W, H, scale, max_q, damp):
+    """GPTQ written the slow way (optimal brain surgeon): after each column, update the rest by the explicit inverse
+    Hessian, then eliminate that column from the inverse. No Cholesky, no blocks, float64."""
+    W, H = W.double().clone(), H.double().clone()
+    H += damp * H.diagonal().mean() * torch.eye(len(H), dtype=torch.float64)
+    Hinv, scale = torch.linalg.inv(H), scale.double()
+    Q = torch.zeros_like(W)
+    for j in range(W.size(1)):
+        Q[:, j] = torch.clamp(torch.round(W[:, j] / scale), -max_q, max_q)
+        err = (W[:, j] - Q[:, j] * scale) / Hinv[j, j]
+        W[:, j + 1:] -= err[:, None] * Hinv[j, j + 1:][None]
+        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
+    return Q
+
+
+def correlated_layer(rows=96, cols=128, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + 0.3 * torch.eye(cols)
+    X = torch.randn(n, cols, generator=g) @ mix  # strongly correlated inputs
+    return torch.randn(rows, cols, generator=g) * 0.05, X
+
+
+def test_gptq_scales_minimize_output_error_over_the_clip_grid():
+    W, X = correlated_layer()
+    H = X.T @ X
+    scale = tg.output_error_scales(W, H, 31)
+    for r in range(0, 96, 7):
+        errs = []
+        for frac in tg.GPTQ_CLIPS:
+            sc = float(np.float16(W[r].abs().max().item() * frac / 31))
+            d = W[r] - torch.clamp(torch.round(W[r] / sc), -31, 31) * sc
+            errs.append(((X @ d) ** 2).sum().item())
+        d = W[r] - torch.clamp(torch.round(W[r] / scale[r]), -31, 31) * scale[r]
+        assert ((X @ d) ** 2).sum().item() <= min(errs) * (1 + 1e-3)
+
+
+def test_gptq_matches_the_obs_reference_and_beats_round_to_nearest():
+    W, X = correlated_layer()
+    H = X.T @ X
+    s = dict(GPTQ_DAMP=0.01, GPTQ_BLOCK=32, GPTQ_ACTORDER=0)
+    q, scale = tg.gptq_rows(W, H, 31, s)
+    ref = obs_reference(W, H, scale.float(), 31, 0.01)
+    assert (q.double() == ref).float().mean() > 0.99  # float32 vs float64: a few ties may round differently
+
+    def output_error(q, scale):  # measured on the inputs themselves, not through H
+        return ((X @ (W - q.float() * scale.float()[:, None]).T) ** 2).sum().item()
+
+    lite = output_error(*tg.quantize_rows(W, 31, tg.MATRIX_PERCENTILES))
+    rtn_same_scales = output_error(torch.clamp(torch.round(W / scale.float()[:, None]), -31, 31), scale)
+    for actorder in (0, 1):
+        err = output_error(*tg.gptq_rows(W, H, 31, dict(s, GPTQ_ACTORDER=actorder)))
+        assert err < 0.75 * lite and err < 0.75 * rtn_same_scales, (err, lite, rtn_same_scales)
+    assert q.abs().max() <= 31 and q.dtype == torch.int8 and scale.dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def test_kv_cache_generation_matches_the_full_forward(tiny_settings):
+    s = tiny_settings()
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(s), 3).eval()
+    idx = torch.randint(0, 1024, (2, 24))
+    with torch.no_grad():
+        full = model.compute_logits(model.forward_hidden(idx))
+        cache = dict(len=0, max_len=24)
+        steps = [model.compute_logits(model.forward_hidden(idx[:, :5], cache))]  # a prefill of 5, then one at a time
+        for t in range(6, 25):
+            steps.append(model.compute_logits(model.forward_hidden(idx[:, :t], cache)))
+    got = torch.cat(steps, dim=1)
+    assert got.shape == full.shape and cache["len"] == 24
+    torch.testing.assert_close(got, full, atol=2e-4, rtol=1e-4)
+
+
+def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
+    read = []
+    real = tg.load_data_shard
+    monkeypatch.setattr(tg, "load_data_shard", lambda path: read.append(str(path)) or real(path))
+    s = tiny_settings(GPTQ_CALIB_SEQS=3, GPTQ_CALIB_LEN=40)
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(s), 4)
+    tokens = tg.calibration_tokens(model, cpu_run(s))
+    assert read == [] and tokens.shape == (3, 40) and (tokens[:, 0] == tg.BOS_ID).all()
+    assert tokens.unique().numel() > 20  # sampled text, not a constant
+    assert torch.equal(tokens, tg.calibration_tokens(model, cpu_run(s)))  # seeded
+    hessians = tg.collect_hessians(model, cpu_run(s))
+    assert read == []
+    assert set(hessians) == {n for n in tg.unbank(model.state_dict(), 4) if ".attn." in n or ".mlp." in n} | {"tok_emb.weight"}
+    # H of the MLP down projection is the sum of x^T x of its inputs, (leaky_relu(up x))^2: symmetric, PSD.
+    h = hessians["blocks.1.mlp.proj.weight"]
+    assert h.shape == (128, 128) and torch.allclose(h, h.T) and torch.linalg.eigvalsh(h.double()).min() > -1e-6 * h.diagonal().max()
+    # GPTQ_CALIB=train reads the training stream only (the time for it is reserved inside the training cap).
+    t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=50, GPTQ_RESERVE_SECONDS=5)
+    train_tokens = tg.calibration_tokens(model, cpu_run(t))
+    assert read and all(SAMPLE_TRAIN_GLOB in p for p in read)
+    first = real(read[0])[:100].astype(np.int64)
+    assert np.array_equal(train_tokens.numpy().ravel(), first)
+    assert tg.train_cap_ms(dict(t, MAX_WALLCLOCK_SECONDS=600.0)) == 595_000
+
+
+def test_train_calibration_without_a_reserve_is_refused(tiny_settings):
+    with pytest.raises(tg.Fail, match="GPTQ_RESERVE_SECONDS"):
+        tiny_settings(GPTQ_CALIB="train", MAX_WALLCLOCK_SECONDS=600)
+
+
+# ----------------------------------------------------------------------------- rANS
+
+@pytest.mark.parametrize("lanes", [1, 5, 64])
+def test_rans_round_trip_is_exact(lanes):
+    rng = np.random.default_rng(lanes)
+    parts = [np.clip(np.round(rng.normal(0, sd, n)), -mq, mq).astype(np.int64) + mq
+             for sd, n, mq in ((4, 3000, 31), (0.2, 333, 15), (30, 2000, 127), (1, 1, 63), (2, 700, 31))]
+    alphabet = 255
+    freq = tg.rans_tables(parts, alphabet)
+    assert (freq.sum(axis=1) == 1 << tg.RANS_PREC).all()
+    keys = np.concatenate([i * alphabet + p for i, p in enumerate(parts)])
+    states, counts, words = tg.rans_encode(keys, freq, lanes)
+    tables = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    assert np.array_equal(tg.rans_decode(tables, freq, states, counts, words), np.concatenate(parts))
+    # Within a fraction of a percent of the order-0 entropy of each part (plus the final states).
+    bound = sum(tg.entropy_bytes(np.bincount(p)) for p in parts)
+    assert 2 * len(words) + 4 * lanes < bound * 1.01 + 4 * lanes + 16
+
+
+def test_rans_artifact_is_smaller_than_lzma_and_near_the_entropy_bound(tiny_settings, tmp_path):
+    torch.manual_seed(0)
+    s = export_settings(tiny_settings)
+    state = randomize_(tg.GPT(s), 5).state_dict()
+    tensors, scheme = tg.quantize_state(state, s)
+    rans = len(tg.pack(tensors, scheme, dict(s, COMPRESSOR="rans"))[0])
+    xz = len(tg.pack(tensors, scheme, dict(s, COMPRESSOR="lzma"))[0])
+    symbols = sum(tg.entropy_bytes(np.bincount(t.numpy().astype(np.int64).ravel() + 127))
+                  for k, t in tensors.items() if k.endswith(".q"))
+    assert rans < 0.99 * xz and rans < symbols + sum(t.numel() * t.element_size() for k, t in tensors.items()
+                                                     if not k.endswith(".q"))
+
+
+def rewrite_rans_head(blob: bytes, edit) -> bytes:
+    """A structurally valid rANS artifact whose safetensors head was changed by edit(tensors)."""
+    from safetensors.torch import save
+    n = int.from_bytes(blob[8:12], "little")
+    raw = lzma.decompress(blob[12:12 + n])
+    tensors, header = tg.read_safetensors(raw)
+    edit(tensors)
+    head = lzma.compress(save(tensors, metadata={"pgolf": __import__("json").dumps(header)}))
+    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n:]
+
+
+def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
+    torch.manual_seed(0)
+    s = tiny_settings()
+    state = randomize_(tg.GPT(s), 6).state_dict()
+    good = {}
+    for method in ("rans", "lzma"):
+        save(state, tiny_settings(COMPRESSOR=method), tmp_path / f"{method}.ptz")
+        good[method] = (tmp_path / f"{method}.ptz").read_bytes()
+        tg.load_artifact(tmp_path / f"{method}.ptz", s)  # intact: loads
+
+    def flip(blob, at):
+        b = bytearray(blob)
+        b[at] ^= 0x5A
+        return bytes(b)
+
+    def bad_freq(t):
+        t["rans.freq"][0, :2] += 1
+
+    def bad_state(t):
+        t["rans.states"][0] = 3
+
+    r, x = good["rans"], good["lzma"]
+    n = int.from_bytes(r[8:12], "little")
+    cases = dict(
+        rans_truncated=r[:len(r) // 2], rans_stream_flipped=flip(r, len(r) - 40), rans_head_flipped=flip(r, 12 + n // 2),
+        rans_bad_magic=b"PGRANS9\n" + r[8:], rans_bad_length=r[:8] + (10 ** 9).to_bytes(4, "little") + r[12:],
+        rans_bad_freq=rewrite_rans_head(r, bad_freq), rans_bad_state=rewrite_rans_head(r, bad_state),
+        rans_extra_word=r + b"\x00\x00", lzma_truncated=x[:len(x) - 100], lzma_flipped=flip(x, len(x) // 2),
+        empty=b"")
+    for name, blob in cases.items():
+        path = tmp_path / f"{name}.ptz"
+        path.write_bytes(blob)
+        with pytest.raises(tg.Fail) as err:
+            tg.load_artifact(path, s)
+        msg = str(err.value)
+        assert str(path) in msg and "\n" not in msg, (name, msg)
+
+
+# ----------------------------------------------------------------------------- fitting the byte limit
+
+def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
+    torch.manual_seed(0)
+    s = export_settings(tiny_settings)
+    state = randomize_(tg.GPT(s), 7).state_dict()
+    tensors, scheme = tg.quantize_state(state, s)
+    original = {k: v.clone() for k, v in tensors.items()}
+    full, _ = tg.pack(tensors, scheme, s)
+    logs = []
+    run = types.SimpleNamespace(s=s, log=logs.append)
+    # Already under: the very bytes pack() makes, nothing changed, nothing logged.
+    blob, method = tg.fit_to_limit(run, tensors, scheme, None, len(full) + 10)
+    assert blob == full and method == "rans" and logs == []
+    assert all(torch.equal(tensors[k], original[k]) for k in tensors)
+    # Over by 0.5%: the result fits, and only +-1 values became 0, the cheapest (scale^2) ones first.
+    budget = int(len(full) * 0.995)
+    blob, _ = tg.fit_to_limit(run, tensors, scheme, None, budget)
+    assert len(blob) <= budget and len(logs) == 1 and "fit_to_limit: zeroed" in logs[0]
+    pruned_cost, kept_cost = [], []
+    for k, kind in scheme.items():
+        if not kind.startswith("int"):
+            assert torch.equal(tensors[k], original[k])
+            continue
+        before, after = original[k + ".q"], tensors[k + ".q"]
+        changed = before != after
+        assert (after[changed] == 0).all() and (before[changed].abs() == 1).all()
+        cost = tensors[k + ".scale"].float()[:, None].square().expand_as(before)
+        pruned_cost.append(cost[changed])
+        kept_cost.append(cost[(after.abs() == 1)])
+    pruned, kept = torch.cat(pruned_cost), torch.cat(kept_cost)
+    assert pruned.numel() > 0 and kept.numel() > 0 and pruned.max() <= kept.min()
+    loaded = tg.unpack(blob)[0]
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors if k.endswith(".q"))
