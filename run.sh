@@ -5,7 +5,7 @@
 # those settings instead of training (e.g. `bash run.sh python3 tools/audit_causality.py`).
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -c "import torch, numpy, sentencepiece, safetensors" 2>/dev/null || python3 -m pip install -r requirements.txt
+python3 tools/install.py   # the torch build for this machine (CPU without a GPU), then requirements.txt
 
 set_default() { for kv in "$@"; do k=${kv%%=*}; [ -n "${!k+x}" ] || export "$kv"; done; }
 
