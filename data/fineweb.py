@@ -331,9 +331,14 @@ def cmd_download(args) -> int:
     hub = Hub(_setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID),
               _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR), args.revision, args.endpoint, root)
     try:
-        return download(hub, root, args.variant, args.train_shards, args.workers)
-    finally:
-        shutil.rmtree(hub.staging, ignore_errors=True)   # verified files were moved out; nothing else is kept
+        code = download(hub, root, args.variant, args.train_shards, args.workers)
+    except KeyboardInterrupt:
+        raise         # <root>/.download stays: a file that arrived but was not moved yet is reused next time
+    except BaseException:
+        shutil.rmtree(hub.staging, ignore_errors=True)    # verified files were moved out; the rest is of no use
+        raise
+    shutil.rmtree(hub.staging, ignore_errors=True)
+    return code
 
 
 def download(hub: Hub, root: Path, variant: str, train_shards: int | None, workers: int) -> int:
@@ -384,7 +389,7 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
             snapshot_download(hub.repo_id, repo_type="dataset", revision=hub.revision, local_dir=hub.staging,
                               allow_patterns=[hub.path(a.remote) for a in wanted], max_workers=workers,
                               endpoint=hub.endpoint)
-        except Exception as e:    # the files completed before the error are kept all the same
+        except BaseException as e:    # Ctrl-C included: the files completed before it are kept all the same
             error = e
     fetched = 0
     for a in wanted:              # verify what arrived and move it into the layout; a bad file is deleted
@@ -400,6 +405,8 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
             os.replace(staged, a.local)
             fetched += 1
             print(f"{labels[id(a)]}: downloaded, verified", flush=True)
+    if isinstance(error, KeyboardInterrupt):
+        raise error
     if refused is not None:
         raise Fail(f"refusing the download: {refused} (removed)")
     if error is not None or fetched < len(wanted):

@@ -582,6 +582,20 @@ def test_download_interrupted_keeps_completed_files_and_the_next_run_fetches_the
     assert "1 downloaded, 5 already present" in r.stdout
 
 
+def test_download_ctrl_c_keeps_the_files_that_arrived(hub, tmp_path, download, monkeypatch):
+    import huggingface_hub
+    real = huggingface_hub.snapshot_download
+
+    def interrupted(*args, **kwargs):     # the transfers finish, then the user presses Ctrl-C
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", interrupted)
+    root = tmp_path / "data"
+    r = download(hub, root, "--train-shards", "2")
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr
+    assert_layout_complete(hub, root, 2)
+
+
 def test_download_fetches_files_concurrently_through_hf_endpoint(hub, tmp_path):
     """As a user runs it (a separate process, the Hub named by HF_ENDPOINT): the shards come down at once,
     --workers at a time, each verified, every request pinned to the manifest's commit."""
