@@ -9,7 +9,7 @@ torch comes first, because a bare `torch` requirement makes pip take PyPI's Linu
 ~20 nvidia packages (GBs) even onto a machine without a GPU:
 - a torch >= 2.11 already installed is kept when it fits the machine (a CUDA build on a GPU machine; any build
   without a GPU);
-- no NVIDIA GPU (nvidia-smi missing or failing): the CPU build torch==2.13.0+cpu, from PyPI's CPU wheel index
+- no NVIDIA GPU (nvidia-smi missing or failing): the CPU build torch==2.13.0+cpu, from PyTorch's CPU wheel index
   (download.pytorch.org/whl/cpu) when it answers within a few seconds, else from pip's own sources (a local wheel
   folder, a mirror); never a CUDA build: without a +cpu wheel anywhere pip fails with one line;
 - an NVIDIA GPU: the CUDA build for the CUDA version the driver reports (nvidia-smi's "CUDA Version"): the newest
