@@ -426,17 +426,64 @@ def print_report(r: dict, show_projection: bool):
         for row in pr["passes"]:
             mfu = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["mfu"].items())
             fp = row["flops_parts"]
-            print(f"| {row['name']} | {row['flops'] / 1e15:.1f} | {100 * fp['slot'] / row['flops']:.1f}% | "
-                  f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.0f} |")
+            print(f"| {row['name']} | {row['flops'] / 1e15:.4g} | {100 * fp['slot'] / row['flops']:.1f}% | "
+                  f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.3g} |")
         verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
-        print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.1f} | | | | "
-              f"{pr['total_s']:.0f} ({verdict} the {pr['budget_s']:.0f} s budget) |")
+        print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.4g} | | | | "
+              f"{pr['total_s']:.3g} ({verdict} the {pr['budget_s']:.0f} s budget) |")
 
 
 def last_line(summ: dict) -> str:
     keys = ("train_ms_per_step", "train_mfu", "final_eval_tokens_per_s", "final_eval_mfu", "slot_time_share",
             "slot_flop_share", "projected_8xh100_eval_s")
     return "bench " + " ".join(f"{k}:{summ[k]:.6g}" for k in keys)
+
+
+def readme_block(bench_json: str, run_json: str | None = None) -> str:
+    """The summary block of tools/gpu_check.sh, ready to paste into README's Performance section."""
+    lines = []
+    try:
+        r = json.loads(Path(bench_json).read_text())
+    except (OSError, ValueError):
+        r = None
+    if r is None:
+        lines.append(f"benchmark: no result ({bench_json} missing or unreadable: it failed or timed out)")
+    else:
+        phases = {p["name"]: p for p in r["phases"]}
+        train = phases.get("train")
+        evals = [p for p in r["phases"] if p["kind"] == "eval"]
+        pr = r["projection"]
+        proj = {row["name"]: row for row in pr["passes"]}
+        comp = lambda p: f"{p['compile_s']:.0f} s" if p.get("compile_s") is not None else "not compiled"
+        lines += [f"GPU figures: `tools/gpu_check.sh` on {r['device']} (torch {r['torch']}, attention {r['attention']}, "
+                  f"compile {'on' if r['compile'] else 'off'}, matmul peak measured {r['peak_flops'] / 1e12:.0f} TFLOP/s "
+                  f"{r['peak_what']}); {r['data']}; eval slice {r['val_tokens']:,} tokens.", "",
+                  "| phase | time | tokens/s | TFLOP/s | MFU | compile + warm-up | peak memory | projected 8×H100 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        if train:
+            lines.append(f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step | "
+                         f"{train['tokens_per_s']:,.0f} | {train['tflops']:.1f} | {100 * train['mfu']:.1f}% | {comp(train)} | "
+                         f"{train['peak_mem_mib']:,.0f} MiB | - |")
+        for p in evals:
+            projected = f"{proj[p['name']]['seconds']:.0f} s" if p["name"] in proj else "-"
+            lines.append(f"| {p['name']}{' (extra)' if p.get('extra') else ''} | {p['seconds']:.2f} s | {p['tokens_per_s']:,.0f} | "
+                         f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |")
+        verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
+        s = r["summary"]
+        lines += ["", f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
+                      f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
+                      f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
+                      f"{100 * s['slot_time_share']:.1f}% of the final pass's time, {100 * s['slot_flop_share']:.1f}% of its FLOPs."]
+    if run_json:
+        try:
+            run = json.loads(Path(run_json).read_text())
+            rt = run["metrics"].get("final_int6_roundtrip_exact", {})
+            lines.append(f"Short run: {run.get('steps', '?')} steps on the sample, {run.get('step_avg_ms', float('nan')):.1f} "
+                         f"ms/step, round trip val_bpb {rt.get('val_bpb', float('nan')):.4f}, artifact "
+                         f"{run.get('bytes', {}).get('total', '?'):,} bytes.")
+        except (OSError, ValueError, KeyError, AttributeError):
+            lines.append(f"Short run: no result ({run_json} missing or unreadable)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- baseline comparison
@@ -535,6 +582,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline", help="also measure this git revision, interleaved, and print ratios")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per side with --baseline (default 2)")
     p.add_argument("--nproc", type=int, default=1, help="with --baseline: run each side under torchrun with N processes")
+    p.add_argument("--summary", nargs="+", metavar="JSON",
+                   help="print tools/gpu_check.sh's README block from a --json file and a train_gpt.py summary JSON")
     p.add_argument("--module", default=str(ROOT / "train_gpt.py"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.eval_repeats < 1 or args.train_steps < 0 or args.train_warmup < 0 or args.rounds < 1:
@@ -546,6 +595,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summary:
+        print(readme_block(*args.summary[:2]))
+        return 0
     if args.baseline:
         if "RANK" in os.environ:
             raise SystemExit("error: run --baseline as one plain process; --nproc N launches each side under torchrun")
