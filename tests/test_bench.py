@@ -144,14 +144,14 @@ def test_baseline_head_reports_ratios_near_one(tmp_path):
                TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"))
     out = tmp_path / "cmp.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--baseline", "HEAD", "--rounds", "1",
-                           "--train-steps", "3", "--train-warmup", "1", "--eval-repeats", "2", "--json", str(out)],
+                           "--train-steps", "4", "--train-warmup", "1", "--eval-repeats", "3", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ratios = dict((k, float(v)) for k, v in re.findall(r"^ratio (\S+) current/baseline:(\S+)$", proc.stdout, flags=re.M))
     labels = [label for label, _ in tg.eval_paths(tg.parse_settings(env))]
     assert set(ratios) >= {"train", "final_eval_total", *labels}
     for name, ratio in ratios.items():  # the same code on both sides; generous bounds for a noisy shared machine
-        assert 1 / 3 < ratio < 3, (name, ratio)
+        assert 1 / 4 < ratio < 4, (name, ratio, proc.stdout[-3000:])
     r = json.loads(out.read_text())
     assert r["ratios"] == pytest.approx(ratios, rel=1e-3)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -554,7 +554,7 @@ def compare(args) -> dict:
         print(f"{' '.join(f'{x:.4f}' for x in cur)} | {' '.join(f'{x:.4f}' for x in base)} |")
     cur_p = statistics.median(x["projection"]["total_s"] for x in runs["current"])
     base_p = statistics.median(x["projection"]["total_s"] for x in runs["baseline"])
-    print(f"projected 8xH100 final evaluation: current {cur_p:.0f} s, baseline {base_p:.0f} s, ratio {cur_p / base_p:.3f}")
+    print(f"projected 8xH100 final evaluation: current {cur_p:.3g} s, baseline {base_p:.3g} s, ratio {cur_p / base_p:.3f}")
     for name in names:
         if name in ratios:
             print(f"ratio {name} current/baseline:{ratios[name]:.4f}")
