@@ -34,7 +34,7 @@ DEFAULTS = dict(
     EMA_ENABLED=1, EMA_DECAY=0.997, SWA_ENABLED=0, SWA_EVERY=50, SWA_THRESHOLD=0.2,
     LATE_QAT=1, LATE_QAT_THRESHOLD=0.15, LATE_QAT_BANKS=1,
     QUANT="gptq", MATRIX_BITS=6, EMBED_BITS=8, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=64, GPTQ_CALIB_LEN=2048,
-    GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.01, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
+    GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.001, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
     COMPRESSOR="rans", FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
     TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
     TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0,
@@ -307,13 +307,10 @@ class GPT(nn.Module):
     def bank(self, w: Tensor, dtype) -> Tensor:
         return (fake_quant_int6(w) if self.qat and self.s["LATE_QAT_BANKS"] else w).to(dtype)
 
-    def accumulate_hessian(self, name: str, x: Tensor):
-        x = x.reshape(-1, x.size(-1)).float()
-        self.hessians[name] = self.hessians.get(name, 0) + x.T @ x
-
     def bank_linear(self, x: Tensor, bank: str, j: int, dtype) -> Tensor:
-        if self.hessians is not None:
-            self.accumulate_hessian(matrix_name(bank, j, len(self.blocks)), x)
+        if self.hessians is not None:  # GPTQ calibration
+            name, x2 = matrix_name(bank, j, len(self.blocks)), x.reshape(-1, x.size(-1)).float()
+            self.hessians[name] = self.hessians.get(name, 0) + x2.T @ x2
         return F.linear(x, self.bank(getattr(self, bank)[j], dtype))
 
     def linear_weight(self, w: Tensor, dtype) -> Tensor:
@@ -333,7 +330,7 @@ class GPT(nn.Module):
         prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return (1 - g) * x + g * prev
 
-    def attn(self, i: int, x: Tensor, ve: Tensor | None, dtype, cache: dict | None) -> Tensor:
+    def attn(self, i: int, x: Tensor, ve: Tensor | None, dtype, cache: dict | None = None) -> Tensor:
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
         q = self.bank_linear(x, "qo_bank", i, dtype).view(B, T, H, D)
@@ -392,10 +389,7 @@ class GPT(nn.Module):
         return x
 
     def compute_logits(self, h: Tensor) -> Tensor:
-        h = rms_norm(h)
-        if self.hessians is not None:
-            self.accumulate_hessian("tok_emb.weight", h)
-        z = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
+        z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
@@ -753,7 +747,7 @@ def unbank(state: dict, num_layers: int) -> dict:
 
 
 def rebank(flat: dict, num_layers: int) -> dict:
-    out = {k: v for k, v in flat.items() if not k.endswith(tuple(f"{r}.weight" for rs in BANK_ROWS.values() for r in rs))}
+    out = {k: v for k, v in flat.items() if not (k.startswith("blocks.") and k.endswith(".weight"))}
     for bank, roles in BANK_ROWS.items():
         out[bank] = torch.stack([flat[matrix_name(bank, j, num_layers)] for j in range(len(roles) * num_layers)])
     return out
@@ -770,8 +764,7 @@ def save_float_weights(state: dict, s: dict, path: Path):
 
 @torch.no_grad()
 def calibration_tokens(model: GPT, run) -> Tensor:
-    """GPTQ calibration sequences: by default the model's own samples from BOS (no validation or training token),
-    with GPTQ_CALIB=train the start of the training stream (its time is reserved inside the training cap)."""
+    """GPTQ calibration text: the model's own samples from BOS, or (GPTQ_CALIB=train) the training stream."""
     s, dev = run.s, run.device
     n, T = s["GPTQ_CALIB_SEQS"], s["GPTQ_CALIB_LEN"]
     if s["GPTQ_CALIB"] == "train":
@@ -790,48 +783,35 @@ def calibration_tokens(model: GPT, run) -> Tensor:
 
 @torch.no_grad()
 def collect_hessians(model: GPT, run) -> dict:
-    """H = sum of x^T x over the calibration tokens, for the inputs of every matrix (and of the tied head)."""
+    """H = sum of x^T x over the calibration tokens of every attention/MLP matrix's inputs. (Not the tied embedding:
+    a Hessian of its output role alone made its input role worse.)"""
     tokens = calibration_tokens(model, run)
     model.hessians = {}
     for b in range(0, len(tokens), 8):
         with run.autocast():
-            model.compute_logits(model.forward_hidden(tokens[b:b + 8]))
+            model.forward_hidden(tokens[b:b + 8])
     hessians, model.hessians = model.hessians, None
     return {k: h.cpu() for k, h in hessians.items()}
 
 
+def best_scales(w: Tensor, clips: list[Tensor], max_q: int, H: Tensor | None = None) -> Tensor:
+    """Per row, the scale (clip / max_q, fp16) whose round-to-nearest error is least: squared error, or with H
+    the layer's output error d H d^T."""
+    best, best_err = None, None
+    for clip in clips:
+        scale = (clip / max_q).clamp_min(1e-7).half().float()
+        d = w - torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q) * scale[:, None]
+        err = ((d @ H) * d).sum(dim=1) if H is not None else d.square().sum(dim=1)
+        best, best_err = (scale, err) if best is None else (torch.where(err < best_err, scale, best), torch.minimum(err, best_err))
+    return best
+
+
 def quantize_rows(w: Tensor, max_q: int, percentiles) -> tuple[Tensor, Tensor]:
-    """GPTQ-lite: per-row symmetric round-to-nearest; each row keeps the clip percentile with the least squared error."""
+    """GPTQ-lite: per-row round-to-nearest at the clip percentile of |w| with the least squared error."""
     w = w.float()
     a = w.abs()
-    best_q, best_scale, best_err = None, None, None
-    for pct in percentiles:
-        clip = a.amax(dim=1) if pct >= 100 else torch.quantile(a, pct / 100, dim=1)
-        scale = (clip / max_q).clamp_min(1e-7).half().float()
-        q = torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q)
-        err = (q * scale[:, None] - w).square().mean(dim=1)
-        if best_q is None:
-            best_q, best_scale, best_err = q, scale, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
-    return best_q.to(torch.int8).contiguous(), best_scale.half().contiguous()
-
-
-def output_error_scales(w: Tensor, H: Tensor, max_q: int) -> Tensor:
-    """Per-row scale whose round-to-nearest error costs the layer's output least: min over clips of d H d^T."""
-    amax = w.abs().amax(dim=1).clamp_min(1e-8)
-    best_scale, best_err = None, None
-    for frac in GPTQ_CLIPS:
-        scale = (amax * frac / max_q).half().float()
-        d = w - torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q) * scale[:, None]
-        err = ((d @ H) * d).sum(dim=1)
-        if best_err is None:
-            best_scale, best_err = scale, err
-        else:
-            best_scale, best_err = torch.where(err < best_err, scale, best_scale), torch.minimum(err, best_err)
-    return best_scale
+    scale = best_scales(w, [a.amax(dim=1) if p >= 100 else torch.quantile(a, p / 100, dim=1) for p in percentiles], max_q)
+    return torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q).to(torch.int8).contiguous(), scale.half().contiguous()
 
 
 def gptq_rows(w: Tensor, H: Tensor, max_q: int, s: dict) -> tuple[Tensor, Tensor]:
@@ -842,11 +822,16 @@ def gptq_rows(w: Tensor, H: Tensor, max_q: int, s: dict) -> tuple[Tensor, Tensor
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale = output_error_scales(W, H, max_q)
-    H.diagonal().add_(s["GPTQ_DAMP"] * H.diagonal().mean())
+    amax = W.abs().amax(dim=1)
+    scale = best_scales(W, [amax * f for f in GPTQ_CLIPS], max_q, H)
     perm = torch.argsort(H.diagonal(), descending=True) if s["GPTQ_ACTORDER"] else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, H, damp = W[:, perm], H[perm][:, perm], s["GPTQ_DAMP"]
+    while True:  # damping until H is safely positive definite
+        chol, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * torch.eye(cols))
+        if info == 0 and chol.diagonal().min() > 1e-6 * chol.diagonal().max():
+            break
+        damp *= 10
+    U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     Q = torch.zeros_like(W)
     for a in range(0, cols, s["GPTQ_BLOCK"]):
         b = min(a + s["GPTQ_BLOCK"], cols)
@@ -873,8 +858,7 @@ def max_q_of(kind: str) -> int:
 
 
 def quantize_state(state: dict, s: dict, hessians: dict | None = None) -> tuple[dict, dict]:
-    """Quantized tensors (name.q int8 + name.scale fp16 per row) and each tensor's precision; GPTQ where a Hessian
-    was collected, the seed's GPTQ-lite elsewhere."""
+    """name.q (int8) + name.scale (fp16 per row) per quantized tensor, and each tensor's precision."""
     tensors, scheme = {}, {}
     for name, t in unbank(state, s["NUM_LAYERS"]).items():
         t = t.detach().cpu()
@@ -885,8 +869,8 @@ def quantize_state(state: dict, s: dict, hessians: dict | None = None) -> tuple[
             tensors[name] = t.half().contiguous()
         elif hessians and name in hessians:
             tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s)
-        else:
-            pcts = EMBED_PERCENTILES if name in EMBED_TABLES else MATRIX_PERCENTILES
+        else:  # the seed's single clip for embeddings with QUANT=gptq_lite; a per-row search otherwise
+            pcts = EMBED_PERCENTILES if name in EMBED_TABLES and s["QUANT"] == "gptq_lite" else MATRIX_PERCENTILES
             tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
     return tensors, scheme
 
@@ -925,8 +909,8 @@ def rans_lanes(n: int) -> int:
 
 
 def rans_encode(keys: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """keys = table * alphabet + symbol, in decoding order. Returns the final states, each lane's word count and
-    the words, lane by lane in the order the decoder reads them."""
+    """keys = table * alphabet + symbol. Returns the final states, each lane's word count and the words, lane by
+    lane in the order the decoder reads them."""
     P = RANS_PREC
     steps = -(-len(keys) // lanes)
     f_flat, c_flat = freq.ravel().astype(np.uint64), (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint64)
@@ -949,7 +933,7 @@ def rans_encode(keys: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndar
 
 
 def rans_decode(tables: np.ndarray, freq: np.ndarray, states: np.ndarray, counts: np.ndarray, words: np.ndarray):
-    """Inverse of rans_encode given each position's table; None when the stream does not decode cleanly."""
+    """Inverse of rans_encode given each position's table; ValueError when the stream does not decode cleanly."""
     P, M, A = RANS_PREC, 1 << RANS_PREC, freq.shape[1]
     lanes, n = len(states), len(tables)
     steps = -(-n // lanes)
@@ -974,21 +958,20 @@ def rans_decode(tables: np.ndarray, freq: np.ndarray, states: np.ndarray, counts
         ptr[read] += 1
         x, out[t] = nx, sym
     if not ((x == RANS_LOW).all() and (ptr == end).all()):
-        return None
+        raise ValueError("corrupt rANS stream")
     return out.ravel()[:n]
 
 
 def pack_rans(tensors: dict, scheme: dict, meta: dict) -> bytes:
+    """magic, head length, LZMA(safetensors of the unquantized tensors, scales and coder tables), rANS words."""
     from safetensors.torch import save
     coded = [k for k, v in scheme.items() if v.startswith("int")]
-    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + max_q_of(scheme[k]) for k in coded]
-    alphabet = max([2 * max_q_of(scheme[k]) + 1 for k in coded], default=1)
-    freq = rans_tables(symbols, alphabet)
-    keys = np.concatenate([i * alphabet + sym for i, sym in enumerate(symbols)] or [np.zeros(0, np.int64)])
+    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127 for k in coded]
+    freq = rans_tables(symbols, 255)
+    keys = np.concatenate([i * 255 + sym for i, sym in enumerate(symbols)] or [np.zeros(0, np.int64)])
     states, counts, words = rans_encode(keys, freq, rans_lanes(len(keys)))
     rest = {k: v for k, v in tensors.items() if not k.endswith(".q")}
-    rest.update({"rans.freq": torch.from_numpy(freq.astype(np.int32)), "rans.states": torch.from_numpy(states.astype(np.int64)),
-                 "rans.counts": torch.from_numpy(counts.astype(np.int64))})
+    rest.update({f"rans.{k}": torch.from_numpy(v.astype(np.int64)) for k, v in (("freq", freq), ("states", states), ("counts", counts))})
     head = lzma.compress(save(rest, metadata={"pgolf": json.dumps(meta)}), preset=9)
     return RANS_MAGIC + len(head).to_bytes(4, "little") + head + words.astype("<u2").tobytes()
 
@@ -1001,8 +984,7 @@ def pack(tensors: dict, scheme: dict, s: dict) -> tuple[bytes, str]:
     options = {}
     if s["COMPRESSOR"] in ("rans", "best"):
         options["rans"] = pack_rans(tensors, scheme, meta)
-    if s["COMPRESSOR"] in ("lzma", "best"):
-        # One metadata key: safetensors writes several in no fixed order, and the bytes should be reproducible.
+    if s["COMPRESSOR"] in ("lzma", "best"):  # one metadata key: the bytes are reproducible
         options["lzma"] = lzma.compress(save(tensors, metadata={"pgolf": json.dumps(meta)}), preset=9)
     name = min(options, key=lambda k: len(options[k]))
     return options[name], name
@@ -1010,37 +992,31 @@ def pack(tensors: dict, scheme: dict, s: dict) -> tuple[bytes, str]:
 
 def read_safetensors(raw: bytes) -> tuple[dict, dict]:
     from safetensors.torch import load
-    tensors = load(raw)
-    header = json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
-    return tensors, header
+    return load(raw), json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
 
 
 def unpack(blob: bytes) -> tuple[dict, dict]:
     """Tensors and header of a packed artifact; raises ValueError (or a parser's error) on anything malformed."""
     if blob[:6] == XZ_MAGIC:
         return read_safetensors(lzma.decompress(blob))
-    if blob[:8] != RANS_MAGIC:
-        raise ValueError("unknown header")
-    head_len = int.from_bytes(blob[8:12], "little")
-    if 12 + head_len > len(blob) or (len(blob) - 12 - head_len) % 2:
-        raise ValueError("truncated")
-    tensors, header = read_safetensors(lzma.decompress(blob[12:12 + head_len]))
-    freq, states, counts = (tensors.pop(k).numpy().astype(np.int64) for k in ("rans.freq", "rans.states", "rans.counts"))
-    words = np.frombuffer(blob[12 + head_len:], "<u2")
+    n = int.from_bytes(blob[8:12], "little")
+    if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
+        raise ValueError
+    tensors, header = read_safetensors(lzma.decompress(blob[12:12 + n]))
+    freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in ("freq", "states", "counts"))
+    words = np.frombuffer(blob[12 + n:], "<u2")
     coded = [k for k, v in header["scheme"].items() if v.startswith("int")]
     sizes = [math.prod(header["shapes"][k]) for k in coded]
-    if (freq.shape[0] != len(coded) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
-            or len(states) != len(counts) or len(states) < 1 or (counts < 0).any() or counts.sum() != len(words)
-            or (states < RANS_LOW).any() or (states >= 1 << 32).any() or min(sizes, default=1) < 1):
-        raise ValueError("inconsistent rANS tables")
+    if (freq.shape != (len(coded), 255) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
+            or not 0 < len(states) == len(counts) or (counts < 0).any() or counts.sum() != len(words)
+            or not ((RANS_LOW <= states) & (states < 1 << 32)).all() or min(sizes, default=1) < 1):
+        raise ValueError
     sym = rans_decode(np.repeat(np.arange(len(coded)), sizes), freq, states, counts, words)
-    if sym is None:
-        raise ValueError("corrupt rANS stream")
     for k, part in zip(coded, np.split(sym, np.cumsum(sizes)[:-1])):
-        max_q = max_q_of(header["scheme"][k])
-        if part.max(initial=0) > 2 * max_q:
-            raise ValueError("symbol out of range")
-        tensors[k + ".q"] = torch.from_numpy((part - max_q).astype(np.int8).reshape(header["shapes"][k]))
+        q = part - 127
+        if np.abs(q).max(initial=0) > max_q_of(header["scheme"][k]):
+            raise ValueError
+        tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8).reshape(header["shapes"][k]))
     return tensors, header
 
 
@@ -1058,17 +1034,13 @@ def load_artifact(path, s: dict) -> dict:
         raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
     try:
         tensors, header = unpack(path.read_bytes())
-        scheme, config = header["scheme"], header["config"]
-        if any(k not in ("raw", "fp16", "int5", "int6", "int7", "int8") for k in scheme.values()):
-            raise ValueError("unknown precision")
-    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError):
+        if not set(header["scheme"].values()) <= {"raw", "fp16", "int5", "int6", "int7", "int8"}:
+            raise ValueError
+        check_config(path, header["config"], s)
+        return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
+    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError):
         raise Fail(f"{path} is not an intact artifact of this script (truncated, corrupt or another format; "
                    f"nothing in it was run)") from None
-    check_config(path, config, s)
-    try:
-        return dequantize_state(tensors, scheme, s["NUM_LAYERS"])
-    except (KeyError, RuntimeError):
-        raise Fail(f"{path} is not an intact artifact of this script (tensors missing or misshapen)") from None
 
 
 def load_float_weights(path: Path, s: dict) -> dict:
@@ -1090,29 +1062,28 @@ def entropy_bytes(counts: np.ndarray) -> float:
         return float(np.nansum(c * np.log2(c.sum(axis=-1, keepdims=True) / c)) / 8)
 
 
+def symbol_counts(q: Tensor) -> np.ndarray:
+    return np.bincount(q.numpy().astype(np.int64).ravel() + 127, minlength=255)
+
+
 def log_precision_groups(run, state: dict, tensors: dict, scheme: dict):
     """Per precision: parameters, estimated bytes (order-0 entropy of the symbols + scales) and relative MSE."""
-    flat, back = unbank({k: v.detach().float().cpu() for k, v in state.items()}, run.s["NUM_LAYERS"]), \
-        unbank(dequantize_state(tensors, scheme, run.s["NUM_LAYERS"]), run.s["NUM_LAYERS"])
+    L = run.s["NUM_LAYERS"]
+    flat, back = unbank({k: v.float().cpu() for k, v in state.items()}, L), unbank(dequantize_state(tensors, scheme, L), L)
     groups = {}
     for name, kind in scheme.items():
-        g = groups.setdefault(kind, [0, 0.0, 0.0, 0.0])
-        g[0] += flat[name].numel()
-        if kind.startswith("int"):
-            g[1] += entropy_bytes(np.bincount(tensors[name + ".q"].numpy().astype(np.int64).ravel() + 127)) + \
-                2 * tensors[name + ".scale"].numel()
-        else:
-            g[1] += tensors[name].numel() * tensors[name].element_size()
-        g[2] += (flat[name].float() - back[name].float()).square().sum().item()
-        g[3] += flat[name].float().square().sum().item()
+        t = tensors.get(name)
+        nbytes = t.numel() * t.element_size() if t is not None else \
+            entropy_bytes(symbol_counts(tensors[name + ".q"])) + 2 * tensors[name + ".scale"].numel()
+        err, norm = (flat[name].float() - back[name].float()).square().sum().item(), flat[name].float().square().sum().item()
+        groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (flat[name].numel(), nbytes, err, norm))]
     for kind, (n, nbytes, err, norm) in sorted(groups.items()):
         run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
     run.log("quant_precision " + " ".join(f"{k}:{g[0]}" for k, g in sorted(groups.items())))
 
 
 def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget: int) -> tuple[bytes, str]:
-    """Pack; when over budget, zero the +-1 values whose removal costs least (scale^2 times the input's Hessian
-    diagonal, normalized per matrix) until the packed model fits."""
+    """Pack; over budget, zero the +-1 values that cost least (scale^2 x normalized H diagonal) until it fits."""
     blob, method = pack(tensors, scheme, run.s)
     if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
         return blob, method
@@ -1123,23 +1094,20 @@ def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget
         h = hessians[k].diagonal() / hessians[k].diagonal().mean() if hessians and k in hessians else torch.ones(q.size(1))
         r, c = (q.abs() == 1).nonzero(as_tuple=True)
         cost.append((scale[r].square() * h[c]).numpy())
-        cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].numpy()]))
-        signal += ((q.float() * scale[:, None]).square() * h[None]).sum().item()
+        cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].long().numpy() + 127]))
+        signal += ((q.float() * scale[:, None]).square() * h).sum().item()
     order = np.argsort(np.concatenate(cost), kind="stable")
     cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
-    counts = np.stack([np.bincount(tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127, minlength=255)
-                       for k in names])
-    keys = cells[0] * 255 + 127 + cells[3]
+    counts = np.stack([symbol_counts(tensors[k + ".q"]) for k in names])
 
     def saving(n: int) -> float:  # order-0 bytes saved by zeroing the n cheapest values
-        moved = np.bincount(keys[:n], minlength=counts.size).reshape(counts.shape)
+        moved = np.bincount(cells[0, :n] * 255 + cells[3, :n], minlength=counts.size).reshape(counts.shape)
         after = counts - moved
         after[:, 127] += moved.sum(axis=1)
         return entropy_bytes(counts) - entropy_bytes(after)
 
-    original = {k: tensors[k + ".q"] for k in names}
-    need = len(blob) - budget
-    for _ in range(8):
+    original, need = {k: tensors[k + ".q"] for k in names}, len(blob) - budget
+    for _ in range(8):  # the estimate is order-0: retry asking for more when the packed bytes still exceed the budget
         lo, hi = 0, len(cost)
         while lo < hi:
             mid = (lo + hi) // 2

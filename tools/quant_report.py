@@ -38,7 +38,8 @@ def settings_for(path: Path, env=os.environ) -> dict:
 
 def shuffled(raw: np.ndarray, width: int) -> bytes:
     """Byte shuffling: all first bytes of each element, then all second bytes, ..."""
-    return raw.view(np.uint8).reshape(-1, width).T.tobytes() if width > 1 else raw.tobytes()
+    raw = raw.reshape(-1).view(np.uint8)
+    return raw.reshape(-1, width).T.tobytes() if width > 1 else raw.tobytes()
 
 
 def bitpacked(q: np.ndarray, bits: int) -> bytes:
@@ -77,8 +78,10 @@ def tensor_rows(tensors: dict, scheme: dict, flat: dict) -> list[dict]:
             q, scale = tensors[name + ".q"], tensors[name + ".scale"]
             counts = np.bincount(q.numpy().astype(np.int64).ravel() + 127)
             row["entropy_bits"] = 8 * tg.entropy_bytes(counts) / q.numel()
-            sub = {name + ".q": q, name + ".scale": scale}
-            row["bytes"] = dict(rans=len(tg.pack_rans(sub, {name: kind}, {})),
+            # rANS: this tensor's words and lane states alone (the shared head is not split per tensor).
+            sym = q.numpy().astype(np.int64).ravel() + 127
+            states, _, words = tg.rans_encode(sym, tg.rans_tables([sym], 255), tg.rans_lanes(len(sym)))
+            row["bytes"] = dict(rans=2 * len(words) + 4 * len(states) + 2 * scale.numel(),
                                 lzma=len(lzma.compress(q.numpy().tobytes() + scale.numpy().tobytes(), preset=9)))
             back = q.float() * scale.float()[:, None]
         else:
@@ -108,6 +111,8 @@ def main() -> int:
     ap.add_argument("--no-eval", action="store_true", help="bytes only (no data needed)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--per-tensor", action="store_true", help="print the per-tensor table")
+    ap.add_argument("--quant", choices=("both", "gptq_lite"), default="both",
+                    help="gptq_lite: skip GPTQ and its calibration (e.g. bytes of a large model on a CPU)")
     args = ap.parse_args()
     if not args.float_path.is_file():
         print(f"error: {args.float_path} not found; train_gpt.py writes it to OUTPUT_DIR/{tg.FLOAT_NAME}", file=sys.stderr)
@@ -116,16 +121,18 @@ def main() -> int:
         s = settings_for(args.float_path)
         state = tg.load_float_weights(args.float_path, s)
         run = tg.Run(s)
-        hessian_model = tg.GPT(s).to(run.device)
-        hessian_model.load_state_dict(state)
-        t0 = time.perf_counter()
-        hessians = tg.collect_hessians(hessian_model, run)
-        calib_s = time.perf_counter() - t0
+        hessians, calib_s = None, 0.0
+        if args.quant == "both":
+            hessian_model = tg.GPT(s).to(run.device)
+            hessian_model.load_state_dict(state)
+            t0 = time.perf_counter()
+            hessians = tg.collect_hessians(hessian_model, run)
+            calib_s = time.perf_counter() - t0
         flat = tg.unbank(state, s["NUM_LAYERS"])
         results, report = {}, dict(settings={k: s[k] for k in tg.MODEL_KEYS}, calibration_s=calib_s)
-        for quant in ("gptq_lite", "gptq"):
+        for quant in ("gptq_lite", "gptq") if hessians else ("gptq_lite",):
             t0 = time.perf_counter()
-            tensors, scheme = tg.quantize_state(state, s, hessians if quant == "gptq" else None)
+            tensors, scheme = tg.quantize_state(state, dict(s, QUANT=quant), hessians if quant == "gptq" else None)
             quant_s = time.perf_counter() - t0
             sizes = {}
             for comp in ("rans", "lzma"):
@@ -152,14 +159,16 @@ def main() -> int:
         return 2
 
     if args.per_tensor:
+        print(f"per tensor, {list(results)[-1]}:")
         print(f"{'tensor':34s} {'shape':>12s} {'prec':>5s} {'H bits':>6s} {'rans':>9s} {'lzma':>9s} {'mse':>10s}")
-        for r in results["gptq"]["tensors"]:
+        for r in results[list(results)[-1]]["tensors"]:
             b = r["bytes"]
             print(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
                   f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
                   f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}")
-    print(f"calibration: {calib_s:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, source {s['GPTQ_CALIB']})")
-    packers = list(results["gptq"]["packers"])
+    if hessians:
+        print(f"calibration: {calib_s:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, source {s['GPTQ_CALIB']})")
+    packers = list(results["gptq_lite"]["packers"])
     print("| QUANT | " + " | ".join(packers) + " | order-0 bound | val bpb | gap |")
     print("|---|" + "---:|" * (len(packers) + 3))
     for quant, r in results.items():
@@ -172,9 +181,9 @@ def main() -> int:
     for quant, r in results.items():
         print(f"{quant}: quantize {r['quantize_s']:.1f}s; " + "; ".join(
             f"{p} pack {v['pack_s']:.1f}s unpack {v['unpack_s']:.1f}s" for p, v in r["packers"].items() if "pack_s" in v))
-    default = results[s["QUANT"]]
+    default = results.get(s["QUANT"], results["gptq_lite"])
     best = min(default["packers"], key=lambda p: default["packers"][p]["bytes"])
-    gaps = {q: (bpb[q] - bpb["float"]) if bpb else float("nan") for q in results}
+    gaps = {q: (bpb[q] - bpb["float"]) if q in bpb else float("nan") for q in ("gptq_lite", "gptq")}
     if args.json:
         for r in results.values():
             r.pop("state")
