@@ -86,7 +86,13 @@ def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thr
     f = bench.pass_flops(tg, s, 640, stride=64, ttt=True, slot=False)
     assert f["ttt"] == sum(trained) * bench.train_flops(s, 128)
     windows = tg.sliding_windows(640, 128, 64)
-    assert f["score"] == sum(bench.forward_flops(s, e - b) for b, e, _ in windows)
+    # every window position through forward_hidden, the head only at the 640 scored positions
+    assert f["score"] == sum(bench.hidden_flops(s, e - b) for b, e, _ in windows) + 640 * bench.head_flops(s)
+    # a causal SLOT fit needs the head on each window's context, the seed's batch SLOT on all its positions
+    causal = bench.pass_flops(tg, dict(s, SLOT_MODE="causal"), 640, stride=64, ttt=False, slot=True)["slot"]
+    batch = bench.pass_flops(tg, dict(s, SLOT_MODE="batch"), 640, stride=64, ttt=False, slot=True)["slot"]
+    assert causal == (len(windows) - 1) * 64 * bench.slot_flops_per_position(s)
+    assert batch == sum(e - b for b, e, _ in windows) * bench.slot_flops_per_position(s)
 
 
 def test_record_shape_counts(one_thread):
@@ -94,8 +100,11 @@ def test_record_shape_counts(one_thread):
     # 76.2 MFLOP per token forward at 2048 tokens; the sliding pass over the record val set is ~151 PFLOP
     assert bench.forward_flops(s, 2048) / 2048 == pytest.approx(76.23e6, rel=1e-3)
     f = bench.pass_flops(tg, s, bench.RECORD_VAL_TOKENS, stride=64, ttt=True, slot=True)
-    assert f["score"] / 1e15 == pytest.approx(151.3, abs=0.1)
+    windows = bench.RECORD_VAL_TOKENS // 64 - 31
+    head = bench.RECORD_VAL_TOKENS * 2 * 512 * 1024
+    assert f["score"] / 1e15 == pytest.approx(151.3 - 2.1 + head / 1e15, abs=0.05)  # the head only where scored
     assert f["ttt"] / 1e15 == pytest.approx(42.5, abs=0.1)
+    assert f["slot"] == (windows - 1) * (2048 - 64) * 5 * 2 * 2 * 512 * 1024
     assert f["windows"] == len(tg.sliding_windows(bench.RECORD_VAL_TOKENS, 2048, 64))
 
 

@@ -94,8 +94,16 @@ def train_flops(s: dict, T: int) -> int:
 
 
 def slot_flops_per_position(s: dict) -> int:
-    """SLOT_STEPS x (head forward + backward to the hidden state only: no weight gradient) = 2 head forwards."""
+    """Per fitted position: SLOT_STEPS x (head forward + backward to the hidden state only, no weight gradient)
+    = 2 head forwards a step."""
     return s["SLOT_STEPS"] * 2 * head_flops(s)
+
+
+def slot_fit_positions(s: dict, window: tuple[int, int, int]) -> int:
+    """Positions a SLOT fit needs logits at: causal fits on the window's context (before its first scored
+    position), batch on every position."""
+    start, end, first = window
+    return first - start if s["SLOT_MODE"] == "causal" else end - start
 
 
 def ttt_sequences(s: dict, n: int) -> list[int]:
@@ -106,11 +114,15 @@ def ttt_sequences(s: dict, n: int) -> list[int]:
 
 
 def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool) -> dict:
-    """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training."""
-    lens = np.array([e - b for b, e, _ in tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)], dtype=np.float64)
-    per_tok = embed_flops(s) + s["NUM_LAYERS"] * layer_matmul_flops(s) + head_flops(s)
+    """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training.
+    Only the work the pass needs: forward_hidden over every window position, the head only where a target is
+    scored (n positions) or, for SLOT, fitted."""
+    wins = tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)
+    lens = np.array([e - b for b, e, _ in wins], dtype=np.float64)
+    per_tok = embed_flops(s) + s["NUM_LAYERS"] * layer_matmul_flops(s)
     score = float((lens * per_tok).sum() + s["NUM_LAYERS"] * (4 * s["MODEL_DIM"] * lens * (lens + 1) / 2).sum())
-    slot_f = float(lens.sum()) * slot_flops_per_position(s) if slot else 0.0
+    score += float(n) * head_flops(s)
+    slot_f = float(sum(slot_fit_positions(s, w) for w in wins)) * slot_flops_per_position(s) if slot else 0.0
     ttt_f = float(sum(ttt_sequences(s, n))) * s["TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"]) if ttt else 0.0
     return dict(score=score, slot=slot_f, ttt=ttt_f, total=score + slot_f + ttt_f, windows=len(lens),
                 positions=float(lens.sum()), scored=n)
@@ -260,8 +272,8 @@ def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repe
             run.sync()
             times.append(time.perf_counter() - t0)
         parts.append(dict(slot=slot_t.seconds, ttt=ttt_t.seconds))
-    steady = statistics.median(times[1:])
-    mid = sorted(range(1, len(times)), key=lambda i: times[i])[(len(times) - 1) // 2]
+    mid = sorted(range(1, len(times)), key=lambda i: times[i])[(len(times) - 2) // 2]  # the (lower) median pass
+    steady = times[mid]
     seconds_parts = dict(slot=parts[mid]["slot"], ttt=parts[mid]["ttt"])
     seconds_parts["score"] = max(times[mid] - seconds_parts["slot"] - seconds_parts["ttt"], 0.0)
     f = pass_flops(tg, s, n, **kw)
@@ -314,6 +326,20 @@ def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: f
 
 
 # ----------------------------------------------------------------------------- one measurement
+
+def project_only(args) -> int:
+    """The configured final evaluation's FLOPs and projected 8xH100 seconds at the stated MFU, nothing measured."""
+    tg = load_train_gpt(Path(args.module))
+    s = tg.parse_settings()
+    pr = project(tg, s, {}, False, args.mfu, args.h100_tflops * 1e12)
+    pr["h100_rate_source"] = "assumed (--h100-tflops)"
+    T = s["TRAIN_SEQ_LEN"]
+    print(f"model FLOPs per token: forward {forward_flops(s, s['EVAL_SEQ_LEN']) / s['EVAL_SEQ_LEN'] / 1e6:.2f} M at "
+          f"{s['EVAL_SEQ_LEN']} positions; training {train_flops(s, T) / T / 1e6:.2f} M at {T}; "
+          f"training step {train_flops(s, T) * (s['TRAIN_BATCH_TOKENS'] // T) / 1e12:.1f} TFLOP")
+    print_report(dict(projection=pr), True, phases=False)
+    return 0
+
 
 def measure(args) -> dict:
     tg = load_train_gpt(Path(args.module))
@@ -383,7 +409,14 @@ def fmt_mem(p):
     return f"{p['peak_mem_mib']:.0f}"
 
 
-def print_report(r: dict, show_projection: bool):
+def print_report(r: dict, show_projection: bool, phases: bool = True):
+    if phases:
+        print_phases(r)
+    if show_projection:
+        print_projection(r["projection"])
+
+
+def print_phases(r: dict):
     print(f"bench: torch {r['torch']}, {r['device']}, world {r['world']}, attention {r['attention']}, "
           f"compile {'on' if r['compile'] else 'off'}")
     print(f"matmul peak: {r['peak_flops'] / 1e12:.3f} TFLOP/s per device ({r['peak_what']}); MFU = achieved / (peak x world)")
@@ -416,21 +449,22 @@ def print_report(r: dict, show_projection: bool):
             mfu = p["mfu_parts"][part]
             print(f"| {p['name']} | {part} | {sec:.3f} | {100 * sec / p['seconds']:.1f}% | {f / 1e9:.2f} | "
                   f"{100 * f / p['flops']:.1f}% | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |")
-    if show_projection:
-        pr = r["projection"]
-        print()
-        print(f"projection: {pr['gpus']}xH100 at {pr['tokens']:,} val tokens, H100 matmul rate {pr['h100_tflops']:.0f} "
-              f"TFLOP/s ({pr['h100_rate_source']}), MFU {pr['mfu_source']}, perfect scaling assumed")
-        print("| pass | PFLOP | of which SLOT | of which TTT | MFU | projected s |")
-        print("|---|---|---|---|---|---|")
-        for row in pr["passes"]:
-            mfu = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["mfu"].items())
-            fp = row["flops_parts"]
-            print(f"| {row['name']} | {row['flops'] / 1e15:.4g} | {100 * fp['slot'] / row['flops']:.1f}% | "
-                  f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.3g} |")
-        verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
-        print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.4g} | | | | "
-              f"{pr['total_s']:.3g} ({verdict} the {pr['budget_s']:.0f} s budget) |")
+
+
+def print_projection(pr: dict):
+    print()
+    print(f"projection: {pr['gpus']}xH100 at {pr['tokens']:,} val tokens, H100 matmul rate {pr['h100_tflops']:.0f} "
+          f"TFLOP/s ({pr['h100_rate_source']}), MFU {pr['mfu_source']}, perfect scaling assumed")
+    print("| pass | PFLOP | of which SLOT | of which TTT | MFU | projected s |")
+    print("|---|---|---|---|---|---|")
+    for row in pr["passes"]:
+        mfu = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["mfu"].items())
+        fp = row["flops_parts"]
+        print(f"| {row['name']} | {row['flops'] / 1e15:.4g} | {100 * fp['slot'] / row['flops']:.1f}% | "
+              f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.3g} |")
+    verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
+    print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.4g} | | | | "
+          f"{pr['total_s']:.3g} ({verdict} the {pr['budget_s']:.0f} s budget) |")
 
 
 def last_line(summ: dict) -> str:
@@ -575,6 +609,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-repeats", type=int, default=1, help="timed passes after the warm-up pass (default 1)")
     p.add_argument("--no-extra", action="store_true", help="skip the final pass without SLOT")
     p.add_argument("--project-8xh100", action="store_true", help="print the projected 8xH100 eval seconds per pass")
+    p.add_argument("--project-only", action="store_true",
+                   help="measure nothing: print the FLOP count and projection of the configured evaluation at --mfu")
     p.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the projection off a GPU (default 0.35)")
     p.add_argument("--h100-tflops", type=float, default=H100_MATMUL_TFLOPS,
                    help=f"H100 bf16 matmul rate for the projection unless measured on a Hopper GPU (default {H100_MATMUL_TFLOPS:.0f})")
@@ -598,6 +634,8 @@ def main(argv=None) -> int:
     if args.summary:
         print(readme_block(*args.summary[:2]))
         return 0
+    if args.project_only:
+        return project_only(args)
     if args.baseline:
         if "RANK" in os.environ:
             raise SystemExit("error: run --baseline as one plain process; --nproc N launches each side under torchrun")
