@@ -43,12 +43,22 @@ DEFAULTS = dict(
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
                COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8))
+POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
+    MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
+    SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
+    ARTIFACT_LIMIT_BYTES""".split())
+UNIT = set("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD".split())
+FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
+    EVAL_ONLY TTT_ENABLED SLOT_ENABLED""".split())
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
 
 
 class Fail(Exception):
     """A problem with the user's input: reported as one line, no traceback."""
+
+
+PROGRESS = dict(stage="start-up", on_disk="nothing yet", run=None)  # what a Ctrl-C reports
 
 
 def parse_settings(env=os.environ) -> dict:
@@ -70,14 +80,27 @@ def parse_settings(env=os.environ) -> dict:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
         if name in CHOICES and s[name] not in CHOICES[name]:
             raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
+        v = s[name]  # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
+        if isinstance(v, (int, float)) and (v < 0 or (name in POSITIVE and v == 0) or (name in UNIT | FLAGS and v > 1)):
+            need = "0 or 1" if name in FLAGS else "in [0, 1]" if name in UNIT else "> 0" if name in POSITIVE else ">= 0"
+            raise Fail(f"{name}={raw!r} must be {need}")
     s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
     if any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]):
         raise Fail(f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1")
     if s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"]:
         raise Fail("MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS")
-    if s["QUANT"] == "gptq" and (s["GPTQ_CALIB_SEQS"] < 1 or s["GPTQ_CALIB_LEN"] < 2 or s["GPTQ_CALIB_TEMP"] <= 0):
-        raise Fail("GPTQ_CALIB_SEQS must be >= 1, GPTQ_CALIB_LEN >= 2 and GPTQ_CALIB_TEMP > 0")
+    if s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > s["MODEL_DIM"] // s["NUM_HEADS"]:
+        raise Fail(f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {s['MODEL_DIM'] // s['NUM_HEADS']}")
+    micro = s["TRAIN_BATCH_TOKENS"] // 8
+    if micro < s["TRAIN_SEQ_LEN"] or micro % s["TRAIN_SEQ_LEN"]:
+        raise Fail(f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
+                   f"TRAIN_SEQ_LEN={s['TRAIN_SEQ_LEN']} sequences")
+    if s["EVAL_STRIDE"] > s["EVAL_SEQ_LEN"]:
+        raise Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be at most EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
+    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] < s["EVAL_SEQ_LEN"]:
+        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} holds no whole EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']} "
+                   f"sequence to train on; raise it")
     if s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0:
         raise Fail("GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 to take "
                    "that time out of MAX_WALLCLOCK_SECONDS (or use GPTQ_CALIB=self)")
@@ -555,8 +578,10 @@ class Run:
         self.attn_name, self.attention = pick_attention(s["ATTN_BACKEND"], self.device)
         self.out = Path(s["OUTPUT_DIR"])
         self.logfile = self.out / "logs" / f"{s['RUN_ID']}.txt"
-        if self.master:
+        try:
             self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} cannot be created ({e.strerror}); set it to a writable folder") from None
         self.summary = dict(run_id=s["RUN_ID"], seed=s["SEED"], metrics={}, train_curve=[], val_curve=[])
 
     def log(self, msg: str, console: bool = True):
@@ -641,9 +666,6 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
     grad_accum = 8 // world
     seq_len = s["TRAIN_SEQ_LEN"]
     local_tokens = s["TRAIN_BATCH_TOKENS"] // (world * grad_accum)
-    if local_tokens < seq_len or local_tokens % seq_len:
-        raise Fail(f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
-                   f"TRAIN_SEQ_LEN={seq_len} sequences")
     pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
     loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     train_model = run.compiled(model)
@@ -697,6 +719,7 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
         if s["LATE_QAT"] and not model.qat and lr_mul < s["LATE_QAT_THRESHOLD"]:
             model.qat = True
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
+        PROGRESS["stage"] = f"training step {step + 1}"
         loss = train_step(step, lr_mul)
         step += 1
         averages.update(model, step, lr_mul)
@@ -1342,12 +1365,7 @@ def log_header(run: Run, code: str):
 
 def main() -> int:
     s = parse_settings()
-    if not 0 < s["EVAL_STRIDE"] <= s["EVAL_SEQ_LEN"]:
-        raise Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be between 1 and EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
-    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] < s["EVAL_SEQ_LEN"]:
-        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} holds no whole EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']} "
-                   f"sequence to train on; raise it")
-    run = Run(s)
+    run = PROGRESS["run"] = Run(s)
     code = Path(__file__).read_text(encoding="utf-8")
     log_header(run, code)
     torch.manual_seed(s["SEED"])
@@ -1368,12 +1386,14 @@ def main() -> int:
         state = train(model, run, val, luts)
         if run.master:
             save_float_weights(state, s, run.out / FLOAT_NAME)
+        PROGRESS.update(stage="export", on_disk=str(run.out / FLOAT_NAME))
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
         if run.master:
             export_artifact(run, state, artifact, code_bytes)
         if dist.is_initialized():
             dist.barrier()
+        PROGRESS.update(stage="evaluation", on_disk=f"{PROGRESS['on_disk']} and {artifact}")
         model = GPT(s, run.attention).to(run.device)
         model.load_state_dict(state)
         float_loss, float_bpb = evaluate(model, run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)
@@ -1392,6 +1412,8 @@ def main() -> int:
         model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=s["ARTIFACT_LIMIT_BYTES"]))
     run.write_summary()
     final_evaluation(run, quantized, val, luts, float_bpb)
+    if over:
+        run.log(f"!!! OVER THE LIMIT: {model_bytes + code_bytes} bytes; the scores above are not a valid submission !!!")
     run.write_summary()
     return 1 if over else 0
 
@@ -1399,9 +1421,17 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         code = main()
-    except Fail as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Fail as e:  # the same on every rank: rank 0 says it
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        msg = f"interrupted during {PROGRESS['stage']}; on disk: {PROGRESS['on_disk']}"
+        if PROGRESS["run"] is not None:
+            PROGRESS["run"].log(msg)
+        elif int(os.environ.get("RANK", 0)) == 0:
+            print(msg, file=sys.stderr)
+        code = 130
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_GPT = ROOT / "train_gpt.py"
@@ -310,8 +312,54 @@ def case_bad_choice(tmp):
     return dict(COMPRESSOR="gzip"), ["COMPRESSOR", "gzip"]
 
 
-ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_world_size_3,
-               case_setting_typo, case_bad_int, case_bad_float, case_bad_choice]
+def case_zero_heads(tmp):
+    return dict(NUM_HEADS=0), ["NUM_HEADS=", "> 0"]
+
+
+def case_negative_width(tmp):
+    return dict(MODEL_DIM=-5), ["MODEL_DIM=", "> 0"]
+
+
+def case_zero_kv_heads(tmp):
+    return dict(NUM_KV_HEADS=0), ["NUM_KV_HEADS=", "> 0"]
+
+
+def case_decay_above_one(tmp):
+    return dict(EMA_DECAY=1.5), ["EMA_DECAY=", "[0, 1]"]
+
+
+def case_negative_lr(tmp):
+    return dict(MATRIX_LR=-0.1), ["MATRIX_LR=", ">= 0"]
+
+
+def case_bits(tmp):
+    return dict(MATRIX_BITS=4), ["MATRIX_BITS=", "5, 6, 7, 8"]
+
+
+def case_long_sequence(tmp):
+    return dict(TRAIN_SEQ_LEN=100000), ["TRAIN_BATCH_TOKENS=", "TRAIN_SEQ_LEN=100000"]
+
+
+def case_output_dir(tmp):
+    return dict(OUTPUT_DIR="/proc/nope"), ["OUTPUT_DIR=/proc/nope"]
+
+
+def case_truncated_artifact(tmp):
+    good = tmp / "good.ptz"
+    s = tg.parse_settings(dict(TINY))
+    torch.manual_seed(0)
+    good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0])
+    cut = tmp / "cut.bin"
+    cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    good.unlink()
+    return dict(EVAL_ONLY=1, ARTIFACT_PATH=cut), [str(cut), "not an intact artifact"]
+
+
+SETTINGS_ONLY = [case_world_size_3, case_setting_typo, case_bad_int, case_bad_float, case_bad_choice, case_zero_heads,
+                 case_negative_width, case_zero_kv_heads, case_decay_above_one, case_negative_lr, case_bits,
+                 case_long_sequence]
+ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_output_dir,
+               case_truncated_artifact] + SETTINGS_ONLY
 
 
 def assert_one_line_error(proc) -> str:
@@ -333,6 +381,28 @@ def test_user_error_is_one_line(case, tmp_path, script_env, run_script):
         else:
             assert want in line, (want, line)
     assert not list(tmp_path.rglob("*.ptz"))
+    if case in SETTINGS_ONLY:  # refused from the settings alone: no log opened, so no data read and no model built
+        assert not (tmp_path / "out").exists()
+
+
+def test_world_size_error_is_said_by_rank_zero_only(tmp_path, script_env, run_script):
+    proc = run_script(script_env(tmp_path / "out", WORLD_SIZE=3, RANK=1, LOCAL_RANK=1), timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "" and proc.stdout == ""
+
+
+def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_GPT)], env=script_env(out, ITERATIONS=100000), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step:3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err + rest
+    said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
+    assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out)
 
 
 def test_non_finite_loss_names_the_step(tmp_path, script_env, run_script):
@@ -359,9 +429,11 @@ def test_over_the_artifact_limit(tmp_path, script_env, run_script):
     total = js["bytes"]["total"]
     assert total == artifact.stat().st_size + TRAIN_GPT.stat().st_size and total > 1000
     loud = [ln for ln in lines if "OVER THE LIMIT" in ln]
-    assert len(loud) == 1 and str(total) in loud[0] and "1000" in loud[0] and loud[0] in proc.stdout
+    assert len(loud) == 2 and str(total) in loud[0] and "1000" in loud[0] and loud[0] in proc.stdout
+    assert lines[-1] == loud[1] and str(total) in loud[1]  # said again after the scores
+    assert any(ln.startswith("fit_to_limit: zeroed ") for ln in lines)  # it tried to fit first
     assert js["over_limit"] is True and js["bytes"]["limit"] == 1000
     # Evaluation still ran on the kept artifact.
     loss, bpb = metric_line(lines, "final_int6_roundtrip_exact")
     assert loss == pytest.approx(js["metrics"]["final_int6_roundtrip_exact"]["val_loss"], abs=6e-9)
-    assert lines[-1].startswith("final_score_exact ") and math.isfinite(bpb)
+    assert lines[-2].startswith("final_score_exact ") and math.isfinite(bpb)
