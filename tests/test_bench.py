@@ -71,7 +71,7 @@ def test_forward_training_and_slot_flops_match_flop_counter(tiny_settings, one_t
     assert bench.forward_flops(s, T) < full_hidden + T * bench.head_flops(s)  # causal halving
 
 
-@pytest.mark.parametrize("chunk", [256, 320])
+@pytest.mark.parametrize("chunk", [256, 384])  # 640 tokens: chunks of 256, 256, 128 / 384, 256 (the last never trains)
 def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thread, chunk):
     s = tiny_settings(TTT_ENABLED=1, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=chunk, TTT_BATCH_SEQS=2, EVAL_STRIDE=64)
     run = tg.Run(dict(s, OUTPUT_DIR=str(ROOT / "out" / "test_bench")))
@@ -152,15 +152,22 @@ def test_baseline_head_reports_ratios_near_one(tmp_path):
                DATA_PATH=str(ROOT / "data" / "datasets" / "sample_sp1024"),
                TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"))
     out = tmp_path / "cmp.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--baseline", "HEAD", "--rounds", "1",
+    # The current side is HEAD's train_gpt.py too (not the working tree's, which may be mid-edit): same code twice.
+    head_module = tmp_path / "train_gpt.py"
+    head_module.write_bytes(subprocess.run(["git", "show", "HEAD:train_gpt.py"], cwd=ROOT, capture_output=True,
+                                           check=True).stdout)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--module", str(head_module),
+                           "--baseline", "HEAD", "--rounds", "1",
                            "--train-steps", "4", "--train-warmup", "1", "--eval-repeats", "3", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ratios = dict((k, float(v)) for k, v in re.findall(r"^ratio (\S+) current/baseline:(\S+)$", proc.stdout, flags=re.M))
-    labels = [label for label, _ in tg.eval_paths(tg.parse_settings(env))]
-    assert set(ratios) >= {"train", "final_eval_total", *labels}
-    for name, ratio in ratios.items():  # the same code on both sides; generous bounds for a noisy shared machine
-        assert 1 / 4 < ratio < 4, (name, ratio, proc.stdout[-3000:])
+    assert {"train", "final_eval_total", "final_int6_roundtrip"} <= set(ratios)
+    # The same code on both sides; generous bounds for a noisy shared machine: the step and the evaluation's
+    # total (a second or so each), and looser ones for single passes of a few hundredths of a second.
+    for name, ratio in ratios.items():
+        bound = 4 if name in ("train", "final_eval_total") else 10
+        assert 1 / bound < ratio < bound, (name, ratio, proc.stdout[-3000:])
     r = json.loads(out.read_text())
     assert r["ratios"] == pytest.approx(ratios, rel=1e-3)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -137,7 +137,7 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     reps = 10 if cuda else 2
     best = float("inf")
-    for trial in range(6):
+    for trial in range(12):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
