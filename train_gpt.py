@@ -37,7 +37,7 @@ DEFAULTS = dict(
     GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.001, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
     COMPRESSOR="rans", FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
     TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
-    TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0,
+    TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, EVAL_SLIDING_PASS=0, EVAL_BUDGET_SECONDS=600.0,
     SLOT_ENABLED=1, SLOT_LR=0.003, SLOT_STEPS=5, SLOT_MODE="causal",
 )
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
@@ -49,7 +49,7 @@ POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_
     ARTIFACT_LIMIT_BYTES""".split())
 UNIT = set("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
-    EVAL_ONLY TTT_ENABLED SLOT_ENABLED""".split())
+    EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS""".split())
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
 
@@ -98,9 +98,9 @@ def parse_settings(env=os.environ) -> dict:
                    f"TRAIN_SEQ_LEN={s['TRAIN_SEQ_LEN']} sequences")
     if s["EVAL_STRIDE"] > s["EVAL_SEQ_LEN"]:
         raise Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be at most EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
-    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] < s["EVAL_SEQ_LEN"]:
-        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} holds no whole EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']} "
-                   f"sequence to train on; raise it")
+    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] % s["EVAL_SEQ_LEN"]:
+        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} must be a multiple of EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}: "
+                   f"TTT trains on whole sequences and would skip the rest of every chunk")
     if s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0:
         raise Fail("GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 to take "
                    "that time out of MAX_WALLCLOCK_SECONDS (or use GPTQ_CALIB=self)")
@@ -249,20 +249,15 @@ def rope_base(s: dict, seq_len: int) -> float:
 
 
 def pick_attention(backend: str, device: torch.device):
-    if device.type == "cuda" and backend in ("auto", "fa3"):
-        try:
-            from flash_attn_interface import flash_attn_func as fa3
-            return "fa3", lambda q, k, v: (lambda y: y[0] if isinstance(y, tuple) else y)(fa3(q, k, v, causal=True))
-        except ImportError:
-            if backend == "fa3":
-                raise Fail("ATTN_BACKEND=fa3 but flash_attn_interface (FlashAttention 3) is not installed")
-    if device.type == "cuda" and backend in ("auto", "fa2"):
-        try:
-            from flash_attn import flash_attn_func as fa2
-            return "fa2", lambda q, k, v: fa2(q, k, v, causal=True)
-        except ImportError:
-            if backend == "fa2":
-                raise Fail("ATTN_BACKEND=fa2 but flash_attn (FlashAttention 2) is not installed")
+    """FlashAttention 3 (Hopper), then 2, then PyTorch's sdpa: the first that is installed, or the one asked for."""
+    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
+        if backend in ("auto", name) and device.type == "cuda":
+            try:
+                fa = __import__(module).flash_attn_func
+                return name, lambda q, k, v: (lambda y: y[0] if isinstance(y, tuple) else y)(fa(q, k, v, causal=True))
+            except ImportError:
+                if backend == name:
+                    raise Fail(f"ATTN_BACKEND={name} but {module} is not installed; use sdpa or auto") from None
     if backend in ("fa3", "fa2"):
         raise Fail(f"ATTN_BACKEND={backend} needs a CUDA device; use sdpa or auto")
     return "sdpa", lambda q, k, v: F.scaled_dot_product_attention(
@@ -598,7 +593,7 @@ class Run:
             return fn
         key = (id(getattr(fn, "__self__", fn)), getattr(fn, "__name__", ""))
         if key not in self.compiled_fns:
-            self.compiled_fns[key] = torch.compile(fn, dynamic=False)
+            self.compiled_fns[key] = torch.compile(fn, dynamic=False, fullgraph=True)
         return self.compiled_fns[key]
 
     def autocast(self):
@@ -1043,8 +1038,8 @@ def unpack(blob: bytes) -> tuple[dict, dict]:
     return tensors, header
 
 
-def check_config(path, config: dict, s: dict):
-    wrong = [f"{k}={config.get(k)!r} in the file but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
+def check_config(path, config: dict, s: dict, what: str = "the artifact"):
+    wrong = [f"{k}={config.get(k)!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
     if wrong:
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
@@ -1074,7 +1069,7 @@ def load_float_weights(path: Path, s: dict) -> dict:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, KeyError, TypeError, OSError):
         raise Fail(f"{path} is not a {FLOAT_NAME} file of this script") from None
-    check_config(path, config, s)
+    check_config(path, config, s, "the float weights")
     return state
 
 
@@ -1091,15 +1086,14 @@ def symbol_counts(q: Tensor) -> np.ndarray:
 
 def log_precision_groups(run, state: dict, tensors: dict, scheme: dict):
     """Per precision: parameters, estimated bytes (order-0 entropy of the symbols + scales) and relative MSE."""
-    L = run.s["NUM_LAYERS"]
+    L, groups = run.s["NUM_LAYERS"], {}
     flat, back = unbank({k: v.float().cpu() for k, v in state.items()}, L), unbank(dequantize_state(tensors, scheme, L), L)
-    groups = {}
     for name, kind in scheme.items():
         t = tensors.get(name)
         nbytes = t.numel() * t.element_size() if t is not None else \
             entropy_bytes(symbol_counts(tensors[name + ".q"])) + 2 * tensors[name + ".scale"].numel()
-        err, norm = (flat[name].float() - back[name].float()).square().sum().item(), flat[name].float().square().sum().item()
-        groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (flat[name].numel(), nbytes, err, norm))]
+        w, e = flat[name].float(), (flat[name].float() - back[name].float()).square().sum().item()
+        groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (w.numel(), nbytes, e, w.square().sum().item()))]
     for kind, (n, nbytes, err, norm) in sorted(groups.items()):
         run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
     run.log("quant_precision " + " ".join(f"{k}:{g[0]}" for k, g in sorted(groups.items())))
@@ -1111,9 +1105,9 @@ def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget
     if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
         return blob, method
     names = [k for k, v in scheme.items() if v.startswith("int")]
-    cost, cells, signal = [], [], 0.0
+    original, cost, cells, signal = {k: tensors[k + ".q"] for k in names}, [], [], 0.0
     for i, k in enumerate(names):
-        q, scale = tensors[k + ".q"], tensors[k + ".scale"].float()
+        q, scale = original[k], tensors[k + ".scale"].float()
         h = hessians[k].diagonal() / hessians[k].diagonal().mean() if hessians and k in hessians else torch.ones(q.size(1))
         r, c = (q.abs() == 1).nonzero(as_tuple=True)
         cost.append((scale[r].square() * h[c]).numpy())
@@ -1121,16 +1115,13 @@ def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget
         signal += ((q.float() * scale[:, None]).square() * h).sum().item()
     order = np.argsort(np.concatenate(cost), kind="stable")
     cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
-    counts = np.stack([symbol_counts(tensors[k + ".q"]) for k in names])
-
+    counts = np.stack([symbol_counts(original[k]) for k in names])
     def saving(n: int) -> float:  # order-0 bytes saved by zeroing the n cheapest values
-        moved = np.bincount(cells[0, :n] * 255 + cells[3, :n], minlength=counts.size).reshape(counts.shape)
-        after = counts - moved
-        after[:, 127] += moved.sum(axis=1)
-        return entropy_bytes(counts) - entropy_bytes(after)
+        m = np.bincount(cells[0, :n] * 255 + cells[3, :n], minlength=counts.size).reshape(counts.shape)
+        return entropy_bytes(counts) - entropy_bytes(counts - m + np.outer(m.sum(1), np.eye(255, dtype=np.int64)[127]))
 
-    original, need = {k: tensors[k + ".q"] for k in names}, len(blob) - budget
-    for _ in range(8):  # the estimate is order-0: retry asking for more when the packed bytes still exceed the budget
+    need = len(blob) - budget
+    for _ in range(8):  # the estimate is order-0: ask for more while the packed bytes still exceed the budget
         lo, hi = 0, len(cost)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -1206,11 +1197,12 @@ def slot_delta(model: GPT, H: Tensor, y: Tensor, fit: Tensor, s: dict, shared: b
 
 @torch.no_grad()
 def score_windows(model: GPT, run: Run, val: Tensor, wins, luts, slot: bool, hidden_fn) -> Tensor:
-    """Sum of NLL, scored tokens and scored bytes over a batch of windows."""
-    starts = torch.tensor([w[0] for w in wins])
-    lens, first = torch.tensor([w[1] - w[0] for w in wins]), torch.tensor([w[2] - w[0] for w in wins])
-    pos = torch.arange(int(lens.max()))
-    idx = (starts[:, None] + pos).clamp_max(val.numel() - 2)  # padding past a short window is never scored
+    """Sum of NLL, scored tokens and scored bytes over a batch of windows. Batches are padded to EVAL_BATCH_SEQS
+    windows of EVAL_SEQ_LEN positions, so that their shape never changes (nothing recompiles)."""
+    w = torch.tensor(list(wins) + [(0, 0, 0)] * (run.s["EVAL_BATCH_SEQS"] - len(wins)))
+    starts, lens, first = w[:, 0], w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
+    pos = torch.arange(run.s["EVAL_SEQ_LEN"])
+    idx = (starts[:, None] + pos).clamp_max(val.numel() - 2)  # padding is never scored
     x, y = val[idx].to(run.device), val[idx + 1].to(run.device)
     scored = ((pos >= first[:, None]) & (pos < lens[:, None])).to(run.device)
     with run.autocast():
@@ -1220,8 +1212,8 @@ def score_windows(model: GPT, run: Run, val: Tensor, wins, luts, slot: bool, hid
             batch = run.s["SLOT_MODE"] == "batch"
             fit = (pos < (lens if batch else first)[:, None]).to(run.device)
             delta = slot_delta(model, H, y, fit, run.s, shared=batch)
-        logits = model.compute_logits(H + delta)
-    logp = F.log_softmax(logits.float()[scored], dim=-1)
+        logits = model.compute_logits((H + delta)[scored])  # the head only where a target is scored
+    logp = F.log_softmax(logits.float(), dim=-1)
     tgt = y[scored]
     if SCORE_HOOK is not None:
         SCORE_HOOK((idx + 1).to(run.device)[scored], logp)
@@ -1253,16 +1245,11 @@ def ttt_train_chunk(model: GPT, run: Run, val: Tensor, c: int, n_chunks: int, op
                     loss = loss_fn(tok[:-1].view(-1, L), tok[1:].view(-1, L))
                 (loss * (hi - lo) / (be - bs)).backward()
             all_reduce_([p.grad for p in params], mean=False)
-            if frozen:
-                for blk in model.blocks[:frozen]:
-                    for p in blk.parameters():
-                        p.grad.zero_()
-                nl = len(model.blocks)
-                for bank in (model.qo_bank, model.kv_bank):
-                    bank.grad[:frozen].zero_()
-                    bank.grad[nl:nl + frozen].zero_()
-                for bank in (model.mlp_up_bank, model.mlp_down_bank):
-                    bank.grad[:frozen].zero_()
+            if frozen:  # the frozen blocks' own parameters and their rows of every bank
+                for g in [p.grad for blk in model.blocks[:frozen] for p in blk.parameters()]:
+                    g.zero_()
+                for g in [getattr(model, bank).grad for bank in BANK_ROWS]:
+                    g.view(-1, len(model.blocks), *g.shape[1:])[:, :frozen].zero_()
             if s["TTT_GRAD_CLIP"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, s["TTT_GRAD_CLIP"])
             opt.step()
@@ -1283,19 +1270,37 @@ def evaluate(model: GPT, run: Run, val: Tensor, luts, stride: int, ttt: bool, sl
         opt = torch.optim.SGD(list(model.parameters()), lr=s["TTT_LR"], momentum=s["TTT_MOMENTUM"])
         loss_fn = run.compiled(model)
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
+    bs = s["EVAL_BATCH_SEQS"]
+    mine = [g[len(g) * run.rank // run.world:len(g) * (run.rank + 1) // run.world] for g in groups]
+    n_batches, done = sum(-(-len(m) // bs) for m in mine), 0
     t0 = time.perf_counter()
-    for c, group in enumerate(groups):
-        mine = group[len(group) * run.rank // run.world:len(group) * (run.rank + 1) // run.world]
-        for b in range(0, len(mine), s["EVAL_BATCH_SEQS"]):
-            stats += score_windows(model, run, val, mine[b:b + s["EVAL_BATCH_SEQS"]], luts, slot, hidden_fn)
+    for c, group in enumerate(mine):
+        for b in range(0, len(group), bs):
+            stats += score_windows(model, run, val, group[b:b + bs], luts, slot, hidden_fn)
+            done += 1
+            if tag and not ttt and done == max(1, n_batches // 20):
+                project_pass(run, tag, done / n_batches, t0)
         if ttt and c < n_chunks - 1:
             ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn)
+        if tag and ttt and c + 1 == min(3, n_chunks):
+            project_pass(run, tag, (c + 1) / n_chunks, t0)
         if ttt:
             run.log(f"{tag}_chunk:{c + 1}/{n_chunks} running_bpb:{bpb_of(stats):.4f} "
                     f"elapsed:{time.perf_counter() - t0:.1f}s", console=c % 50 == 0 or c == n_chunks - 1)
     if dist.is_initialized():
         dist.all_reduce(stats)
     return (stats[0] / stats[1]).item(), bpb_of(stats)
+
+
+def project_pass(run: Run, tag: str, fraction: float, t0: float):
+    """Early in a pass: its projected seconds, and a loud line now if the evaluation would exceed its budget."""
+    run.sync()
+    pass_s = (time.perf_counter() - t0) / fraction
+    total = run.summary.get("eval_time_s", 0) + pass_s
+    run.log(f"{tag}_projected_seconds:{pass_s:.1f} eval_total_projected:{total:.1f} budget:{run.s['EVAL_BUDGET_SECONDS']:.0f}")
+    if total > run.s["EVAL_BUDGET_SECONDS"]:
+        run.log(f"!!! EVAL BUDGET: {tag} is projected to end the evaluation after {total:.0f}s > "
+                f"EVAL_BUDGET_SECONDS={run.s['EVAL_BUDGET_SECONDS']:.0f} !!!")
 
 
 def bpb_of(stats: Tensor) -> float:
@@ -1307,9 +1312,10 @@ def eval_paths(s: dict) -> list[tuple[str, dict]]:
     L = s["EVAL_SEQ_LEN"]
     stride = s["EVAL_STRIDE"]
     paths = [("final_int6_roundtrip", dict(stride=L, ttt=False, slot=False))]
-    if stride < L:
+    adaptive = s["TTT_ENABLED"] or s["SLOT_ENABLED"]
+    if stride < L and (s["EVAL_SLIDING_PASS"] or not adaptive):  # the adaptive pass scores the same windows itself
         paths.append(("final_int6_sliding_window", dict(stride=stride, ttt=False, slot=False)))
-    if s["TTT_ENABLED"] or s["SLOT_ENABLED"]:
+    if adaptive:
         label = "legal_ttt" if s["TTT_ENABLED"] else "slot_sliding_window"
         paths.append((label, dict(stride=stride, ttt=bool(s["TTT_ENABLED"]), slot=bool(s["SLOT_ENABLED"]))))
     return paths
@@ -1328,6 +1334,7 @@ def final_evaluation(run: Run, state: dict, val: Tensor, luts, float_bpb: float 
     model = GPT(s, run.attention).to(run.device)
     model.load_state_dict(state)
     for label, kw in eval_paths(s):
+        PROGRESS["stage"] = f"evaluation ({label})"
         run.sync()
         t0 = time.perf_counter()
         loss, bpb = evaluate(model, run, val, luts, tag=label, **kw)
@@ -1339,6 +1346,8 @@ def final_evaluation(run: Run, state: dict, val: Tensor, luts, float_bpb: float 
             run.summary["quant_gap_bpb"] = bpb - float_bpb
             run.log(f"quant_gap_bpb:{bpb - float_bpb:.8f}")
         run.summary["eval_time_s"] = run.summary.get("eval_time_s", 0) + ms / 1000
+    run.summary["final_eval_seconds"] = ms / 1000
+    run.log(f"final_eval_seconds:{ms / 1000:.1f} eval_total_seconds:{run.summary['eval_time_s']:.1f}")
     name = eval_name(s, **kw)
     causal = not (kw["slot"] and s["SLOT_MODE"] == "batch")
     run.log(f"final_score_exact eval:{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} causal:{'yes' if causal else 'no'}")

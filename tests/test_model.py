@@ -486,14 +486,14 @@ def test_compressor_best_keeps_the_smaller(tiny_settings, tmp_path):
 
 
 def test_artifact_bytes_are_reproducible(tiny_settings, tmp_path):
-    s = tiny_settings(NUM_LAYERS=1, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, VE_LAYERS="0", XSA_LAST_N=1)
+    s = tiny_settings(NUM_LAYERS=1, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, VE_LAYERS="0", XSA_LAST_N=1, ROPE_DIMS=4)
     torch.manual_seed(0)
     state = tg.GPT(s).state_dict()
     blobs = set()
     for method in ("rans", "lzma"):
         for i in range(10):  # 3 metadata keys: ten saves all in one order by chance has probability 6^-9
             save(state, tiny_settings(NUM_LAYERS=1, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, VE_LAYERS="0",
-                                      XSA_LAST_N=1, COMPRESSOR=method), tmp_path / f"{i}.ptz")
+                                      XSA_LAST_N=1, ROPE_DIMS=4, COMPRESSOR=method), tmp_path / f"{i}.ptz")
             blobs.add((tmp_path / f"{i}.ptz").read_bytes())
     assert len(blobs) == 2
 

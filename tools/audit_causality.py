@@ -126,11 +126,7 @@ def audit(argv=None) -> int:
     if "RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise tg.Fail("run the audit as one process: python tools/audit_causality.py (not under torchrun)")
     s = tg.parse_settings()
-    L = s["EVAL_SEQ_LEN"]
-    if not 0 < s["EVAL_STRIDE"] <= L:
-        raise tg.Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be between 1 and EVAL_SEQ_LEN={L}")
-    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] < 1:
-        raise tg.Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} must be positive")
+    L = s["EVAL_SEQ_LEN"]  # parse_settings has checked the stride, the TTT chunk and every other range
     seed = s["SEED"] if args.seed is None else args.seed
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="audit_causality_") as tmp:
