@@ -158,7 +158,7 @@ def test_baseline_head_reports_ratios_near_one(tmp_path):
                                            check=True).stdout)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--module", str(head_module),
                            "--baseline", "HEAD", "--rounds", "1",
-                           "--train-steps", "4", "--train-warmup", "1", "--eval-repeats", "3", "--json", str(out)],
+                           "--train-steps", "3", "--train-warmup", "1", "--eval-repeats", "2", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ratios = dict((k, float(v)) for k, v in re.findall(r"^ratio (\S+) current/baseline:(\S+)$", proc.stdout, flags=re.M))
