@@ -1,0 +1,97 @@
+"""What the first GPU run must not find: graph breaks, recompiles after warm-up, an evaluation past its budget.
+
+torch.compile runs here with dynamo's "eager" backend (the same capture, guards and recompiles as inductor,
+without minutes of C++ compilation on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import train_gpt as tg
+from test_eval import TINY, needs_sample, noised_model, tiny_env  # noqa: F401  (the shared tiny eval setup)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def explain(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args)
+
+
+def test_compiled_paths_have_no_graph_breaks(tiny_settings, one_thread):
+    s = tiny_settings()
+    model = noised_model(s)
+    x = torch.randint(0, 1024, (2, 128))
+    for name, fn, args in (("training loss (also the TTT step's loss)", model, (x, x)),
+                           ("eval hidden states", model.forward_hidden, (x,))):
+        ex = explain(fn, *args)
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, (name, ex.break_reasons)
+    # The backward of the training loss compiles as one graph too (AOTAutograd through fullgraph=True).
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    compiled(x, x).backward()
+    torch._dynamo.reset()
+
+
+@needs_sample
+def test_evaluation_compiles_once_and_never_again(tmp_path, eager_compile, one_thread):
+    s = tg.parse_settings(tiny_env(OUTPUT_DIR=tmp_path, COMPILE=1, VAL_MAX_TOKENS=1100, TTT_CHUNK_TOKENS=512,
+                                   TTT_BATCH_SEQS=3))
+    run = tg.Run(s)
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
+    val = tg.load_validation_tokens(s["DATA_PATH"] + "/fineweb_val_*.bin", s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    model = noised_model(s)
+    # 1,100 tokens in 512-token chunks: batches of windows of every size from 1 to 8, and TTT batches of 3 and 1
+    # sequences (4 per chunk): warm-up sees every shape the evaluation has.
+    kw = dict(stride=s["EVAL_STRIDE"], ttt=True, slot=True)
+    first = tg.evaluate(model, run, val, luts, **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    # One graph for the scoring batches ([EVAL_BATCH_SEQS, EVAL_SEQ_LEN], padded), and one per TTT batch shape
+    # ([3, 128], and [1, 128] for the last batch of each chunk): not one per distinct number of windows.
+    assert graphs == 3 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    model.load_state_dict(noised_model(s, seed=1).state_dict())
+    second = tg.evaluate(model, run, val, luts, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled after warm-up
+    assert not counters["recompiles"] and first != second
+
+
+def test_default_passes_leave_out_the_standalone_sliding_pass(tiny_settings):
+    labels = lambda **kw: [label for label, _ in tg.eval_paths(tiny_settings(EVAL_STRIDE=32, **kw))]
+    assert labels(TTT_ENABLED=1, SLOT_ENABLED=1) == ["final_int6_roundtrip", "legal_ttt"]
+    assert labels(TTT_ENABLED=0, SLOT_ENABLED=1) == ["final_int6_roundtrip", "slot_sliding_window"]
+    assert labels(TTT_ENABLED=1, EVAL_SLIDING_PASS=1) == ["final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"]
+    # Without TTT and SLOT the sliding pass is the final one.
+    assert labels(TTT_ENABLED=0, SLOT_ENABLED=0) == ["final_int6_roundtrip", "final_int6_sliding_window"]
+
+
+@needs_sample
+def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thread):
+    s = tg.parse_settings(tiny_env(OUTPUT_DIR=tmp_path, EVAL_BUDGET_SECONDS=0.001, VAL_MAX_TOKENS=1024))
+    run = tg.Run(s)
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
+    val = tg.load_validation_tokens(s["DATA_PATH"] + "/fineweb_val_*.bin", s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    lines, chunks = [], []
+    monkeypatch.setattr(run, "log", lambda msg, console=True: lines.append(msg))
+    train_chunk = tg.ttt_train_chunk
+    monkeypatch.setattr(tg, "ttt_train_chunk", lambda *a: chunks.append(len(lines)) or train_chunk(*a))
+    tg.final_evaluation(run, noised_model(s).state_dict(), val, luts, None)
+    n_chunks = (val.numel() - 2) // 256 + 1
+    projected = [i for i, ln in enumerate(lines) if ln.startswith("legal_ttt_projected_seconds:")]
+    loud = [i for i, ln in enumerate(lines) if ln.startswith("!!! EVAL BUDGET: legal_ttt")]
+    done = next(i for i, ln in enumerate(lines) if ln.startswith("legal_ttt val_loss:"))
+    # Said once, right after the third chunk, long before the pass ends; then the final lines as usual.
+    assert len(projected) == 1 and loud == [projected[0] + 1] and n_chunks == 4
+    assert chunks[2] <= projected[0] < done and projected[0] < next(i for i, ln in enumerate(lines) if "_chunk:4/4" in ln)
+    assert any(ln.startswith("final_int6_roundtrip_projected_seconds:") for ln in lines)
+    secs = float(next(ln for ln in lines if ln.startswith("final_eval_seconds:")).split()[0].split(":")[1])
+    assert secs == pytest.approx(run.summary["final_eval_seconds"], abs=0.05) and secs > 0
