@@ -1,20 +1,19 @@
 """Parameter Golf record stack: SLOT + LeakyReLU^2 + legal score-first TTT + Parallel Muon.
 
-One file: settings -> data -> model -> optimizer -> training -> export -> evaluation.
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
-Every hyperparameter is an environment variable; see README.md for the table.
+Every hyperparameter is an environment variable (README.md has the table).
 """
-from __future__ import annotations
-
-import copy, difflib, glob, json, lzma, math, os, sys, time, uuid
+import bisect, copy, difflib, glob, json, lzma, math, os, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch as st
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
 # ----------------------------------------------------------------------------- settings
 
@@ -50,60 +49,57 @@ POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_
 UNIT = set("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
     EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS""".split())
-LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
+LAUNCHER_VARS = set("""RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK ROLE_NAME
+    ROLE_WORLD_SIZE GROUP_WORLD_SIZE""".split())
 
 
 class Fail(Exception):
-    """A problem with the user's input: reported as one line, no traceback."""
+    """A user error: one line, no traceback."""
 
 
 PROGRESS = dict(stage="start-up", on_disk="nothing yet", run=None)  # what a Ctrl-C reports
 
 
-def parse_settings(env=os.environ) -> dict:
+def parse_settings(env=os.environ):
     for name in env:
-        if name in DEFAULTS or name in LAUNCHER_VARS or name.startswith(("TORCHELASTIC_", "NCCL_", "TORCH_")):
-            continue
-        close = difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.85)
-        if close:
+        known = name in DEFAULTS or name in LAUNCHER_VARS or name.startswith(("TORCHELASTIC_", "NCCL_", "TORCH_"))
+        if not known and (close := difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.85)):
             raise Fail(f"unknown setting {name}: did you mean {close[0]}?")
-    s = {}
+    s = dict(DEFAULTS)
     for name, default in DEFAULTS.items():
-        raw = env.get(name)
-        if raw is None:
-            s[name] = default
+        if (raw := env.get(name)) is None:
             continue
         try:
-            s[name] = type(default)(raw)
+            v = s[name] = type(default)(raw)
         except ValueError:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
-        if name in CHOICES and s[name] not in CHOICES[name]:
+        if name in CHOICES and v not in CHOICES[name]:
             raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
-        v = s[name]  # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
+        # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
         if isinstance(v, (int, float)) and (v < 0 or (name in POSITIVE and v == 0) or (name in UNIT | FLAGS and v > 1)):
             need = "0 or 1" if name in FLAGS else "in [0, 1]" if name in UNIT else "> 0" if name in POSITIVE else ">= 0"
             raise Fail(f"{name}={raw!r} must be {need}")
     s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
-    if any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]):
-        raise Fail(f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1")
-    if s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"]:
-        raise Fail("MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS")
-    if s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > s["MODEL_DIM"] // s["NUM_HEADS"]:
-        raise Fail(f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {s['MODEL_DIM'] // s['NUM_HEADS']}")
-    micro = s["TRAIN_BATCH_TOKENS"] // 8
-    if micro < s["TRAIN_SEQ_LEN"] or micro % s["TRAIN_SEQ_LEN"]:
-        raise Fail(f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
-                   f"TRAIN_SEQ_LEN={s['TRAIN_SEQ_LEN']} sequences")
-    if s["EVAL_STRIDE"] > s["EVAL_SEQ_LEN"]:
-        raise Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be at most EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
-    if s["TTT_ENABLED"] and s["TTT_CHUNK_TOKENS"] % s["EVAL_SEQ_LEN"]:
-        raise Fail(f"TTT_CHUNK_TOKENS={s['TTT_CHUNK_TOKENS']} must be a multiple of EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}: "
-                   f"TTT trains on whole sequences and would skip the rest of every chunk")
-    if s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0:
-        raise Fail("GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 to take "
-                   "that time out of MAX_WALLCLOCK_SECONDS (or use GPTQ_CALIB=self)")
+    head_dim, eval_len = s["MODEL_DIM"] // s["NUM_HEADS"], s["EVAL_SEQ_LEN"]
+    batch, seq, stride, chunk = s["TRAIN_BATCH_TOKENS"], s["TRAIN_SEQ_LEN"], s["EVAL_STRIDE"], s["TTT_CHUNK_TOKENS"]
+    for bad, msg in (
+        (any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
+         f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1"),
+        (s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
+         "MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS"),
+        (s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > head_dim,
+         f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {head_dim}"),
+        (batch < 8 * seq or batch // 8 % seq,
+         f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences"),
+        (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
+        (s["TTT_ENABLED"] and chunk % eval_len,
+         f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len} (TTT trains on whole sequences)"),
+        (s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
+         "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
+         "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self")):
+        if bad:
+            raise Fail(msg)
     return s
 
 
@@ -112,39 +108,38 @@ def parse_settings(env=os.environ) -> dict:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
 
 
-def load_data_shard(path) -> np.ndarray:
-    """Tokens of one shard: 256 int32 header words (magic, version, count), then count uint16 tokens."""
-    path = Path(path)
+def load_data_shard(path):
+    """256 int32 header words (magic, version, count), then count uint16 tokens."""
+    path, head = Path(path), SHARD_HEADER_WORDS * 4
     size = path.stat().st_size
-    if size < SHARD_HEADER_WORDS * 4:
-        raise Fail(f"{path}: {size} bytes is shorter than the 1024-byte shard header (truncated file?)")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise Fail(f"{path}: not a token shard (magic {header[0]}, version {header[1]}; "
-                   f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
-    count = int(header[2])
-    if size != SHARD_HEADER_WORDS * 4 + 2 * count:
-        raise Fail(f"{path}: header says {count} tokens ({SHARD_HEADER_WORDS * 4 + 2 * count} bytes) "
-                   f"but the file has {size} bytes (truncated or corrupt; download it again)")
-    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_WORDS * 4)
+    if size < head:
+        raise Fail(f"{path}: {size} bytes is shorter than the {head}-byte shard header (truncated file?)")
+    magic, version, count = np.fromfile(path, dtype="<i4", count=3).tolist()
+    if (magic, version) != (SHARD_MAGIC, SHARD_VERSION):
+        raise Fail(f"{path}: not a token shard (magic {magic}, version {version}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    if size != head + 2 * count:
+        raise Fail(f"{path}: header says {count} tokens ({head + 2 * count} bytes) but the file has {size} "
+                   "(truncated or corrupt; download it again)")
+    return np.fromfile(path, dtype="<u2", count=count, offset=head)
 
 
-def shard_files(pattern: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise Fail(f"no data files match {pattern}; fetch them with "
-                   f"`python data/fineweb.py download --variant sp1024` or set DATA_PATH")
+FETCH = "fetch with `python data/fineweb.py download --variant sp1024`"
+
+
+def shard_files(pattern):
+    if not (files := sorted(glob.glob(pattern))):
+        raise Fail(f"no data files match {pattern}; {FETCH} or set DATA_PATH")
     return files
 
 
 class TokenStream:
-    """One pass through the shards in sorted order, wrapping around."""
+    """The shards in sorted order, wrapping around."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern):
         self.files, self.file_idx = shard_files(pattern), 0
         self.tokens, self.pos = load_data_shard(self.files[0]), 0
 
-    def take(self, n: int) -> np.ndarray:
+    def take(self, n):
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
@@ -157,31 +152,30 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call takes world_size contiguous spans of local_tokens+1 and keeps this rank's span."""
+    """Each call takes world_size spans of local_tokens+1 and keeps this rank's."""
 
-    def __init__(self, pattern: str, rank: int, world_size: int, device):
+    def __init__(self, pattern, rank, world_size, device):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(pattern)
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def next_batch(self, local_tokens, seq_len):
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
         t = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern: str, seq_len: int, max_tokens: int) -> Tensor:
+def load_validation_tokens(pattern, seq_len, max_tokens):
     tokens = np.concatenate([load_data_shard(f) for f in shard_files(pattern)])
     if max_tokens > 0:
         tokens = tokens[:max_tokens + 1]
-    usable = (len(tokens) - 1) // seq_len * seq_len
-    if usable == 0:
+    if not (usable := (len(tokens) - 1) // seq_len * seq_len):
         raise Fail(f"validation split {pattern} has {len(tokens)} tokens, fewer than one sequence of "
                    f"{seq_len}+1; lower EVAL_SEQ_LEN or raise VAL_MAX_TOKENS")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
-def build_sentencepiece_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device):
+def build_sentencepiece_luts(sp, vocab_size, device):
     """Per-token byte accounting for bpb: base UTF-8 bytes, leading-space flag, boundary flag."""
     base_bytes = np.zeros(vocab_size, dtype=np.int16)
     has_space = np.zeros(vocab_size, dtype=np.bool_)
@@ -192,46 +186,43 @@ def build_sentencepiece_luts(sp: spm.SentencePieceProcessor, vocab_size: int, de
         is_boundary[i] = False
         if sp.is_byte(i):
             base_bytes[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        has_space[i] = piece.startswith("\u2581")
-        base_bytes[i] = len((piece[1:] if has_space[i] else piece).encode("utf-8"))
-    return (torch.tensor(base_bytes, dtype=torch.int16, device=device),
-            torch.tensor(has_space, device=device), torch.tensor(is_boundary, device=device))
+        else:
+            piece = sp.id_to_piece(i)
+            has_space[i] = piece.startswith("\u2581")
+            base_bytes[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_space, is_boundary))
 
 
-def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+def target_bytes(prev, tgt, luts):
     base_bytes, has_space, is_boundary = luts
     return base_bytes[tgt].to(torch.int64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.int64)
 
 
-def load_tokenizer(s: dict) -> spm.SentencePieceProcessor:
+def load_tokenizer(s):
     path = s["TOKENIZER_PATH"]
     if not os.path.isfile(path):
-        raise Fail(f"tokenizer {path} not found; fetch it with `python data/fineweb.py download --variant sp1024` "
-                   f"or set TOKENIZER_PATH")
+        raise Fail(f"tokenizer {path} not found; {FETCH} or set TOKENIZER_PATH")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != s["VOCAB_SIZE"]:
-        raise Fail(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={s['VOCAB_SIZE']}; make them agree")
+        raise Fail(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={s['VOCAB_SIZE']}")
     return sp
 
 
 # ----------------------------------------------------------------------------- model
 
-def rms_norm(x: Tensor) -> Tensor:
+def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def fake_quant_int6(w: Tensor) -> Tensor:
-    """Late QAT: per-row int6 fake quantization (scale = row max / 31) with a straight-through gradient."""
+def fake_quant_int6(w):
+    """Late QAT: per-row int6 fake quantization (scale = row max / 31), straight-through gradient."""
     scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 31
     q = torch.clamp(torch.round(w / scale), -32, 31) * scale
     return w + (q - w).detach()
 
 
-def apply_partial_rope(x: Tensor, rope_dims: int, base: float, past: int = 0) -> Tensor:
-    """Rotate the first rope_dims of each head (its two halves are the rotation pairs); x is [B, T, H, D] at
-    positions past..past+T-1."""
+def apply_partial_rope(x, rope_dims, base, past=0):
+    """Rotate the first rope_dims of each head of x [B, T, H, D] at positions past.. (the two halves pair up)."""
     T, half = x.size(1), rope_dims // 2
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=x.device, dtype=torch.float32) / rope_dims)
     angles = torch.outer(torch.arange(past, past + T, device=x.device, dtype=torch.float32), inv_freq)
@@ -240,16 +231,20 @@ def apply_partial_rope(x: Tensor, rope_dims: int, base: float, past: int = 0) ->
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def rope_base(s: dict, seq_len: int) -> float:
-    # The reference builds its rotary tables for 1024 and raises the base for longer sequences (ROPE_TRAIN_SEQ_LEN=1024).
-    ref = s["ROPE_TRAIN_SEQ_LEN"]
-    if ref <= 0 or seq_len <= ref:
-        return s["ROPE_BASE"]
-    return s["ROPE_BASE"] * (seq_len / ref) ** (s["ROPE_DIMS"] / (s["ROPE_DIMS"] - 2))
+def rope_base(s, seq_len):
+    # ROPE_TRAIN_SEQ_LEN=1024 as the reference: the base rises for sequences past 1024
+    ref, base = s["ROPE_TRAIN_SEQ_LEN"], s["ROPE_BASE"]
+    return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (s["ROPE_DIMS"] / (s["ROPE_DIMS"] - 2))
 
 
-def pick_attention(backend: str, device: torch.device):
-    """FlashAttention 3 (Hopper), then 2, then PyTorch's sdpa: the first that is installed, or the one asked for."""
+def sdpa(q, k, v, causal=True):
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                       enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def pick_attention(backend, device):
+    """FlashAttention 3 (Hopper), then 2, then sdpa: the first one installed, or the one asked for."""
     for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
         if backend in ("auto", name) and device.type == "cuda":
             try:
@@ -260,8 +255,7 @@ def pick_attention(backend: str, device: torch.device):
                     raise Fail(f"ATTN_BACKEND={name} but {module} is not installed; use sdpa or auto") from None
     if backend in ("fa3", "fa2"):
         raise Fail(f"ATTN_BACKEND={backend} needs a CUDA device; use sdpa or auto")
-    return "sdpa", lambda q, k, v: F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2)
+    return "sdpa", sdpa
 
 
 BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c_v"),
@@ -269,15 +263,14 @@ BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c
 EMBED_TABLES = ("tok_emb.weight", "bigram_emb", "ve_emb")
 
 
-def matrix_name(bank: str, j: int, num_layers: int) -> str:
-    """The per-layer name of row j of a bank, as the export stores it."""
+def matrix_name(bank, j, num_layers):  # row j of a bank, as exported
     return f"blocks.{j % num_layers}.{BANK_ROWS[bank][j // num_layers]}.weight"
 
 
 class Block(nn.Module):
-    """Per-layer control parameters; the layer's matrices live in the GPT's banks."""
+    """Per-layer scales and gains; the layer's matrices live in the GPT's banks."""
 
-    def __init__(self, dim: int, num_heads: int, qk_gain: float):
+    def __init__(self, dim, num_heads, qk_gain):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -286,19 +279,18 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, s: dict, attention=None):
+    def __init__(self, s, attention=None):
         super().__init__()
-        self.s, self.attention = s, attention or pick_attention("sdpa", torch.device("cpu"))[1]
+        self.s, self.attention = s, attention or sdpa
         V, d, L = s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"]
         self.num_heads, self.num_kv_heads, self.head_dim = s["NUM_HEADS"], s["NUM_KV_HEADS"], d // s["NUM_HEADS"]
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s["MLP_MULT"] * d)
         self.qat = False
-        self.hessians = None  # GPTQ calibration sets a dict: name -> sum of x^T x over the inputs of that matrix
+        self.hessians = None  # GPTQ calibration: name -> sum of x^T x
         self.tok_emb = nn.Embedding(V, d)
         nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
         self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
-        # The reference zero-inits this projection in its constructor, then its generic init overwrites it with an
-        # orthogonal matrix; a zero table times a zero projection would never get a gradient.
+        # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
         self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s["BIGRAM_DIM"])))
         self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         self.smear_gate = nn.Parameter(torch.zeros(d))
@@ -306,49 +298,44 @@ class GPT(nn.Module):
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hidden))
+        qo, kv, up = self.qo_bank.data, self.kv_bank.data, self.mlp_up_bank.data
         for i in range(L):
-            nn.init.orthogonal_(self.qo_bank.data[i])
-            nn.init.orthogonal_(self.kv_bank.data[i])
-            nn.init.orthogonal_(self.kv_bank.data[L + i])
-            nn.init.orthogonal_(self.mlp_up_bank.data[i])
-        self.qo_bank.data[L:].zero_()
+            for w in (qo[i], kv[i], kv[L + i], up[i]):
+                nn.init.orthogonal_(w)
+        qo[L:].zero_()
         self.blocks = nn.ModuleList(Block(d, self.num_heads, s["QK_GAIN_INIT"]) for _ in range(L))
         self.num_encoder = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, L - self.num_encoder), d))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))
         self.ve_layers = list(s["VE_LAYERS"])
         if self.ve_layers:
             self.ve_emb = nn.Parameter(torch.randn(V, s["VE_DIM"]) * 0.01)
-            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s["VE_DIM"])))  # as the bigram one
+            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s["VE_DIM"])))
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
 
-    def bank(self, w: Tensor, dtype) -> Tensor:
-        return (fake_quant_int6(w) if self.qat and self.s["LATE_QAT_BANKS"] else w).to(dtype)
+    def weight(self, w, dtype, bank=False):
+        qat = self.qat and (self.s["LATE_QAT_BANKS"] or not bank)
+        return (fake_quant_int6(w) if qat else w).to(dtype)
 
-    def bank_linear(self, x: Tensor, bank: str, j: int, dtype) -> Tensor:
+    def bank_linear(self, x, bank, j, dtype):
         if self.hessians is not None:  # GPTQ calibration
             name, x2 = matrix_name(bank, j, len(self.blocks)), x.reshape(-1, x.size(-1)).float()
             self.hessians[name] = self.hessians.get(name, 0) + x2.T @ x2
-        return F.linear(x, self.bank(getattr(self, bank)[j], dtype))
+        return F.linear(x, self.weight(getattr(self, bank)[j], dtype, bank=True))
 
-    def linear_weight(self, w: Tensor, dtype) -> Tensor:
-        return (fake_quant_int6(w) if self.qat else w).to(dtype)
-
-    def bigram_hash(self, idx: Tensor) -> Tensor:
+    def bigram_hash(self, idx):
         mod = self.s["BIGRAM_VOCAB_SIZE"] - 1
         h = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % mod
         return torch.cat((torch.full_like(idx[:, :1], mod), h), dim=1)
 
-    def embed(self, idx: Tensor, dtype) -> Tensor:
+    def embed(self, idx, dtype):
         x = self.tok_emb.weight.to(dtype)[idx]
         big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
-        x = x + F.linear(big, self.linear_weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
-        x = rms_norm(x)
+        x = rms_norm(x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype))
         g = torch.sigmoid(self.smear_gate.to(dtype))
-        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
-        return (1 - g) * x + g * prev
+        return (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
 
-    def attn(self, i: int, x: Tensor, ve: Tensor | None, dtype, cache: dict | None = None) -> Tensor:
+    def attn(self, i, x, ve, dtype, cache=None):
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
         q = self.bank_linear(x, "qo_bank", i, dtype).view(B, T, H, D)
@@ -361,15 +348,14 @@ class GPT(nn.Module):
         base, rd = rope_base(self.s, past + T), self.s["ROPE_DIMS"]
         q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
-        if past:  # generation: one new position attends to every cached one
-            ck, cv = cache[i]
-            ck[:, past:past + T], cv[:, past:past + T] = k, v
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), ck[:, :past + T].transpose(1, 2),
-                                               cv[:, :past + T].transpose(1, 2), enable_gqa=True).transpose(1, 2)
-        else:
-            if cache is not None:
+        if cache is not None:  # generation
+            if not past:
                 cache[i] = tuple(t.new_zeros(B, cache["max_len"], Hkv, D) for t in (k, v))
-                cache[i][0][:, :T], cache[i][1][:, :T] = k, v
+            for c, t in zip(cache[i], (k, v)):
+                c[:, past:past + T] = t
+        if past:  # the new position attends to every cached one
+            y = sdpa(q, *(c[:, :past + T] for c in cache[i]), causal=False)
+        else:
             y = self.attention(q, k, v)
         if i >= L - self.s["XSA_LAST_N"]:
             y = y.view(B, T, Hkv, H // Hkv, D)
@@ -377,20 +363,19 @@ class GPT(nn.Module):
             y = y - (y * vn).sum(-1, keepdim=True) * vn
         return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype)
 
-    def mlp(self, i: int, x: Tensor, dtype) -> Tensor:
+    def mlp(self, i, x, dtype):
         h = F.leaky_relu(self.bank_linear(x, "mlp_up_bank", i, dtype), negative_slope=0.5)
         return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
-    def forward_hidden(self, idx: Tensor, cache: dict | None = None) -> Tensor:
-        """Everything up to the last block's output, [B, T, d]. With a cache (generation: {"len": 0, "max_len": N}
-        to start) idx is the whole sequence so far and only the positions not yet cached are computed."""
+    def forward_hidden(self, idx, cache=None):
+        """The last block's output [B, T, d]. With a cache (generation; start: {"len": 0, "max_len": N}) only the
+        positions of idx not yet cached."""
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
         past = cache["len"] if cache else 0
         ctx = max(past - 2, 0)  # the bigram hash and the smear gate look back two tokens
         x = x0 = self.embed(idx[:, ctx:], dtype)[:, past - ctx:]
-        ve = None
         if self.ve_layers:
-            ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.linear_weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
+            ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
         skips = []
         for i, blk in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
@@ -406,19 +391,18 @@ class GPT(nn.Module):
             cache["len"] = idx.size(1)
         return x
 
-    def compute_logits(self, h: Tensor) -> Tensor:
+    def compute_logits(self, h):
         z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
-    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, idx, targets):
         logits = self.compute_logits(self.forward_hidden(idx))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- optimizer
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalization of a batch of matrices [N, rows, cols]."""
+def zeropower_via_newtonschulz5(G, steps):  # of a batch of matrices [N, rows, cols]
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = X.size(-2) > X.size(-1)
@@ -432,86 +416,74 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 
 
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over 3-D parameter banks. Each rank orthogonalizes its shard of matrices and the updates are
-    all-gathered, so no rank holds DDP buckets: call launch_reduce_scatter() after backward, step() later."""
+    """Muon over 3-D banks, each rank orthogonalizing its shard (no DDP): launch_reduce_scatter(), then step()."""
 
-    def __init__(self, banks, lr: float, momentum: float, backend_steps: int, weight_decay: float):
+    def __init__(self, banks, lr, momentum, backend_steps, weight_decay):
         super().__init__(sorted(banks, key=lambda p: -p.numel()),
                          dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.pending = []
 
-    def padded_rows(self, p: Tensor) -> int:
+    def padded_rows(self, p):
         return -(-p.size(0) // self.world) * self.world
 
     def launch_reduce_scatter(self):
-        """Average each bank's gradient and leave this rank's shard of it (biggest bank first)."""
+        """Average each bank's gradient into this rank's shard of it (biggest bank first)."""
         self.pending = []
         for p in self.param_groups[0]["params"]:
             pad = self.padded_rows(p) - p.size(0)
-            g = F.pad(p.grad, (0, 0, 0, 0, 0, pad)) if pad else p.grad
-            if self.world == 1:
-                self.pending.append((p, g, None))
-                continue
-            shard = torch.empty_like(g[:g.size(0) // self.world])
-            self.pending.append((p, shard, dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.SUM, async_op=True)))
+            shard = g = F.pad(p.grad, (0, 0, 0, 0, 0, pad)) if pad else p.grad
+            work = None
+            if self.world > 1:
+                shard = torch.empty_like(g[:g.size(0) // self.world])
+                work = dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.SUM, async_op=True)
+            self.pending.append((shard, work))
 
-    def wait_shards(self) -> list[Tensor]:
-        shards = []
-        for p, shard, work in self.pending:
+    def wait_shards(self):
+        for shard, work in self.pending:
             if work is not None:
                 work.wait()
                 shard.div_(self.world)
-            shards.append(shard)
-        return shards
+        return [shard for shard, _ in self.pending]
 
     @torch.no_grad()
-    def step(self, shards: list[Tensor]):
+    def step(self, shards):
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        prev = None
+        updates = []
         for p, g in zip(group["params"], shards):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g)
-            buf = state["momentum_buffer"]
-            buf.mul_(mom).add_(g)
+            buf = state["momentum_buffer"].mul_(mom).add_(g)
             update = zeropower_via_newtonschulz5(g.add(buf, alpha=mom), group["backend_steps"])
             update *= max(1.0, update.size(-2) / update.size(-1)) ** 0.5
+            full, work = update, None
             if self.world > 1:
-                full = torch.empty(self.padded_rows(p), *p.shape[1:], dtype=update.dtype, device=update.device)
+                full = update.new_empty(self.padded_rows(p), *p.shape[1:])
                 work = dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)
-            else:
-                full, work = update, None
-            if prev is not None:
-                self.apply(*prev, lr, wd)
-            prev = (p, full, work)
-        if prev is not None:
-            self.apply(*prev, lr, wd)
-
-    @staticmethod
-    def apply(p: Tensor, full: Tensor, work, lr: float, wd: float):
-        if work is not None:
-            work.wait()
-        p.mul_(1 - lr * wd).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
+            updates.append((p, full, work))
+        for p, full, work in updates:  # the gathers run while later banks orthogonalize
+            if work is not None:
+                work.wait()
+            p.mul_(1 - lr * wd).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
 
 
-def build_optimizers(model: GPT, s: dict):
+def build_optimizers(model, s):
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     embeds = [model.tok_emb.weight, model.bigram_emb] + ([model.ve_emb] if model.ve_layers else [])
     ids = {id(p) for p in banks + embeds}
     scalars = [p for p in model.parameters() if id(p) not in ids]
-    adam = torch.optim.AdamW(
-        [dict(params=embeds, lr=s["TIED_EMBED_LR"], base_lr=s["TIED_EMBED_LR"]),
-         dict(params=scalars, lr=s["SCALAR_LR"], base_lr=s["SCALAR_LR"])],
-        betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"], weight_decay=s["ADAM_WD"])
+    adam = torch.optim.AdamW([dict(params=embeds, lr=s["TIED_EMBED_LR"]), dict(params=scalars, lr=s["SCALAR_LR"])],
+                             betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"], weight_decay=s["ADAM_WD"])
     muon = ParallelMuon(banks, s["MATRIX_LR"], s["MUON_MOMENTUM"], s["MUON_BACKEND_STEPS"], s["MUON_WD"])
-    muon.param_groups[0]["base_lr"] = s["MATRIX_LR"]
+    for group in adam.param_groups + muon.param_groups:
+        group["base_lr"] = group["lr"]
     return muon, adam, scalars + embeds
 
 
-def all_reduce_(tensors: list[Tensor], mean: bool):
-    """Sum (or average) a list of tensors over ranks, in one flat collective."""
+def all_reduce_(tensors, mean):
+    """Sum (or average) tensors over ranks in one collective."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 or not tensors:
         return
@@ -523,8 +495,8 @@ def all_reduce_(tensors: list[Tensor], mean: bool):
         t.copy_(chunk.view_as(t))
 
 
-def clip_coefficient(grads: list[Tensor], bank_shards: list[Tensor], max_norm: float) -> Tensor:
-    """Global clip factor: the bank shards are disjoint across ranks, the other gradients are replicated."""
+def clip_coefficient(grads, bank_shards, max_norm):
+    """Global clip factor: bank shards are disjoint across ranks, the other gradients replicated."""
     sq = sum((g.float().square().sum() for g in bank_shards), torch.zeros((), device=grads[0].device))
     if dist.is_initialized():
         dist.all_reduce(sq)
@@ -532,36 +504,34 @@ def clip_coefficient(grads: list[Tensor], bank_shards: list[Tensor], max_norm: f
     return torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
 
 
-def optimizer_step(muon: ParallelMuon, adam, others: list[nn.Parameter], s: dict):
+def optimizer_step(muon, adam, others, s):
     clip = s["GRAD_CLIP_NORM"]
-    if clip > 0 and s["GRAD_CLIP_LOCAL"]:  # the reference: each rank clips its own, not-yet-averaged gradients
+    if clip > 0 and s["GRAD_CLIP_LOCAL"]:  # the reference: each rank clips its own gradients before averaging
         torch.nn.utils.clip_grad_norm_(others + muon.param_groups[0]["params"], clip)
     muon.launch_reduce_scatter()
     grads = [p.grad for p in others]
     all_reduce_(grads, mean=True)
     shards = muon.wait_shards()
     if clip > 0 and not s["GRAD_CLIP_LOCAL"]:
-        coef = clip_coefficient(grads, shards, clip)
-        torch._foreach_mul_(grads + shards, coef)
+        torch._foreach_mul_(grads + shards, clip_coefficient(grads, shards, clip))
     adam.step()
     muon.step(shards)
 
 
 # ----------------------------------------------------------------------------- training
 
-class Run:
-    """Process-wide context: settings, rank, device, log file."""
-
-    def __init__(self, s: dict):
+class Run:  # settings, rank, device, log file
+    def __init__(self, s):
         self.s = s
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if 8 % self.world:
-            raise Fail(f"WORLD_SIZE={self.world} does not divide 8 (the batch is 8 micro-batches); use 1, 2, 4 or 8")
-        use_cuda = s["DEVICE"] == "cuda" or (s["DEVICE"] == "auto" and torch.cuda.is_available())
-        if use_cuda and not torch.cuda.is_available():
+            raise Fail(f"WORLD_SIZE={self.world} does not divide 8 (the micro-batches); use 1, 2, 4 or 8")
+        cuda = torch.cuda.is_available()
+        use_cuda = s["DEVICE"] == "cuda" or (s["DEVICE"] == "auto" and cuda)
+        if use_cuda and not cuda:
             raise Fail("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or auto")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        self.cuda = use_cuda
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -579,63 +549,62 @@ class Run:
             raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} cannot be created ({e.strerror}); set it to a writable folder") from None
         self.summary = dict(run_id=s["RUN_ID"], seed=s["SEED"], metrics={}, train_curve=[], val_curve=[])
 
-    def log(self, msg: str, console: bool = True):
-        if not self.master:
-            return
-        if console:
-            print(msg, flush=True)
-        with open(self.logfile, "a", encoding="utf-8") as f:
-            print(msg, file=f)
+    def log(self, msg, console=True):
+        if self.master:
+            if console:
+                print(msg, flush=True)
+            with open(self.logfile, "a", encoding="utf-8") as f:
+                print(msg, file=f)
 
     def compiled(self, fn):
-        """torch.compile each function once per run (CUDA only by default); eager otherwise."""
-        if not self.compile:
-            return fn
-        key = (id(getattr(fn, "__self__", fn)), getattr(fn, "__name__", ""))
-        if key not in self.compiled_fns:
-            self.compiled_fns[key] = torch.compile(fn, dynamic=False, fullgraph=True)
-        return self.compiled_fns[key]
+        """torch.compile each function (or bound method) once; by default on CUDA only."""
+        if self.compile and fn not in self.compiled_fns:
+            self.compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+        return self.compiled_fns.get(fn, fn)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
 
     def sync(self):
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize()
 
     def write_summary(self):
         if self.master:
-            path = self.logfile.with_suffix(".json")
-            path.with_suffix(".tmp").write_text(json.dumps(self.summary, indent=1))
-            os.replace(path.with_suffix(".tmp"), path)
+            write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
 
 
-def train_cap_ms(s: dict) -> float:
-    """The training wallclock cap, less the time reserved for GPTQ calibration on training tokens."""
+def build_model(run, state=None):
+    model = GPT(run.s, run.attention).to(run.device)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def train_cap_ms(s):
+    """The wallclock cap, less the time reserved for GPTQ calibration on training tokens."""
     reserve = s["GPTQ_RESERVE_SECONDS"] if s["QUANT"] == "gptq" and s["GPTQ_CALIB"] == "train" else 0.0
     return 1000 * (s["MAX_WALLCLOCK_SECONDS"] - reserve) if s["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
 
 
-def lr_multiplier(s: dict, step: int, elapsed_ms: float) -> float:
-    warmdown = s["WARMDOWN_ITERS"]
+def lr_multiplier(s, step, elapsed_ms):
+    warmdown, cap_ms = s["WARMDOWN_ITERS"], train_cap_ms(s)
     if warmdown <= 0:
         return 1.0
-    cap_ms = train_cap_ms(s)
     if cap_ms <= 0:
         return min(max((s["ITERATIONS"] - step) / warmdown, 0.0), 1.0)
-    warmdown_ms = warmdown * elapsed_ms / max(step, 1)
-    return min(max(cap_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9), 1.0)
+    return min(max(cap_ms - elapsed_ms, 0.0) / max(warmdown * elapsed_ms / max(step, 1), 1e-9), 1.0)
 
 
 class WeightAverages:
-    """EMA of all weights every step; tight SWA snapshots (of the EMA when it is on) late in warmdown."""
+    """EMA of all weights every step; SWA snapshots (of the EMA when on) late in warmdown."""
 
-    def __init__(self, model: nn.Module, s: dict):
+    def __init__(self, model, s):
         self.s, self.swa, self.swa_count = s, None, 0
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if s["EMA_ENABLED"] else None
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int, lr_mul: float):
+    def update(self, model, step, lr_mul):
         current = model.state_dict()
         if self.ema is not None:
             torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s["EMA_DECAY"])
@@ -647,61 +616,54 @@ class WeightAverages:
                 torch._foreach_add_(list(self.swa.values()), [src[k] for k in self.swa])
             self.swa_count += 1
 
-    def final_weights(self, model: nn.Module) -> tuple[dict, str]:
+    def final_weights(self, model):
         if self.swa_count:
             return {k: v / self.swa_count for k, v in self.swa.items()}, f"swa({self.swa_count} snapshots)"
-        if self.ema is not None:
-            return self.ema, "ema"
-        return model.state_dict(), "raw"
+        return (self.ema, "ema") if self.ema is not None else (model.state_dict(), "raw")
 
 
-def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
+def train(model, run, val, luts):
     s, world = run.s, run.world
     muon, adam, others = build_optimizers(model, s)
-    grad_accum = 8 // world
-    seq_len = s["TRAIN_SEQ_LEN"]
-    local_tokens = s["TRAIN_BATCH_TOKENS"] // (world * grad_accum)
+    grad_accum, local_tokens = 8 // world, s["TRAIN_BATCH_TOKENS"] // 8
     pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
     loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     train_model = run.compiled(model)
 
-    def train_step(step: int, lr_mul: float) -> Tensor:
+    def train_step(step, lr_mul):
         total = torch.zeros((), device=run.device)
         for _ in range(grad_accum):
-            x, y = loader.next_batch(local_tokens, seq_len)
+            x, y = loader.next_batch(local_tokens, s["TRAIN_SEQ_LEN"])
             with run.autocast():
                 loss = train_model(x, y)
             (loss / grad_accum).backward()
             total += loss.detach()
         frac = min(step / s["MUON_MOMENTUM_WARMUP_STEPS"], 1.0) if s["MUON_MOMENTUM_WARMUP_STEPS"] > 0 else 1.0
         muon.param_groups[0]["momentum"] = (1 - frac) * s["MUON_MOMENTUM_WARMUP_START"] + frac * s["MUON_MOMENTUM"]
-        for opt in (muon, adam):
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_mul
+        for group in muon.param_groups + adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mul
         optimizer_step(muon, adam, others, s)
         model.zero_grad(set_to_none=True)
         return total / grad_accum
 
-    if s["WARMUP_STEPS"] > 0:  # compile and warm the kernels, then start from the initial state again
-        initial = (copy.deepcopy(model.state_dict()), copy.deepcopy(muon.state_dict()), copy.deepcopy(adam.state_dict()))
+    if s["WARMUP_STEPS"] > 0:  # compile and warm the kernels, then start again from the initial state
+        initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
         for i in range(s["WARMUP_STEPS"]):
             train_step(0, 1.0)
             run.log(f"warmup_step:{i + 1}/{s['WARMUP_STEPS']}")
-        model.load_state_dict(initial[0])
-        muon.load_state_dict(initial[1])
-        adam.load_state_dict(initial[2])
+        for m, state in zip((model, muon, adam), initial):
+            m.load_state_dict(state)
         loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
-    averages = WeightAverages(model, s)
-    cap_ms = train_cap_ms(s)
-    train_ms, step, stop_after = 0.0, 0, None
+    averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
+    train_ms, step, stopping = 0.0, 0, False
     run.sync()
     t0 = time.perf_counter()
     while True:
-        last = step == s["ITERATIONS"] or (stop_after is not None and step >= stop_after)
+        last = step == s["ITERATIONS"] or stopping
         if last or (s["VAL_LOSS_EVERY"] > 0 and step % s["VAL_LOSS_EVERY"] == 0):
             run.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, val_bpb = evaluate(model, run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)
+            val_loss, val_bpb = evaluate(model, run, val, luts)
             run.log(f"step:{step}/{s['ITERATIONS']} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             run.summary["val_curve"].append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb, time_ms=train_ms))
@@ -709,8 +671,7 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        lr_mul = lr_multiplier(s, step, elapsed)
+        lr_mul = lr_multiplier(s, step, train_ms + 1000 * (time.perf_counter() - t0))
         if s["LATE_QAT"] and not model.qat and lr_mul < s["LATE_QAT_THRESHOLD"]:
             model.qat = True
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
@@ -720,28 +681,28 @@ def train(model: GPT, run: Run, val: Tensor, luts) -> dict:
         averages.update(model, step, lr_mul)
         loss_value = loss.item()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        # One collective for both: every rank stops at the same step, and on any rank's non-finite loss.
+        # One collective: all ranks stop at the same step, and on any rank's non-finite loss
         flags = torch.tensor([float(cap_ms > 0 and elapsed >= cap_ms), float(not math.isfinite(loss_value))],
                              device=run.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        reached, nonfinite = flags.tolist()
+        stopping, nonfinite = flags.tolist()
         if nonfinite:
             raise Fail(f"non-finite train loss at step {step}; lower the learning rates or check the data")
-        if s["TRAIN_LOG_EVERY"] > 0 and (step <= 10 or step % s["TRAIN_LOG_EVERY"] == 0 or stop_after is not None):
+        if s["TRAIN_LOG_EVERY"] > 0 and (step <= 10 or step % s["TRAIN_LOG_EVERY"] == 0):
             run.log(f"step:{step}/{s['ITERATIONS']} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
                     f"step_avg:{elapsed / step:.2f}ms")
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
-        if stop_after is None and reached:
-            stop_after = step
+        if stopping:
             run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s['ITERATIONS']}")
-    if run.device.type == "cuda":
+    if run.cuda:
         run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights, source = averages.final_weights(model)
     run.log(f"final_weights:{source}")
     run.summary.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
-    return {k: v.to(model.state_dict()[k].dtype) for k, v in weights.items()}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    return {k: v.to(dtypes[k]) for k, v in weights.items()}
 
 
 # ----------------------------------------------------------------------------- export (GPTQ int6 + rANS)
@@ -755,8 +716,7 @@ MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.9
 GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
 
-def unbank(state: dict, num_layers: int) -> dict:
-    """Split the 3-D banks into one 2-D matrix per layer and role."""
+def unbank(state, num_layers):  # one 2-D matrix per layer and role
     out = {k: v for k, v in state.items() if k not in BANK_ROWS}
     for bank, rows in state.items():
         if bank in BANK_ROWS:
@@ -764,27 +724,29 @@ def unbank(state: dict, num_layers: int) -> dict:
     return out
 
 
-def rebank(flat: dict, num_layers: int) -> dict:
+def rebank(flat, num_layers):
     out = {k: v for k, v in flat.items() if not (k.startswith("blocks.") and k.endswith(".weight"))}
     for bank, roles in BANK_ROWS.items():
         out[bank] = torch.stack([flat[matrix_name(bank, j, num_layers)] for j in range(len(roles) * num_layers)])
     return out
 
 
-def save_float_weights(state: dict, s: dict, path: Path):
-    """The final float weights (after EMA/SWA), so that export can be redone without retraining."""
-    from safetensors.torch import save_file
-    meta = json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in MODEL_KEYS}))
+def write_atomic(path, data):
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"pgolf": meta})
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
+def save_float_weights(state, s, path):
+    """The final float weights, so that export can be redone without retraining."""
+    meta = json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in MODEL_KEYS}))
+    write_atomic(path, st.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, {"pgolf": meta}))
+
+
 @torch.no_grad()
-def calibration_tokens(model: GPT, run) -> Tensor:
-    """GPTQ calibration text: the model's own samples from BOS, or (GPTQ_CALIB=train) the training stream."""
-    s, dev = run.s, run.device
-    n, T = s["GPTQ_CALIB_SEQS"], s["GPTQ_CALIB_LEN"]
+def calibration_tokens(model, run):
+    """GPTQ calibration text: the model's own samples from BOS, or (GPTQ_CALIB=train) training tokens."""
+    s, dev, n, T = run.s, run.device, run.s["GPTQ_CALIB_SEQS"], run.s["GPTQ_CALIB_LEN"]
     if s["GPTQ_CALIB"] == "train":
         tokens = TokenStream(os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")).take(n * T)
         return torch.from_numpy(tokens.astype(np.int64)).view(n, T).to(dev)
@@ -800,9 +762,8 @@ def calibration_tokens(model: GPT, run) -> Tensor:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, run) -> dict:
-    """H = sum of x^T x over the calibration tokens of every attention/MLP matrix's inputs. (Not the tied embedding:
-    a Hessian of its output role alone made its input role worse.)"""
+def collect_hessians(model, run):
+    """Sum of x^T x over each attention/MLP matrix's inputs (the tied embedding's made its input role worse)."""
     tokens = calibration_tokens(model, run)
     model.hessians = {}
     for b in range(0, len(tokens), 8):
@@ -812,36 +773,37 @@ def collect_hessians(model: GPT, run) -> dict:
     return {k: h.cpu() for k, h in hessians.items()}
 
 
-def best_scales(w: Tensor, clips: list[Tensor], max_q: int, H: Tensor | None = None) -> Tensor:
-    """Per row, the scale (clip / max_q, fp16) whose round-to-nearest error is least: squared error, or with H
-    the layer's output error d H d^T."""
+def round_q(w, scale, max_q):
+    return torch.clamp(torch.round(w / scale), -max_q, max_q)
+
+
+def best_scales(w, clips, max_q, H=None):
+    """Per row, the scale (clip / max_q, fp16) of least round-to-nearest error: squared, or with H d H d^T."""
     best, best_err = None, None
     for clip in clips:
         scale = (clip / max_q).clamp_min(1e-7).half().float()
-        d = w - torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q) * scale[:, None]
+        d = w - round_q(w, scale[:, None], max_q) * scale[:, None]
         err = ((d @ H) * d).sum(dim=1) if H is not None else d.square().sum(dim=1)
         best, best_err = (scale, err) if best is None else (torch.where(err < best_err, scale, best), torch.minimum(err, best_err))
     return best
 
 
-def quantize_rows(w: Tensor, max_q: int, percentiles) -> tuple[Tensor, Tensor]:
+def quantize_rows(w, max_q, percentiles):
     """GPTQ-lite: per-row round-to-nearest at the clip percentile of |w| with the least squared error."""
     w = w.float()
     a = w.abs()
     scale = best_scales(w, [a.amax(dim=1) if p >= 100 else torch.quantile(a, p / 100, dim=1) for p in percentiles], max_q)
-    return torch.clamp(torch.round(w / scale[:, None]), -max_q, max_q).to(torch.int8).contiguous(), scale.half().contiguous()
+    return round_q(w, scale[:, None], max_q).to(torch.int8).contiguous(), scale.half().contiguous()
 
 
-def gptq_rows(w: Tensor, H: Tensor, max_q: int, s: dict) -> tuple[Tensor, Tensor]:
-    """Full GPTQ: columns quantized one at a time (most active input first), each one's rounding error spread
-    over the columns not yet quantized through the upper Cholesky factor of H^-1, block by block."""
+def gptq_rows(w, H, max_q, s):
+    """Full GPTQ: columns one at a time (most active first), the error spread on by the Cholesky factor of H^-1."""
     W, H = w.float().clone(), H.float().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    amax = W.abs().amax(dim=1)
-    scale = best_scales(W, [amax * f for f in GPTQ_CLIPS], max_q, H)
+    scale = best_scales(W, [W.abs().amax(dim=1) * f for f in GPTQ_CLIPS], max_q, H)
     perm = torch.argsort(H.diagonal(), descending=True) if s["GPTQ_ACTORDER"] else torch.arange(cols)
     W, H, damp = W[:, perm], H[perm][:, perm], s["GPTQ_DAMP"]
     while True:  # damping until H is safely positive definite
@@ -855,15 +817,15 @@ def gptq_rows(w: Tensor, H: Tensor, max_q: int, s: dict) -> tuple[Tensor, Tensor
         b = min(a + s["GPTQ_BLOCK"], cols)
         Wb, E = W[:, a:b].clone(), torch.zeros(rows, b - a)
         for j in range(b - a):
-            Q[:, a + j] = q = torch.clamp(torch.round(Wb[:, j] / scale), -max_q, max_q)
+            Q[:, a + j] = q = round_q(Wb[:, j], scale, max_q)
             E[:, j] = (Wb[:, j] - q * scale) / U[a + j, a + j]
             Wb[:, j + 1:] -= E[:, j:j + 1] * U[a + j, a + j + 1:b]
         W[:, b:] -= E @ U[a:b, b:]
     return Q[:, torch.argsort(perm)].to(torch.int8).contiguous(), scale.half().contiguous()
 
 
-def precision_of(name: str, t: Tensor, s: dict) -> str:
-    """By role: attention and MLP matrices at MATRIX_BITS, embedding tables at EMBED_BITS, the rest fp16."""
+def precision_of(name, t, s):
+    """Attention and MLP matrices at MATRIX_BITS, embedding tables at EMBED_BITS, the rest fp16."""
     if not t.is_floating_point():
         return "raw"
     if ".attn." in name or ".mlp." in name:
@@ -871,29 +833,31 @@ def precision_of(name: str, t: Tensor, s: dict) -> str:
     return f"int{s['EMBED_BITS']}" if name in EMBED_TABLES else "fp16"
 
 
-def max_q_of(kind: str) -> int:
+def max_q_of(kind):
     return 2 ** (int(kind[3:]) - 1) - 1
 
 
-def quantize_state(state: dict, s: dict, hessians: dict | None = None) -> tuple[dict, dict]:
-    """name.q (int8) + name.scale (fp16 per row) per quantized tensor, and each tensor's precision."""
+def coded_names(scheme):
+    return [k for k, v in scheme.items() if v.startswith("int")]
+
+
+def quantize_state(state, s, hessians=None):
+    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision."""
     tensors, scheme = {}, {}
     for name, t in unbank(state, s["NUM_LAYERS"]).items():
         t = t.detach().cpu()
         kind = scheme[name] = precision_of(name, t, s)
-        if kind == "raw":
-            tensors[name] = t.contiguous()
-        elif kind == "fp16":
-            tensors[name] = t.half().contiguous()
+        if kind in ("raw", "fp16"):
+            tensors[name] = (t.half() if kind == "fp16" else t).contiguous()
         elif hessians and name in hessians:
             tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s)
-        else:  # the seed's single clip for embeddings with QUANT=gptq_lite; a per-row search otherwise
+        else:  # QUANT=gptq_lite: the seed's single clip for embeddings; else a per-row search
             pcts = EMBED_PERCENTILES if name in EMBED_TABLES and s["QUANT"] == "gptq_lite" else MATRIX_PERCENTILES
             tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
     return tensors, scheme
 
 
-def dequantize_state(tensors: dict, scheme: dict, num_layers: int) -> dict:
+def dequantize_state(tensors, scheme, num_layers):
     flat = {}
     for name, kind in scheme.items():
         if kind.startswith("int"):
@@ -903,39 +867,40 @@ def dequantize_state(tensors: dict, scheme: dict, num_layers: int) -> dict:
     return rebank(flat, num_layers)
 
 
-# rANS: every quantized symbol in one stream, coded with its tensor's frequency table by LANES interleaved coders
-# (numpy-vectorized across lanes). 32-bit states in [2^16, 2^32), 16-bit words, frequencies summing to 2^14.
+# rANS: all quantized symbols in one stream, each with its tensor's table, by interleaved lanes (numpy-vectorized).
+# 32-bit states in [2^16, 2^32), 16-bit words, frequencies summing to 2^14.
 RANS_MAGIC, RANS_PREC, RANS_LOW = b"PGRANS1\n", 14, 1 << 16
-XZ_MAGIC = b"\xfd7zXZ\x00"
+XZ_MAGIC, RANS_HEAD = b"\xfd7zXZ\x00", ("freq", "states", "counts")
 
 
-def rans_tables(symbols: list[np.ndarray], alphabet: int) -> np.ndarray:
-    """Per-tensor symbol counts scaled to sum 2^RANS_PREC, every symbol that occurs at least 1."""
+def rans_tables(symbols, alphabet):
+    """Per-tensor symbol counts scaled to sum 2^RANS_PREC, each symbol that occurs at least 1."""
     M, freq = 1 << RANS_PREC, np.zeros((len(symbols), alphabet), np.int64)
     for i, sym in enumerate(symbols):
         counts = np.bincount(sym, minlength=alphabet)
         f = np.where(counts > 0, np.maximum(1, np.round(counts * M / counts.sum())), 0).astype(np.int64)
-        while f.sum() != M:  # rounding left the total off: the most frequent symbols absorb the difference
+        while f.sum() != M:  # the most frequent symbols absorb the rounding
             j = f.argmax()
             f[j] += max(M - f.sum(), 1 - f[j])
         freq[i] = f
     return freq
 
 
-def rans_lanes(n: int) -> int:
+def rans_lanes(n):
     return int(min(1024, max(1, n // 4096)))
 
 
-def rans_encode(keys: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """keys = table * alphabet + symbol. Returns the final states, each lane's word count and the words, lane by
-    lane in the order the decoder reads them."""
-    P = RANS_PREC
-    steps = -(-len(keys) // lanes)
-    f_flat, c_flat = freq.ravel().astype(np.uint64), (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint64)
-    f_all = np.full(steps * lanes, 1 << P, np.uint64)  # padding codes as the identity (f = 2^P, c = 0)
-    c_all = np.zeros(steps * lanes, np.uint64)
-    f_all[:len(keys)], c_all[:len(keys)] = f_flat[keys], c_flat[keys]
-    f_all, c_all = f_all.reshape(steps, lanes), c_all.reshape(steps, lanes)
+def rans_codes(freq):
+    """Frequency and start of each key (table * alphabet + symbol), then the identity (2^P, 0)."""
+    f = np.append(freq.ravel(), 1 << RANS_PREC).astype(np.uint64)
+    return f, np.append((np.cumsum(freq, axis=1) - freq).ravel(), 0).astype(np.uint64)
+
+
+def rans_encode(keys, freq, lanes):
+    """Final states, each lane's word count, and the words lane by lane in the decoder's reading order."""
+    P, steps = RANS_PREC, -(-len(keys) // lanes)
+    padded = np.pad(keys, (0, steps * lanes - len(keys)), constant_values=freq.size)  # padding: the identity
+    f_all, c_all = (codes[padded].reshape(steps, lanes) for codes in rans_codes(freq))
     x = np.full(lanes, RANS_LOW, np.uint64)
     out_lanes, out_words = [], []
     for t in range(steps - 1, -1, -1):
@@ -946,20 +911,17 @@ def rans_encode(keys: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndar
         x[emit] >>= np.uint64(16)
         x = (x // f << np.uint64(P)) + x % f + c_all[t]
     lane, words = np.concatenate(out_lanes[::-1]), np.concatenate(out_words[::-1])
-    order = np.argsort(lane, kind="stable")
-    return x, np.bincount(lane, minlength=lanes), words[order]
+    return x, np.bincount(lane, minlength=lanes), words[np.argsort(lane, kind="stable")]
 
 
-def rans_decode(tables: np.ndarray, freq: np.ndarray, states: np.ndarray, counts: np.ndarray, words: np.ndarray):
-    """Inverse of rans_encode given each position's table; ValueError when the stream does not decode cleanly."""
+def rans_decode(tables, freq, states, counts, words):
+    """Inverse of rans_encode given each position's table; ValueError unless the stream decodes cleanly."""
     P, M, A = RANS_PREC, 1 << RANS_PREC, freq.shape[1]
     lanes, n = len(states), len(tables)
     steps = -(-n // lanes)
     lookup = np.concatenate([np.repeat(np.arange(A), f) for f in freq])  # table * M + slot -> symbol
-    f_flat, c_flat = freq.ravel().astype(np.uint64), (np.cumsum(freq, axis=1) - freq).ravel().astype(np.uint64)
-    tab = np.zeros(steps * lanes, np.int64)
-    tab[:n] = tables
-    tab = tab.reshape(steps, lanes)
+    f_flat, c_flat = rans_codes(freq)
+    tab = np.pad(tables, (0, steps * lanes - n)).reshape(steps, lanes)
     ptr, end = np.cumsum(counts) - counts, np.cumsum(counts)
     words = np.append(words, 0).astype(np.uint64)
     x = states.astype(np.uint64)
@@ -980,51 +942,53 @@ def rans_decode(tables: np.ndarray, freq: np.ndarray, states: np.ndarray, counts
     return out.ravel()[:n]
 
 
-def pack_rans(tensors: dict, scheme: dict, meta: dict) -> bytes:
+def xz_safetensors(tensors, meta):
+    return lzma.compress(st.save(tensors, metadata={"pgolf": json.dumps(meta)}), preset=9)
+
+
+def pack_rans(tensors, scheme, meta):
     """magic, head length, LZMA(safetensors of the unquantized tensors, scales and coder tables), rANS words."""
-    from safetensors.torch import save
-    coded = [k for k, v in scheme.items() if v.startswith("int")]
-    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127 for k in coded]
+    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127 for k in coded_names(scheme)]
     freq = rans_tables(symbols, 255)
     keys = np.concatenate([i * 255 + sym for i, sym in enumerate(symbols)] or [np.zeros(0, np.int64)])
     states, counts, words = rans_encode(keys, freq, rans_lanes(len(keys)))
     rest = {k: v for k, v in tensors.items() if not k.endswith(".q")}
-    rest.update({f"rans.{k}": torch.from_numpy(v.astype(np.int64)) for k, v in (("freq", freq), ("states", states), ("counts", counts))})
-    head = lzma.compress(save(rest, metadata={"pgolf": json.dumps(meta)}), preset=9)
+    for k, v in zip(RANS_HEAD, (freq, states, counts)):
+        rest[f"rans.{k}"] = torch.from_numpy(v.astype(np.int64))
+    head = xz_safetensors(rest, meta)
     return RANS_MAGIC + len(head).to_bytes(4, "little") + head + words.astype("<u2").tobytes()
 
 
-def pack(tensors: dict, scheme: dict, s: dict) -> tuple[bytes, str]:
-    """Serialize the quantized model (safetensors, no pickle) and compress it with COMPRESSOR (best: the smaller)."""
-    from safetensors.torch import save
+def pack(tensors, scheme, s):
+    """Serialize (safetensors, no pickle) and compress with COMPRESSOR (best: the smaller)."""
     meta = dict(format="pgolf-int-v2", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
-                shapes={k: list(tensors[k + ".q"].shape) for k, v in scheme.items() if v.startswith("int")})
+                shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)})
     options = {}
     if s["COMPRESSOR"] in ("rans", "best"):
         options["rans"] = pack_rans(tensors, scheme, meta)
     if s["COMPRESSOR"] in ("lzma", "best"):  # one metadata key: the bytes are reproducible
-        options["lzma"] = lzma.compress(save(tensors, metadata={"pgolf": json.dumps(meta)}), preset=9)
+        options["lzma"] = xz_safetensors(tensors, meta)
     name = min(options, key=lambda k: len(options[k]))
     return options[name], name
 
 
-def read_safetensors(raw: bytes) -> tuple[dict, dict]:
-    from safetensors.torch import load
-    return load(raw), json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
+def read_safetensors(raw):
+    return st.load(raw), json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
 
 
-def unpack(blob: bytes) -> tuple[dict, dict]:
-    """Tensors and header of a packed artifact; raises ValueError (or a parser's error) on anything malformed."""
+def unpack(blob):
+    """Tensors and header of a packed artifact; ValueError (or a parser's error) if malformed."""
     if blob[:6] == XZ_MAGIC:
         return read_safetensors(lzma.decompress(blob))
     n = int.from_bytes(blob[8:12], "little")
     if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
         raise ValueError
     tensors, header = read_safetensors(lzma.decompress(blob[12:12 + n]))
-    freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in ("freq", "states", "counts"))
+    freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in RANS_HEAD)
     words = np.frombuffer(blob[12 + n:], "<u2")
-    coded = [k for k, v in header["scheme"].items() if v.startswith("int")]
-    sizes = [math.prod(header["shapes"][k]) for k in coded]
+    scheme, shapes = header["scheme"], header["shapes"]
+    coded = coded_names(scheme)
+    sizes = [math.prod(shapes[k]) for k in coded]
     if (freq.shape != (len(coded), 255) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
             or not 0 < len(states) == len(counts) or (counts < 0).any() or counts.sum() != len(words)
             or not ((RANS_LOW <= states) & (states < 1 << 32)).all() or min(sizes, default=1) < 1):
@@ -1032,21 +996,19 @@ def unpack(blob: bytes) -> tuple[dict, dict]:
     sym = rans_decode(np.repeat(np.arange(len(coded)), sizes), freq, states, counts, words)
     for k, part in zip(coded, np.split(sym, np.cumsum(sizes)[:-1])):
         q = part - 127
-        if np.abs(q).max(initial=0) > max_q_of(header["scheme"][k]):
+        if np.abs(q).max(initial=0) > max_q_of(scheme[k]):
             raise ValueError
-        tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8).reshape(header["shapes"][k]))
+        tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8).reshape(shapes[k]))
     return tensors, header
 
 
-def check_config(path, config: dict, s: dict, what: str = "the artifact"):
-    wrong = [f"{k}={config.get(k)!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]
-    if wrong:
+def check_config(path, config, s, what="the artifact"):
+    if wrong := [f"{k}={config.get(k)!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]:
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
 
-def load_artifact(path, s: dict) -> dict:
-    """Read an artifact back into a GPT state dict; refuse one that is malformed or whose model settings differ."""
-    from safetensors import SafetensorError
+def load_artifact(path, s):
+    """An artifact as a GPT state dict, unless malformed or of other model settings."""
     path = Path(path)
     if not path.is_file():
         raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
@@ -1058,11 +1020,10 @@ def load_artifact(path, s: dict) -> dict:
         return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
     except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError):
         raise Fail(f"{path} is not an intact artifact of this script (truncated, corrupt or another format; "
-                   f"nothing in it was run)") from None
+                   "nothing in it was run)") from None
 
 
-def load_float_weights(path: Path, s: dict) -> dict:
-    from safetensors import SafetensorError, safe_open
+def load_float_weights(path, s):
     try:
         with safe_open(str(path), "pt") as f:
             config = json.loads(f.metadata()["pgolf"])["config"]
@@ -1073,38 +1034,39 @@ def load_float_weights(path: Path, s: dict) -> dict:
     return state
 
 
-def entropy_bytes(counts: np.ndarray) -> float:
-    """Order-0 entropy, in bytes, of symbols with these counts (one row per tensor)."""
+def entropy_bytes(counts):
+    """Order-0 entropy in bytes of symbols with these counts (a row per tensor)."""
     c = counts.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(np.nansum(c * np.log2(c.sum(axis=-1, keepdims=True) / c)) / 8)
 
 
-def symbol_counts(q: Tensor) -> np.ndarray:
+def symbol_counts(q):
     return np.bincount(q.numpy().astype(np.int64).ravel() + 127, minlength=255)
 
 
-def log_precision_groups(run, state: dict, tensors: dict, scheme: dict):
-    """Per precision: parameters, estimated bytes (order-0 entropy of the symbols + scales) and relative MSE."""
+def log_precision_groups(run, state, tensors, scheme):
+    """Per precision: parameters, estimated bytes (order-0 entropy + scales) and relative MSE."""
     L, groups = run.s["NUM_LAYERS"], {}
     flat, back = unbank({k: v.float().cpu() for k, v in state.items()}, L), unbank(dequantize_state(tensors, scheme, L), L)
     for name, kind in scheme.items():
         t = tensors.get(name)
         nbytes = t.numel() * t.element_size() if t is not None else \
             entropy_bytes(symbol_counts(tensors[name + ".q"])) + 2 * tensors[name + ".scale"].numel()
-        w, e = flat[name].float(), (flat[name].float() - back[name].float()).square().sum().item()
+        w = flat[name]
+        e = (w - back[name].float()).square().sum().item()
         groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (w.numel(), nbytes, e, w.square().sum().item()))]
     for kind, (n, nbytes, err, norm) in sorted(groups.items()):
         run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
     run.log("quant_precision " + " ".join(f"{k}:{g[0]}" for k, g in sorted(groups.items())))
 
 
-def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget: int) -> tuple[bytes, str]:
-    """Pack; over budget, zero the +-1 values that cost least (scale^2 x normalized H diagonal) until it fits."""
+def fit_to_limit(run, tensors, scheme, hessians, budget):
+    """Pack; over budget, zero the +-1 values that cost least (scale^2 x normalized H diagonal) to fit."""
     blob, method = pack(tensors, scheme, run.s)
     if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
         return blob, method
-    names = [k for k, v in scheme.items() if v.startswith("int")]
+    names = coded_names(scheme)
     original, cost, cells, signal = {k: tensors[k + ".q"] for k in names}, [], [], 0.0
     for i, k in enumerate(names):
         q, scale = original[k], tensors[k + ".scale"].float()
@@ -1116,37 +1078,30 @@ def fit_to_limit(run, tensors: dict, scheme: dict, hessians: dict | None, budget
     order = np.argsort(np.concatenate(cost), kind="stable")
     cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
     counts = np.stack([symbol_counts(original[k]) for k in names])
-    def saving(n: int) -> float:  # order-0 bytes saved by zeroing the n cheapest values
+
+    def saving(n):  # order-0 bytes saved by zeroing the n cheapest values
         m = np.bincount(cells[0, :n] * 255 + cells[3, :n], minlength=counts.size).reshape(counts.shape)
         return entropy_bytes(counts) - entropy_bytes(counts - m + np.outer(m.sum(1), np.eye(255, dtype=np.int64)[127]))
 
     need = len(blob) - budget
-    for _ in range(8):  # the estimate is order-0: ask for more while the packed bytes still exceed the budget
-        lo, hi = 0, len(cost)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if saving(mid) >= need else (mid + 1, hi)
+    for _ in range(8):  # the estimate is order-0: ask for more while still over budget
+        n = bisect.bisect_left(range(len(cost)), True, key=lambda k: saving(k) >= need)
         for i, k in enumerate(names):
-            sel = cells[1:3, :lo][:, cells[0, :lo] == i]
-            tensors[k + ".q"] = original[k].clone()
-            tensors[k + ".q"][sel[0], sel[1]] = 0
+            q = tensors[k + ".q"] = original[k].clone()
+            q[tuple(cells[1:3, :n][:, cells[0, :n] == i])] = 0
         fitted, method = pack(tensors, scheme, run.s)
-        if len(fitted) <= budget or lo == len(cost):
+        if len(fitted) <= budget or n == len(cost):
             break
         need = int(need * 1.25) + 64
-    run.log(f"fit_to_limit: zeroed {lo} of {len(cost)} +-1 values, bytes {len(blob)} -> {len(fitted)} "
-            f"(budget {budget}), predicted output error +{cost[:lo].sum() / max(signal, 1e-30):.3e} of the signal")
+    run.log(f"fit_to_limit: zeroed {n} of {len(cost)} +-1 values, bytes {len(blob)} -> {len(fitted)} "
+            f"(budget {budget}), predicted output error +{cost[:n].sum() / max(signal, 1e-30):.3e} of the signal")
     return fitted, method
 
 
-def export_artifact(run, state: dict, path: Path, code_bytes: int) -> tuple[int, str]:
-    """Calibrate (GPTQ), quantize by role, fit the byte budget, pack, write atomically."""
-    s = run.s
-    hessians, t0 = None, time.perf_counter()
+def export_artifact(run, state, path, code_bytes):
+    s, hessians, t0 = run.s, None, time.perf_counter()
     if s["QUANT"] == "gptq":
-        model = GPT(s, run.attention).to(run.device)
-        model.load_state_dict(state)
-        hessians = collect_hessians(model, run)
+        hessians = collect_hessians(build_model(run, state), run)
         run.log(f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
                 f"time:{time.perf_counter() - t0:.1f}s")
     t1 = time.perf_counter()
@@ -1156,31 +1111,23 @@ def export_artifact(run, state: dict, path: Path, code_bytes: int) -> tuple[int,
     t2 = time.perf_counter()
     blob, method = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
     run.log(f"pack:{method} time:{time.perf_counter() - t2:.1f}s")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    write_atomic(path, blob)
     return len(blob), method
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-SCORE_HOOK = None  # tools/audit_causality.py sets this to see every scored distribution
+SCORE_HOOK = None  # tools/audit_causality.py sees every scored distribution
 
 
-def sliding_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first scored position) of each window over n positions; every position is scored once.
-    Position t predicts token t+1. The first window scores all of its positions, later ones their last stride."""
-    wins = [(0, min(seq_len, n), 0)]
-    start = stride
-    while start + seq_len - stride < n:
-        wins.append((start, min(start + seq_len, n), start + seq_len - stride))
-        start += stride
-    return wins
+def sliding_windows(n, seq_len, stride):
+    """(start, end, first scored) of windows scoring each of n positions once: the first all, later the last stride."""
+    return [(0, min(seq_len, n), 0)] + [(a, min(a + seq_len, n), a + seq_len - stride)
+                                        for a in range(stride, n - seq_len + stride, stride)]
 
 
-def slot_delta(model: GPT, H: Tensor, y: Tensor, fit: Tensor, s: dict, shared: bool) -> Tensor:
-    """SLOT: a hidden-state offset fitted with AdamW on the CE of the positions marked in fit.
-    shared: one delta for the whole batch (the seed's); else one per window (its mean loss, independent fits)."""
+def slot_delta(model, H, y, fit, s, shared):
+    """SLOT: a hidden-state offset fitted by AdamW on the CE at fit, one for the batch (the seed's) or per window."""
     B, T, d = H.shape
     delta = torch.zeros(1 if shared else B, 1, d, device=H.device, requires_grad=True)
     opt = torch.optim.AdamW([delta], lr=s["SLOT_LR"], weight_decay=1e-8, eps=1e-5)
@@ -1189,16 +1136,14 @@ def slot_delta(model: GPT, H: Tensor, y: Tensor, fit: Tensor, s: dict, shared: b
         with torch.enable_grad():
             logits = model.compute_logits(H + delta)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
-            loss = (nll * weight).sum()
-            delta.grad, = torch.autograd.grad(loss, [delta])  # no gradient into the model's weights
+            delta.grad, = torch.autograd.grad((nll * weight).sum(), [delta])  # no gradient into the model's weights
         opt.step()
     return delta.detach()
 
 
 @torch.no_grad()
-def score_windows(model: GPT, run: Run, val: Tensor, wins, luts, slot: bool, hidden_fn) -> Tensor:
-    """Sum of NLL, scored tokens and scored bytes over a batch of windows. Batches are padded to EVAL_BATCH_SEQS
-    windows of EVAL_SEQ_LEN positions, so that their shape never changes (nothing recompiles)."""
+def score_windows(model, run, val, wins, luts, slot, hidden_fn):
+    """Sums of NLL, tokens and bytes scored in windows padded to a fixed shape (nothing recompiles)."""
     w = torch.tensor(list(wins) + [(0, 0, 0)] * (run.s["EVAL_BATCH_SEQS"] - len(wins)))
     starts, lens, first = w[:, 0], w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
     pos = torch.arange(run.s["EVAL_SEQ_LEN"])
@@ -1219,18 +1164,16 @@ def score_windows(model: GPT, run: Run, val: Tensor, wins, luts, slot: bool, hid
         SCORE_HOOK((idx + 1).to(run.device)[scored], logp)
     nll = -logp.gather(1, tgt[:, None]).squeeze(1)
     nbytes = target_bytes(x[scored], tgt, luts)
-    return torch.stack((nll.double().sum(), torch.tensor(float(tgt.numel()), dtype=torch.float64, device=run.device),
-                        nbytes.double().sum()))
+    return torch.stack((nll.double().sum(), nll.new_tensor(tgt.numel(), dtype=torch.float64), nbytes.double().sum()))
 
 
-def ttt_train_chunk(model: GPT, run: Run, val: Tensor, c: int, n_chunks: int, opt, loss_fn):
-    """Score-first TTT: train on chunk c's tokens (already scored), its sequences split across ranks."""
+def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn):
+    """Score-first TTT: train on chunk c (already scored), its sequences split across ranks."""
     s, L = run.s, run.s["EVAL_SEQ_LEN"]
     start = c * s["TTT_CHUNK_TOKENS"]
     n_seqs = (min(start + s["TTT_CHUNK_TOKENS"], val.numel() - 1) - start) // L
-    lr = s["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = s["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
     params = [p for g in opt.param_groups for p in g["params"]]
     frozen = s["TTT_FREEZE_BLOCKS"]
     for _ in range(s["TTT_EPOCHS"]):
@@ -1245,21 +1188,21 @@ def ttt_train_chunk(model: GPT, run: Run, val: Tensor, c: int, n_chunks: int, op
                     loss = loss_fn(tok[:-1].view(-1, L), tok[1:].view(-1, L))
                 (loss * (hi - lo) / (be - bs)).backward()
             all_reduce_([p.grad for p in params], mean=False)
-            if frozen:  # the frozen blocks' own parameters and their rows of every bank
-                for g in [p.grad for blk in model.blocks[:frozen] for p in blk.parameters()]:
-                    g.zero_()
-                for g in [getattr(model, bank).grad for bank in BANK_ROWS]:
+            if frozen:  # the frozen blocks' parameters and bank rows
+                for p in model.blocks[:frozen].parameters():
+                    p.grad.zero_()
+                for bank in BANK_ROWS:
+                    g = getattr(model, bank).grad
                     g.view(-1, len(model.blocks), *g.shape[1:])[:, :frozen].zero_()
             if s["TTT_GRAD_CLIP"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, s["TTT_GRAD_CLIP"])
             opt.step()
 
 
-def evaluate(model: GPT, run: Run, val: Tensor, luts, stride: int, ttt: bool, slot: bool, tag: str = "") -> tuple[float, float]:
-    """Sliding-window evaluation (stride = EVAL_SEQ_LEN gives the plain one), optionally with legal
-    score-first TTT (each chunk's windows are scored before the model trains on that chunk) and SLOT."""
+def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag=""):
+    """Sliding windows (stride 0: EVAL_SEQ_LEN, plain), with SLOT, with legal TTT (score a chunk, then train)."""
     s = run.s
-    wins = sliding_windows(val.numel() - 1, s["EVAL_SEQ_LEN"], stride)
+    wins = sliding_windows(val.numel() - 1, s["EVAL_SEQ_LEN"], stride or s["EVAL_SEQ_LEN"])
     chunk = s["TTT_CHUNK_TOKENS"] if ttt else val.numel()
     n_chunks = (val.numel() - 2) // chunk + 1
     groups = [[] for _ in range(n_chunks)]
@@ -1280,11 +1223,11 @@ def evaluate(model: GPT, run: Run, val: Tensor, luts, stride: int, ttt: bool, sl
             done += 1
             if tag and not ttt and done == max(1, n_batches // 20):
                 project_pass(run, tag, done / n_batches, t0)
-        if ttt and c < n_chunks - 1:
-            ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn)
-        if tag and ttt and c + 1 == min(3, n_chunks):
-            project_pass(run, tag, (c + 1) / n_chunks, t0)
         if ttt:
+            if c < n_chunks - 1:
+                ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn)
+            if tag and c + 1 == min(3, n_chunks):
+                project_pass(run, tag, (c + 1) / n_chunks, t0)
             run.log(f"{tag}_chunk:{c + 1}/{n_chunks} running_bpb:{bpb_of(stats):.4f} "
                     f"elapsed:{time.perf_counter() - t0:.1f}s", console=c % 50 == 0 or c == n_chunks - 1)
     if dist.is_initialized():
@@ -1292,47 +1235,43 @@ def evaluate(model: GPT, run: Run, val: Tensor, luts, stride: int, ttt: bool, sl
     return (stats[0] / stats[1]).item(), bpb_of(stats)
 
 
-def project_pass(run: Run, tag: str, fraction: float, t0: float):
-    """Early in a pass: its projected seconds, and a loud line now if the evaluation would exceed its budget."""
+def project_pass(run, tag, fraction, t0):
+    """A pass's projected seconds, and a loud line if the evaluation would exceed its budget."""
     run.sync()
-    pass_s = (time.perf_counter() - t0) / fraction
+    pass_s, budget = (time.perf_counter() - t0) / fraction, run.s["EVAL_BUDGET_SECONDS"]
     total = run.summary.get("eval_time_s", 0) + pass_s
-    run.log(f"{tag}_projected_seconds:{pass_s:.1f} eval_total_projected:{total:.1f} budget:{run.s['EVAL_BUDGET_SECONDS']:.0f}")
-    if total > run.s["EVAL_BUDGET_SECONDS"]:
+    run.log(f"{tag}_projected_seconds:{pass_s:.1f} eval_total_projected:{total:.1f} budget:{budget:.0f}")
+    if total > budget:
         run.log(f"!!! EVAL BUDGET: {tag} is projected to end the evaluation after {total:.0f}s > "
-                f"EVAL_BUDGET_SECONDS={run.s['EVAL_BUDGET_SECONDS']:.0f} !!!")
+                f"EVAL_BUDGET_SECONDS={budget:.0f} !!!")
 
 
-def bpb_of(stats: Tensor) -> float:
+def bpb_of(stats):
     return (stats[0] / math.log(2) / stats[2].clamp_min(1)).item()
 
 
-def eval_paths(s: dict) -> list[tuple[str, dict]]:
-    """The evaluations of a finished model, in order; the last one is the final score."""
-    L = s["EVAL_SEQ_LEN"]
-    stride = s["EVAL_STRIDE"]
+def eval_paths(s):
+    """The evaluations of a finished model; the last one is the final score."""
+    L, stride, ttt, slot = s["EVAL_SEQ_LEN"], s["EVAL_STRIDE"], bool(s["TTT_ENABLED"]), bool(s["SLOT_ENABLED"])
     paths = [("final_int6_roundtrip", dict(stride=L, ttt=False, slot=False))]
-    adaptive = s["TTT_ENABLED"] or s["SLOT_ENABLED"]
-    if stride < L and (s["EVAL_SLIDING_PASS"] or not adaptive):  # the adaptive pass scores the same windows itself
+    if stride < L and (s["EVAL_SLIDING_PASS"] or not (ttt or slot)):  # an adaptive pass scores these windows itself
         paths.append(("final_int6_sliding_window", dict(stride=stride, ttt=False, slot=False)))
-    if adaptive:
-        label = "legal_ttt" if s["TTT_ENABLED"] else "slot_sliding_window"
-        paths.append((label, dict(stride=stride, ttt=bool(s["TTT_ENABLED"]), slot=bool(s["SLOT_ENABLED"]))))
+    if ttt or slot:
+        paths.append(("legal_ttt" if ttt else "slot_sliding_window", dict(stride=stride, ttt=ttt, slot=slot)))
     return paths
 
 
-def eval_name(s: dict, stride: int, ttt: bool, slot: bool) -> str:
+def eval_name(s, stride, ttt, slot):
     base = "ttt" if ttt else "sliding" if stride < s["EVAL_SEQ_LEN"] else "roundtrip"
     return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
 
 
-def final_evaluation(run: Run, state: dict, val: Tensor, luts, float_bpb: float | None):
-    s = run.s
+def final_evaluation(run, state, val, luts, float_bpb):
+    s, metrics = run.s, run.summary["metrics"]
     if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
-        run.log("WARNING: SLOT_MODE=batch fits one delta on the very targets it scores: it breaks the causality "
-                "condition (SPEC 2.1) and is for reproducing the seed only; SLOT_MODE=causal is the legal one")
-    model = GPT(s, run.attention).to(run.device)
-    model.load_state_dict(state)
+        run.log("WARNING: SLOT_MODE=batch fits its delta on the targets it scores, breaking causality (SPEC 2.1): "
+                "it only reproduces the seed; SLOT_MODE=causal is the legal one")
+    model = build_model(run, state)
     for label, kw in eval_paths(s):
         PROGRESS["stage"] = f"evaluation ({label})"
         run.sync()
@@ -1341,26 +1280,25 @@ def final_evaluation(run: Run, state: dict, val: Tensor, luts, float_bpb: float 
         ms = 1000 * (time.perf_counter() - t0)
         run.log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         run.log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        run.summary["metrics"][f"{label}_exact"] = dict(val_loss=loss, val_bpb=bpb, eval_time_s=ms / 1000)
+        metrics[f"{label}_exact"] = dict(val_loss=loss, val_bpb=bpb, eval_time_s=ms / 1000)
         if label == "final_int6_roundtrip" and float_bpb is not None:
             run.summary["quant_gap_bpb"] = bpb - float_bpb
             run.log(f"quant_gap_bpb:{bpb - float_bpb:.8f}")
         run.summary["eval_time_s"] = run.summary.get("eval_time_s", 0) + ms / 1000
     run.summary["final_eval_seconds"] = ms / 1000
     run.log(f"final_eval_seconds:{ms / 1000:.1f} eval_total_seconds:{run.summary['eval_time_s']:.1f}")
-    name = eval_name(s, **kw)
-    causal = not (kw["slot"] and s["SLOT_MODE"] == "batch")
+    name, causal = eval_name(s, **kw), not (kw["slot"] and s["SLOT_MODE"] == "batch")
     run.log(f"final_score_exact eval:{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} causal:{'yes' if causal else 'no'}")
     run.summary["final"] = dict(eval=name, val_loss=loss, val_bpb=bpb, causal=causal)
 
 
 # ----------------------------------------------------------------------------- main
 
-def log_header(run: Run, code: str):
+def log_header(run, code):
     s = run.s
     run.log(code, console=False)
     run.log("=" * 100, console=False)
-    hw = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    hw = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu ({os.cpu_count()} cores)"
     run.log(f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
             f"attention:{run.attn_name} compile:{int(run.compile)}")
     run.log("settings: " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items()))
@@ -1372,7 +1310,7 @@ def log_header(run: Run, code: str):
     run.log(f"Code size: {len(code.encode())} bytes")
 
 
-def main() -> int:
+def main():
     s = parse_settings()
     run = PROGRESS["run"] = Run(s)
     code = Path(__file__).read_text(encoding="utf-8")
@@ -1390,7 +1328,7 @@ def main() -> int:
         if artifact.name.endswith(".safetensors"):
             state = load_float_weights(artifact, s)
     else:
-        model = GPT(s, run.attention).to(run.device)
+        model = build_model(run)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
         if run.master:
@@ -1403,42 +1341,41 @@ def main() -> int:
         if dist.is_initialized():
             dist.barrier()
         PROGRESS.update(stage="evaluation", on_disk=f"{PROGRESS['on_disk']} and {artifact}")
-        model = GPT(s, run.attention).to(run.device)
-        model.load_state_dict(state)
-        float_loss, float_bpb = evaluate(model, run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)
+        float_loss, float_bpb = evaluate(build_model(run, state), run, val, luts)
         run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
         run.summary["metrics"]["final_float_exact"] = dict(val_loss=float_loss, val_bpb=float_bpb)
     quantized = load_artifact(artifact, s)
-    model_bytes = artifact.stat().st_size
+    model_bytes, limit = artifact.stat().st_size, s["ARTIFACT_LIMIT_BYTES"]
+    total = model_bytes + code_bytes
     method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
     run.log(f"Serialized model int6+{method}: {model_bytes} bytes")
-    run.log(f"Total submission size int6+{method}: {model_bytes + code_bytes} bytes")
-    over = model_bytes + code_bytes > s["ARTIFACT_LIMIT_BYTES"]
-    if over:
-        run.log(f"!!! OVER THE LIMIT: {model_bytes + code_bytes} bytes > ARTIFACT_LIMIT_BYTES={s['ARTIFACT_LIMIT_BYTES']}; "
+    run.log(f"Total submission size int6+{method}: {total} bytes")
+    if over := total > limit:
+        run.log(f"!!! OVER THE LIMIT: {total} bytes > ARTIFACT_LIMIT_BYTES={limit}; "
                 f"the artifact is kept and evaluated, but it is not a valid submission !!!")
-    run.summary.update(artifact=str(artifact), over_limit=over, bytes=dict(
-        model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=s["ARTIFACT_LIMIT_BYTES"]))
+    run.summary.update(artifact=str(artifact), over_limit=over,
+                       bytes=dict(model=model_bytes, code=code_bytes, total=total, limit=limit))
     run.write_summary()
     final_evaluation(run, quantized, val, luts, float_bpb)
     if over:
-        run.log(f"!!! OVER THE LIMIT: {model_bytes + code_bytes} bytes; the scores above are not a valid submission !!!")
+        run.log(f"!!! OVER THE LIMIT: {total} bytes; the scores above are not a valid submission !!!")
     run.write_summary()
     return 1 if over else 0
 
 
 if __name__ == "__main__":
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         code = main()
     except Fail as e:  # the same on every rank: rank 0 says it
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank0:
             print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         msg = f"interrupted during {PROGRESS['stage']}; on disk: {PROGRESS['on_disk']}"
         if PROGRESS["run"] is not None:
             PROGRESS["run"].log(msg)
-        elif int(os.environ.get("RANK", 0)) == 0:
+        elif rank0:
             print(msg, file=sys.stderr)
         code = 130
     if dist.is_initialized():
