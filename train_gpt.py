@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-# ----------------------------------------------------------------------------- settings
+# -------------------- settings
 
 DEFAULTS = dict(
     DATA_PATH="./data/datasets/fineweb10B_sp1024", TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
@@ -97,13 +97,15 @@ def parse_settings(env=os.environ):
          f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len} (TTT trains on whole sequences)"),
         (s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
          "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
-         "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self")):
+         "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self"),
+        (s["EVAL_ONLY"] and not s["ARTIFACT_PATH"],
+         f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>")):
         if bad:
             raise Fail(msg)
     return s
 
 
-# ----------------------------------------------------------------------------- data
+# -------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
 
@@ -208,7 +210,7 @@ def load_tokenizer(s):
     return sp
 
 
-# ----------------------------------------------------------------------------- model
+# -------------------- model
 
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
@@ -400,7 +402,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-# ----------------------------------------------------------------------------- optimizer
+# -------------------- optimizer
 
 def zeropower_via_newtonschulz5(G, steps):  # of a batch of matrices [N, rows, cols]
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -518,7 +520,7 @@ def optimizer_step(muon, adam, others, s):
     muon.step(shards)
 
 
-# ----------------------------------------------------------------------------- training
+# -------------------- training
 
 class Run:  # settings, rank, device, log file
     def __init__(self, s):
@@ -649,10 +651,12 @@ def train(model, run, val, luts):
     if s["WARMUP_STEPS"] > 0:  # compile and warm the kernels, then start again from the initial state
         initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
         for i in range(s["WARMUP_STEPS"]):
+            model.qat = bool(s["LATE_QAT"]) and 2 * i >= s["WARMUP_STEPS"]  # compile the late-QAT graph now, too
             train_step(0, 1.0)
             run.log(f"warmup_step:{i + 1}/{s['WARMUP_STEPS']}")
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
+        model.qat = False
         loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
     train_ms, step, stopping = 0.0, 0, False
@@ -705,7 +709,7 @@ def train(model, run, val, luts):
     return {k: v.to(dtypes[k]) for k, v in weights.items()}
 
 
-# ----------------------------------------------------------------------------- export (GPTQ int6 + rANS)
+# -------------------- export (GPTQ int6 + rANS)
 
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "BIGRAM_VOCAB_SIZE",
@@ -1115,7 +1119,7 @@ def export_artifact(run, state, path, code_bytes):
     return len(blob), method
 
 
-# ----------------------------------------------------------------------------- evaluation
+# -------------------- evaluation
 
 SCORE_HOOK = None  # tools/audit_causality.py sees every scored distribution
 
@@ -1127,18 +1131,24 @@ def sliding_windows(n, seq_len, stride):
 
 
 def slot_delta(model, H, y, fit, s, shared):
-    """SLOT: a hidden-state offset fitted by AdamW on the CE at fit, one for the batch (the seed's) or per window."""
+    """SLOT: a hidden-state offset fitted on the CE at fit, one for the batch (the seed's) or per window, by AdamW
+    (wd 1e-8, eps 1e-5) written out so that it compiles whole."""
     B, T, d = H.shape
-    delta = torch.zeros(1 if shared else B, 1, d, device=H.device, requires_grad=True)
-    opt = torch.optim.AdamW([delta], lr=s["SLOT_LR"], weight_decay=1e-8, eps=1e-5)
     weight = fit.float() / (fit.sum() if shared else fit.sum(dim=1, keepdim=True)).clamp_min(1)
-    for _ in range(s["SLOT_STEPS"]):
-        with torch.enable_grad():
-            logits = model.compute_logits(H + delta)
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
-            delta.grad, = torch.autograd.grad((nll * weight).sum(), [delta])  # no gradient into the model's weights
-        opt.step()
-    return delta.detach()
+
+    def loss(delta):  # of delta alone: no gradient reaches the weights
+        logits = model.compute_logits(H + delta)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
+        return (nll * weight).sum()
+
+    lr, b1, b2 = s["SLOT_LR"], 0.9, 0.999
+    delta = H.new_zeros(1 if shared else B, 1, d, dtype=torch.float32)
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    for t in range(1, s["SLOT_STEPS"] + 1):
+        g = torch.func.grad(loss)(delta)
+        m, v = m.lerp(g, 1 - b1), v * b2 + (1 - b2) * g * g
+        delta = delta * (1 - lr * 1e-8) - lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + 1e-5)
+    return delta
 
 
 @torch.no_grad()
@@ -1156,7 +1166,7 @@ def score_windows(model, run, val, wins, luts, slot, hidden_fn):
         if slot:
             batch = run.s["SLOT_MODE"] == "batch"
             fit = (pos < (lens if batch else first)[:, None]).to(run.device)
-            delta = slot_delta(model, H, y, fit, run.s, shared=batch)
+            delta = run.compiled(slot_delta)(model, H, y, fit, run.s, batch)
         logits = model.compute_logits((H + delta)[scored])  # the head only where a target is scored
     logp = F.log_softmax(logits.float(), dim=-1)
     tgt = y[scored]
@@ -1266,12 +1276,11 @@ def eval_name(s, stride, ttt, slot):
     return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
 
 
-def final_evaluation(run, state, val, luts, float_bpb):
+def final_evaluation(run, model, val, luts, float_bpb):
     s, metrics = run.s, run.summary["metrics"]
     if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
         run.log("WARNING: SLOT_MODE=batch fits its delta on the targets it scores, breaking causality (SPEC 2.1): "
                 "it only reproduces the seed; SLOT_MODE=causal is the legal one")
-    model = build_model(run, state)
     for label, kw in eval_paths(s):
         PROGRESS["stage"] = f"evaluation ({label})"
         run.sync()
@@ -1292,7 +1301,7 @@ def final_evaluation(run, state, val, luts, float_bpb):
     run.summary["final"] = dict(eval=name, val_loss=loss, val_bpb=bpb, causal=causal)
 
 
-# ----------------------------------------------------------------------------- main
+# -------------------- main
 
 def log_header(run, code):
     s = run.s
@@ -1321,16 +1330,15 @@ def main():
     val = load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
     run.log(f"val_tokens:{val.numel() - 1}")
     state, float_bpb, code_bytes = None, None, len(code.encode())
+    model = build_model(run)  # trained here, then every evaluation loads its weights: one model, compiled once
     if s["EVAL_ONLY"]:
-        if not s["ARTIFACT_PATH"]:
-            raise Fail(f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>")
         artifact = Path(s["ARTIFACT_PATH"])
         if artifact.name.endswith(".safetensors"):
             state = load_float_weights(artifact, s)
     else:
-        model = build_model(run)
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
+        model.qat = False
         if run.master:
             save_float_weights(state, s, run.out / FLOAT_NAME)
         PROGRESS.update(stage="export", on_disk=str(run.out / FLOAT_NAME))
@@ -1341,10 +1349,11 @@ def main():
         if dist.is_initialized():
             dist.barrier()
         PROGRESS.update(stage="evaluation", on_disk=f"{PROGRESS['on_disk']} and {artifact}")
-        float_loss, float_bpb = evaluate(build_model(run, state), run, val, luts)
+        model.load_state_dict(state)
+        float_loss, float_bpb = evaluate(model, run, val, luts)
         run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
         run.summary["metrics"]["final_float_exact"] = dict(val_loss=float_loss, val_bpb=float_bpb)
-    quantized = load_artifact(artifact, s)
+    model.load_state_dict(load_artifact(artifact, s))
     model_bytes, limit = artifact.stat().st_size, s["ARTIFACT_LIMIT_BYTES"]
     total = model_bytes + code_bytes
     method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
@@ -1356,7 +1365,7 @@ def main():
     run.summary.update(artifact=str(artifact), over_limit=over,
                        bytes=dict(model=model_bytes, code=code_bytes, total=total, limit=limit))
     run.write_summary()
-    final_evaluation(run, quantized, val, luts, float_bpb)
+    final_evaluation(run, model, val, luts, float_bpb)
     if over:
         run.log(f"!!! OVER THE LIMIT: {total} bytes; the scores above are not a valid submission !!!")
     run.write_summary()

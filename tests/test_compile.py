@@ -33,8 +33,10 @@ def test_compiled_paths_have_no_graph_breaks(tiny_settings, one_thread):
     s = tiny_settings()
     model = noised_model(s)
     x = torch.randint(0, 1024, (2, 128))
+    H, fit = model.forward_hidden(x).detach(), torch.rand(2, 128) > 0.5
     for name, fn, args in (("training loss (also the TTT step's loss)", model, (x, x)),
-                           ("eval hidden states", model.forward_hidden, (x,))):
+                           ("eval hidden states", model.forward_hidden, (x,)),
+                           ("SLOT fit", tg.slot_delta, (model, H, x, fit, s, False))):
         ex = explain(fn, *args)
         assert ex.graph_break_count == 0 and ex.graph_count == 1, (name, ex.break_reasons)
     # The backward of the training loss compiles as one graph too (AOTAutograd through fullgraph=True).
@@ -56,9 +58,9 @@ def test_evaluation_compiles_once_and_never_again(tmp_path, eager_compile, one_t
     kw = dict(stride=s["EVAL_STRIDE"], ttt=True, slot=True)
     first = tg.evaluate(model, run, val, luts, **kw)
     graphs = counters["stats"]["unique_graphs"]
-    # One graph for the scoring batches ([EVAL_BATCH_SEQS, EVAL_SEQ_LEN], padded), and one per TTT batch shape
-    # ([3, 128], and [1, 128] for the last batch of each chunk): not one per distinct number of windows.
-    assert graphs == 3 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    # One graph for the scoring batches ([EVAL_BATCH_SEQS, EVAL_SEQ_LEN], padded), one for the SLOT fit, and one per
+    # TTT batch shape ([3, 128], and [1, 128] for the last batch of each chunk): not one per number of windows.
+    assert graphs == 4 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
     model.load_state_dict(noised_model(s, seed=1).state_dict())
     second = tg.evaluate(model, run, val, luts, **kw)
     assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled after warm-up
@@ -84,7 +86,7 @@ def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thr
     monkeypatch.setattr(run, "log", lambda msg, console=True: lines.append(msg))
     train_chunk = tg.ttt_train_chunk
     monkeypatch.setattr(tg, "ttt_train_chunk", lambda *a: chunks.append(len(lines)) or train_chunk(*a))
-    tg.final_evaluation(run, noised_model(s).state_dict(), val, luts, None)
+    tg.final_evaluation(run, noised_model(s), val, luts, None)
     n_chunks = (val.numel() - 2) // 256 + 1
     projected = [i for i, ln in enumerate(lines) if ln.startswith("legal_ttt_projected_seconds:")]
     loud = [i for i, ln in enumerate(lines) if ln.startswith("!!! EVAL BUDGET: legal_ttt")]
