@@ -80,6 +80,8 @@ def parse_settings(env=os.environ):
             need = "0 or 1" if name in FLAGS else "in [0, 1]" if name in UNIT else "> 0" if name in POSITIVE else ">= 0"
             raise Fail(f"{name}={raw!r} must be {need}")
     s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    if not all(i.strip().isdigit() for i in s["VE_LAYERS"].split(",") if i.strip()):
+        raise Fail(f"VE_LAYERS={s['VE_LAYERS']!r} must be layer numbers separated by commas")
     s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
     head_dim, eval_len = s["MODEL_DIM"] // s["NUM_HEADS"], s["EVAL_SEQ_LEN"]
     batch, seq, stride, chunk = s["TRAIN_BATCH_TOKENS"], s["TRAIN_SEQ_LEN"], s["EVAL_STRIDE"], s["TTT_CHUNK_TOKENS"]
@@ -246,7 +248,7 @@ def sdpa(q, k, v, causal=True):
 
 
 def pick_attention(backend, device):
-    """FlashAttention 3 (Hopper), then 2, then sdpa: the first one installed, or the one asked for."""
+    """FlashAttention 3, then 2, then sdpa: the first one installed, or the one asked for."""
     for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
         if backend in ("auto", name) and device.type == "cuda":
             try:
@@ -370,8 +372,7 @@ class GPT(nn.Module):
         return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
     def forward_hidden(self, idx, cache=None):
-        """The last block's output [B, T, d]. With a cache (generation; start: {"len": 0, "max_len": N}) only the
-        positions of idx not yet cached."""
+        """The last block's output [B, T, d]; with a cache (generation) only for the positions not yet cached."""
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
         past = cache["len"] if cache else 0
         ctx = max(past - 2, 0)  # the bigram hash and the smear gate look back two tokens
@@ -584,7 +585,7 @@ def build_model(run, state=None):
 
 
 def train_cap_ms(s):
-    """The wallclock cap, less the time reserved for GPTQ calibration on training tokens."""
+    """The wallclock cap less the GPTQ_CALIB=train reserve."""
     reserve = s["GPTQ_RESERVE_SECONDS"] if s["QUANT"] == "gptq" and s["GPTQ_CALIB"] == "train" else 0.0
     return 1000 * (s["MAX_WALLCLOCK_SECONDS"] - reserve) if s["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
 
@@ -742,7 +743,7 @@ def write_atomic(path, data):
 
 
 def save_float_weights(state, s, path):
-    """The final float weights, so that export can be redone without retraining."""
+    """For re-exporting without retraining."""
     meta = json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in MODEL_KEYS}))
     write_atomic(path, st.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, {"pgolf": meta}))
 
@@ -767,7 +768,7 @@ def calibration_tokens(model, run):
 
 @torch.no_grad()
 def collect_hessians(model, run):
-    """Sum of x^T x over each attention/MLP matrix's inputs (the tied embedding's made its input role worse)."""
+    """Sum of x^T x of each attention/MLP matrix's inputs (not the tied embedding's: measured worse)."""
     tokens = calibration_tokens(model, run)
     model.hessians = {}
     for b in range(0, len(tokens), 8):
@@ -782,7 +783,7 @@ def round_q(w, scale, max_q):
 
 
 def best_scales(w, clips, max_q, H=None):
-    """Per row, the scale (clip / max_q, fp16) of least round-to-nearest error: squared, or with H d H d^T."""
+    """Per row, the scale (clip / max_q, fp16) of least rounding error: squared, or with H d H d^T."""
     best, best_err = None, None
     for clip in clips:
         scale = (clip / max_q).clamp_min(1e-7).half().float()
@@ -919,7 +920,7 @@ def rans_encode(keys, freq, lanes):
 
 
 def rans_decode(tables, freq, states, counts, words):
-    """Inverse of rans_encode given each position's table; ValueError unless the stream decodes cleanly."""
+    """Inverse of rans_encode; ValueError unless the stream decodes cleanly."""
     P, M, A = RANS_PREC, 1 << RANS_PREC, freq.shape[1]
     lanes, n = len(states), len(tables)
     steps = -(-n // lanes)
@@ -981,7 +982,7 @@ def read_safetensors(raw):
 
 
 def unpack(blob):
-    """Tensors and header of a packed artifact; ValueError (or a parser's error) if malformed."""
+    """Tensors and header of a packed artifact; ValueError (or a parser's) if malformed."""
     if blob[:6] == XZ_MAGIC:
         return read_safetensors(lzma.decompress(blob))
     n = int.from_bytes(blob[8:12], "little")
@@ -1246,7 +1247,7 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag=""):
 
 
 def project_pass(run, tag, fraction, t0):
-    """A pass's projected seconds, and a loud line if the evaluation would exceed its budget."""
+    """A pass's projected seconds; loud if the evaluation would exceed its budget."""
     run.sync()
     pass_s, budget = (time.perf_counter() - t0) / fraction, run.s["EVAL_BUDGET_SECONDS"]
     total = run.summary.get("eval_time_s", 0) + pass_s

@@ -336,6 +336,10 @@ def case_bits(tmp):
     return dict(MATRIX_BITS=4), ["MATRIX_BITS=", "5, 6, 7, 8"]
 
 
+def case_ve_layers(tmp):
+    return dict(VE_LAYERS="2,x"), ["VE_LAYERS='2,x'", "layer numbers"]
+
+
 def case_long_sequence(tmp):
     return dict(TRAIN_SEQ_LEN=100000), ["TRAIN_BATCH_TOKENS=", "TRAIN_SEQ_LEN=100000"]
 
@@ -357,7 +361,7 @@ def case_truncated_artifact(tmp):
 
 SETTINGS_ONLY = [case_world_size_3, case_setting_typo, case_bad_int, case_bad_float, case_bad_choice, case_zero_heads,
                  case_negative_width, case_zero_kv_heads, case_decay_above_one, case_negative_lr, case_bits,
-                 case_long_sequence]
+                 case_long_sequence, case_ve_layers]
 ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_output_dir,
                case_truncated_artifact] + SETTINGS_ONLY
 
