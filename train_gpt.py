@@ -3,7 +3,7 @@
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
 Every hyperparameter is an environment variable (README.md has the table).
 """
-import bisect, copy, difflib, glob, json, lzma, math, os, sys, time, uuid
+import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -1120,6 +1120,50 @@ def export_artifact(run, state, path, code_bytes):
     return len(blob), method
 
 
+# -------------------- code bytes: the packed, self-extracting train_gpt.py that a record ships and counts
+
+PACKED_NAME = "train_gpt.packed.py"
+PACK_STUB = 'import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode("{}")),__file__,"exec"))\n'
+
+
+def strip_source(source):
+    """The program without comments and docstrings (ast round trip): what the packed file runs."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+def pack_code(source):
+    """Deterministic: LZMA (.lzma container, preset 9e) of the stripped program as base85 in a two-line stub that
+    executes it in the stub's own namespace, so __name__ and __file__ are the packed file's."""
+    blob = lzma.compress(strip_source(source).encode(), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+    return PACK_STUB.format(base64.b85encode(blob).decode())
+
+
+def unpack_code(packed):
+    """The program a packed file runs; ValueError if it is not one."""
+    head, tail = PACK_STUB.split("{}")
+    try:
+        if not (packed.startswith(head) and packed.endswith(tail)):
+            raise ValueError("no packing stub")
+        return lzma.decompress(base64.b85decode(packed[len(head):-len(tail)])).decode()
+    except (ValueError, lzma.LZMAError) as e:
+        raise ValueError(f"not a packed train_gpt.py: {e}") from None
+
+
+def code_forms(path):
+    """(packed text, readable text) of this script; run from a packed file, the readable text is its program."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.startswith(PACK_STUB.split("{}")[0]):
+        return text, unpack_code(text)
+    return pack_code(text), text
+
+
 # -------------------- evaluation
 
 SCORE_HOOK = None  # tools/audit_causality.py sees every scored distribution
@@ -1304,7 +1348,7 @@ def final_evaluation(run, model, val, luts, float_bpb):
 
 # -------------------- main
 
-def log_header(run, code):
+def log_header(run, code, packed):
     s = run.s
     run.log(code, console=False)
     run.log("=" * 100, console=False)
@@ -1317,20 +1361,22 @@ def log_header(run, code):
     run.summary.update(settings=s, run_command=f"{changed} {launcher} train_gpt.py".strip())
     run.log(f"run_command: {run.summary['run_command']}")
     run.log(f"seed:{s['SEED']}")
-    run.log(f"Code size: {len(code.encode())} bytes")
+    run.log(f"Code size: {len(packed.encode())} bytes (packed; source {len(code.encode())} bytes)")
 
 
 def main():
     s = parse_settings()
     run = PROGRESS["run"] = Run(s)
-    code = Path(__file__).read_text(encoding="utf-8")
-    log_header(run, code)
+    packed, code = code_forms(__file__)
+    log_header(run, code, packed)
+    if run.master:  # what the byte count counts, on disk beside the artifact
+        write_atomic(run.out / PACKED_NAME, packed.encode())
     torch.manual_seed(s["SEED"])
     np.random.seed(s["SEED"])
     luts = build_sentencepiece_luts(load_tokenizer(s), s["VOCAB_SIZE"], run.device)
     val = load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
     run.log(f"val_tokens:{val.numel() - 1}")
-    state, float_bpb, code_bytes = None, None, len(code.encode())
+    state, float_bpb, code_bytes = None, None, len(packed.encode())
     model = build_model(run)  # trained here, then every evaluation loads its weights: one model, compiled once
     if s["EVAL_ONLY"]:
         artifact = Path(s["ARTIFACT_PATH"])
@@ -1359,12 +1405,13 @@ def main():
     total = model_bytes + code_bytes
     method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
     run.log(f"Serialized model int6+{method}: {model_bytes} bytes")
-    run.log(f"Total submission size int6+{method}: {total} bytes")
+    run.log(f"Total submission size int6+{method}: {total} bytes (packed code {code_bytes} + model {model_bytes})")
     if over := total > limit:
         run.log(f"!!! OVER THE LIMIT: {total} bytes > ARTIFACT_LIMIT_BYTES={limit}; "
                 f"the artifact is kept and evaluated, but it is not a valid submission !!!")
     run.summary.update(artifact=str(artifact), over_limit=over,
-                       bytes=dict(model=model_bytes, code=code_bytes, total=total, limit=limit))
+                       bytes=dict(model=model_bytes, code=code_bytes, code_source=len(code.encode()),
+                                                         total=total, limit=limit))
     run.write_summary()
     final_evaluation(run, model, val, luts, float_bpb)
     if over:

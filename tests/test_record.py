@@ -368,8 +368,15 @@ def test_new_creates_record_folder(tmp_path, runs, capsys):
     assert rc == 0
     folder = root / "2026-04-01_TestRecord"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "submission.json", "train_gpt.py", "train_seed1337.log", "train_seed42.log", "run2025.json"])
-    assert (folder / "train_gpt.py").read_bytes() == code.read_bytes()
+        ["README.md", "submission.json", "train_gpt.py", "train_gpt.source.py", "train_seed1337.log",
+         "train_seed42.log", "run2025.json"])
+    # The counted file is the packed one and runs the frozen source's program; the readable source sits beside it.
+    assert (folder / "train_gpt.source.py").read_bytes() == code.read_bytes()
+    packed = (folder / "train_gpt.py").read_text()
+    assert packed.startswith("import base64,lzma\n") and packed.count("\n") == 2
+    ran = subprocess.run([sys.executable, str(folder / "train_gpt.py")], capture_output=True, text=True, timeout=60)
+    assert ran.stdout == "frozen code of the record\n"
+    assert record.main(["verify", str(folder)]) == 0
     for p in [*ref_paths, ours]:
         assert (folder / p.name).read_bytes() == p.read_bytes()
     sub = json.loads((folder / "submission.json").read_text())
@@ -424,6 +431,33 @@ def test_new_refuses_bad_input(tmp_path, runs, capsys):
     noscore.write_text(FAKE_CODE + NVIDIA_SMI)
     assert record.main(["new", "Other", "--logs", str(paths[0]), str(noscore), *common]) == 1
     assert not (tmp_path / "rec" / "2026-01-02_Other").exists()
+
+
+def test_verify_refuses_a_packed_file_that_is_not_its_source(tmp_path, capsys):
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    tg = record.train_gpt()
+    source = 'def f():\n    """doc"""\n    return 1  # comment\nprint(f())\n'
+    (folder / "train_gpt.source.py").write_text(source)
+    (folder / "train_gpt.py").write_text(tg.pack_code(source.replace("# comment", "# other")))  # same program
+    assert record.main(["verify", str(folder)]) == 0
+    (folder / "train_gpt.py").write_text(tg.pack_code(source.replace("return 1", "return 2")))
+    assert record.main(["verify", str(folder)]) == 1
+    assert "does not run the program of train_gpt.source.py" in capsys.readouterr().err
+    (folder / "train_gpt.py").write_text(source)  # the readable file where the packed one belongs
+    assert record.main(["verify", str(folder)]) == 1
+    assert "is not a packed train_gpt.py" in capsys.readouterr().err
+    (folder / "train_gpt.py").unlink()
+    assert record.main(["verify", str(folder)]) == 1 and "missing" in capsys.readouterr().err
+
+
+def test_parse_packed_code_size_lines(tmp_path):
+    path = tmp_path / "ours.txt"
+    path.write_text("seed:1\nSerialized model int6+rans: 15000000 bytes\nCode size: 31000 bytes (packed; source 90000 bytes)\n"
+                    "Total submission size int6+rans: 15031000 bytes (packed code 31000 + model 15000000)\n"
+                    "final_int6_roundtrip_exact val_loss:2.00000000 val_bpb:1.20000000\n")
+    log = record.parse_log(path)
+    assert (log.bytes_code, log.bytes_total, log.compressor) == (31000, 15031000, "int6+rans")
 
 
 # ----------------------------------------------------------------------------- plot

@@ -101,15 +101,20 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     assert (loss, bpb) == metric_line(lines, "final_int6_sliding_window_exact")
     assert js["final"]["val_loss"] == js["metrics"]["final_int6_sliding_window_exact"]["val_loss"]
     assert js["final"]["causal"] is True
-    # Sizes: the code is this very train_gpt.py (also logged in full), the model bytes are the artifact's.
-    code_bytes = TRAIN_GPT.stat().st_size
+    # Sizes: the code counted is the packed file written beside the artifact (it runs this very train_gpt.py, which
+    # is logged in full), the model bytes are the artifact's.
+    source_bytes, code_bytes = TRAIN_GPT.stat().st_size, (out / tg.PACKED_NAME).stat().st_size
+    assert tg.unpack_code((out / tg.PACKED_NAME).read_text()) == tg.strip_source(TRAIN_GPT.read_text())
     assert log_parts(out)[0] == TRAIN_GPT.read_text(encoding="utf-8")
-    assert [ln for ln in lines if ln.startswith("Code size:")] == [f"Code size: {code_bytes} bytes"]
+    assert [ln for ln in lines if ln.startswith("Code size:")] == \
+        [f"Code size: {code_bytes} bytes (packed; source {source_bytes} bytes)"]
     artifact = out / tg.ARTIFACT_NAME
     model_bytes = artifact.stat().st_size
-    assert js["bytes"] == dict(model=model_bytes, code=code_bytes, total=model_bytes + code_bytes, limit=16_000_000)
+    assert js["bytes"] == dict(model=model_bytes, code=code_bytes, code_source=source_bytes,
+                               total=model_bytes + code_bytes, limit=16_000_000)
     assert f"Serialized model int6+rans: {model_bytes} bytes" in lines
-    assert f"Total submission size int6+rans: {model_bytes + code_bytes} bytes" in lines
+    assert (f"Total submission size int6+rans: {model_bytes + code_bytes} bytes "
+            f"(packed code {code_bytes} + model {model_bytes})") in lines
     # The float weights are scored before the round trip, and the gap between the two is logged and summarized.
     float_loss, float_bpb = metric_line(lines, "final_float_exact")
     assert lines.index(next(ln for ln in lines if ln.startswith("final_float_exact"))) < \

@@ -4,7 +4,12 @@
     python tools/record.py stats LOG... [--sota-val-loss L] [--margin 0.005]
     python tools/record.py new NAME --logs LOG... [--date YYYY-MM-DD] [--records-dir DIR] [--code PATH]
                                    [--author A] [--github-id G] [--blurb TEXT] [--sota-val-loss L]
+    python tools/record.py verify FOLDER
     python tools/record.py plot LOG... -o out.png
+
+A record folder holds the code twice: `train_gpt.py`, the packed self-extracting file that the byte count counts
+and the challenge runs, and `train_gpt.source.py`, the readable source a reviewer diffs; `verify` checks that the
+first runs exactly the second's program.
 
 A LOG is either a text log (ours, logs/<RUN_ID>.txt, or the reference's train_seed*.log) or our
 JSON summary (logs/<RUN_ID>.json). Only the standard library is needed, plus scipy for the t-test
@@ -71,8 +76,8 @@ TRAIN_RE = re.compile(rf"step:(\d+)/(\d+) train_loss:({LOSS}) train_time:({NUM})
 VAL_RE = re.compile(rf"step:(\d+)/(\d+) val_loss:({LOSS}) val_bpb:({LOSS}) train_time:({NUM})ms step_avg:({NUM})ms")
 STOP_RE = re.compile(rf"stopping_early: wallclock_cap train_time:({NUM})ms step:(\d+)/(\d+)")
 MODEL_BYTES_RE = re.compile(r"Serialized model ([\w+.\-]+): (\d+) bytes")
-CODE_BYTES_RE = re.compile(r"Code size: (\d+) bytes")
-TOTAL_BYTES_RE = re.compile(r"Total submission size(?: ([\w+.\-]+))?: (\d+) bytes")
+CODE_BYTES_RE = re.compile(r"Code size: (\d+) bytes(?: \(packed; source \d+ bytes\))?")
+TOTAL_BYTES_RE = re.compile(r"Total submission size(?: ([\w+.\-]+))?: (\d+) bytes(?: \(packed code \d+ \+ model \d+\))?")
 EVAL_RE = re.compile(rf"(?P<name>(?:final|legal)_[a-z0-9_]+)(?: eval:(?P<eval>[\w+.\-]+))?"
                      rf" val_loss:(?P<loss>{LOSS}) val_bpb:(?P<bpb>{LOSS})(?P<extra>(?: [a-z_]+:[\w+.\-]+)*)")
 EVAL_TIME_RE = re.compile(rf"({NUM})ms")
@@ -417,7 +422,10 @@ def readme_text(name: str, date: str, author: str, logs: list[RunLog], s: dict, 
     lines += ["", "## Run command", "", *run_command_section(logs), "",
               "## What changed", "", "TODO: what this submission changes against the previous record, and why.",
               "", "## Files", "",
-              "- `train_gpt.py`: the exact code of these runs (frozen copy).",
+              "- `train_gpt.py`: the exact code of these runs, packed (self-extracting; its bytes are the counted "
+              "code size).",
+              "- `train_gpt.source.py`: the same program as readable source (`python tools/record.py verify` "
+              "checks that they agree).",
               "- `submission.json`: name, author, github_id, val_bpb (mean), bytes_total (largest), blurb, date.",
               *[f"- `{log.path.name}`: run log" + (f" (seed {log.seed})" if log.seed is not None else "") + "."
                 for log in logs], ""]
@@ -444,10 +452,12 @@ def cmd_new(args) -> int:
     code = Path(args.code) if args.code else REPO_ROOT / "train_gpt.py"
     if not code.is_file():
         raise RecordError(f"{code}: no such file (pass the code of these runs with --code PATH)")
-    code_bytes = len(code.read_bytes())
+    source = code.read_text(encoding="utf-8")
+    packed = train_gpt().pack_code(source)
+    code_bytes = len(packed.encode())
     for log in logs:
         if log.bytes_code is not None and log.bytes_code != code_bytes:
-            warn(f"{code} is {code_bytes} bytes but {log.path.name} reports Code size: {log.bytes_code} bytes; "
+            warn(f"{code} packs to {code_bytes} bytes but {log.path.name} reports Code size: {log.bytes_code} bytes; "
                  f"is it the code these runs used? (pass it with --code)")
     sized = [log.bytes_total for log in logs if log.bytes_total is not None]
     if not sized:
@@ -475,7 +485,9 @@ def cmd_new(args) -> int:
     if folder.exists():
         raise RecordError(f"{folder} already exists; pick another NAME or --date, or remove it")
     folder.mkdir(parents=True)
-    shutil.copyfile(code, folder / "train_gpt.py")
+    (folder / "train_gpt.py").write_text(packed, encoding="utf-8")
+    (folder / "train_gpt.source.py").write_text(source, encoding="utf-8")
+    verify_code(folder)
     for log in logs:
         shutil.copyfile(log.path, folder / log.path.name)
     submission = dict(name=args.name, author=author, github_id=github_id, val_bpb=round(s["mean_val_bpb"], 8),
@@ -488,6 +500,36 @@ def cmd_new(args) -> int:
     for p in sorted(folder.iterdir()):
         print(f"  {p.name}")
     print(summary_line(s))
+    return 0
+
+
+def train_gpt():
+    """The repo's train_gpt.py as a module: its pack_code/unpack_code/strip_source are the one packing."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import train_gpt as module
+    return module
+
+
+def verify_code(folder: Path) -> None:
+    """The packed train_gpt.py of a record folder must run exactly the program of its train_gpt.source.py."""
+    packed_path, source_path = folder / "train_gpt.py", folder / "train_gpt.source.py"
+    for p in (packed_path, source_path):
+        if not p.is_file():
+            raise RecordError(f"{p}: missing (a record folder holds the packed train_gpt.py and train_gpt.source.py)")
+    tg = train_gpt()
+    try:
+        program = tg.unpack_code(packed_path.read_text(encoding="utf-8"))
+    except (ValueError, LookupError) as e:
+        raise RecordError(f"{packed_path} is not a packed train_gpt.py ({e}); make it with tools/record.py new") from None
+    if program != tg.strip_source(source_path.read_text(encoding="utf-8")):
+        raise RecordError(f"{packed_path} does not run the program of {source_path.name}: pack the source again "
+                          "(tools/record.py new) rather than editing either by hand")
+
+
+def cmd_verify(args) -> int:
+    verify_code(Path(args.folder))
+    print(f"{args.folder}: train_gpt.py runs exactly the program of train_gpt.source.py")
     return 0
 
 
@@ -566,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     nw.add_argument("--sota-val-loss", type=float, default=None, metavar="L")
     nw.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     nw.set_defaults(func=cmd_new)
+
+    vf = sub.add_parser("verify", help="check that a record's packed train_gpt.py runs its train_gpt.source.py")
+    vf.add_argument("folder")
+    vf.set_defaults(func=cmd_verify)
 
     pl = sub.add_parser("plot", help="train loss and val bpb against step and wallclock")
     pl.add_argument("logs", nargs="+")
