@@ -38,17 +38,40 @@ DEFAULTS = dict(
     TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
     TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, EVAL_SLIDING_PASS=0, EVAL_BUDGET_SECONDS=600.0,
     SLOT_ENABLED=1, SLOT_LR=0.003, SLOT_STEPS=5, SLOT_MODE="causal",
+    # PR #1855's components, under its names (README: STACK=pr1855); every one off under STACK=seed
+    STACK="seed", SMEAR_FIXED_ENABLED=1, SMEAR_GATE_ENABLED=0, GATE_WINDOW=12, SPARSE_ATTN_GATE_ENABLED=0,
+    SPARSE_ATTN_GATE_SCALE=1.0, SKIP_GATES_ENABLED=0, PARALLEL_START_LAYER=0, NUM_LOOPS=0, LOOP_START=0, LOOP_END=0,
+    ENABLE_LOOPING_AT=0.0, DOC_MASKED_ATTN=0, MUON_ROW_NORMALIZE=0, MUON_POLAR_EXPRESS=0, MIN_LR=0.0,
+    WARMDOWN_FRAC=0.0, EMBED_WD=0.04,
 )
+# STACK=pr1855: the values PR #1855's runs logged (MODERN_STACK.md 0.3, 10), not its script's defaults. Its eval is
+# a plain document-masked pass here until phased LoRA TTT lands; its data is the SP8192 CaseOps export. A value that
+# names another setting follows it unless set: the seed's ADAM_WD decays every AdamW parameter, the record's only
+# the scalars (EMBED_WD the embeddings), and the record scores whole windows (no sliding pass).
+STACKS = dict(seed=dict(EMBED_WD="ADAM_WD"), pr1855=dict(EVAL_STRIDE="EVAL_SEQ_LEN",
+    DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+    VOCAB_SIZE=8192, MLP_MULT=4.0, XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_VOCAB_SIZE=0, VE_ENABLED=0,
+    ITERATIONS=20000, VAL_LOSS_EVERY=0, WARMDOWN_FRAC=0.85, MIN_LR=0.1, MATRIX_LR=0.026, TIED_EMBED_LR=0.03,
+    SCALAR_LR=0.02, MUON_MOMENTUM=0.97, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
+    GRAD_CLIP_LOCAL=1, LATE_QAT=0, SMEAR_FIXED_ENABLED=0, SMEAR_GATE_ENABLED=1, SPARSE_ATTN_GATE_ENABLED=1,
+    SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, PARALLEL_START_LAYER=8, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
+    ENABLE_LOOPING_AT=0.35, DOC_MASKED_ATTN=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
+    EMBED_BITS=7, GPTQ_CALIB="train", GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=768, GPTQ_DAMP=0.01,
+    TTT_ENABLED=0, SLOT_ENABLED=0))
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
                COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
-               QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8))
+               QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
+               STACK=tuple(STACKS))
 POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
     MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
     SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
-    ARTIFACT_LIMIT_BYTES""".split())
-UNIT = set("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD".split())
+    ARTIFACT_LIMIT_BYTES GATE_WINDOW""".split())
+UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
+    ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC""".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
-    EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS""".split())
+    EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED
+    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS""".split())
 LAUNCHER_VARS = set("""RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK ROLE_NAME
     ROLE_WORLD_SIZE GROUP_WORLD_SIZE""".split())
 
@@ -65,7 +88,10 @@ def parse_settings(env=os.environ):
         known = name in DEFAULTS or name in LAUNCHER_VARS or name.startswith(("TORCHELASTIC_", "NCCL_", "TORCH_"))
         if not known and (close := difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.85)):
             raise Fail(f"unknown setting {name}: did you mean {close[0]}?")
-    s = dict(DEFAULTS)
+    stack = env.get("STACK", "seed")
+    if stack not in STACKS:
+        raise Fail(f"STACK={stack!r} must be one of {', '.join(STACKS)}")
+    s = dict(DEFAULTS, **STACKS[stack])
     for name, default in DEFAULTS.items():
         if (raw := env.get(name)) is None:
             continue
@@ -79,13 +105,29 @@ def parse_settings(env=os.environ):
         if isinstance(v, (int, float)) and (v < 0 or (name in POSITIVE and v == 0) or (name in UNIT | FLAGS and v > 1)):
             need = "0 or 1" if name in FLAGS else "in [0, 1]" if name in UNIT else "> 0" if name in POSITIVE else ">= 0"
             raise Fail(f"{name}={raw!r} must be {need}")
+    for name, value in STACKS[stack].items():
+        if name not in env and value in DEFAULTS:
+            s[name] = s[value]
     s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if not all(i.strip().isdigit() for i in s["VE_LAYERS"].split(",") if i.strip()):
         raise Fail(f"VE_LAYERS={s['VE_LAYERS']!r} must be layer numbers separated by commas")
     s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
     head_dim, eval_len = s["MODEL_DIM"] // s["NUM_HEADS"], s["EVAL_SEQ_LEN"]
     batch, seq, stride, chunk = s["TRAIN_BATCH_TOKENS"], s["TRAIN_SEQ_LEN"], s["EVAL_STRIDE"], s["TTT_CHUNK_TOKENS"]
+    L = s["NUM_LAYERS"]
     for bad, msg in (
+        (s["NUM_LOOPS"] and not 0 <= s["LOOP_START"] <= s["LOOP_END"] < L,
+         f"LOOP_START={s['LOOP_START']}..LOOP_END={s['LOOP_END']} must be layers with 0 <= start <= end < NUM_LAYERS={L}"),
+        (s["PARALLEL_START_LAYER"] >= L, f"PARALLEL_START_LAYER={s['PARALLEL_START_LAYER']} must be < NUM_LAYERS={L} "
+                                         "(0: no parallel lanes)"),
+        (s["SMEAR_GATE_ENABLED"] and s["SMEAR_FIXED_ENABLED"],
+         "SMEAR_GATE_ENABLED=1 (the record's input-dependent gate) and SMEAR_FIXED_ENABLED=1 (the seed's) exclude each "
+         "other: set one to 0"),
+        (s["GATE_WINDOW"] > s["MODEL_DIM"], f"GATE_WINDOW={s['GATE_WINDOW']} must be at most MODEL_DIM"),
+        (s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
+         f"MUON_POLAR_EXPRESS=1 has {len(POLAR_EXPRESS)} coefficient tuples: MUON_BACKEND_STEPS must be at most that"),
+        (s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env,
+         "WARMDOWN_FRAC (a fraction of the training time) and WARMDOWN_ITERS (steps) both set: keep one"),
         (any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
          f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1"),
         (s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
@@ -110,6 +152,7 @@ def parse_settings(env=os.environ):
 # -------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
+BOS_ID = 1  # every document starts with it; no EOS
 
 
 def load_data_shard(path):
@@ -241,25 +284,70 @@ def rope_base(s, seq_len):
     return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (s["ROPE_DIMS"] / (s["ROPE_DIMS"] - 2))
 
 
-def sdpa(q, k, v, causal=True):
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+def doc_segments(idx, max_len):
+    """Segment id of every position of idx [B, T]: a new segment at each BOS and every max_len tokens into a
+    document (the record's split of long documents), and at each row start. Tokens only attend within a segment."""
+    pos = torch.arange(idx.size(1), device=idx.device)
+    doc_start = torch.where(idx == BOS_ID, pos, 0).cummax(dim=1).values
+    return ((pos - doc_start) % max_len == 0).cumsum(dim=1)
+
+
+def sdpa(q, k, v, seg=None):
+    """Causal attention of q [B, T, H, D] over k, v [B, T, Hkv, D]; with seg, only within equal segment ids
+    (a dense [B, 1, T, T] mask: the CPU's and the fallback's exact path)."""
+    mask = None
+    if seg is not None:
+        mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(q.size(1), q.size(1), dtype=torch.bool,
+                                                                    device=q.device).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=None if mask is None else mask[:, None], is_causal=seg is None,
                                        enable_gqa=True)
     return y.transpose(1, 2)
 
 
+def flex_attention_fn():
+    """Document-masked causal attention through FlexAttention: block-sparse, so memory grows with T, not T^2."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def attend(q, k, v, seg):
+        def doc_causal(b, h, qi, ki):
+            return (qi >= ki) & (seg[b, qi] == seg[b, ki])
+        B, T = seg.shape
+        mask = create_block_mask(doc_causal, B, None, T, T, device=q.device)
+        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                              enable_gqa=True).transpose(1, 2)
+    return attend
+
+
+def varlen_attention_fn(fa_varlen):
+    """FlashAttention's varlen kernel on the flattened batch: every segment start (a static-size list, padded with
+    empty segments at the end so that compile sees one shape) is a sequence boundary."""
+    def attend(q, k, v, seg):
+        B, T, H, D = q.shape
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        cu = torch.nonzero_static(starts.flatten(), size=B * T + 1, fill_value=B * T).flatten().to(torch.int32)
+        y = fa_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
+        return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D)
+    return attend
+
+
 def pick_attention(backend, device):
-    """FlashAttention 3, then 2, then sdpa: the first one installed, or the one asked for."""
+    """(name, dense causal attention, document-masked attention): FlashAttention 3, then 2, then PyTorch's (sdpa;
+    FlexAttention for document masks on CUDA): the first one installed, or the one asked for."""
     for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
         if backend in ("auto", name) and device.type == "cuda":
             try:
-                fa = __import__(module).flash_attn_func
-                return name, lambda q, k, v: (lambda y: y[0] if isinstance(y, tuple) else y)(fa(q, k, v, causal=True))
+                fa = __import__(module)
+                dense = lambda q, k, v, seg=None: (lambda y: y[0] if isinstance(y, tuple) else y)(
+                    fa.flash_attn_func(q, k, v, causal=True))
+                return name, dense, varlen_attention_fn(fa.flash_attn_varlen_func)
             except ImportError:
                 if backend == name:
                     raise Fail(f"ATTN_BACKEND={name} but {module} is not installed; use sdpa or auto") from None
     if backend in ("fa3", "fa2"):
         raise Fail(f"ATTN_BACKEND={backend} needs a CUDA device; use sdpa or auto")
-    return "sdpa", sdpa
+    return "sdpa", sdpa, flex_attention_fn() if device.type == "cuda" else sdpa
 
 
 BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c_v"),
@@ -274,30 +362,48 @@ def matrix_name(bank, j, num_layers):  # row j of a bank, as exported
 class Block(nn.Module):
     """Per-layer scales and gains; the layer's matrices live in the GPT's banks."""
 
-    def __init__(self, dim, num_heads, qk_gain):
+    def __init__(self, s, dim, num_heads):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain))
+        self.q_gain = nn.Parameter(torch.full((num_heads,), s["QK_GAIN_INIT"]))
+        if s["SPARSE_ATTN_GATE_ENABLED"]:  # per-head output gate from the first GATE_WINDOW input channels
+            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, s["GATE_WINDOW"]))
+
+
+def layer_schedule(s, looped):
+    """Physical layer of each virtual layer, split into encoder and decoder halves. Looped, layers
+    LOOP_START..LOOP_END run NUM_LOOPS extra times (PR #1855: [0,1,2,3,4,5,3,4] and [5,3,4,5,6,7,8,9,10])."""
+    L, a, b = s["NUM_LAYERS"], s["LOOP_START"], s["LOOP_END"]
+    order = list(range(L))
+    if looped and s["NUM_LOOPS"]:
+        order = order[:a] + order[a:b + 1] * (s["NUM_LOOPS"] + 1) + order[b + 1:]
+    return order[:len(order) // 2], order[len(order) // 2:]
 
 
 class GPT(nn.Module):
-    def __init__(self, s, attention=None):
+    def __init__(self, s, attention=None, doc_attention=None):
         super().__init__()
-        self.s, self.attention = s, attention or sdpa
+        self.s, self.attention, self.doc_attention = s, attention or sdpa, doc_attention or sdpa
         V, d, L = s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"]
         self.num_heads, self.num_kv_heads, self.head_dim = s["NUM_HEADS"], s["NUM_KV_HEADS"], d // s["NUM_HEADS"]
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s["MLP_MULT"] * d)
         self.qat = False
+        self.looping = False  # depth recurrence on (training switches it at ENABLE_LOOPING_AT; evaluation always)
         self.hessians = None  # GPTQ calibration: name -> sum of x^T x
         self.tok_emb = nn.Embedding(V, d)
         nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
-        self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
-        # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
-        self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s["BIGRAM_DIM"])))
-        self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        self.smear_gate = nn.Parameter(torch.zeros(d))
+        if s["BIGRAM_VOCAB_SIZE"]:
+            self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
+            # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
+            self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s["BIGRAM_DIM"])))
+            self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+        if s["SMEAR_FIXED_ENABLED"]:  # the seed's: a learned per-channel mix with the previous position
+            self.smear_gate = nn.Parameter(torch.zeros(d))
+        if s["SMEAR_GATE_ENABLED"]:  # the record's: lambda * sigmoid(w . e_t[:GATE_WINDOW]), identity at init
+            self.smear_w = nn.Parameter(torch.zeros(s["GATE_WINDOW"]))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
@@ -306,10 +412,15 @@ class GPT(nn.Module):
         for i in range(L):
             for w in (qo[i], kv[i], kv[L + i], up[i]):
                 nn.init.orthogonal_(w)
-        qo[L:].zero_()
-        self.blocks = nn.ModuleList(Block(d, self.num_heads, s["QK_GAIN_INIT"]) for _ in range(L))
-        self.num_encoder = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))
+        qo[L:].zero_()  # output projections (and MLP down, above) start at exactly zero
+        self.blocks = nn.ModuleList(Block(s, d, self.num_heads) for _ in range(L))
+        self.num_skips = min(map(len, layer_schedule(s, looped=True)))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
+        if s["SKIP_GATES_ENABLED"]:  # sigmoid(0) = 1/2: the skip merge starts as an even blend
+            self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
+        if s["PARALLEL_START_LAYER"]:  # two-lane decoder: residual and routing weights of each lane
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
         self.ve_layers = list(s["VE_LAYERS"])
         if self.ve_layers:
             self.ve_emb = nn.Parameter(torch.randn(V, s["VE_DIM"]) * 0.01)
@@ -322,7 +433,7 @@ class GPT(nn.Module):
         return (fake_quant_int6(w) if qat else w).to(dtype)
 
     def bank_linear(self, x, bank, j, dtype):
-        if self.hessians is not None:  # GPTQ calibration
+        if self.hessians is not None:  # GPTQ calibration: per physical matrix, summed over its virtual uses
             name, x2 = matrix_name(bank, j, len(self.blocks)), x.reshape(-1, x.size(-1)).float()
             self.hessians[name] = self.hessians.get(name, 0) + x2.T @ x2
         return F.linear(x, self.weight(getattr(self, bank)[j], dtype, bank=True))
@@ -333,13 +444,23 @@ class GPT(nn.Module):
         return torch.cat((torch.full_like(idx[:, :1], mod), h), dim=1)
 
     def embed(self, idx, dtype):
+        """x0: token embedding (+ bigram hash), the record's smear gate, RMSNorm, the seed's smear gate."""
         x = self.tok_emb.weight.to(dtype)[idx]
-        big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
-        x = rms_norm(x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype))
-        g = torch.sigmoid(self.smear_gate.to(dtype))
-        return (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        if self.s["BIGRAM_VOCAB_SIZE"]:
+            big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
+            x = x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
+        if self.s["SMEAR_GATE_ENABLED"]:  # never across a BOS: the previous document must not reach this one
+            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, :self.s["GATE_WINDOW"]] @ self.smear_w.to(dtype))
+            keep = (idx[:, 1:] != BOS_ID).to(dtype)
+            x = torch.cat((x[:, :1], x[:, 1:] + (g * keep)[..., None] * x[:, :-1]), dim=1)
+        x = rms_norm(x)
+        if self.s["SMEAR_FIXED_ENABLED"]:
+            g = torch.sigmoid(self.smear_gate.to(dtype))
+            x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        return x
 
-    def attn(self, i, x, ve, dtype, cache=None):
+    def attn(self, i, x, ve, dtype, cache, seg, slot):
+        """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry)."""
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
         q = self.bank_linear(x, "qo_bank", i, dtype).view(B, T, H, D)
@@ -354,45 +475,89 @@ class GPT(nn.Module):
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
         if cache is not None:  # generation
             if not past:
-                cache[i] = tuple(t.new_zeros(B, cache["max_len"], Hkv, D) for t in (k, v))
-            for c, t in zip(cache[i], (k, v)):
+                cache[slot] = tuple(t.new_zeros(B, cache["max_len"], Hkv, D) for t in (k, v))
+            for c, t in zip(cache[slot], (k, v)):
                 c[:, past:past + T] = t
         if past:  # the new position attends to every cached one
-            y = sdpa(q, *(c[:, :past + T] for c in cache[i]), causal=False)
+            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, *(c[:, :past + T] for c in cache[slot]))),
+                                               enable_gqa=True).transpose(1, 2)
+        elif seg is not None:
+            y = self.doc_attention(q, k, v, seg)
         else:
             y = self.attention(q, k, v)
-        if i >= L - self.s["XSA_LAST_N"]:
+        if i >= L - self.s["XSA_LAST_N"]:  # XSA: remove each head's component along its own value vector
             y = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
-            y = y - (y * vn).sum(-1, keepdim=True) * vn
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if self.s["SPARSE_ATTN_GATE_ENABLED"]:
+            gate = torch.sigmoid(self.s["SPARSE_ATTN_GATE_SCALE"] * F.linear(x[..., :self.s["GATE_WINDOW"]],
+                                                                             self.blocks[i].attn_gate_w.to(dtype)))
+            y = y * gate[..., None]
         return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype)
 
     def mlp(self, i, x, dtype):
         h = F.leaky_relu(self.bank_linear(x, "mlp_up_bank", i, dtype), negative_slope=0.5)
         return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
+    def block(self, i, x, x0, dtype, sub):
+        """One sequential block: attention then MLP, each added back scaled. sub(i, x) runs layer i's attention."""
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
+        mix = blk.resid_mix.to(dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + blk.attn_scale.to(dtype) * sub(i, rms_norm(x) * ln)
+        return x + blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(x) * ln, dtype)
+
+    def parallel_block(self, i, lanes, x0, dtype, sub):
+        """Two-lane block: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both lanes."""
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
+        mix = blk.resid_mix.to(dtype)
+        a = blk.attn_scale.to(dtype) * sub(i, rms_norm(mix[0] * lanes[0] + mix[1] * x0) * ln)
+        m = blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(lanes[1]) * ln, dtype)
+        r, post = self.parallel_resid_lambdas[i].to(dtype), self.parallel_post_lambdas[i].to(dtype)
+        return [r[j] * lanes[j] + post[0, j] * a + post[1, j] * m for j in (0, 1)]
+
+    def merge_skip(self, j, x, skip, dtype):
+        """Decoder layer j's U-Net skip: added, or with skip gates a sigmoid interpolation between x and it."""
+        skip = self.skip_weights[j].to(dtype) * skip
+        if not self.s["SKIP_GATES_ENABLED"]:
+            return x + skip
+        return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(dtype)))
+
     def forward_hidden(self, idx, cache=None):
-        """The last block's output [B, T, d]; with a cache (generation) only for the positions not yet cached."""
+        """The last block's output [B, T, d]; with a cache (generation) only for the positions not yet cached.
+        Every path runs through here: training, every evaluation, TTT, SLOT and calibration."""
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
         past = cache["len"] if cache else 0
-        ctx = max(past - 2, 0)  # the bigram hash and the smear gate look back two tokens
+        ctx = max(past - 2, 0)  # the bigram hash and the smear gates look back up to two tokens
         x = x0 = self.embed(idx[:, ctx:], dtype)[:, past - ctx:]
+        ve = None
         if self.ve_layers:
             ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
-        skips = []
-        for i, blk in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(dtype) * skips.pop()
-            mix = blk.resid_mix.to(dtype)
-            x = mix[0] * x + mix[1] * x0
-            s = 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
-            x = x + blk.attn_scale.to(dtype) * self.attn(i, rms_norm(x) * s, ve if i in self.ve_layers else None, dtype, cache)
-            x = x + blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(x) * s, dtype)
-            if i < self.num_encoder:
-                skips.append(x)
+        seg = doc_segments(idx, self.s["TRAIN_SEQ_LEN"]) if self.s["DOC_MASKED_ATTN"] and cache is None else None
+        encoder, decoder = layer_schedule(self.s, self.looping)
+        slots = iter(range(len(encoder) + len(decoder)))
+
+        def sub(i, h):
+            return self.attn(i, h, ve if i in self.ve_layers else None, dtype, cache, seg, next(slots))
+        skips, lanes, start = [], None, self.s["PARALLEL_START_LAYER"]
+        for i in encoder:
+            x = self.block(i, x, x0, dtype, sub)
+            skips.append(x)
+        for j, i in enumerate(decoder):
+            if start and i >= start and lanes is None:
+                lanes = [x, x]
+            if j < self.num_skips and skips:  # into lane 0 once there are two
+                if lanes:
+                    lanes[0] = self.merge_skip(j, lanes[0], skips.pop(), dtype)
+                else:
+                    x = self.merge_skip(j, x, skips.pop(), dtype)
+            if lanes:
+                lanes = self.parallel_block(i, lanes, x0, dtype, sub)
+            else:
+                x = self.block(i, x, x0, dtype, sub)
         if cache is not None:
             cache["len"] = idx.size(1)
-        return x
+        return 0.5 * (lanes[0] + lanes[1]) if lanes else x
 
     def compute_logits(self, h):
         z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
@@ -405,14 +570,24 @@ class GPT(nn.Module):
 
 # -------------------- optimizer
 
-def zeropower_via_newtonschulz5(G, steps):  # of a batch of matrices [N, rows, cols]
-    a, b, c = 3.4445, -4.7750, 2.0315
+NS_QUINTIC = (3.4445, -4.7750, 2.0315)  # the seed's, every iteration
+# Polar Express (PR #1344 via #1787): one minimax-optimal (a, b, c) per iteration
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def zeropower_via_newtonschulz5(G, steps, polar_express=False):
+    """Approximate orthogonalization of a batch of matrices [N, rows, cols]: X <- aX + (bA + cA^2)X, A = XX^T,
+    on X scaled to unit Frobenius norm (bf16 on CUDA)."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in POLAR_EXPRESS[:steps] if polar_express else [NS_QUINTIC] * steps:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
@@ -421,9 +596,10 @@ def zeropower_via_newtonschulz5(G, steps):  # of a batch of matrices [N, rows, c
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over 3-D banks, each rank orthogonalizing its shard (no DDP): launch_reduce_scatter(), then step()."""
 
-    def __init__(self, banks, lr, momentum, backend_steps, weight_decay):
+    def __init__(self, banks, lr, momentum, backend_steps, weight_decay, row_normalize=False, polar_express=False):
         super().__init__(sorted(banks, key=lambda p: -p.numel()),
-                         dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+                         dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                              row_normalize=row_normalize, polar_express=polar_express))
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.pending = []
 
@@ -459,7 +635,10 @@ class ParallelMuon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g)
             buf = state["momentum_buffer"].mul_(mom).add_(g)
-            update = zeropower_via_newtonschulz5(g.add(buf, alpha=mom), group["backend_steps"])
+            update = g.add(buf, alpha=mom)  # Nesterov
+            if group["row_normalize"]:  # MuonEq-R: every row to unit norm before orthogonalizing
+                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            update = zeropower_via_newtonschulz5(update, group["backend_steps"], group["polar_express"])
             update *= max(1.0, update.size(-2) / update.size(-1)) ** 0.5
             full, work = update, None
             if self.world > 1:
@@ -474,12 +653,15 @@ class ParallelMuon(torch.optim.Optimizer):
 
 def build_optimizers(model, s):
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
-    embeds = [model.tok_emb.weight, model.bigram_emb] + ([model.ve_emb] if model.ve_layers else [])
+    embeds = [getattr(model, k) for k in ("bigram_emb", "ve_emb") if hasattr(model, k)]
+    embeds.insert(0, model.tok_emb.weight)
     ids = {id(p) for p in banks + embeds}
     scalars = [p for p in model.parameters() if id(p) not in ids]
-    adam = torch.optim.AdamW([dict(params=embeds, lr=s["TIED_EMBED_LR"]), dict(params=scalars, lr=s["SCALAR_LR"])],
-                             betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"], weight_decay=s["ADAM_WD"])
-    muon = ParallelMuon(banks, s["MATRIX_LR"], s["MUON_MOMENTUM"], s["MUON_BACKEND_STEPS"], s["MUON_WD"])
+    adam = torch.optim.AdamW([dict(params=embeds, lr=s["TIED_EMBED_LR"], weight_decay=s["EMBED_WD"]),
+                              dict(params=scalars, lr=s["SCALAR_LR"], weight_decay=s["ADAM_WD"])],
+                             betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"])
+    muon = ParallelMuon(banks, s["MATRIX_LR"], s["MUON_MOMENTUM"], s["MUON_BACKEND_STEPS"], s["MUON_WD"],
+                        bool(s["MUON_ROW_NORMALIZE"]), bool(s["MUON_POLAR_EXPRESS"]))
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
     return muon, adam, scalars + embeds
@@ -543,7 +725,7 @@ class Run:  # settings, rank, device, log file
         self.master = self.rank == 0
         self.compile = s["COMPILE"] == "1" or (s["COMPILE"] == "auto" and use_cuda)
         self.compiled_fns = {}
-        self.attn_name, self.attention = pick_attention(s["ATTN_BACKEND"], self.device)
+        self.attn_name, self.attention, self.doc_attention = pick_attention(s["ATTN_BACKEND"], self.device)
         self.out = Path(s["OUTPUT_DIR"])
         self.logfile = self.out / "logs" / f"{s['RUN_ID']}.txt"
         try:
@@ -578,7 +760,7 @@ class Run:  # settings, rank, device, log file
 
 
 def build_model(run, state=None):
-    model = GPT(run.s, run.attention).to(run.device)
+    model = GPT(run.s, run.attention, run.doc_attention).to(run.device)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -590,13 +772,25 @@ def train_cap_ms(s):
     return 1000 * (s["MAX_WALLCLOCK_SECONDS"] - reserve) if s["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
 
 
+def training_fraction(s, step, elapsed_ms):
+    """How far training is: of the wallclock cap when there is one, else of ITERATIONS."""
+    cap_ms = train_cap_ms(s)
+    return elapsed_ms / cap_ms if cap_ms > 0 else step / s["ITERATIONS"]
+
+
 def lr_multiplier(s, step, elapsed_ms):
+    """1, then a linear warmdown: over the last WARMDOWN_FRAC of training (the record's), or the last
+    WARMDOWN_ITERS steps (the seed's; by projected step time under a cap); never below MIN_LR."""
     warmdown, cap_ms = s["WARMDOWN_ITERS"], train_cap_ms(s)
-    if warmdown <= 0:
-        return 1.0
-    if cap_ms <= 0:
-        return min(max((s["ITERATIONS"] - step) / warmdown, 0.0), 1.0)
-    return min(max(cap_ms - elapsed_ms, 0.0) / max(warmdown * elapsed_ms / max(step, 1), 1e-9), 1.0)
+    if s["WARMDOWN_FRAC"] > 0:
+        mult = min((1 - training_fraction(s, step, elapsed_ms)) / s["WARMDOWN_FRAC"], 1.0)
+    elif warmdown <= 0:
+        mult = 1.0
+    elif cap_ms <= 0:
+        mult = min(max((s["ITERATIONS"] - step) / warmdown, 0.0), 1.0)
+    else:
+        mult = min(max(cap_ms - elapsed_ms, 0.0) / max(warmdown * elapsed_ms / max(step, 1), 1e-9), 1.0)
+    return max(mult, s["MIN_LR"])
 
 
 class WeightAverages:
@@ -633,10 +827,12 @@ def train(model, run, val, luts):
     loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     train_model = run.compiled(model)
 
+    row = local_tokens if s["DOC_MASKED_ATTN"] else s["TRAIN_SEQ_LEN"]  # documents packed into one masked row
+
     def train_step(step, lr_mul):
         total = torch.zeros((), device=run.device)
         for _ in range(grad_accum):
-            x, y = loader.next_batch(local_tokens, s["TRAIN_SEQ_LEN"])
+            x, y = loader.next_batch(local_tokens, row)
             with run.autocast():
                 loss = train_model(x, y)
             (loss / grad_accum).backward()
@@ -651,13 +847,14 @@ def train(model, run, val, luts):
 
     if s["WARMUP_STEPS"] > 0:  # compile and warm the kernels, then start again from the initial state
         initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
-        for i in range(s["WARMUP_STEPS"]):
-            model.qat = bool(s["LATE_QAT"]) and 2 * i >= s["WARMUP_STEPS"]  # compile the late-QAT graph now, too
+        for i in range(s["WARMUP_STEPS"]):  # the late-QAT and looped graphs are compiled now, too
+            model.qat = bool(s["LATE_QAT"]) and 2 * i >= s["WARMUP_STEPS"]
+            model.looping = bool(s["NUM_LOOPS"]) and 2 * i >= s["WARMUP_STEPS"]
             train_step(0, 1.0)
             run.log(f"warmup_step:{i + 1}/{s['WARMUP_STEPS']}")
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
-        model.qat = False
+        model.qat = model.looping = False
         loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
     train_ms, step, stopping = 0.0, 0, False
@@ -676,7 +873,12 @@ def train(model, run, val, luts):
             t0 = time.perf_counter()
         if last:
             break
-        lr_mul = lr_multiplier(s, step, train_ms + 1000 * (time.perf_counter() - t0))
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        lr_mul = lr_multiplier(s, step, elapsed)
+        if s["NUM_LOOPS"] and not model.looping and training_fraction(s, step, elapsed) >= s["ENABLE_LOOPING_AT"]:
+            model.looping = True
+            run.log(f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
+                    f"encoder:{layer_schedule(s, True)[0]} decoder:{layer_schedule(s, True)[1]}")
         if s["LATE_QAT"] and not model.qat and lr_mul < s["LATE_QAT_THRESHOLD"]:
             model.qat = True
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
@@ -715,8 +917,9 @@ def train(model, run, val, luts):
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "BIGRAM_VOCAB_SIZE",
               "BIGRAM_DIM", "VE_DIM", "VE_LAYERS", "XSA_LAST_N", "ROPE_DIMS", "ROPE_BASE", "ROPE_TRAIN_SEQ_LEN",
-              "LN_SCALE", "LOGIT_SOFTCAP")
-BOS_ID = 1
+              "LN_SCALE", "LOGIT_SOFTCAP", "SMEAR_FIXED_ENABLED", "SMEAR_GATE_ENABLED", "GATE_WINDOW",
+              "SPARSE_ATTN_GATE_ENABLED", "SPARSE_ATTN_GATE_SCALE", "SKIP_GATES_ENABLED", "PARALLEL_START_LAYER",
+              "NUM_LOOPS", "LOOP_START", "LOOP_END", "DOC_MASKED_ATTN")
 MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.99984,)
 GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
@@ -1008,7 +1211,8 @@ def unpack(blob):
 
 
 def check_config(path, config, s, what="the artifact"):
-    if wrong := [f"{k}={config.get(k)!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config.get(k) != s[k]]:
+    config = {k: config.get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # a key it predates: the seed's value
+    if wrong := [f"{k}={config[k]!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config[k] != s[k]]:
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
 
@@ -1106,7 +1310,9 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
 def export_artifact(run, state, path, code_bytes):
     s, hessians, t0 = run.s, None, time.perf_counter()
     if s["QUANT"] == "gptq":
-        hessians = collect_hessians(build_model(run, state), run)
+        calib_model = build_model(run, state)
+        calib_model.looping = bool(s["NUM_LOOPS"])
+        hessians = collect_hessians(calib_model, run)
         run.log(f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
                 f"time:{time.perf_counter() - t0:.1f}s")
     t1 = time.perf_counter()
@@ -1206,7 +1412,10 @@ def score_windows(model, run, val, wins, luts, slot, hidden_fn):
     x, y = val[idx].to(run.device), val[idx + 1].to(run.device)
     scored = ((pos >= first[:, None]) & (pos < lens[:, None])).to(run.device)
     with run.autocast():
-        H = hidden_fn(x)
+        if run.s["DOC_MASKED_ATTN"] and not first.any():  # consecutive whole windows: one packed row, as the record
+            H = hidden_fn(x.reshape(1, -1)).view(*x.shape, -1)
+        else:
+            H = hidden_fn(x)
         delta = 0.0
         if slot:
             batch = run.s["SLOT_MODE"] == "batch"
@@ -1356,6 +1565,8 @@ def log_header(run, code, packed):
     run.log(f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
             f"attention:{run.attn_name} compile:{int(run.compile)}")
     run.log("settings: " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items()))
+    by_stack = [k for k in STACKS[s["STACK"]] if k not in os.environ and s[k] != DEFAULTS[k]]
+    run.log(f"stack:{s['STACK']} changes: " + (" ".join(f"{k}={s[k]}" for k in by_stack) or "nothing"))
     changed = " ".join(f"{k}={os.environ[k]}" for k in DEFAULTS if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR"))
     launcher = f"torchrun --standalone --nproc_per_node={run.world}" if "RANK" in os.environ else "python"
     run.summary.update(settings=s, run_command=f"{changed} {launcher} train_gpt.py".strip())
@@ -1385,10 +1596,10 @@ def main():
     else:
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
-        model.qat = False
         if run.master:
             save_float_weights(state, s, run.out / FLOAT_NAME)
         PROGRESS.update(stage="export", on_disk=str(run.out / FLOAT_NAME))
+    model.qat, model.looping = False, bool(s["NUM_LOOPS"])  # every evaluation runs the looped model, as the record
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
         if run.master:
