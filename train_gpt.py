@@ -64,7 +64,7 @@ CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
                STACK=tuple(STACKS))
 POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
-    MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_VOCAB_SIZE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
+    MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
     SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
     ARTIFACT_LIMIT_BYTES GATE_WINDOW""".split())
 UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
@@ -126,7 +126,7 @@ def parse_settings(env=os.environ):
         (s["GATE_WINDOW"] > s["MODEL_DIM"], f"GATE_WINDOW={s['GATE_WINDOW']} must be at most MODEL_DIM"),
         (s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
          f"MUON_POLAR_EXPRESS=1 has {len(POLAR_EXPRESS)} coefficient tuples: MUON_BACKEND_STEPS must be at most that"),
-        (s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env,
+        (s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env and s["WARMDOWN_ITERS"] > 0,
          "WARMDOWN_FRAC (a fraction of the training time) and WARMDOWN_ITERS (steps) both set: keep one"),
         (any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
          f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1"),
@@ -459,7 +459,7 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return x
 
-    def attn(self, i, x, ve, dtype, cache, seg, slot):
+    def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0):
         """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry)."""
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim

@@ -1,0 +1,318 @@
+"""STACK=pr1855: PR #1855's model, optimizer, schedule and document-masked attention, each against an independent
+computation, and STACK=seed unchanged (the digits of a stored run of the code before the stack existed)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TRAIN_GPT
+
+# The record's logged run values (MODERN_STACK.md 0.3 and 10), typed from the document, not from train_gpt.py.
+RECORD = dict(
+    VOCAB_SIZE=8192, NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_MULT=4.0, XSA_LAST_N=11,
+    QK_GAIN_INIT=5.0, ROPE_DIMS=16, ROPE_BASE=10000.0, ROPE_TRAIN_SEQ_LEN=0, LN_SCALE=1, LOGIT_SOFTCAP=30.0,
+    TIED_EMBED_INIT_STD=0.005, BIGRAM_VOCAB_SIZE=0, VE_ENABLED=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
+    ENABLE_LOOPING_AT=0.35, PARALLEL_START_LAYER=8, SMEAR_GATE_ENABLED=1, SMEAR_FIXED_ENABLED=0, GATE_WINDOW=12,
+    SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, DOC_MASKED_ATTN=1,
+    TRAIN_BATCH_TOKENS=786432, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048, EVAL_STRIDE=2048, WARMUP_STEPS=20,
+    ITERATIONS=20000, MAX_WALLCLOCK_SECONDS=600.0, VAL_LOSS_EVERY=0, WARMDOWN_FRAC=0.85, MIN_LR=0.1,
+    MATRIX_LR=0.026, TIED_EMBED_LR=0.03, SCALAR_LR=0.02, MUON_MOMENTUM=0.97, MUON_MOMENTUM_WARMUP_START=0.92,
+    MUON_MOMENTUM_WARMUP_STEPS=1500, MUON_BACKEND_STEPS=5, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
+    MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA1=0.9, BETA2=0.99, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3,
+    EMA_ENABLED=1, EMA_DECAY=0.9965, SWA_ENABLED=0, LATE_QAT=0, EMBED_BITS=7, MATRIX_BITS=6, GPTQ_CALIB="train",
+    GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=16 * 48, GPTQ_CALIB_LEN=2048, GPTQ_DAMP=0.01,
+)
+
+# 11 layers as the record, at a width a CPU trains in a fraction of a second per step.
+TINY_PR = dict(STACK="pr1855", NUM_LAYERS=11, VOCAB_SIZE=1024, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=11,
+               MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32)
+
+
+def pr_settings(tiny_settings, **over):
+    return tiny_settings(**{**TINY_PR, **over})
+
+
+def noised(model, seed=0):
+    """Noise on every parameter (the zero-initialized projections and gates too), so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.3))
+    return model
+
+
+def test_stack_pr1855_resolves_to_the_record_values():
+    s = tg.parse_settings({"STACK": "pr1855"})
+    assert {k: s[k] for k in RECORD} == RECORD
+    # An explicit variable still wins; the stack's name-following values follow the explicit one.
+    s = tg.parse_settings({"STACK": "pr1855", "EVAL_SEQ_LEN": "1024", "MATRIX_LR": "0.03"})
+    assert (s["EVAL_STRIDE"], s["MATRIX_LR"]) == (1024, 0.03)
+
+
+def test_stack_seed_keeps_every_default_and_the_seed_meaning_of_adam_wd():
+    seed = tg.parse_settings({})
+    assert {k: v for k, v in seed.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")} == \
+        {k: v for k, v in tg.DEFAULTS.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")}
+    assert seed["VE_LAYERS"] == [9, 10]
+    # The seed's ADAM_WD decays every AdamW parameter, so the embeddings' decay follows it unless EMBED_WD is set.
+    assert tg.parse_settings({"ADAM_WD": "0.1"})["EMBED_WD"] == 0.1
+    assert tg.parse_settings({"ADAM_WD": "0.1", "EMBED_WD": "0.2"})["EMBED_WD"] == 0.2
+
+
+@pytest.mark.parametrize("env, words", [
+    (dict(STACK="pr1856"), ["STACK", "seed, pr1855"]),
+    (dict(STACK="pr1855", SMEAR_FIXED_ENABLED="1"), ["SMEAR_GATE_ENABLED=1", "SMEAR_FIXED_ENABLED=1"]),
+    (dict(NUM_LOOPS="1", LOOP_START="4", LOOP_END="2"), ["LOOP_START=4", "LOOP_END=2"]),
+    (dict(PARALLEL_START_LAYER="11"), ["PARALLEL_START_LAYER=11"]),
+    (dict(MUON_POLAR_EXPRESS="1", MUON_BACKEND_STEPS="6"), ["MUON_BACKEND_STEPS", "5"]),
+    (dict(STACK="pr1855", WARMDOWN_ITERS="100"), ["WARMDOWN_FRAC", "WARMDOWN_ITERS"]),
+])
+def test_contradictory_stack_settings_are_one_error(env, words):
+    with pytest.raises(tg.Fail) as e:
+        tg.parse_settings(env)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_virtual_layers_are_the_logged_ones():
+    s = tg.parse_settings({"STACK": "pr1855"})
+    assert tg.layer_schedule(s, looped=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert tg.layer_schedule(s, looped=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert tg.GPT(tg.parse_settings({"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
+                                     "VOCAB_SIZE": "32"})).skip_weights.shape[0] == 8  # 8 skip pairs looped, 5 not
+
+
+def test_init_zero_projections_and_gate_values(tiny_settings):
+    s = pr_settings(tiny_settings)
+    torch.manual_seed(0)
+    model = tg.GPT(s)
+    L = s["NUM_LAYERS"]
+    assert model.qo_bank[L:].abs().max() == 0 and model.mlp_down_bank.abs().max() == 0
+    assert model.skip_weights.shape == (8, 64) and (model.skip_gates == 0).all()
+    assert (model.parallel_resid_lambdas == 1.1).all() and (model.parallel_post_lambdas == 1).all()
+    assert all((b.attn_gate_w == 0).all() and b.attn_gate_w.shape == (4, 12) for b in model.blocks)
+    assert (model.blocks[0].q_gain == 5.0).all() and not hasattr(model, "bigram_emb") and not model.ve_layers
+    # The smear gate is the identity at init: the embedding is plain RMSNorm of the token embedding.
+    idx = torch.randint(0, 1024, (2, 16))
+    assert torch.equal(model.embed(idx, torch.float32), F.rms_norm(model.tok_emb.weight[idx], (64,)))
+    # The sparse gate is sigmoid(0) = 1/2 at init: attention output is half that of the same layer without it.
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        model.qo_bank[L + 3].normal_()
+        ungated = tg.GPT(pr_settings(tiny_settings, SPARSE_ATTN_GATE_ENABLED=0))
+        ungated.load_state_dict({k: v for k, v in model.state_dict().items() if "attn_gate_w" not in k})
+        torch.testing.assert_close(model.attn(3, x, None, torch.float32), 0.5 * ungated.attn(3, x, None, torch.float32))
+    # Skip gates at init: an even blend of the stream and the weighted skip.
+    a, b = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    torch.testing.assert_close(model.merge_skip(0, a, b, torch.float32), 0.5 * a + 0.5 * b)
+
+
+def test_gates_compute_the_record_formulas(tiny_settings):
+    s = pr_settings(tiny_settings)
+    model = noised(tg.GPT(s))
+    w, lam = model.smear_w.detach(), model.smear_lambda.detach()
+    idx = torch.randint(2, 1024, (1, 10))
+    idx[0, 4] = tg.BOS_ID
+    e = model.tok_emb.weight.detach()[idx[0]]
+    want = e.clone()
+    for t in range(1, 10):  # e_t + lambda * sigmoid(w . e_t[:12]) * e_{t-1}, not at a BOS
+        if idx[0, t] != tg.BOS_ID:
+            want[t] = e[t] + lam * torch.sigmoid(e[t, :12] @ w) * e[t - 1]
+    torch.testing.assert_close(model.embed(idx, torch.float32)[0], F.rms_norm(want, (64,)))
+    # Skip gate: sigmoid(g) * x + (1 - sigmoid(g)) * (w * skip)
+    a, b = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    g, sw = torch.sigmoid(model.skip_gates[2].detach()), model.skip_weights[2].detach()
+    torch.testing.assert_close(model.merge_skip(2, a, b, torch.float32), g * a + (1 - g) * sw * b)
+    # Parallel block: lane_j <- r_j * lane_j + P[0, j] * A + P[1, j] * M with A from lane 0 (mixed with x0), M from lane 1
+    lanes, x0 = [torch.randn(1, 3, 64), torch.randn(1, 3, 64)], torch.randn(1, 3, 64)
+    blk, ln = model.blocks[9], 1 / math.sqrt(10)
+    with torch.no_grad():
+        mix = blk.resid_mix
+        A = blk.attn_scale * model.attn(9, F.rms_norm(mix[0] * lanes[0] + mix[1] * x0, (64,)) * ln, None, torch.float32)
+        M = blk.mlp_scale * model.mlp(9, F.rms_norm(lanes[1], (64,)) * ln, torch.float32)
+        r, P = model.parallel_resid_lambdas[9], model.parallel_post_lambdas[9]
+        got = model.parallel_block(9, lanes, x0, torch.float32, lambda i, h: model.attn(i, h, None, torch.float32))
+        for j in (0, 1):
+            torch.testing.assert_close(got[j], r[j] * lanes[j] + P[0, j] * A + P[1, j] * M)
+
+
+def test_doc_segments_match_a_loop():
+    idx = torch.randint(2, 50, (3, 40))
+    idx[0, [0, 7, 8, 30]] = tg.BOS_ID
+    idx[1, 20] = tg.BOS_ID
+    got = tg.doc_segments(idx, max_len=6)
+    for b in range(3):
+        seg, doc_start, want = 0, 0, []
+        for t in range(40):
+            if idx[b, t] == tg.BOS_ID:
+                doc_start = t
+            if t == 0 or idx[b, t] == tg.BOS_ID or (t - doc_start) % 6 == 0:
+                seg += 1
+            want.append(seg)
+        assert got[b].tolist() == want
+
+
+def test_document_masked_attention_backends_agree():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 40, 4, 2, 8
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    idx = torch.randint(2, 50, (B, T))
+    idx[0, [5, 17]] = tg.BOS_ID
+    seg = tg.doc_segments(idx, 16)
+    want = torch.zeros(B, T, H, D)
+    for b in range(B):  # each segment alone through plain causal attention
+        for sid in seg[b].unique():
+            pos = (seg[b] == sid).nonzero().flatten()
+            want[b, pos] = tg.sdpa(q[b:b + 1, pos], k[b:b + 1, pos], v[b:b + 1, pos])[0]
+    torch.testing.assert_close(tg.sdpa(q, k, v, seg), want)
+    torch.testing.assert_close(tg.flex_attention_fn()(q, k, v, seg), want, atol=1e-5, rtol=1e-5)
+
+    def fake_varlen(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal):  # FlashAttention's contract, in plain torch
+        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and cu_q.numel() == B * T + 1
+        out = torch.zeros_like(qf)
+        for a, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            if e > a:
+                out[a:e] = tg.sdpa(qf[None, a:e], kf[None, a:e], vf[None, a:e])[0]
+        return out
+    torch.testing.assert_close(tg.varlen_attention_fn(fake_varlen)(q, k, v, seg), want)
+
+
+def test_a_token_moves_no_logit_of_another_document(tiny_settings):
+    torch.manual_seed(0)
+    model = noised(tg.GPT(pr_settings(tiny_settings)))
+    model.looping = True
+    idx = torch.randint(2, 1024, (2, 64))
+    idx[:, [0, 20, 45]] = tg.BOS_ID  # documents [0, 20), [20, 45), [45, 64) in each row
+    changed = idx.clone()
+    changed[:, 19] = (idx[:, 19] + 1) % 1024  # the last token of the first document, right before a BOS
+    changed[:, 30] = (idx[:, 30] + 1) % 1024  # a token inside the second
+    for rows in ((2, 64), (1, 128)):  # evaluation windows, and one packed training row
+        a = model.compute_logits(model.forward_hidden(idx.reshape(rows)))
+        b = model.compute_logits(model.forward_hidden(changed.reshape(rows)))
+        a, b = a.reshape(2, 64, -1), b.reshape(2, 64, -1)
+        torch.testing.assert_close(a[:, :19], b[:, :19], atol=0, rtol=0)  # before the change: causal
+        torch.testing.assert_close(a[:, 45:], b[:, 45:], atol=1e-6, rtol=0)  # the third document: untouched
+        torch.testing.assert_close(a[:, 20:30], b[:, 20:30], atol=1e-6, rtol=0)  # the second, up to its change:
+        # its BOS does not smear in the first document's last token
+        assert (a[:, 30:45] - b[:, 30:45]).abs().max() > 1e-3  # the change does reach its own document
+
+
+def test_smear_gate_ignores_the_previous_document_at_a_bos(tiny_settings):
+    model = noised(tg.GPT(pr_settings(tiny_settings)))
+    idx = torch.randint(2, 1024, (1, 8))
+    idx[0, 4] = tg.BOS_ID
+    other = idx.clone()
+    other[0, 3] += 1
+    a, b = model.embed(idx, torch.float32), model.embed(other, torch.float32)
+    assert (a[0, 3] - b[0, 3]).abs().max() > 0 and torch.equal(a[0, 4:], b[0, 4:])
+    other[0, 4] = 7  # the same change without the BOS reaches the next position
+    c, d = model.embed(other, torch.float32), model.embed(torch.where(torch.arange(8) == 3, idx, other), torch.float32)
+    assert (c[0, 4] - d[0, 4]).abs().max() > 1e-4
+
+
+def polar_scalar(sigma, steps):
+    """The singular values Polar-Express NS should produce: the scalar polynomials applied to each."""
+    for a, b, c in tg.POLAR_EXPRESS[:steps]:
+        sigma = a * sigma + b * sigma ** 3 + c * sigma ** 5
+    return sigma
+
+
+def test_polar_express_maps_singular_values_into_its_band():
+    torch.manual_seed(0)
+    G = torch.randn(3, 48, 96, dtype=torch.float64)
+    X = tg.zeropower_via_newtonschulz5(G.float(), 5, polar_express=True).double()
+    for g, x in zip(G, X):
+        sigma = torch.linalg.svdvals(g / g.norm())
+        want = polar_scalar(sigma, 5).sort(descending=True).values  # the polynomials are not monotone: compare sorted
+        torch.testing.assert_close(torch.linalg.svdvals(x), want, atol=2e-4, rtol=2e-4)
+    # the band its coefficients promise: every sigma in [1e-3, 1] of the normalized input ends within it
+    grid = polar_scalar(torch.logspace(-3, 0, 2000, dtype=torch.float64), 5)
+    lo, hi = grid.min().item(), grid.max().item()
+    assert 0.5 < lo < 1 < hi < 1.5
+    sv = torch.linalg.svdvals(X)
+    assert sv.min() > lo - 1e-3 and sv.max() < hi + 1e-3
+    # the seed's fixed quintic spreads them wider after 5 steps
+    seed = torch.linalg.svdvals(tg.zeropower_via_newtonschulz5(G.float(), 5).double())
+    assert (seed.max() - seed.min()) > (sv.max() - sv.min())
+
+
+def test_muon_row_normalization_and_step_scale(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tg, "zeropower_via_newtonschulz5", lambda u, steps, pe: seen.append(u.clone()) or u)
+    p = torch.nn.Parameter(torch.zeros(2, 8, 4))
+    g = torch.randn(2, 8, 4)
+    p.grad = g.clone()
+    opt = tg.ParallelMuon([p], lr=0.1, momentum=0.5, backend_steps=5, weight_decay=0.0, row_normalize=True)
+    opt.launch_reduce_scatter()
+    opt.step(opt.wait_shards())
+    u = g + 0.5 * g  # Nesterov on a fresh buffer: g + mu * (mu * 0 + g)
+    want = u / u.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(seen[0], want)
+    torch.testing.assert_close(p.detach(), -0.1 * math.sqrt(8 / 4) * want)
+
+
+def test_weight_decay_per_group(tiny_settings):
+    def decays(**over):
+        model = tg.GPT(tiny_settings(**over))
+        muon, adam, _ = tg.build_optimizers(model, model.s)
+        emb, sc = adam.param_groups
+        assert emb["params"][0] is model.tok_emb.weight
+        return emb["weight_decay"], sc["weight_decay"], muon.param_groups[0]["weight_decay"]
+    assert decays() == (0.04, 0.04, 0.04)
+    assert decays(ADAM_WD=0.1) == (0.1, 0.1, 0.04)
+    assert decays(**TINY_PR) == (0.085, 0.02, 0.095)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.1, 0.15, 0.5, 0.9, 0.915, 0.95, 1.0, 1.2])
+def test_warmdown_frac_and_min_lr(tiny_settings, frac):
+    s = tiny_settings(WARMDOWN_FRAC=0.85, MIN_LR=0.1, ITERATIONS=1000, WARMDOWN_ITERS=0)
+    want = 1.0 if frac < 0.15 else max((1 - frac) / 0.85, 0.1)  # MODERN_STACK 5.2
+    assert tg.lr_multiplier(s, round(frac * 1000), 0.0) == pytest.approx(want)
+    s = tiny_settings(WARMDOWN_FRAC=0.85, MIN_LR=0.1, MAX_WALLCLOCK_SECONDS=100, WARMDOWN_ITERS=0)
+    assert tg.lr_multiplier(s, 7, frac * 100_000) == pytest.approx(want)  # of the wallclock, not the step
+
+
+def test_seed_stack_digits_are_unchanged(tmp_path, script_env, run_script):
+    ref = json.loads((ROOT / "tests" / "reference" / "seed_tiny.json").read_text())
+    env = {k: v for k, v in script_env(tmp_path).items() if k not in tg.DEFAULTS or k in ("DATA_PATH", "TOKENIZER_PATH",
+                                                                                          "OUTPUT_DIR", "RUN_ID")}
+    proc = run_script({**env, **ref["settings"]}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    keep = re.compile(r"(step:\d+/\d+ train_loss:|final_float_exact|final_int6_roundtrip_exact|legal_ttt_exact|"
+                      r"final_score_exact)")
+    got = [re.sub(r" train_time:.*", "", ln) for ln in proc.stdout.splitlines() if keep.match(ln)]
+    assert got == ref["lines"]
+
+
+@pytest.mark.slow
+def test_pr1855_two_gloo_ranks_equal_one(tmp_path, script_env):
+    from test_training import DRIVER
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    # GRAD_CLIP_LOCAL=0: the record clips each rank's gradient before averaging (its value under STACK=pr1855), which
+    # by design depends on the number of ranks; the global clip does not.
+    kw = dict(TINY_PR, ITERATIONS=4, TRAIN_BATCH_TOKENS=1024, EMA_DECAY=0.9, ENABLE_LOOPING_AT=0.5, VAL_MAX_TOKENS=512,
+              GRAD_CLIP_LOCAL=0)
+    results = {}
+    for world, launcher in ((1, [sys.executable]),
+                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        out = tmp_path / f"w{world}"
+        proc = subprocess.run([*launcher, str(driver), str(out), str(ROOT)], env=script_env(tmp_path, **kw),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[world] = [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
+    one, two = results[1][0], results[2][0]
+    assert all(torch.equal(two["state"][k], results[2][1]["state"][k]) for k in two["state"])
+    moved = max((one["state"][k] - one["initial"][k]).abs().max().item() for k in one["state"])
+    assert moved > 1e-2
+    for k in one["state"]:
+        a, b = one["state"][k], two["state"][k]
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item()), k
