@@ -175,3 +175,21 @@ def test_baseline_head_reports_ratios_near_one(tmp_path):
     assert LAST_LINE.match(proc.stdout.strip().splitlines()[-1])
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "bench_baseline_" not in worktrees  # cleaned up
+
+
+def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
+    """17 virtual layers once looping is on, the gates counted, no bigram or value embeddings."""
+    from test_pr1855 import TINY_PR
+    s = tiny_settings(**TINY_PR)
+    torch.manual_seed(0)
+    model = tg.GPT(s, explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v))  # the mask costs no FLOP
+    B, T = 2, s["EVAL_SEQ_LEN"]
+    x = torch.randint(0, 1024, (B, T))
+    assert bench.virtual_layers(s) == 17 and bench.virtual_layers(s, looped=False) == 11
+    for looped in (False, True):
+        model.looping = looped
+        assert counted(lambda: model.forward_hidden(x)) == B * bench.hidden_flops(s, T, causal=False, looped=looped)
+    pr = bench.project(tg, s, {}, False, 0.4, 800e12)
+    t = pr["train_ms_per_step"]
+    assert t["plain"] < t["mean"] < t["looped"]
+    assert t["looped"] / t["plain"] == pytest.approx(bench.train_flops(s, T, True) / bench.train_flops(s, T, False))

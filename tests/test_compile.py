@@ -97,3 +97,29 @@ def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thr
     assert any(ln.startswith("final_int6_roundtrip_projected_seconds:") for ln in lines)
     secs = float(next(ln for ln in lines if ln.startswith("final_eval_seconds:")).split()[0].split(":")[1])
     assert secs == pytest.approx(run.summary["final_eval_seconds"], abs=0.05) and secs > 0
+
+
+def test_pr1855_compiles_both_loop_graphs_in_warm_up_and_never_again(tiny_settings, eager_compile, one_thread):
+    from test_pr1855 import TINY_PR, noised
+    s = tiny_settings(**TINY_PR)
+    model = noised(tg.GPT(s))
+    x = torch.randint(0, 1024, (1, 256))
+    x[0, [0, 50, 51, 200]] = tg.BOS_ID
+    for looping in (False, True):  # whole graphs: the document mask, both lanes, the gates
+        model.looping = looping
+        for fn, args in ((model, (x, x)), (model.forward_hidden, (x,))):
+            ex = explain(fn, *args)
+            assert ex.graph_break_count == 0 and ex.graph_count == 1, (looping, ex.break_reasons)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    for looping in (False, True):  # what train()'s warm-up runs
+        model.looping = looping
+        compiled(x, x).backward()
+    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+    assert graphs == 2
+    for looping in (False, True, False, True):  # training switches the loop on; nothing compiles again
+        model.looping = looping
+        other = torch.randint(0, 1024, (1, 256))
+        compiled(other, other).backward()
+    assert counters["stats"]["unique_graphs"] == graphs and sum(counters["recompiles"].values()) == recompiles
