@@ -585,6 +585,13 @@ def _first_disagreement(sp, ids: list[int], counted: np.ndarray, text_bytes) -> 
     return None
 
 
+def _text(sp, ids) -> str:
+    """The text tokens stand for: SentencePiece's decoding, with U+2581 read as the space it stands for (byte
+    pieces can spell U+2581 out when the vocab has no '\u2581' piece, and the decoder leaves those as a 3-byte
+    character; the normalizer turns every space into U+2581, so U+2581 in decoded text always was a space)."""
+    return sp.decode(ids).replace("\u2581", " ")
+
+
 def _describe_piece(sp, ids, k, counted, shard_offset) -> str:
     piece = sp.id_to_piece(ids[k])
     return (f"piece {piece!r} (id {ids[k]}, token {shard_offset + k}) counted {int(counted[k])} byte(s)")
@@ -614,10 +621,10 @@ def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | Non
     for d, (s, e) in enumerate(zip(starts, ends)):
         ids = tokens[s + 1:e].tolist()
         counted = counted_all[s + 1:e]
-        decoded = sp.decode(ids)
+        decoded = _text(sp, ids)
         if sidecar is None:
             expected = len(decoded.encode("utf-8"))
-            prefix_bytes = lambda p: len(sp.decode(p).encode("utf-8"))  # noqa: E731
+            prefix_bytes = lambda p: len(_text(sp, p).encode("utf-8"))  # noqa: E731
             what = "its decoded text"
         else:
             if originals is not None:
@@ -631,7 +638,7 @@ def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | Non
                 except ValueError as err:
                     raise AuditFailure(f"{name}: document {first_doc + d} does not invert: {err}") from None
                 what = "its decoded text after the inverse transform"
-            prefix_bytes = lambda p: caseops.original_byte_counts([sp.decode(p)])[0][0]  # noqa: E731
+            prefix_bytes = lambda p: caseops.original_byte_counts([_text(sp, p)])[0][0]  # noqa: E731
         got = int(counted.sum())
         if got != expected:
             k = _first_disagreement(sp, ids, counted, prefix_bytes)
