@@ -34,6 +34,24 @@ DEFAULT_REMOTE_DIR = "datasets"
 # Environment overrides (first one set wins); the second names are those of the challenge's own downloader.
 REPO_ID_VARS = ("FINEWEB_REPO_ID", "MATCHED_FINEWEB_REPO_ID")
 REMOTE_DIR_VARS = ("FINEWEB_REMOTE_DIR", "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX")
+# The variants the records use and the Hub repos that hold them (--repo-id / --remote-dir, or the env, override).
+# A variant with a sidecar also has fineweb_val_bytes_NNNNNN.bin beside each val shard (see data/caseops.py).
+CASEOPS_VARIANT = "sp8192_lossless_caps_caseops_v1_reserved"
+VARIANTS = {
+    "sp1024": dict(repo_id=DEFAULT_REPO_ID, remote_dir="datasets"),
+    "sp4096": dict(repo_id="kevclark/parameter-golf", remote_dir="datasets"),
+    "sp8192": dict(repo_id="kevclark/parameter-golf", remote_dir="datasets"),
+    CASEOPS_VARIANT: dict(repo_id="romeerp/parameter-golf-caseops-v1", remote_dir="datasets", sidecar=True),
+}
+SIDECAR_TAG = "_bytes_"   # fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin
+
+
+def sidecar_name(val_name: str) -> str:
+    return val_name.replace("fineweb_val_", "fineweb_val" + SIDECAR_TAG, 1)
+
+
+def has_sidecar(variant: str) -> bool:
+    return bool(VARIANTS.get(variant, {}).get("sidecar")) or "caseops" in variant
 
 
 # ----------------------------------------------------------------------------- writer
@@ -103,7 +121,7 @@ def _entries(section) -> list[dict]:
 
 
 def _vocab_of(variant: str) -> int | None:
-    m = re.fullmatch(r"sp(\d+)", variant)
+    m = re.match(r"sp(\d+)(?:_|$)", variant)
     return int(m.group(1)) if m else None
 
 
@@ -120,19 +138,28 @@ def find_dataset(manifest: dict, variant: str) -> dict:
     raise Fail(f"variant {variant} is not in the manifest (it has: {', '.join(names) or 'no datasets'})")
 
 
+def _item_name(x) -> str:
+    return Path(str(_first(x, "path", "name", "file") if isinstance(x, dict) else x)).name
+
+
 def _shard_items(entry: dict, split: str) -> list | None:
-    """The explicit shard list of one split, if the manifest gives one."""
+    """The explicit shard list of one split, if the manifest gives one (byte sidecars left out)."""
+    found = None
     for key in (f"{split}_files", f"{split}_shards", split):
         if isinstance(entry.get(key), list):
-            return entry[key]
+            found = entry[key]
+            break
     for key in ("files", "shards"):
+        if found is not None:
+            break
         value = entry.get(key)
         if isinstance(value, dict) and isinstance(value.get(split), list):
-            return value[split]
-        if isinstance(value, list):
-            return [x for x in value if f"_{split}_" in Path(str(_first(x, "path", "name", "file")
-                                                                   if isinstance(x, dict) else x)).name]
-    return None
+            found = value[split]
+        elif isinstance(value, list):
+            found = [x for x in value if f"_{split}_" in _item_name(x)]
+    if found is None:
+        return None
+    return [x for x in found if SIDECAR_TAG not in _item_name(x)]
 
 
 FULL_TRAIN_SHARDS = 80  # the challenge's sp1024 export: 80 train shards of 100M tokens (SPEC §3)
@@ -180,7 +207,8 @@ def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -
             raise Fail(f"manifest: dataset {entry.get('name')} names tokenizer {tok}, which the manifest does not list")
         if vocab is None:
             raise Fail(f"manifest: dataset {entry.get('name')} names no tokenizer")
-        tok_entry = {"model_path": f"tokenizers/fineweb_{vocab}_bpe.model"}
+        suffix = variant[len(f"sp{vocab}"):]          # sp8192_lossless_caps_... -> fineweb_8192_bpe_lossless_caps_...
+        tok_entry = {"model_path": f"tokenizers/fineweb_{vocab}_bpe{suffix}.model"}
     paths = []
     for key in ("model_path", "vocab_path", "path"):
         value = tok_entry.get(key)
@@ -210,7 +238,11 @@ def plan_download(manifest: dict, variant: str, train_shards: int | None, root: 
         train_shards = len(train)
     if train_shards > len(train):
         raise Fail(f"variant {variant} has {len(train)} train shards in the manifest; asked for {train_shards}")
-    return tokenizer + val + train[:train_shards]
+    sidecars = []
+    if has_sidecar(variant):      # one byte sidecar per val shard, beside it
+        sidecars = [Artifact(remote=a.remote.rsplit("/", 1)[0] + "/" + sidecar_name(a.local.name),
+                             local=a.local.with_name(sidecar_name(a.local.name)), kind="sidecar") for a in val]
+    return tokenizer + val + sidecars + train[:train_shards]
 
 
 # ----------------------------------------------------------------------------- verification
@@ -234,6 +266,11 @@ def verify(a: Artifact, path: Path | None = None) -> None:
             raise Invalid(f"{a.local}: {tokens.size:,} tokens but the manifest says {a.tokens:,}")
         if a.vocab_size is not None and tokens.size and int(tokens.max()) >= a.vocab_size:
             raise Invalid(f"{a.local}: token id {int(tokens.max())} is outside the vocab of {a.vocab_size}")
+    elif a.kind == "sidecar":     # same format as a shard; checked against its val shard once both are in place
+        try:
+            load_data_shard(path)
+        except Fail as e:
+            raise Invalid(str(e).replace(str(path), str(a.local))) from None
     elif a.kind == "tokenizer":
         import sentencepiece as spm
         try:
@@ -314,6 +351,16 @@ def _setting(flag_value, env_names, default):
     return default
 
 
+def sidecar_problem(tokens: np.ndarray, sidecar: np.ndarray) -> str | None:
+    """Why a byte sidecar is not parallel to its val tokens, or None."""
+    if sidecar.size != tokens.size:
+        return f"{sidecar.size:,} byte counts for {tokens.size:,} val tokens"
+    bos = tokens == BOS_ID
+    if np.any(sidecar[bos] != 0):
+        return f"BOS token {int(np.flatnonzero(bos & (sidecar != 0))[0])} counts bytes (must count 0)"
+    return None
+
+
 def cmd_download(args) -> int:
     if args.train_shards is not None and args.train_shards < 0:
         raise Fail(f"--train-shards {args.train_shards}: must be 0 or more")
@@ -328,8 +375,10 @@ def cmd_download(args) -> int:
     if "HF_HUB_VERBOSITY" not in os.environ:   # its retry warnings would break the one-line errors
         hf_logging.set_verbosity_error()
     root = Path(args.root)
-    hub = Hub(_setting(args.repo_id, REPO_ID_VARS, DEFAULT_REPO_ID),
-              _setting(args.remote_dir, REMOTE_DIR_VARS, DEFAULT_REMOTE_DIR), args.revision, args.endpoint, root)
+    defaults = VARIANTS.get(args.variant, {})
+    hub = Hub(_setting(args.repo_id, REPO_ID_VARS, defaults.get("repo_id", DEFAULT_REPO_ID)),
+              _setting(args.remote_dir, REMOTE_DIR_VARS, defaults.get("remote_dir", DEFAULT_REMOTE_DIR)),
+              args.revision, args.endpoint, root)
     try:
         code = download(hub, root, args.variant, args.train_shards, args.workers)
     except KeyboardInterrupt:
@@ -407,6 +456,15 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
             print(f"{labels[id(a)]}: downloaded, verified", flush=True)
     if isinstance(error, KeyboardInterrupt):
         raise error
+    for a in wanted:              # a sidecar must be parallel to its val shard: same count, 0 at every BOS
+        if a.kind == "sidecar" and a.local.is_file():
+            val_path = a.local.with_name(a.local.name.replace("fineweb_val" + SIDECAR_TAG, "fineweb_val_", 1))
+            problem = sidecar_problem(load_data_shard(val_path), load_data_shard(a.local)) if val_path.is_file() \
+                else None
+            if problem:
+                a.local.unlink()
+                fetched -= 1
+                refused = refused or Invalid(f"{a.local}: {problem}")
     if refused is not None:
         raise Fail(f"refusing the download: {refused} (removed)")
     if error is not None or fetched < len(wanted):
@@ -424,15 +482,16 @@ def default_tokenizer(shard: Path) -> Path | None:
     <root>/tokenizers/<prefix>_N_bpe.model (sample_sp1024 -> sample_1024_bpe.model, fineweb10B_sp1024 ->
     fineweb_1024_bpe.model)."""
     ds = shard.resolve().parent
-    m = re.search(r"sp(\d+)$", ds.name)
+    m = re.search(r"(?:^|_)sp(\d+)(.*)$", ds.name)       # sample_sp8192_caseops -> sample_8192_bpe_caseops.model
     tok_dir = ds.parent.parent / "tokenizers"
     if not m or not tok_dir.is_dir():
         return None
-    prefix = re.split(r"\d+B_|_sp", ds.name)[0]
-    exact = tok_dir / f"{prefix}_{m.group(1)}_bpe.model"
+    vocab, suffix = m.group(1), m.group(2)
+    prefix = re.sub(r"\d+B$", "", ds.name[:m.start()])
+    exact = tok_dir / f"{prefix}_{vocab}_bpe{suffix}.model"
     if exact.is_file():
         return exact
-    others = sorted(tok_dir.glob(f"*_{m.group(1)}_bpe.model"))
+    others = sorted(tok_dir.glob(f"*_{vocab}_bpe{suffix}.model"))
     return others[0] if others else None
 
 
@@ -453,6 +512,9 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
           f"ids {int(tokens.min())}..{int(tokens.max())}, {np.unique(tokens).size} distinct")
     if tokens[0] != BOS_ID:
         print(f"  note: the shard does not start with BOS ({BOS_ID}); first token {tokens[0]}")
+    if SIDECAR_TAG in path.name:
+        print(f"  byte sidecar: {int(tokens.sum(dtype=np.int64)):,} original bytes over {tokens.size:,} tokens")
+        return
     tok = tokenizer or default_tokenizer(path)
     if tok is None:
         print("  first document: not decoded (no tokenizer found beside the shard; pass --tokenizer)")
@@ -475,7 +537,157 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
     print("    " + shown)
 
 
+# ----------------------------------------------------------------------------- bpb audit
+
+class AuditFailure(Fail):
+    pass
+
+
+def lut_arrays(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """train_gpt's own byte tables (base bytes, leading-space flag, boundary flag) as numpy arrays."""
+    import torch
+    from train_gpt import build_sentencepiece_luts
+    return tuple(t.numpy() for t in build_sentencepiece_luts(sp, sp.vocab_size(), torch.device("cpu")))
+
+
+def lut_counts(tokens: np.ndarray, luts) -> np.ndarray:
+    """Bytes the LUT credits each token with as a target (the first token's context is taken as a boundary)."""
+    base, space, boundary = (np.asarray(a) for a in luts)
+    t = tokens.astype(np.int64)
+    prev_boundary = np.concatenate([[True], boundary[t[:-1]]]) if t.size else np.zeros(0, bool)
+    return base[t].astype(np.int64) + (space[t] & ~prev_boundary).astype(np.int64)
+
+
+def _byte_value(sp, i: int) -> int | None:
+    return int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else None
+
+
+def _first_disagreement(sp, ids: list[int], counted: np.ndarray, text_bytes) -> int | None:
+    """The first token after which the counted bytes and the bytes of the decoded prefix differ (prefixes that end
+    inside a multi-byte character are skipped). text_bytes(prefix ids) -> bytes of that prefix's text."""
+    cum = np.cumsum(counted)
+    n = len(ids)
+
+    def boundary(t):     # the prefix ids[:t] ends on a character boundary
+        b = _byte_value(sp, ids[t]) if t < n else None
+        return b is None or not (0x80 <= b < 0xC0)
+
+    def agrees(t):
+        return not boundary(t) or int(cum[t - 1]) == text_bytes(ids[:t])
+    step, lo = 64, 0
+    for hi in list(range(step, n, step)) + [n]:
+        if not agrees(hi):
+            for t in range(lo + 1, hi + 1):
+                if not agrees(t):
+                    return t - 1
+            return hi - 1
+        lo = hi
+    return None
+
+
+def _text(sp, ids) -> str:
+    """The text tokens stand for: SentencePiece's decoding, with U+2581 read as the space it stands for (byte
+    pieces can spell U+2581 out when the vocab has no '\u2581' piece, and the decoder leaves those as a 3-byte
+    character; the normalizer turns every space into U+2581, so U+2581 in decoded text always was a space)."""
+    return sp.decode(ids).replace("\u2581", " ")
+
+
+def _describe_piece(sp, ids, k, counted, shard_offset) -> str:
+    piece = sp.id_to_piece(ids[k])
+    return (f"piece {piece!r} (id {ids[k]}, token {shard_offset + k}) counted {int(counted[k])} byte(s)")
+
+
+def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | None = None, originals=None,
+                 name: str = "val", first_doc: int = 0) -> dict:
+    """Check the byte accounting of validation tokens document by document: Σ counted bytes of each document
+    (BOS excluded) must equal the UTF-8 length of its text. Plain tokenizer: counted by the LUT (default train_gpt's),
+    text = the decoded tokens. CaseOps (sidecar given): counted by the sidecar, text = the inverse transform of the
+    decoded tokens, or, with originals (an iterable of the original documents), the original text. Raises
+    AuditFailure naming the first document and piece that disagree; returns counts."""
+    import caseops
+    if sidecar is not None:
+        problem = sidecar_problem(tokens, sidecar)
+        if problem:
+            raise AuditFailure(f"{name}: sidecar is not parallel to the tokens: {problem}")
+        counted_all = sidecar.astype(np.int64)
+    else:
+        counted_all = lut_counts(tokens, luts if luts is not None else lut_arrays(sp))
+    starts = np.flatnonzero(tokens == BOS_ID)
+    if not starts.size or starts[0] != 0:
+        raise AuditFailure(f"{name}: the tokens do not start with BOS ({BOS_ID}); documents cannot be found")
+    originals = iter(originals) if originals is not None else None
+    ends = list(starts[1:]) + [tokens.size]
+    total = 0
+    for d, (s, e) in enumerate(zip(starts, ends)):
+        ids = tokens[s + 1:e].tolist()
+        counted = counted_all[s + 1:e]
+        decoded = _text(sp, ids)
+        if sidecar is None:
+            expected = len(decoded.encode("utf-8"))
+            prefix_bytes = lambda p: len(_text(sp, p).encode("utf-8"))  # noqa: E731
+            what = "its decoded text"
+        else:
+            if originals is not None:
+                original = next(originals, None)
+                if original is None:
+                    raise AuditFailure(f"{name}: more validation documents than --docs holds ({first_doc + d})")
+                expected, what = len(original.encode("utf-8")), "the original document"
+            else:
+                try:
+                    expected = len(caseops.decode(decoded).encode("utf-8"))
+                except ValueError as err:
+                    raise AuditFailure(f"{name}: document {first_doc + d} does not invert: {err}") from None
+                what = "its decoded text after the inverse transform"
+            prefix_bytes = lambda p: caseops.original_byte_counts([_text(sp, p)])[0][0]  # noqa: E731
+        got = int(counted.sum())
+        if got != expected:
+            k = _first_disagreement(sp, ids, counted, prefix_bytes)
+            where = f"; first disagreement at {_describe_piece(sp, ids, k, counted, s + 1)}" if k is not None else ""
+            raise AuditFailure(f"{name}: document {first_doc + d} (tokens {s}..{e - 1}): {got:,} bytes counted, "
+                               f"{what} has {expected:,}{where}")
+        total += got
+    return dict(documents=len(starts), tokens=int(tokens.size), bytes=total)
+
+
+def audit_paths(paths: list[Path], tokenizer: Path | None, docs: Path | None) -> int:
+    import sentencepiece as spm
+    import caseops
+    shards = []
+    for p in paths:
+        found = sorted(p.glob("fineweb_val_*.bin")) if p.is_dir() else [p]
+        shards.extend(f for f in found if SIDECAR_TAG not in f.name)
+    if not shards:
+        raise Fail(f"{', '.join(map(str, paths))}: no validation shards (fineweb_val_*.bin) to audit")
+    originals = caseops.read_documents(docs) if docs is not None else None
+    first_doc = 0
+    for path in shards:
+        tok = tokenizer or default_tokenizer(path)
+        if tok is None:
+            raise Fail(f"{path}: no tokenizer found beside the shard; pass --tokenizer")
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(tok))
+        except Exception:
+            raise Fail(f"{tok}: not a loadable SentencePiece model") from None
+        tokens = load_data_shard(path)
+        side = path.with_name(sidecar_name(path.name))
+        sidecar = load_data_shard(side) if side.is_file() else None
+        if sidecar is None and sp.piece_to_id("\u2581") == sp.unk_id():
+            print(f"  note: {tok.name} has no standalone '\u2581' piece: spaces before some pieces fall back to bytes")
+        r = audit_tokens(tokens, sp, sidecar=sidecar, originals=originals if sidecar is not None else None,
+                         name=str(path), first_doc=first_doc)
+        first_doc += r["documents"]
+        how = (f"sidecar {side.name} vs " + ("--docs" if docs is not None and sidecar is not None else
+               "the inverse transform of the decoded text")) if sidecar is not None else \
+            f"train_gpt's LUT of {tok.name} vs the decoded text"
+        print(f"audit ok: {path}: {r['documents']:,} documents, {r['tokens']:,} tokens, {r['bytes']:,} bytes "
+              f"({how})", flush=True)
+    return 0
+
+
 def cmd_inspect(args) -> int:
+    if args.audit:
+        return audit_paths([Path(p) for p in args.paths], Path(args.tokenizer) if args.tokenizer else None,
+                           Path(args.docs) if args.docs else None)
     paths, failed = [], 0
     for p in map(Path, args.paths):
         found = sorted(p.glob("*.bin")) if p.is_dir() else [p]
@@ -517,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("paths", nargs="+", help="shard files (or folders of them)")
     i.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the one beside the shard)")
     i.add_argument("--chars", type=int, default=600, help="characters of the first document to show")
+    i.add_argument("--audit", action="store_true",
+                   help="check the bpb byte accounting of the validation shards, document by document")
+    i.add_argument("--docs", default=None,
+                   help="with --audit on a CaseOps dataset: the original validation documents (jsonl, field text), "
+                        "to check the sidecar against the original bytes rather than the decoded text")
     i.set_defaults(run=cmd_inspect)
     return ap
 
