@@ -152,6 +152,8 @@ def parse_settings(env=os.environ):
 # -------------------- data
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
+# Validation shards, and their byte sidecars (CaseOps: per token, the UTF-8 bytes of the original text it covers)
+VAL_SHARDS, VAL_BYTES = "fineweb_val_[0-9]*.bin", "fineweb_val_bytes_[0-9]*.bin"
 BOS_ID = 1  # every document starts with it; no EOS
 
 
@@ -240,9 +242,27 @@ def build_sentencepiece_luts(sp, vocab_size, device):
     return tuple(torch.tensor(a, device=device) for a in (base_bytes, has_space, is_boundary))
 
 
-def target_bytes(prev, tgt, luts):
+def target_bytes(prev, tgt, luts, pos=None):
+    """Bytes of each target token tgt (after prev, at val position pos): from the sidecar when luts is one, else
+    the piece's bytes plus its leading space unless it follows a control token."""
+    if len(luts) == 1:
+        return luts[0][pos]
     base_bytes, has_space, is_boundary = luts
     return base_bytes[tgt].to(torch.int64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.int64)
+
+
+def byte_counter(s, sp, n_val, device):
+    """(how bpb counts bytes, what it is): the validation byte sidecar when DATA_PATH has one, else the tokenizer's
+    look-up tables. A sidecar must hold one count per token of its val shard."""
+    files = sorted(glob.glob(os.path.join(s["DATA_PATH"], VAL_BYTES)))
+    if not files:
+        return build_sentencepiece_luts(sp, s["VOCAB_SIZE"], device), "tokenizer LUT"
+    shards = shard_files(os.path.join(s["DATA_PATH"], VAL_SHARDS))
+    counts = [load_data_shard(f) for f in files]
+    if len(files) != len(shards) or any(len(c) != len(load_data_shard(t)) for c, t in zip(counts, shards)):
+        raise Fail(f"the byte sidecars {VAL_BYTES} in {s['DATA_PATH']} are not parallel to its val shards ({len(files)} "
+                   f"files for {len(shards)}, or a count differs); rebuild them with data/caseops.py prep")
+    return (torch.from_numpy(np.concatenate(counts)[:n_val].astype(np.int64)).to(device),), f"sidecar {VAL_BYTES}"
 
 
 def load_tokenizer(s):
@@ -1427,7 +1447,7 @@ def score_windows(model, run, val, wins, luts, slot, hidden_fn):
     if SCORE_HOOK is not None:
         SCORE_HOOK((idx + 1).to(run.device)[scored], logp)
     nll = -logp.gather(1, tgt[:, None]).squeeze(1)
-    nbytes = target_bytes(x[scored], tgt, luts)
+    nbytes = target_bytes(x[scored], tgt, luts, (idx + 1).to(run.device)[scored])
     return torch.stack((nll.double().sum(), nll.new_tensor(tgt.numel(), dtype=torch.float64), nbytes.double().sum()))
 
 
@@ -1584,9 +1604,9 @@ def main():
         write_atomic(run.out / PACKED_NAME, packed.encode())
     torch.manual_seed(s["SEED"])
     np.random.seed(s["SEED"])
-    luts = build_sentencepiece_luts(load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-    val = load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
-    run.log(f"val_tokens:{val.numel() - 1}")
+    val = load_validation_tokens(os.path.join(s["DATA_PATH"], VAL_SHARDS), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    luts, counted = byte_counter(s, load_tokenizer(s), val.numel(), run.device)
+    run.log(f"val_tokens:{val.numel() - 1} bpb_bytes:{counted}")
     state, float_bpb, code_bytes = None, None, len(packed.encode())
     model = build_model(run)  # trained here, then every evaluation loads its weights: one model, compiled once
     if s["EVAL_ONLY"]:

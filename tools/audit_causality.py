@@ -138,7 +138,7 @@ def audit(argv=None) -> int:
             torch.use_deterministic_algorithms(True, warn_only=True)
         luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
         max_tokens = s["VAL_MAX_TOKENS"] if s["VAL_MAX_TOKENS"] > 0 else 4 * L
-        val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), L, max_tokens)
+        val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), L, max_tokens)
         n = val.numel() - 1
         if s["ARTIFACT_PATH"]:
             model = tg.GPT(s, run.attention).to(run.device)

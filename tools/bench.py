@@ -200,7 +200,7 @@ class Timed:
 def load_data(tg, s: dict, run, n_val: int):
     """Val slice, bpb tables, a training batch source and a description: the real data when DATA_PATH holds it,
     else random tokens (throughput only; scores meaningless)."""
-    val_pattern = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
+    val_pattern = os.path.join(s["DATA_PATH"], getattr(tg, "VAL_SHARDS", "fineweb_val_*.bin"))  # older revisions
     train_pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
     L, V = s["EVAL_SEQ_LEN"], s["VOCAB_SIZE"]
     try:

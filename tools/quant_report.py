@@ -147,7 +147,7 @@ def main() -> int:
                                   tensors=tensor_rows(tensors, scheme, flat), state=tg.dequantize_state(tensors, scheme, s["NUM_LAYERS"]))
         bpb = {}
         if not args.no_eval:
-            val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"],
+            val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"],
                                             args.val_tokens)
             luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
             for label, weights in [("float", state)] + [(q, results[q]["state"]) for q in results]:
