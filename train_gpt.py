@@ -266,6 +266,7 @@ def byte_counter(s, sp, n_val, device):
 
 
 def load_tokenizer(s):
+    """The SentencePiece model at TOKENIZER_PATH, checked against VOCAB_SIZE."""
     path = s["TOKENIZER_PATH"]
     if not os.path.isfile(path):
         raise Fail(f"tokenizer {path} not found; {FETCH} or set TOKENIZER_PATH")
@@ -278,6 +279,7 @@ def load_tokenizer(s):
 # -------------------- model
 
 def rms_norm(x):
+    """RMSNorm over the last dimension, no weight."""
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -403,6 +405,9 @@ def layer_schedule(s, looped):
 
 
 class GPT(nn.Module):
+    """The whole model: embeddings, NUM_LAYERS blocks whose matrices live in four banks (the Muon parameters), U-Net
+    skips, optional lanes and loops, and the tied head. forward_hidden + compute_logits is the one forward path."""
+
     def __init__(self, s, attention=None, doc_attention=None):
         super().__init__()
         self.s, self.attention, self.doc_attention = s, attention or sdpa, doc_attention or sdpa
@@ -580,10 +585,12 @@ class GPT(nn.Module):
         return 0.5 * (lanes[0] + lanes[1]) if lanes else x
 
     def compute_logits(self, h):
+        """Final RMSNorm, the tied head, and the softcap c * tanh(z / c), in fp32."""
         z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
     def forward(self, idx, targets):
+        """Mean cross-entropy: the training loss (and TTT's)."""
         logits = self.compute_logits(self.forward_hidden(idx))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -672,6 +679,8 @@ class ParallelMuon(torch.optim.Optimizer):
 
 
 def build_optimizers(model, s):
+    """Muon on the four banks; AdamW on the embedding tables (TIED_EMBED_LR, EMBED_WD) and on everything else, the
+    scalars and control vectors (SCALAR_LR, ADAM_WD). Returns them and the AdamW parameters."""
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     embeds = [getattr(model, k) for k in ("bigram_emb", "ve_emb") if hasattr(model, k)]
     embeds.insert(0, model.tok_emb.weight)
@@ -710,6 +719,8 @@ def clip_coefficient(grads, bank_shards, max_norm):
 
 
 def optimizer_step(muon, adam, others, s):
+    """One step: the banks' reduce-scatter in flight while the other gradients are averaged in one all-reduce,
+    the global (or per-rank) clip, AdamW, then Muon on this rank's shard of each bank."""
     clip = s["GRAD_CLIP_NORM"]
     if clip > 0 and s["GRAD_CLIP_LOCAL"]:  # the reference: each rank clips its own gradients before averaging
         torch.nn.utils.clip_grad_norm_(others + muon.param_groups[0]["params"], clip)
@@ -780,6 +791,7 @@ class Run:  # settings, rank, device, log file
 
 
 def build_model(run, state=None):
+    """A GPT on the run's device with its attention backends, from a state dict when given."""
     model = GPT(run.s, run.attention, run.doc_attention).to(run.device)
     if state is not None:
         model.load_state_dict(state)
@@ -840,6 +852,8 @@ class WeightAverages:
 
 
 def train(model, run, val, luts):
+    """Warm-up (compiles every graph, then restores the initial state), then steps until ITERATIONS or the wallclock
+    cap, with validation every VAL_LOSS_EVERY; returns the final weights (EMA, SWA or raw)."""
     s, world = run.s, run.world
     muon, adam, others = build_optimizers(model, s)
     grad_accum, local_tokens = 8 // world, s["TRAIN_BATCH_TOKENS"] // 8
@@ -1328,6 +1342,7 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
 
 
 def export_artifact(run, state, path, code_bytes):
+    """Calibrate (GPTQ), quantize by role, pack within the limit left by the packed code, write the artifact."""
     s, hessians, t0 = run.s, None, time.perf_counter()
     if s["QUANT"] == "gptq":
         calib_model = build_model(run, state)
@@ -1531,6 +1546,7 @@ def project_pass(run, tag, fraction, t0):
 
 
 def bpb_of(stats):
+    """Bits per byte of summed (nats, tokens, bytes)."""
     return (stats[0] / math.log(2) / stats[2].clamp_min(1)).item()
 
 
@@ -1546,11 +1562,14 @@ def eval_paths(s):
 
 
 def eval_name(s, stride, ttt, slot):
+    """The final score's eval: name (roundtrip, sliding, ttt; +slot_MODE)."""
     base = "ttt" if ttt else "sliding" if stride < s["EVAL_SEQ_LEN"] else "roundtrip"
     return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
 
 
 def final_evaluation(run, model, val, luts, float_bpb):
+    """Every pass of eval_paths on the artifact's weights, each logged as `<label> …` and `<label>_exact …`; the last
+    one is the final score (`final_score_exact`)."""
     s, metrics = run.s, run.summary["metrics"]
     if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
         run.log("WARNING: SLOT_MODE=batch fits its delta on the targets it scores, breaking causality (SPEC 2.1): "
