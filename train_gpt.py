@@ -73,6 +73,8 @@ def parse_settings(env=os.environ):
             v = s[name] = type(default)(raw)
         except ValueError:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise Fail(f"{name}={raw!r} must be a finite number")
         if name in CHOICES and v not in CHOICES[name]:
             raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
         # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
@@ -977,18 +979,57 @@ def pack(tensors, scheme, s):
     return options[name], name
 
 
-def read_safetensors(raw):
-    return st.load(raw), json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
+def read_safetensors(raw, shapes=None):
+    """Tensors and header; refused before any tensor is read unless shapes(header, head) are the declared ones."""
+    head = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(head.pop("__metadata__")["pgolf"])
+    if shapes and {k: tuple(v["shape"]) for k, v in head.items()} != shapes(header, head):
+        raise ValueError("its tensors are not those of this model")
+    return st.load(raw), header
 
 
-def unpack(blob):
-    """Tensors and header of a packed artifact; ValueError (or a parser's) if malformed."""
+def model_shapes(s, flat=False):  # built on the meta device: nothing allocated
+    with torch.device("meta"):
+        state = GPT(s).state_dict()
+    return {k: tuple(v.shape) for k, v in (unbank(state, s["NUM_LAYERS"]) if flat else state).items()}
+
+
+def artifact_bound(s):  # more bytes than any artifact of these settings holds, packed or not
+    return 8 * sum(map(math.prod, model_shapes(s).values())) + 2 ** 21
+
+
+def inflate(data, limit):
+    """LZMA stopped at limit bytes: an xz bomb costs no more memory than a real artifact."""
+    d = lzma.LZMADecompressor()
+    out = d.decompress(data, max_length=limit)
+    if not d.eof:
+        raise ValueError(f"it inflates past {limit} bytes, more than any artifact of these settings" * (len(out) == limit))
+    return out
+
+
+def unpack(blob, s=None, check=None):
+    """Tensors and header of a packed artifact; ValueError (or a parser's) if malformed. With settings s: check(header)
+    first, then the declared shapes must be the model's, before decoding; decompression stops at the model's size."""
+    flat, limit = (model_shapes(s, True), artifact_bound(s)) if s else ({}, -1)
+
+    def declared(header, head):  # the tensors the safetensors part must hold, by the header's scheme
+        check and check(header)
+        scheme, rans = header["scheme"], "rans.freq" in head
+        if set(scheme) != set(flat) or rans and {k: tuple(v) for k, v in header["shapes"].items()} != {
+                k: flat[k] for k in coded_names(scheme)}:
+            raise ValueError("its tensors are not those of this model")
+        out = {f"rans.{k}": tuple(head[f"rans.{k}"]["shape"]) for k in RANS_HEAD} if rans else {}
+        for k, kind in scheme.items():
+            out.update({k + ".scale": flat[k][:1], **({} if rans else {k + ".q": flat[k]})} if kind.startswith("int")
+                       else {k: flat[k]})
+        return out
+
     if blob[:6] == XZ_MAGIC:
-        return read_safetensors(lzma.decompress(blob))
+        return read_safetensors(inflate(blob, limit), s and declared)
     n = int.from_bytes(blob[8:12], "little")
     if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
         raise ValueError
-    tensors, header = read_safetensors(lzma.decompress(blob[12:12 + n]))
+    tensors, header = read_safetensors(inflate(blob[12:12 + n], limit), s and declared)
     freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in RANS_HEAD)
     words = np.frombuffer(blob[12 + n:], "<u2")
     scheme, shapes = header["scheme"], header["shapes"]
@@ -1012,30 +1053,43 @@ def check_config(path, config, s, what="the artifact"):
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
 
-def load_artifact(path, s):
-    """An artifact as a GPT state dict, unless malformed or of other model settings."""
+def check_file(path, what):
     path = Path(path)
+    if path.is_dir():
+        raise Fail(f"ARTIFACT_PATH={path} is a directory; set it to {what} file")
     if not path.is_file():
-        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
+        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to {what} file")
+    return path
+
+
+def load_artifact(path, s):
+    """An artifact as a GPT state dict, unless malformed or of other model settings (checked before decoding)."""
+    path = check_file(path, f"a {ARTIFACT_NAME}")
     try:
-        tensors, header = unpack(path.read_bytes())
+        if path.stat().st_size > artifact_bound(s):
+            raise ValueError("it is larger than any artifact of these settings")
+        tensors, header = unpack(path.read_bytes(), s, lambda h: check_config(path, h["config"], s))
         if not set(header["scheme"].values()) <= {"raw", "fp16", "int5", "int6", "int7", "int8"}:
             raise ValueError
-        check_config(path, header["config"], s)
         return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
-    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError):
-        raise Fail(f"{path} is not an intact artifact of this script (truncated, corrupt or another format; "
-                   "nothing in it was run)") from None
+    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError,
+            AttributeError) as e:
+        why = str(e) if str(e).startswith("it") else "truncated, corrupt or another format"
+        raise Fail(f"{path} is not an intact artifact of this script ({why}; nothing in it was run)") from None
 
 
 def load_float_weights(path, s):
+    path = check_file(path, f"a {FLOAT_NAME} or {ARTIFACT_NAME}")
     try:
         with safe_open(str(path), "pt") as f:
             config = json.loads(f.metadata()["pgolf"])["config"]
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            check_config(path, config, s, "the float weights")
+            if shapes != model_shapes(s):  # before any tensor is read
+                raise Fail(f"{path}: its tensors are not those of a model of these settings")
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError):
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, AttributeError):
         raise Fail(f"{path} is not a {FLOAT_NAME} file of this script") from None
-    check_config(path, config, s, "the float weights")
     return state
 
 

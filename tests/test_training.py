@@ -348,6 +348,18 @@ def case_output_dir(tmp):
     return dict(OUTPUT_DIR="/proc/nope"), ["OUTPUT_DIR=/proc/nope"]
 
 
+def case_nan_setting(tmp):
+    return dict(MATRIX_LR="nan"), ["MATRIX_LR='nan'", "finite"]
+
+
+def case_inf_setting(tmp):
+    return dict(EMA_DECAY="-inf"), ["EMA_DECAY='-inf'", "finite"]
+
+
+def case_artifact_is_a_directory(tmp):
+    return dict(EVAL_ONLY=1, ARTIFACT_PATH=tmp), [f"ARTIFACT_PATH={tmp} is a directory"]
+
+
 def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
@@ -361,9 +373,9 @@ def case_truncated_artifact(tmp):
 
 SETTINGS_ONLY = [case_world_size_3, case_setting_typo, case_bad_int, case_bad_float, case_bad_choice, case_zero_heads,
                  case_negative_width, case_zero_kv_heads, case_decay_above_one, case_negative_lr, case_bits,
-                 case_long_sequence, case_ve_layers]
+                 case_long_sequence, case_ve_layers, case_nan_setting, case_inf_setting]
 ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_output_dir,
-               case_truncated_artifact] + SETTINGS_ONLY
+               case_truncated_artifact, case_artifact_is_a_directory] + SETTINGS_ONLY
 
 
 def assert_one_line_error(proc) -> str:
