@@ -3,7 +3,7 @@
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
 Every hyperparameter is an environment variable (README.md has the table).
 """
-import bisect, copy, difflib, glob, json, lzma, math, os, sys, time, uuid
+import bisect, copy, difflib, glob, json, lzma, math, os, shutil, signal, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -576,7 +576,10 @@ class Run:  # settings, rank, device, log file
 
     def write_summary(self):
         if self.master:
-            write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
+            try:
+                write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
+            except Fail as e:  # the scores still print and log
+                self.log(f"warning: {e}")
 
 
 def build_model(run, state=None):
@@ -739,9 +742,27 @@ def rebank(flat, num_layers):
 
 
 def write_atomic(path, data):
+    """Through a temporary file, removed if the write fails (a full disk): one line says which file, what is on disk."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Fail(f"could not write {path} ({e.strerror}); on disk: {PROGRESS['on_disk']}") from None
+
+
+def add_on_disk(path):
+    PROGRESS["on_disk"] = str(path) if PROGRESS["on_disk"] == "nothing yet" else f"{PROGRESS['on_disk']} and {path}"
+
+
+def check_room(s, out):  # room in OUTPUT_DIR for what the run writes, from the model's size
+    n = sum(map(math.prod, model_shapes(s).values()))
+    export = not s["EVAL_ONLY"] or s["ARTIFACT_PATH"].endswith(".safetensors")
+    need = (0 if s["EVAL_ONLY"] else 4 * n + 2 ** 16) + (2 * n + 2 ** 20 if export else 0) + 2 ** 21
+    if (free := shutil.disk_usage(out).free) < need:
+        raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} has {free / 1e6:.1f} MB free but this run writes about "
+                   f"{need / 1e6:.1f} MB (float weights, artifact, logs); free some space or set OUTPUT_DIR elsewhere")
 
 
 def save_float_weights(state, s, path):
@@ -1377,6 +1398,7 @@ def log_header(run, code):
 def main():
     s = parse_settings()
     run = PROGRESS["run"] = Run(s)
+    check_room(s, run.out)
     code = Path(__file__).read_text(encoding="utf-8")
     log_header(run, code)
     torch.manual_seed(s["SEED"])
@@ -1394,16 +1416,21 @@ def main():
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
         model.qat = False
-        if run.master:
-            save_float_weights(state, s, run.out / FLOAT_NAME)
-        PROGRESS.update(stage="export", on_disk=str(run.out / FLOAT_NAME))
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
-        if run.master:
+        PROGRESS["stage"] = "export"
+        if run.master:  # the artifact (the counted result) first, then the optional float weights
             export_artifact(run, state, artifact, code_bytes)
+        add_on_disk(artifact)
+        if run.master and not s["EVAL_ONLY"]:
+            try:
+                save_float_weights(state, s, run.out / FLOAT_NAME)
+                add_on_disk(run.out / FLOAT_NAME)
+            except Fail as e:  # not needed for the score: evaluation goes on
+                run.log(f"warning: {e}")
         if dist.is_initialized():
             dist.barrier()
-        PROGRESS.update(stage="evaluation", on_disk=f"{PROGRESS['on_disk']} and {artifact}")
+        PROGRESS["stage"] = "evaluation"
         model.load_state_dict(state)
         float_loss, float_bpb = evaluate(model, run, val, luts)
         run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")

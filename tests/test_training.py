@@ -453,3 +453,65 @@ def test_over_the_artifact_limit(tmp_path, script_env, run_script):
     loss, bpb = metric_line(lines, "final_int6_roundtrip_exact")
     assert loss == pytest.approx(js["metrics"]["final_int6_roundtrip_exact"]["val_loss"], abs=6e-9)
     assert lines[-2].startswith("final_score_exact ") and math.isfinite(bpb)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+PATCHED = '''
+import errno, pathlib, runpy, shutil, sys
+what, script = sys.argv[1], sys.argv[2]
+if what == "small_disk":
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 400_000, 400_000)
+else:  # the disk fills up halfway through writing the float weights
+    write = pathlib.Path.write_bytes
+    def full(self, data):
+        if self.name.startswith("final_model.float"):
+            write(self, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+    pathlib.Path.write_bytes = full
+sys.argv = [script]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def run_patched(tmp_path, what, env):
+    driver = tmp_path / "patched.py"
+    driver.write_text(PATCHED)
+    return subprocess.run([sys.executable, str(driver), what, str(TRAIN_GPT)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_too_little_room_for_the_outputs_is_refused_at_start_up(tmp_path, script_env):
+    out = tmp_path / "out"
+    line = assert_one_line_error(run_patched(tmp_path, "small_disk", script_env(out)))
+    assert f"OUTPUT_DIR={out} has 0.4 MB free" in line and "float weights, artifact, logs" in line
+    assert not (out / "logs" / "test.txt").exists()  # before any work: not even the log's header
+
+
+def test_a_full_disk_costs_the_float_weights_not_the_result(tmp_path, script_env):
+    out = tmp_path / "out"
+    proc = run_patched(tmp_path, "full_disk", script_env(out, ITERATIONS=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean(proc)
+    artifact, floats = out / tg.ARTIFACT_NAME, out / tg.FLOAT_NAME
+    warned = [ln for ln in proc.stdout.splitlines() if "could not write" in ln]
+    assert warned == [f"warning: could not write {floats} (No space left on device); on disk: {artifact}"]
+    assert warned[0] in log_lines(out)
+    assert artifact.is_file() and not floats.exists() and sorted(p.name for p in out.iterdir()) == [tg.ARTIFACT_NAME, "logs"]
+    assert log_lines(out)[-1].startswith("final_score_exact ")  # the artifact was still evaluated
+
+
+def test_a_failed_write_removes_its_partial_file_and_says_what_is_on_disk(tmp_path, monkeypatch):
+    write = Path.write_bytes
+
+    def full(self, data):
+        write(self, data[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setitem(tg.PROGRESS, "on_disk", "nothing yet")
+    with pytest.raises(tg.Fail) as err:
+        tg.write_atomic(tmp_path / tg.ARTIFACT_NAME, b"123456")
+    assert str(err.value) == f"could not write {tmp_path / tg.ARTIFACT_NAME} (No space left on device); on disk: nothing yet"
+    assert list(tmp_path.iterdir()) == []
