@@ -1454,8 +1454,14 @@ def main():
     return 1 if over else 0
 
 
+def on_sigterm(signum, frame):  # torchrun, Slurm, pre-emption: said as a Ctrl-C is, exit 128 + 15
+    PROGRESS["exit"] = 128 + signum
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
     rank0 = int(os.environ.get("RANK", 0)) == 0
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = main()
     except Fail as e:  # the same on every rank: rank 0 says it
@@ -1468,7 +1474,7 @@ if __name__ == "__main__":
             PROGRESS["run"].log(msg)
         elif rank0:
             print(msg, file=sys.stderr)
-        code = 130
+        code = PROGRESS.get("exit", 130)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

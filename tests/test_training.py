@@ -406,19 +406,68 @@ def test_world_size_error_is_said_by_rank_zero_only(tmp_path, script_env, run_sc
     assert proc.returncode == 2 and proc.stderr == "" and proc.stdout == ""
 
 
-def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(TRAIN_GPT)], env=script_env(out, ITERATIONS=100000), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def default_sigint():
+    """In the child, before exec: SIGINT handled by default, even when the suite itself was started with SIGINT
+    ignored (a background job, nohup), which Python would otherwise pass on and never turn into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def children(pid):
+    """The processes whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def interrupt_at_step_3(argv, env, sig, ranks=0):
+    """Start argv, wait for its step-3 line, then send sig to it, or (ranks > 0) to each of the ranks it launched."""
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     for line in proc.stdout:
         if line.startswith("step:3/"):
             break
-    proc.send_signal(signal.SIGINT)
+    if ranks:
+        workers = children(proc.pid)
+        assert len(workers) == ranks, workers
+        for pid in workers:
+            os.kill(pid, sig)
+    else:
+        proc.send_signal(sig)
     rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    return proc.returncode, rest, err
+
+
+def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
+    out = tmp_path / "out"
+    code, rest, err = interrupt_at_step_3([sys.executable, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000),
+                                          signal.SIGINT)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in err + rest
     said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
     assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_says_what_ctrl_c_says_and_exits_143(world, tmp_path, script_env):
+    """SIGTERM (Slurm, pre-emption, torchrun passing on its own) to the process, or to each rank under torchrun."""
+    out = tmp_path / "out"
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else [])
+    code, rest, err = interrupt_at_step_3([*launcher, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000), signal.SIGTERM,
+                                          ranks=world if world > 1 else 0)
+    said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
+    assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out), rest[-2000:] + err[-2000:]
+    if world == 1:
+        assert code == 143 and "Traceback" not in err + rest, err[-3000:]
+    else:  # each rank's own exit status, as torchrun reports it
+        assert code != 0 and "Traceback" not in rest, err[-3000:]
+        statuses = re.findall(r"\brank\s+:\s+(\d+) \(local_rank: \d+\)\n\s*exitcode\s+:\s+(-?\d+)", err)
+        assert {r: c for r, c in statuses} == {"0": "143", "1": "143"}, err[-3000:]
 
 
 def test_non_finite_loss_names_the_step(tmp_path, script_env, run_script):
