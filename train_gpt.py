@@ -1208,14 +1208,15 @@ def sliding_windows(n, seq_len, stride):
 
 def slot_delta(model, H, y, fit, s, shared):
     """SLOT: a hidden-state offset fitted on the CE at fit, one for the batch (the seed's) or per window, by AdamW
-    (wd 1e-8, eps 1e-5) written out so that it compiles whole."""
+    (wd 1e-8, eps 1e-5) written out so that it compiles whole; eager, the head only at fit (compiled: static shapes)."""
     B, T, d = H.shape
     weight = fit.float() / (fit.sum() if shared else fit.sum(dim=1, keepdim=True)).clamp_min(1)
+    at = (slice(None),) * 2 if torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
 
     def loss(delta):  # of delta alone: no gradient reaches the weights
-        logits = model.compute_logits(H + delta)
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
-        return (nll * weight).sum()
+        logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at])
+        return (F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[at].reshape(-1), reduction="none")
+                * weight[at].reshape(-1)).sum()
 
     lr, b1, b2 = s["SLOT_LR"], 0.9, 0.999
     delta = H.new_zeros(1 if shared else B, 1, d, dtype=torch.float32)
@@ -1229,8 +1230,9 @@ def slot_delta(model, H, y, fit, s, shared):
 
 @torch.no_grad()
 def score_windows(model, run, val, wins, luts, slot, hidden_fn):
-    """Sums of NLL, tokens and bytes scored in windows padded to a fixed shape (nothing recompiles)."""
-    w = torch.tensor(list(wins) + [(0, 0, 0)] * (run.s["EVAL_BATCH_SEQS"] - len(wins)))
+    """Sums of NLL, tokens and bytes scored in windows, compiled padded to a fixed shape (nothing recompiles)."""
+    pad = run.s["EVAL_BATCH_SEQS"] - len(wins) if run.compile else 0  # eager: no padding
+    w = torch.tensor(list(wins) + [(0, 0, 0)] * pad)
     starts, lens, first = w[:, 0], w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
     pos = torch.arange(run.s["EVAL_SEQ_LEN"])
     idx = (starts[:, None] + pos).clamp_max(val.numel() - 2)  # padding is never scored
