@@ -3,7 +3,7 @@
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
 Every hyperparameter is an environment variable (README.md has the table).
 """
-import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, sys, time, uuid
+import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, shutil, signal, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,8 @@ def parse_settings(env=os.environ):
             v = s[name] = type(default)(raw)
         except ValueError:
             raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise Fail(f"{name}={raw!r} must be a finite number")
         if name in CHOICES and v not in CHOICES[name]:
             raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
         # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
@@ -787,7 +789,10 @@ class Run:  # settings, rank, device, log file
 
     def write_summary(self):
         if self.master:
-            write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
+            try:
+                write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
+            except Fail as e:  # the scores still print and log
+                self.log(f"warning: {e}")
 
 
 def build_model(run, state=None):
@@ -974,9 +979,27 @@ def rebank(flat, num_layers):
 
 
 def write_atomic(path, data):
+    """Through a temporary file, removed if the write fails (a full disk): one line says which file, what is on disk."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Fail(f"could not write {path} ({e.strerror}); on disk: {PROGRESS['on_disk']}") from None
+
+
+def add_on_disk(path):
+    PROGRESS["on_disk"] = str(path) if PROGRESS["on_disk"] == "nothing yet" else f"{PROGRESS['on_disk']} and {path}"
+
+
+def check_room(s, out):  # room in OUTPUT_DIR for what the run writes, from the model's size
+    n = sum(map(math.prod, model_shapes(s).values()))
+    export = not s["EVAL_ONLY"] or s["ARTIFACT_PATH"].endswith(".safetensors")
+    need = (0 if s["EVAL_ONLY"] else 4 * n + 2 ** 16) + (2 * n + 2 ** 20 if export else 0) + 2 ** 21
+    if (free := shutil.disk_usage(out).free) < need:
+        raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} has {free / 1e6:.1f} MB free but this run writes about "
+                   f"{need / 1e6:.1f} MB (float weights, artifact, logs); free some space or set OUTPUT_DIR elsewhere")
 
 
 def save_float_weights(state, s, path):
@@ -1214,18 +1237,57 @@ def pack(tensors, scheme, s):
     return options[name], name
 
 
-def read_safetensors(raw):
-    return st.load(raw), json.loads(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["pgolf"])
+def read_safetensors(raw, shapes=None):
+    """Tensors and header; refused before any tensor is read unless shapes(header, head) are the declared ones."""
+    head = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(head.pop("__metadata__")["pgolf"])
+    if shapes and {k: tuple(v["shape"]) for k, v in head.items()} != shapes(header, head):
+        raise ValueError("its tensors are not those of this model")
+    return st.load(raw), header
 
 
-def unpack(blob):
-    """Tensors and header of a packed artifact; ValueError (or a parser's) if malformed."""
+def model_shapes(s, flat=False):  # built on the meta device: nothing allocated
+    with torch.device("meta"):
+        state = GPT(s).state_dict()
+    return {k: tuple(v.shape) for k, v in (unbank(state, s["NUM_LAYERS"]) if flat else state).items()}
+
+
+def artifact_bound(s):  # more bytes than any artifact of these settings holds, packed or not
+    return 8 * sum(map(math.prod, model_shapes(s).values())) + 2 ** 21
+
+
+def inflate(data, limit):
+    """LZMA stopped at limit bytes: an xz bomb costs no more memory than a real artifact."""
+    d = lzma.LZMADecompressor()
+    out = d.decompress(data, max_length=limit)
+    if not d.eof:
+        raise ValueError(f"it inflates past {limit} bytes, more than any artifact of these settings" * (len(out) == limit))
+    return out
+
+
+def unpack(blob, s=None, check=None):
+    """Tensors and header of a packed artifact; ValueError (or a parser's) if malformed. With settings s: check(header)
+    first, then the declared shapes must be the model's, before decoding; decompression stops at the model's size."""
+    flat, limit = (model_shapes(s, True), artifact_bound(s)) if s else ({}, -1)
+
+    def declared(header, head):  # the tensors the safetensors part must hold, by the header's scheme
+        check and check(header)
+        scheme, rans = header["scheme"], "rans.freq" in head
+        if set(scheme) != set(flat) or rans and {k: tuple(v) for k, v in header["shapes"].items()} != {
+                k: flat[k] for k in coded_names(scheme)}:
+            raise ValueError("its tensors are not those of this model")
+        out = {f"rans.{k}": tuple(head[f"rans.{k}"]["shape"]) for k in RANS_HEAD} if rans else {}
+        for k, kind in scheme.items():
+            out.update({k + ".scale": flat[k][:1], **({} if rans else {k + ".q": flat[k]})} if kind.startswith("int")
+                       else {k: flat[k]})
+        return out
+
     if blob[:6] == XZ_MAGIC:
-        return read_safetensors(lzma.decompress(blob))
+        return read_safetensors(inflate(blob, limit), s and declared)
     n = int.from_bytes(blob[8:12], "little")
     if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
         raise ValueError
-    tensors, header = read_safetensors(lzma.decompress(blob[12:12 + n]))
+    tensors, header = read_safetensors(inflate(blob[12:12 + n], limit), s and declared)
     freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in RANS_HEAD)
     words = np.frombuffer(blob[12 + n:], "<u2")
     scheme, shapes = header["scheme"], header["shapes"]
@@ -1250,30 +1312,43 @@ def check_config(path, config, s, what="the artifact"):
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
 
-def load_artifact(path, s):
-    """An artifact as a GPT state dict, unless malformed or of other model settings."""
+def check_file(path, what):
     path = Path(path)
+    if path.is_dir():
+        raise Fail(f"ARTIFACT_PATH={path} is a directory; set it to {what} file")
     if not path.is_file():
-        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to a {ARTIFACT_NAME} file")
+        raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to {what} file")
+    return path
+
+
+def load_artifact(path, s):
+    """An artifact as a GPT state dict, unless malformed or of other model settings (checked before decoding)."""
+    path = check_file(path, f"a {ARTIFACT_NAME}")
     try:
-        tensors, header = unpack(path.read_bytes())
+        if path.stat().st_size > artifact_bound(s):
+            raise ValueError("it is larger than any artifact of these settings")
+        tensors, header = unpack(path.read_bytes(), s, lambda h: check_config(path, h["config"], s))
         if not set(header["scheme"].values()) <= {"raw", "fp16", "int5", "int6", "int7", "int8"}:
             raise ValueError
-        check_config(path, header["config"], s)
         return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
-    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError):
-        raise Fail(f"{path} is not an intact artifact of this script (truncated, corrupt or another format; "
-                   "nothing in it was run)") from None
+    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError,
+            AttributeError) as e:
+        why = str(e) if str(e).startswith("it") else "truncated, corrupt or another format"
+        raise Fail(f"{path} is not an intact artifact of this script ({why}; nothing in it was run)") from None
 
 
 def load_float_weights(path, s):
+    path = check_file(path, f"a {FLOAT_NAME} or {ARTIFACT_NAME}")
     try:
         with safe_open(str(path), "pt") as f:
             config = json.loads(f.metadata()["pgolf"])["config"]
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            check_config(path, config, s, "the float weights")
+            if shapes != model_shapes(s):  # before any tensor is read
+                raise Fail(f"{path}: its tensors are not those of a model of these settings")
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, ValueError, KeyError, TypeError, OSError):
+    except (SafetensorError, ValueError, KeyError, TypeError, OSError, AttributeError):
         raise Fail(f"{path} is not a {FLOAT_NAME} file of this script") from None
-    check_config(path, config, s, "the float weights")
     return state
 
 
@@ -1418,14 +1493,15 @@ def sliding_windows(n, seq_len, stride):
 
 def slot_delta(model, H, y, fit, s, shared):
     """SLOT: a hidden-state offset fitted on the CE at fit, one for the batch (the seed's) or per window, by AdamW
-    (wd 1e-8, eps 1e-5) written out so that it compiles whole."""
+    (wd 1e-8, eps 1e-5) written out so that it compiles whole; eager, the head only at fit (compiled: static shapes)."""
     B, T, d = H.shape
     weight = fit.float() / (fit.sum() if shared else fit.sum(dim=1, keepdim=True)).clamp_min(1)
+    at = (slice(None),) * 2 if torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
 
     def loss(delta):  # of delta alone: no gradient reaches the weights
-        logits = model.compute_logits(H + delta)
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(B, T)
-        return (nll * weight).sum()
+        logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at])
+        return (F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[at].reshape(-1), reduction="none")
+                * weight[at].reshape(-1)).sum()
 
     lr, b1, b2 = s["SLOT_LR"], 0.9, 0.999
     delta = H.new_zeros(1 if shared else B, 1, d, dtype=torch.float32)
@@ -1439,8 +1515,9 @@ def slot_delta(model, H, y, fit, s, shared):
 
 @torch.no_grad()
 def score_windows(model, run, val, wins, luts, slot, hidden_fn):
-    """Sums of NLL, tokens and bytes scored in windows padded to a fixed shape (nothing recompiles)."""
-    w = torch.tensor(list(wins) + [(0, 0, 0)] * (run.s["EVAL_BATCH_SEQS"] - len(wins)))
+    """Sums of NLL, tokens and bytes scored in windows, compiled padded to a fixed shape (nothing recompiles)."""
+    pad = run.s["EVAL_BATCH_SEQS"] - len(wins) if run.compile else 0  # eager: no padding
+    w = torch.tensor(list(wins) + [(0, 0, 0)] * pad)
     starts, lens, first = w[:, 0], w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
     pos = torch.arange(run.s["EVAL_SEQ_LEN"])
     idx = (starts[:, None] + pos).clamp_max(val.numel() - 2)  # padding is never scored
@@ -1617,6 +1694,7 @@ def log_header(run, code, packed):
 def main():
     s = parse_settings()
     run = PROGRESS["run"] = Run(s)
+    check_room(s, run.out)
     packed, code = code_forms(__file__)
     log_header(run, code, packed)
     if run.master:  # what the byte count counts, on disk beside the artifact
@@ -1635,17 +1713,22 @@ def main():
     else:
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
-        if run.master:
-            save_float_weights(state, s, run.out / FLOAT_NAME)
-        PROGRESS.update(stage="export", on_disk=str(run.out / FLOAT_NAME))
     model.qat, model.looping = False, bool(s["NUM_LOOPS"])  # every evaluation runs the looped model, as the record
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
-        if run.master:
+        PROGRESS["stage"] = "export"
+        if run.master:  # the artifact (the counted result) first, then the optional float weights
             export_artifact(run, state, artifact, code_bytes)
+        add_on_disk(artifact)
+        if run.master and not s["EVAL_ONLY"]:
+            try:
+                save_float_weights(state, s, run.out / FLOAT_NAME)
+                add_on_disk(run.out / FLOAT_NAME)
+            except Fail as e:  # not needed for the score: evaluation goes on
+                run.log(f"warning: {e}")
         if dist.is_initialized():
             dist.barrier()
-        PROGRESS.update(stage="evaluation", on_disk=f"{PROGRESS['on_disk']} and {artifact}")
+        PROGRESS["stage"] = "evaluation"
         model.load_state_dict(state)
         float_loss, float_bpb = evaluate(model, run, val, luts)
         run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
@@ -1670,8 +1753,14 @@ def main():
     return 1 if over else 0
 
 
+def on_sigterm(signum, frame):  # torchrun, Slurm, pre-emption: said as a Ctrl-C is, exit 128 + 15
+    PROGRESS["exit"] = 128 + signum
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
     rank0 = int(os.environ.get("RANK", 0)) == 0
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = main()
     except Fail as e:  # the same on every rank: rank 0 says it
@@ -1684,7 +1773,7 @@ if __name__ == "__main__":
             PROGRESS["run"].log(msg)
         elif rank0:
             print(msg, file=sys.stderr)
-        code = 130
+        code = PROGRESS.get("exit", 130)
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -69,6 +70,26 @@ def test_forward_training_and_slot_flops_match_flop_counter(tiny_settings, one_t
     fit = torch.ones(B, T, dtype=torch.bool)
     assert counted(lambda: tg.slot_delta(model, H, y, fit, s, shared=True)) == B * T * bench.slot_flops_per_position(s)
     assert bench.forward_flops(s, T) < full_hidden + T * bench.head_flops(s)  # causal halving
+
+
+def test_eager_evaluation_does_only_the_counted_work(tiny_settings, one_thread):
+    """Eager (the CPU default), the SLOT fit runs the head at its fitted positions only, as the FLOP count says, and a
+    batch of fewer than EVAL_BATCH_SEQS windows is not padded; compiled, both keep their static shapes."""
+    s, model = model_of(tiny_settings, SLOT_STEPS=2)
+    B, T = 3, s["EVAL_SEQ_LEN"]
+    H, y = torch.randn(B, T, s["MODEL_DIM"]), torch.randint(0, 1024, (B, T))
+    fit = torch.rand(B, T) < 0.4
+    for shared in (False, True):
+        assert counted(lambda: tg.slot_delta(model, H, y, fit, s, shared)) == int(fit.sum()) * bench.slot_flops_per_position(s)
+    shapes = []
+    val = torch.randint(0, 1024, (4 * T + 1,))
+    luts = (torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
+    wins = tg.sliding_windows(4 * T, T, 64)[:3]
+    for compile_ in (False, True):
+        run = types.SimpleNamespace(s=s, device=torch.device("cpu"), compile=compile_,
+                                    autocast=lambda: torch.autocast("cpu", enabled=False), compiled=lambda fn: fn)
+        tg.score_windows(model, run, val, wins, luts, True, lambda x: shapes.append(tuple(x.shape)) or model.forward_hidden(x))
+    assert shapes == [(3, T), (s["EVAL_BATCH_SEQS"], T)]
 
 
 @pytest.mark.parametrize("chunk", [256, 384])  # 640 tokens: chunks of 256, 256, 128 / 384, 256 (the last never trains)

@@ -1,7 +1,10 @@
 """Export: precision by role, full GPTQ, calibration data, rANS packing, corrupt artifacts, fitting the byte limit."""
 from __future__ import annotations
 
+import json
 import lzma
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -260,3 +263,76 @@ def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
     assert pruned.numel() > 0 and kept.numel() > 0 and pruned.max() <= kept.min()
     loaded = tg.unpack(blob)[0]
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors if k.endswith(".q"))
+
+
+# ----------------------------------------------------------------------------- crafted files: bounded memory
+
+def claim_shape(blob: bytes, name: str, shape) -> bytes:
+    """A genuine rANS artifact whose header claims another shape for one coded tensor (the stream unchanged)."""
+    from safetensors.torch import save as st_save
+    n = int.from_bytes(blob[8:12], "little")
+    tensors, header = tg.read_safetensors(lzma.decompress(blob[12:12 + n]))
+    header["shapes"][name] = list(shape)
+    head = lzma.compress(st_save(tensors, metadata={"pgolf": json.dumps(header)}))
+    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n:]
+
+
+def xz_bomb(n_bytes: int) -> bytes:
+    """An xz stream of n_bytes zeros (~1/7000 of that on disk)."""
+    c, zeros = lzma.LZMACompressor(preset=0), bytes(2 ** 24)
+    return b"".join([c.compress(zeros) for _ in range(n_bytes // len(zeros))] + [c.flush()])
+
+
+RSS_WRAPPER = """import json, resource, subprocess, sys
+p = subprocess.run(sys.argv[2:], capture_output=True, text=True)
+json.dump(dict(rc=p.returncode, stdout=p.stdout, stderr=p.stderr,
+               maxrss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024), open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("craft", ["rans_shape_claim", "xz_bomb"])
+def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny_settings, script_env):
+    """EVAL_ONLY on a crafted artifact: one error line, exit 2, and the process's peak memory far below what the file
+    claims (40M symbols of int64 work arrays: >1 GB; a 1 GiB inflation), measured by a parent of its own."""
+    s = tiny_settings()
+    torch.manual_seed(0)
+    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0]
+    path = tmp_path / "crafted.ptz"
+    path.write_bytes(claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)) if craft == "rans_shape_claim"
+                     else xz_bomb(2 ** 30))
+    assert path.stat().st_size < 1_000_000
+    wrapper, report = tmp_path / "wrap.py", tmp_path / "report.json"
+    wrapper.write_text(RSS_WRAPPER)
+    env = script_env(tmp_path / "out", EVAL_ONLY=1, ARTIFACT_PATH=path)
+    subprocess.run([sys.executable, str(wrapper), str(report), sys.executable, str(tg.__file__)], env=env,
+                   cwd=tmp_path, timeout=300, check=True)
+    r = json.loads(report.read_text())
+    lines = r["stderr"].strip("\n").split("\n")
+    assert r["rc"] == 2 and "Traceback" not in r["stderr"] and len(lines) == 1, r["stderr"][-3000:]
+    assert lines[0].startswith("error: ") and str(path) in lines[0] and "nothing in it was run" in lines[0]
+    assert r["maxrss_mib"] < 700, r["maxrss_mib"]
+
+
+def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp_path):
+    s = tiny_settings()
+    torch.manual_seed(0)
+    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0]
+    for name, crafted, why in (
+            ("shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)), "not those of this model"),
+            ("small_shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (2, 3)), "not those of this model"),
+            ("bomb", xz_bomb(2 ** 26), "inflates past")):
+        path = tmp_path / f"{name}.ptz"
+        path.write_bytes(crafted)
+        with pytest.raises(tg.Fail, match=why):
+            tg.load_artifact(path, s)
+    # The float-weights file: a tensor of another shape (or one more tensor) is refused before any is read.
+    from safetensors.torch import save_file
+    state = tg.GPT(s).state_dict()
+    tg.save_float_weights(state, s, tmp_path / "good.safetensors")
+    assert set(tg.load_float_weights(tmp_path / "good.safetensors", s)) == set(state)
+    meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in tg.MODEL_KEYS}))}
+    for name, edit in (("bigger", dict(state, **{"tok_emb.weight": torch.zeros(2048, 64)})),
+                       ("extra", dict(state, extra=torch.zeros(3)))):
+        save_file({k: v.float().contiguous() for k, v in edit.items()}, tmp_path / f"{name}.safetensors", metadata=meta)
+        with pytest.raises(tg.Fail, match="not those of a model of these settings"):
+            tg.load_float_weights(tmp_path / f"{name}.safetensors", s)

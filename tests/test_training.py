@@ -353,6 +353,18 @@ def case_output_dir(tmp):
     return dict(OUTPUT_DIR="/proc/nope"), ["OUTPUT_DIR=/proc/nope"]
 
 
+def case_nan_setting(tmp):
+    return dict(MATRIX_LR="nan"), ["MATRIX_LR='nan'", "finite"]
+
+
+def case_inf_setting(tmp):
+    return dict(EMA_DECAY="-inf"), ["EMA_DECAY='-inf'", "finite"]
+
+
+def case_artifact_is_a_directory(tmp):
+    return dict(EVAL_ONLY=1, ARTIFACT_PATH=tmp), [f"ARTIFACT_PATH={tmp} is a directory"]
+
+
 def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
@@ -366,9 +378,9 @@ def case_truncated_artifact(tmp):
 
 SETTINGS_ONLY = [case_world_size_3, case_setting_typo, case_bad_int, case_bad_float, case_bad_choice, case_zero_heads,
                  case_negative_width, case_zero_kv_heads, case_decay_above_one, case_negative_lr, case_bits,
-                 case_long_sequence, case_ve_layers]
+                 case_long_sequence, case_ve_layers, case_nan_setting, case_inf_setting]
 ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_output_dir,
-               case_truncated_artifact] + SETTINGS_ONLY
+               case_truncated_artifact, case_artifact_is_a_directory] + SETTINGS_ONLY
 
 
 def assert_one_line_error(proc) -> str:
@@ -399,19 +411,68 @@ def test_world_size_error_is_said_by_rank_zero_only(tmp_path, script_env, run_sc
     assert proc.returncode == 2 and proc.stderr == "" and proc.stdout == ""
 
 
-def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(TRAIN_GPT)], env=script_env(out, ITERATIONS=100000), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def default_sigint():
+    """In the child, before exec: SIGINT handled by default, even when the suite itself was started with SIGINT
+    ignored (a background job, nohup), which Python would otherwise pass on and never turn into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def children(pid):
+    """The processes whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def interrupt_at_step_3(argv, env, sig, ranks=0):
+    """Start argv, wait for its step-3 line, then send sig to it, or (ranks > 0) to each of the ranks it launched."""
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     for line in proc.stdout:
         if line.startswith("step:3/"):
             break
-    proc.send_signal(signal.SIGINT)
+    if ranks:
+        workers = children(proc.pid)
+        assert len(workers) == ranks, workers
+        for pid in workers:
+            os.kill(pid, sig)
+    else:
+        proc.send_signal(sig)
     rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    return proc.returncode, rest, err
+
+
+def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
+    out = tmp_path / "out"
+    code, rest, err = interrupt_at_step_3([sys.executable, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000),
+                                          signal.SIGINT)
+    assert code == 130, err[-3000:]
     assert "Traceback" not in err + rest
     said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
     assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_says_what_ctrl_c_says_and_exits_143(world, tmp_path, script_env):
+    """SIGTERM (Slurm, pre-emption, torchrun passing on its own) to the process, or to each rank under torchrun."""
+    out = tmp_path / "out"
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else [])
+    code, rest, err = interrupt_at_step_3([*launcher, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000), signal.SIGTERM,
+                                          ranks=world if world > 1 else 0)
+    said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
+    assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out), rest[-2000:] + err[-2000:]
+    if world == 1:
+        assert code == 143 and "Traceback" not in err + rest, err[-3000:]
+    else:  # each rank's own exit status, as torchrun reports it
+        assert code != 0 and "Traceback" not in rest, err[-3000:]
+        statuses = re.findall(r"\brank\s+:\s+(\d+) \(local_rank: \d+\)\n\s*exitcode\s+:\s+(-?\d+)", err)
+        assert {r: c for r, c in statuses} == {"0": "143", "1": "143"}, err[-3000:]
 
 
 def test_non_finite_loss_names_the_step(tmp_path, script_env, run_script):
@@ -446,3 +507,65 @@ def test_over_the_artifact_limit(tmp_path, script_env, run_script):
     loss, bpb = metric_line(lines, "final_int6_roundtrip_exact")
     assert loss == pytest.approx(js["metrics"]["final_int6_roundtrip_exact"]["val_loss"], abs=6e-9)
     assert lines[-2].startswith("final_score_exact ") and math.isfinite(bpb)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+PATCHED = '''
+import errno, pathlib, runpy, shutil, sys
+what, script = sys.argv[1], sys.argv[2]
+if what == "small_disk":
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 400_000, 400_000)
+else:  # the disk fills up halfway through writing the float weights
+    write = pathlib.Path.write_bytes
+    def full(self, data):
+        if self.name.startswith("final_model.float"):
+            write(self, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+    pathlib.Path.write_bytes = full
+sys.argv = [script]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def run_patched(tmp_path, what, env):
+    driver = tmp_path / "patched.py"
+    driver.write_text(PATCHED)
+    return subprocess.run([sys.executable, str(driver), what, str(TRAIN_GPT)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_too_little_room_for_the_outputs_is_refused_at_start_up(tmp_path, script_env):
+    out = tmp_path / "out"
+    line = assert_one_line_error(run_patched(tmp_path, "small_disk", script_env(out)))
+    assert f"OUTPUT_DIR={out} has 0.4 MB free" in line and "float weights, artifact, logs" in line
+    assert not (out / "logs" / "test.txt").exists()  # before any work: not even the log's header
+
+
+def test_a_full_disk_costs_the_float_weights_not_the_result(tmp_path, script_env):
+    out = tmp_path / "out"
+    proc = run_patched(tmp_path, "full_disk", script_env(out, ITERATIONS=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean(proc)
+    artifact, floats = out / tg.ARTIFACT_NAME, out / tg.FLOAT_NAME
+    warned = [ln for ln in proc.stdout.splitlines() if "could not write" in ln]
+    assert warned == [f"warning: could not write {floats} (No space left on device); on disk: {artifact}"]
+    assert warned[0] in log_lines(out)
+    assert artifact.is_file() and not floats.exists() and sorted(p.name for p in out.iterdir()) == [tg.ARTIFACT_NAME, "logs"]
+    assert log_lines(out)[-1].startswith("final_score_exact ")  # the artifact was still evaluated
+
+
+def test_a_failed_write_removes_its_partial_file_and_says_what_is_on_disk(tmp_path, monkeypatch):
+    write = Path.write_bytes
+
+    def full(self, data):
+        write(self, data[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setitem(tg.PROGRESS, "on_disk", "nothing yet")
+    with pytest.raises(tg.Fail) as err:
+        tg.write_atomic(tmp_path / tg.ARTIFACT_NAME, b"123456")
+    assert str(err.value) == f"could not write {tmp_path / tg.ARTIFACT_NAME} (No space left on device); on disk: nothing yet"
+    assert list(tmp_path.iterdir()) == []
