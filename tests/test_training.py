@@ -497,7 +497,7 @@ def test_over_the_artifact_limit(tmp_path, script_env, run_script):
     artifact = out / tg.ARTIFACT_NAME
     assert artifact.is_file() and artifact.stat().st_size == js["bytes"]["model"]
     total = js["bytes"]["total"]
-    assert total == artifact.stat().st_size + TRAIN_GPT.stat().st_size and total > 1000
+    assert total == artifact.stat().st_size + (out / tg.PACKED_NAME).stat().st_size and total > 1000  # packed code
     loud = [ln for ln in lines if "OVER THE LIMIT" in ln]
     assert len(loud) == 2 and str(total) in loud[0] and "1000" in loud[0] and loud[0] in proc.stdout
     assert lines[-1] == loud[1] and str(total) in loud[1]  # said again after the scores
@@ -552,7 +552,8 @@ def test_a_full_disk_costs_the_float_weights_not_the_result(tmp_path, script_env
     warned = [ln for ln in proc.stdout.splitlines() if "could not write" in ln]
     assert warned == [f"warning: could not write {floats} (No space left on device); on disk: {artifact}"]
     assert warned[0] in log_lines(out)
-    assert artifact.is_file() and not floats.exists() and sorted(p.name for p in out.iterdir()) == [tg.ARTIFACT_NAME, "logs"]
+    assert artifact.is_file() and not floats.exists() and sorted(p.name for p in out.iterdir()) == \
+        sorted([tg.ARTIFACT_NAME, "logs", tg.PACKED_NAME])
     assert log_lines(out)[-1].startswith("final_score_exact ")  # the artifact was still evaluated
 
 
