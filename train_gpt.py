@@ -1754,6 +1754,8 @@ def main():
 
 
 def on_sigterm(signum, frame):  # torchrun, Slurm, pre-emption: said as a Ctrl-C is, exit 128 + 15
+    # A repeat (torchrun terminates the other ranks once one has exited) must not kill the shutdown under way
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     PROGRESS["exit"] = 128 + signum
     raise KeyboardInterrupt
 
