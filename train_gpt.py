@@ -70,7 +70,7 @@ CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2
 POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
     MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
     SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
-    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP""".split())
+    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS""".split())
 UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
     ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC""".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
@@ -1129,7 +1129,8 @@ def coded_names(scheme):
 
 
 def quantize_state(state, s, hessians=None):
-    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision."""
+    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision; with LQER_ENABLED
+    the LQER factors of the LQER_TOP_K GPTQ'd tensors of largest error (lqer_factors)."""
     tensors, scheme, flat, hessians = {}, {}, unbank(state, s["NUM_LAYERS"]), hessians or {}
     for name, t in flat.items():
         t = t.detach().cpu()
@@ -1337,9 +1338,9 @@ def unpack(blob, s=None, check=None):
                        else {k: flat[k]})
         for k, (r, g) in header.get("lqer", {}).items():  # LQER factors: rank and group bounded by the matrix
             rows, cols = flat[k]
-            n = -(-r * cols // g)
             if not scheme[k].startswith("int") or not 0 < r <= min(rows, cols) or not 0 < g <= r * cols:
                 raise ValueError("its tensors are not those of this model")
+            n = -(-r * cols // g)
             out.update({k + ".lqa": (rows, r), k + ".lqa_s": (1,), k + ".lqb": (n, g), k + ".lqb_s": (n,)})
         return out
 

@@ -142,7 +142,7 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
         n = int.from_bytes(blob[8:12], "little")
         from safetensors.torch import save as st_save
         head, meta = tg.read_safetensors(lzma.decompress(blob[12:12 + n]))
-        for bad in ([65, 64], [4, 10 ** 9], [0, 64]):
+        for bad in ([65, 64], [4, 10 ** 9], [0, 64], [4, 0], [4, 32]):
             meta["lqer"][top[0]] = bad
             crafted = st_save(head, metadata={"pgolf": json.dumps(meta)})
             raw = lzma.compress(crafted)
