@@ -43,6 +43,9 @@ DEFAULTS = dict(
     SPARSE_ATTN_GATE_SCALE=1.0, SKIP_GATES_ENABLED=0, PARALLEL_START_LAYER=0, NUM_LOOPS=0, LOOP_START=0, LOOP_END=0,
     ENABLE_LOOPING_AT=0.0, DOC_MASKED_ATTN=0, MUON_ROW_NORMALIZE=0, MUON_POLAR_EXPRESS=0, MIN_LR=0.0,
     WARMDOWN_FRAC=0.0, EMBED_WD=0.04,
+    # its export (README: Export, PR #1855's scheme): SDClip scales, GPTQ'd tied embedding, int8 gates, LQER
+    QUANT_SCALES="search", ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0, GPTQ_EMBED=0,
+    GATE_INT8=0, LQER_ENABLED=0, LQER_RANK=4, LQER_TOP_K=3, LQER_ASYM_GROUP=64,
 )
 # STACK=pr1855: the values PR #1855's runs logged (MODERN_STACK.md 0.3, 10), not its script's defaults. Its eval is
 # a plain document-masked pass here until phased LoRA TTT lands; its data is the SP8192 CaseOps export. A value that
@@ -58,20 +61,21 @@ STACKS = dict(seed=dict(EMBED_WD="ADAM_WD"), pr1855=dict(EVAL_STRIDE="EVAL_SEQ_L
     SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, PARALLEL_START_LAYER=8, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
     ENABLE_LOOPING_AT=0.35, DOC_MASKED_ATTN=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
     EMBED_BITS=7, GPTQ_CALIB="train", GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=768, GPTQ_DAMP=0.01,
-    TTT_ENABLED=0, SLOT_ENABLED=0))
+    TTT_ENABLED=0, SLOT_ENABLED=0, QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1))
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
                COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
+               QUANT_SCALES=("search", "sdclip"),
                STACK=tuple(STACKS))
 POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
     MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
     SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
-    ARTIFACT_LIMIT_BYTES GATE_WINDOW""".split())
+    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS""".split())
 UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
     ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC""".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
     EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED
-    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS""".split())
+    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED""".split())
 LAUNCHER_VARS = set("""RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK ROLE_NAME
     ROLE_WORLD_SIZE GROUP_WORLD_SIZE""".split())
 
@@ -1028,13 +1032,18 @@ def calibration_tokens(model, run):
 
 @torch.no_grad()
 def collect_hessians(model, run):
-    """Sum of x^T x of each attention/MLP matrix's inputs (not the tied embedding's: measured worse)."""
+    """Sum of x^T x of each attention/MLP matrix's inputs; with GPTQ_EMBED=1 also the tied embedding's, the head's
+    inputs: the final-norm outputs rms_norm(h) that compute_logits multiplies by it (the seed's default leaves the
+    embedding to round-to-nearest: measured worse there)."""
     tokens = calibration_tokens(model, run)
-    model.hessians = {}
+    hessians = model.hessians = {}
     for b in range(0, len(tokens), 8):
         with run.autocast():
-            model.forward_hidden(tokens[b:b + 8])
-    hessians, model.hessians = model.hessians, None
+            h = model.forward_hidden(tokens[b:b + 8])
+        if run.s["GPTQ_EMBED"]:
+            x = rms_norm(h).flatten(0, 1).float()
+            hessians["tok_emb.weight"] = hessians.get("tok_emb.weight", 0) + x.T @ x
+    model.hessians = None
     return {k: h.cpu() for k, h in hessians.items()}
 
 
@@ -1061,14 +1070,25 @@ def quantize_rows(w, max_q, percentiles):
     return round_q(w, scale[:, None], max_q).to(torch.int8).contiguous(), scale.half().contiguous()
 
 
-def gptq_rows(w, H, max_q, s):
-    """Full GPTQ: columns one at a time (most active first), the error spread on by the Cholesky factor of H^-1."""
+def sdclip_scales(w, k, max_q):
+    """SDClip (PR #1855): k standard deviations of the row at the top level, rounded to fp16 first."""
+    return (k * w.float().std(dim=1) / max_q).clamp_min(1e-7).half().float()
+
+
+def clip_sigmas(name, s):  # SDClip's k by role under QUANT_SCALES=sdclip; else 0 (the scale search)
+    return s["QUANT_SCALES"] == "sdclip" and s[
+        "ATTN_CLIP_SIGMAS" if ".attn." in name else "MLP_CLIP_SIGMAS" if ".mlp." in name else "EMBED_CLIP_SIGMAS"]
+
+
+def gptq_rows(w, H, max_q, s, k=0):
+    """Full GPTQ: columns one at a time (most active first), the error spread on by the Cholesky factor of H^-1.
+    Row scales: SDClip with k sigmas if k, else the output-error search over GPTQ_CLIPS."""
     W, H = w.float().clone(), H.float().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale = best_scales(W, [W.abs().amax(dim=1) * f for f in GPTQ_CLIPS], max_q, H)
+    scale = sdclip_scales(w, k, max_q) if k else best_scales(W, [W.abs().amax(dim=1) * f for f in GPTQ_CLIPS], max_q, H)
     perm = torch.argsort(H.diagonal(), descending=True) if s["GPTQ_ACTORDER"] else torch.arange(cols)
     W, H, damp = W[:, perm], H[perm][:, perm], s["GPTQ_DAMP"]
     while True:  # damping until H is safely positive definite
@@ -1093,6 +1113,8 @@ def precision_of(name, t, s):
     """Attention and MLP matrices at MATRIX_BITS, embedding tables at EMBED_BITS, the rest fp16."""
     if not t.is_floating_point():
         return "raw"
+    if name.endswith("attn_gate_w") and s["GATE_INT8"]:
+        return "int8"
     if ".attn." in name or ".mlp." in name:
         return f"int{s['MATRIX_BITS']}"
     return f"int{s['EMBED_BITS']}" if name in EMBED_TABLES else "fp16"
@@ -1107,26 +1129,57 @@ def coded_names(scheme):
 
 
 def quantize_state(state, s, hessians=None):
-    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision."""
-    tensors, scheme = {}, {}
-    for name, t in unbank(state, s["NUM_LAYERS"]).items():
+    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision; with LQER_ENABLED
+    the LQER factors of the LQER_TOP_K GPTQ'd tensors of largest error (lqer_factors)."""
+    tensors, scheme, flat, hessians = {}, {}, unbank(state, s["NUM_LAYERS"]), hessians or {}
+    for name, t in flat.items():
         t = t.detach().cpu()
         kind = scheme[name] = precision_of(name, t, s)
         if kind in ("raw", "fp16"):
             tensors[name] = (t.half() if kind == "fp16" else t).contiguous()
-        elif hessians and name in hessians:
-            tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s)
-        else:  # QUANT=gptq_lite: the seed's single clip for embeddings; else a per-row search
-            pcts = EMBED_PERCENTILES if name in EMBED_TABLES and s["QUANT"] == "gptq_lite" else MATRIX_PERCENTILES
+        elif name in hessians:
+            tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s,
+                                                                       clip_sigmas(name, s))
+        else:  # QUANT=gptq_lite: the seed's single clip for embeddings; gates max|row| / 127; else a per-row search
+            pcts = EMBED_PERCENTILES if name in EMBED_TABLES and s["QUANT"] == "gptq_lite" else \
+                (100,) if name.endswith("attn_gate_w") else MATRIX_PERCENTILES
             tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
+    if s["LQER_ENABLED"]:  # the LQER_TOP_K GPTQ'd tensors of largest ||W - Q s||_F
+        err = {k: flat[k].detach().cpu().float() - dequantize(tensors, k) for k in hessians if k + ".q" in tensors}
+        for k in sorted(err, key=lambda k: -err[k].norm())[:s["LQER_TOP_K"]]:
+            tensors.update(lqer_factors(k, err[k], s["LQER_RANK"], s["LQER_ASYM_GROUP"]))
     return tensors, scheme
+
+
+def lqer_factors(name, E, rank, group):
+    """LQER asymmetric: the rank-`rank` SVD of the error E, A = U S (rows x r) on the 2-bit grid -2..1 with one fp16
+    scale max|A| / 1.5, and B = V^T (r x cols) flattened into rows of `group` (zero-padded) at 4 bits -8..7, each row
+    with an fp16 scale max / 7.5. Stored as name.lqa, .lqa_s, .lqb, .lqb_s; added to the weight once at load."""
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = (U[:, :rank] * S[:rank]).contiguous(), Vh[:rank].flatten()
+    B = F.pad(B, (0, -len(B) % group)).view(-1, group)
+    sa = (A.abs().amax() / 1.5).clamp_min(1e-7).half().view(1)
+    sb = (B.abs().amax(dim=1) / 7.5).clamp_min(1e-7).half()
+    return {name + ".lqa": torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8), name + ".lqa_s": sa,
+            name + ".lqb": torch.clamp(torch.round(B / sb.float()[:, None]), -8, 7).to(torch.int8), name + ".lqb_s": sb}
+
+
+def lqer_delta(tensors, name, cols):  # A B of an LQER'd tensor, from its packed factors
+    A = tensors[name + ".lqa"].float() * tensors[name + ".lqa_s"].float()
+    B = tensors[name + ".lqb"].float() * tensors[name + ".lqb_s"].float()[:, None]
+    return A @ B.flatten()[:A.size(1) * cols].view(-1, cols)
+
+
+def dequantize(tensors, name):  # q * scale per row, plus LQER's A B where the tensor has factors
+    w = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
+    return w + lqer_delta(tensors, name, w.size(1)) if name + ".lqa" in tensors else w
 
 
 def dequantize_state(tensors, scheme, num_layers):
     flat = {}
     for name, kind in scheme.items():
         if kind.startswith("int"):
-            flat[name] = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
+            flat[name] = dequantize(tensors, name)
         else:
             flat[name] = tensors[name].float() if kind == "fp16" else tensors[name]
     return rebank(flat, num_layers)
@@ -1228,6 +1281,9 @@ def pack(tensors, scheme, s):
     """Serialize (safetensors, no pickle) and compress with COMPRESSOR (best: the smaller)."""
     meta = dict(format="pgolf-int-v2", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
                 shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)})
+    if lqer := {k: list(tensors[k + ".lqa"].shape[1:]) + list(tensors[k + ".lqb"].shape[1:])
+                for k in coded_names(scheme) if k + ".lqa" in tensors}:
+        meta["lqer"] = lqer  # name: [rank, group], for the shape check before decoding
     options = {}
     if s["COMPRESSOR"] in ("rans", "best"):
         options["rans"] = pack_rans(tensors, scheme, meta)
@@ -1280,6 +1336,12 @@ def unpack(blob, s=None, check=None):
         for k, kind in scheme.items():
             out.update({k + ".scale": flat[k][:1], **({} if rans else {k + ".q": flat[k]})} if kind.startswith("int")
                        else {k: flat[k]})
+        for k, (r, g) in header.get("lqer", {}).items():  # LQER factors: rank and group bounded by the matrix
+            rows, cols = flat[k]
+            if not scheme[k].startswith("int") or not 0 < r <= min(rows, cols) or not 0 < g <= r * cols:
+                raise ValueError("its tensors are not those of this model")
+            n = -(-r * cols // g)
+            out.update({k + ".lqa": (rows, r), k + ".lqa_s": (1,), k + ".lqb": (n, g), k + ".lqb_s": (n,)})
         return out
 
     if blob[:6] == XZ_MAGIC:
@@ -1429,6 +1491,8 @@ def export_artifact(run, state, path, code_bytes):
     tensors, scheme = quantize_state(state, s, hessians)
     run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")
     log_precision_groups(run, state, tensors, scheme)
+    if lqer := [k for k in scheme if k + ".lqa" in tensors]:
+        run.log(f"lqer rank:{s['LQER_RANK']} group:{s['LQER_ASYM_GROUP']} tensors:{','.join(lqer)}")
     t2 = time.perf_counter()
     blob, method = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
     run.log(f"pack:{method} time:{time.perf_counter() - t2:.1f}s")

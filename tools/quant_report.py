@@ -83,7 +83,7 @@ def tensor_rows(tensors: dict, scheme: dict, flat: dict) -> list[dict]:
             states, _, words = tg.rans_encode(sym, tg.rans_tables([sym], 255), tg.rans_lanes(len(sym)))
             row["bytes"] = dict(rans=2 * len(words) + 4 * len(states) + 2 * scale.numel(),
                                 lzma=len(lzma.compress(q.numpy().tobytes() + scale.numpy().tobytes(), preset=9)))
-            back = q.float() * scale.float()[:, None]
+            back = tg.dequantize(tensors, name)  # with LQER's A B where the tensor has factors
         else:
             t = tensors[name]
             row["bytes"] = dict(raw=t.numel() * t.element_size())
