@@ -1,14 +1,23 @@
 """Export report for a final_model.float.safetensors: what each quantizer and packer makes of the same weights.
 
     python3 tools/quant_report.py OUTPUT_DIR/final_model.float.safetensors [--val-tokens N] [--no-eval] [--json F]
+    python3 tools/quant_report.py --many F1 F2 ... [--val-tokens N]
 
-Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*) and DATA_PATH /
-TOKENIZER_PATH from the environment, as for train_gpt.py. Prints, per tensor: shape, precision, order-0 entropy
+Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*), STACK (set it to the
+stack the file was trained with: the file does not record it) and DATA_PATH / TOKENIZER_PATH from the environment,
+as for train_gpt.py. Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's
+settings with that QUANT) and record_scheme (PR #1855's: QUANT=gptq QUANT_SCALES=sdclip GPTQ_EMBED=1 GATE_INT8=1
+LQER_ENABLED=1 on top of the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor: shape, precision, order-0 entropy
 of its symbols, bytes under each packer and weight MSE; then the bytes of every QUANT x COMPRESSOR, the order-0
 bound, and (with the data) the val bpb of the float model and of each quantizer on a val slice. The last line is
 for scripts:
     quant_report float_bpb:F gptq_lite_gap:A gptq_gap:B lzma_bytes:L best_bytes:K entropy_bytes:E best_compressor:NAME
-(gaps in val bpb; bytes of the whole packed model; E = order-0 bound of the symbols + the unquantized tensors' bytes).
+        default_gap:D record_scheme_gap:R brotli_bytes:Z
+(gaps in val bpb, round trip minus float; bytes of the whole packed model; L, K, E, Z of the default candidate; E =
+order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffle, -1 without the package).
+--many: every candidate on each file, a table of gap and bytes (COMPRESSOR's) per file, then mean, sample standard
+deviation and range of each candidate's gap over the files; last line
+    quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
 Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit packing + LZMA) need their packages.
 """
 from __future__ import annotations
@@ -104,9 +113,153 @@ def entropy_bound(tensors: dict, scheme: dict) -> float:
     return total
 
 
+
+RECORD_SCHEME = dict(QUANT="gptq", QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1)
+MANY = ("default", "record_scheme", "gptq_lite")  # the columns of --many
+
+
+def candidates(s: dict, quant: str) -> dict:
+    """label -> export settings; --quant gptq_lite leaves out the two that need calibration."""
+    out = dict(gptq_lite=dict(s, QUANT="gptq_lite"))
+    if quant == "both":
+        out.update(gptq=dict(s, QUANT="gptq"), record_scheme=dict(s, **RECORD_SCHEME))
+    return out
+
+
+def eval_model(run, weights):
+    """The model train_gpt.py evaluates: its attention backends, looped when the stack loops."""
+    model = tg.build_model(run, weights)
+    model.looping = bool(run.s["NUM_LOOPS"])
+    return model
+
+
+def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool) -> dict:
+    """Every candidate on one float file: bytes by packer, order-0 bound, times, and (with the data) val bpb."""
+    s = settings_for(path)
+    state = tg.load_float_weights(path, s)
+    with torch.device("meta"):  # the model's own order (the file's is sorted), as train_gpt.py packs after training
+        state = {k: state[k] for k in tg.GPT(s).state_dict()}
+    cands = candidates(s, quant)
+    run = tg.Run(s)
+    hessians, calib_s = None, 0.0
+    if quant == "both":  # one calibration for all: GPTQ_EMBED only adds the embedding's sum to the same pass
+        run.s = dict(s, GPTQ_EMBED=1)
+        t0 = time.perf_counter()
+        hessians = tg.collect_hessians(eval_model(run, state), run)
+        calib_s = time.perf_counter() - t0
+        run.s = s
+    flat = tg.unbank(state, s["NUM_LAYERS"])
+    val = luts = None
+    bpb = {}
+    if not no_eval:
+        val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], val_tokens)
+        luts = tg.byte_counter(s, tg.load_tokenizer(s), val.numel(), run.device)[0]
+        bpb["float"] = tg.evaluate(eval_model(run, state), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)[1]
+    results = {}
+    for label, c in cands.items():
+        h = None
+        if c["QUANT"] == "gptq":
+            h = {k: v for k, v in hessians.items() if c["GPTQ_EMBED"] or k != "tok_emb.weight"}
+        t0 = time.perf_counter()
+        tensors, scheme = tg.quantize_state(state, c, h)
+        quant_s = time.perf_counter() - t0
+        sizes = {}
+        for comp in ("rans", "lzma"):
+            t0 = time.perf_counter()
+            blob, _ = tg.pack(tensors, scheme, dict(c, COMPRESSOR=comp))
+            t1 = time.perf_counter()
+            tg.unpack(blob)
+            sizes[comp] = dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1)
+        if extras:
+            for comp, fn in extra_packers().items():
+                sizes[comp] = dict(bytes=len(fn(tensors, scheme)))
+        own = min(sizes["rans"]["bytes"], sizes["lzma"]["bytes"]) if c["COMPRESSOR"] == "best" else sizes[c["COMPRESSOR"]]["bytes"]
+        results[label] = dict(quantize_s=quant_s, packers=sizes, bytes=own, entropy_bytes=entropy_bound(tensors, scheme),
+                              lqer=[k for k in scheme if k + ".lqa" in tensors])
+        if per_tensor:
+            results[label]["tensors"] = tensor_rows(tensors, scheme, flat)
+        if not no_eval:
+            weights = tg.dequantize_state(tensors, scheme, s["NUM_LAYERS"])
+            bpb[label] = tg.evaluate(eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False,
+                                     slot=False)[1]
+        results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
+    return dict(settings=s, results=results, val_bpb=bpb, calibration_s=calib_s, default=s["QUANT"])
+
+
+def print_one(m: dict, args) -> None:
+    s, results, bpb = m["settings"], m["results"], m["val_bpb"]
+    if args.per_tensor:
+        last = list(results)[-1]
+        print(f"per tensor, {last}:")
+        print(f"{'tensor':34s} {'shape':>12s} {'prec':>5s} {'H bits':>6s} {'rans':>9s} {'lzma':>9s} {'mse':>10s}")
+        for r in results[last]["tensors"]:
+            b = r["bytes"]
+            print(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
+                  f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
+                  f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}")
+    print(f"stack:{s['STACK']} (its defaults are the default candidate's; set STACK as the file was trained)")
+    if m["calibration_s"]:
+        print(f"calibration: {m['calibration_s']:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, "
+              f"source {s['GPTQ_CALIB']})")
+    packers = list(results["gptq_lite"]["packers"])
+    print("| candidate | " + " | ".join(packers) + " | order-0 bound | val bpb | gap |")
+    print("|---|" + "---:|" * (len(packers) + 3))
+    for label, r in results.items():
+        cells = [f"{r['packers'][p]['bytes']:,}" for p in packers]
+        gap = f"{r['gap']:+.6f}" if bpb else "-"
+        name = label + (" (default)" if label == m["default"] else "")
+        print(f"| {name} | " + " | ".join(cells) + f" | {r['entropy_bytes']:,.0f} | "
+              f"{bpb.get(label, float('nan')):.6f} | {gap} |")
+    if bpb:
+        print(f"float val bpb: {bpb['float']:.6f} on {args.val_tokens} val tokens")
+    for label, r in results.items():
+        print(f"{label}: quantize {r['quantize_s']:.1f}s; " + "; ".join(
+            f"{p} pack {v['pack_s']:.1f}s unpack {v['unpack_s']:.1f}s" for p, v in r["packers"].items() if "pack_s" in v)
+              + (f"; lqer {','.join(r['lqer'])}" if r["lqer"] else ""))
+    default = results[m["default"]]
+    best = min(default["packers"], key=lambda p: default["packers"][p]["bytes"])
+    gap = lambda k: results[k]["gap"] if k in results else float("nan")
+    brotli = default["packers"].get("brotli_shuffle", dict(bytes=-1))["bytes"]
+    print(f"quant_report float_bpb:{bpb.get('float', float('nan')):.6f} gptq_lite_gap:{gap('gptq_lite'):.6f} "
+          f"gptq_gap:{gap('gptq'):.6f} lzma_bytes:{default['packers']['lzma']['bytes']} "
+          f"best_bytes:{default['packers'][best]['bytes']} entropy_bytes:{default['entropy_bytes']:.0f} "
+          f"best_compressor:{best} default_gap:{default['gap']:.8f} record_scheme_gap:{gap('record_scheme'):.8f} "
+          f"brotli_bytes:{brotli}")
+
+
+def spread(values: list) -> tuple:
+    """mean, sample standard deviation (nan for one value), min, max."""
+    v = np.array(values, dtype=np.float64)
+    return v.mean(), v.std(ddof=1) if len(v) > 1 else float("nan"), v.min(), v.max()
+
+
+def print_many(ms: dict, args) -> None:
+    """One row per file: gap and bytes of each candidate of MANY; then mean, sd and range of each gap."""
+    def cell(m, c):
+        return m["results"][m["default"] if c == "default" else c] if (c == "default" or c in m["results"]) else None
+    print("| file | stack | " + " | ".join(f"{c} gap | {c} bytes" for c in MANY) + " |")
+    print("|---|---|" + "---:|" * (2 * len(MANY)))
+    for path, m in ms.items():
+        cells = []
+        for c in MANY:
+            r = cell(m, c)
+            cells += [f"{r['gap']:+.8f}", f"{r['bytes']:,}"] if r else ["-", "-"]
+        print(f"| {path} | {m['settings']['STACK']} | " + " | ".join(cells) + " |")
+    stats = {}
+    for c in MANY:
+        gaps = [cell(m, c)["gap"] for m in ms.values() if cell(m, c)]
+        stats[c] = spread(gaps) if gaps else (float("nan"),) * 4
+    for i, row in enumerate(("mean", "sd", "min", "max")):
+        print(f"| {row} | | " + " | ".join(f"{stats[c][i]:{'.8f' if row == 'sd' else '+.8f'}} | " for c in MANY) + "|")
+    print("quant_report_many files:%d " % len(ms) + " ".join(
+        f"{c}_mean_gap:{stats[c][0]:.8f} {c}_sd_gap:{stats[c][1]:.8f}" for c in MANY))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("float_path", type=Path)
+    ap.add_argument("float_path", type=Path, nargs="?")
+    ap.add_argument("--many", type=Path, nargs="+", metavar="FLOAT_FILE",
+                    help="every candidate on each file: table of gap and bytes, then mean and spread of each gap")
     ap.add_argument("--val-tokens", type=int, default=65536, help="val slice for the bpb columns")
     ap.add_argument("--no-eval", action="store_true", help="bytes only (no data needed)")
     ap.add_argument("--json", type=Path)
@@ -114,84 +267,26 @@ def main() -> int:
     ap.add_argument("--quant", choices=("both", "gptq_lite"), default="both",
                     help="gptq_lite: skip GPTQ and its calibration (e.g. bytes of a large model on a CPU)")
     args = ap.parse_args()
-    if not args.float_path.is_file():
-        print(f"error: {args.float_path} not found; train_gpt.py writes it to OUTPUT_DIR/{tg.FLOAT_NAME}", file=sys.stderr)
-        return 2
+    paths = args.many or ([args.float_path] if args.float_path else [])
+    if not paths or (args.many and args.float_path):
+        ap.error("give one float file, or --many and a list of them")
+    for p in paths:
+        if not p.is_file():
+            print(f"error: {p} not found; train_gpt.py writes it to OUTPUT_DIR/{tg.FLOAT_NAME}", file=sys.stderr)
+            return 2
     try:
-        s = settings_for(args.float_path)
-        state = tg.load_float_weights(args.float_path, s)
-        run = tg.Run(s)
-        hessians, calib_s = None, 0.0
-        if args.quant == "both":
-            hessian_model = tg.GPT(s).to(run.device)
-            hessian_model.load_state_dict(state)
-            t0 = time.perf_counter()
-            hessians = tg.collect_hessians(hessian_model, run)
-            calib_s = time.perf_counter() - t0
-        flat = tg.unbank(state, s["NUM_LAYERS"])
-        results, report = {}, dict(settings={k: s[k] for k in tg.MODEL_KEYS}, calibration_s=calib_s)
-        for quant in ("gptq_lite", "gptq") if hessians else ("gptq_lite",):
-            t0 = time.perf_counter()
-            tensors, scheme = tg.quantize_state(state, dict(s, QUANT=quant), hessians if quant == "gptq" else None)
-            quant_s = time.perf_counter() - t0
-            sizes = {}
-            for comp in ("rans", "lzma"):
-                t0 = time.perf_counter()
-                blob, _ = tg.pack(tensors, scheme, dict(s, COMPRESSOR=comp))
-                t1 = time.perf_counter()
-                tg.unpack(blob)
-                sizes[comp] = dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1)
-            for comp, fn in extra_packers().items():
-                sizes[comp] = dict(bytes=len(fn(tensors, scheme)))
-            results[quant] = dict(quantize_s=quant_s, packers=sizes, entropy_bytes=entropy_bound(tensors, scheme),
-                                  tensors=tensor_rows(tensors, scheme, flat), state=tg.dequantize_state(tensors, scheme, s["NUM_LAYERS"]))
-        bpb = {}
-        if not args.no_eval:
-            val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"],
-                                            args.val_tokens)
-            luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-            for label, weights in [("float", state)] + [(q, results[q]["state"]) for q in results]:
-                model = tg.GPT(s).to(run.device)
-                model.load_state_dict(weights)
-                bpb[label] = tg.evaluate(model, run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)[1]
+        ms = {str(p): measure(p, args.val_tokens, args.no_eval, args.quant, extras=not args.many,
+                              per_tensor=args.per_tensor and not args.many) for p in paths}
     except tg.Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    if args.per_tensor:
-        print(f"per tensor, {list(results)[-1]}:")
-        print(f"{'tensor':34s} {'shape':>12s} {'prec':>5s} {'H bits':>6s} {'rans':>9s} {'lzma':>9s} {'mse':>10s}")
-        for r in results[list(results)[-1]]["tensors"]:
-            b = r["bytes"]
-            print(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
-                  f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
-                  f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}")
-    if hessians:
-        print(f"calibration: {calib_s:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, source {s['GPTQ_CALIB']})")
-    packers = list(results["gptq_lite"]["packers"])
-    print("| QUANT | " + " | ".join(packers) + " | order-0 bound | val bpb | gap |")
-    print("|---|" + "---:|" * (len(packers) + 3))
-    for quant, r in results.items():
-        cells = [f"{r['packers'][p]['bytes']:,}" for p in packers]
-        gap = f"{bpb[quant] - bpb['float']:+.4f}" if bpb else "-"
-        print(f"| {quant} | " + " | ".join(cells) + f" | {r['entropy_bytes']:,.0f} | "
-              f"{bpb.get(quant, float('nan')):.4f} | {gap} |")
-    if bpb:
-        print(f"float val bpb: {bpb['float']:.4f} on {args.val_tokens} val tokens")
-    for quant, r in results.items():
-        print(f"{quant}: quantize {r['quantize_s']:.1f}s; " + "; ".join(
-            f"{p} pack {v['pack_s']:.1f}s unpack {v['unpack_s']:.1f}s" for p, v in r["packers"].items() if "pack_s" in v))
-    default = results.get(s["QUANT"], results["gptq_lite"])
-    best = min(default["packers"], key=lambda p: default["packers"][p]["bytes"])
-    gaps = {q: (bpb[q] - bpb["float"]) if q in bpb else float("nan") for q in ("gptq_lite", "gptq")}
     if args.json:
-        for r in results.values():
-            r.pop("state")
-        args.json.write_text(json.dumps(dict(report, results=results, val_bpb=bpb), indent=1))
-    print(f"quant_report float_bpb:{bpb.get('float', float('nan')):.6f} gptq_lite_gap:{gaps['gptq_lite']:.6f} "
-          f"gptq_gap:{gaps['gptq']:.6f} lzma_bytes:{default['packers']['lzma']['bytes']} "
-          f"best_bytes:{default['packers'][best]['bytes']} entropy_bytes:{default['entropy_bytes']:.0f} "
-          f"best_compressor:{best}")
+        args.json.write_text(json.dumps({p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)})
+                                         for p, m in ms.items()}, indent=1))
+    if args.many:
+        print_many(ms, args)
+    else:
+        print_one(ms[str(paths[0])], args)
     return 0
 
 
