@@ -1,0 +1,121 @@
+"""tools/quant_report.py: the record's scheme beside our default on one float file, and --many over several."""
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TINY
+
+sys.path.insert(0, str(ROOT / "tools"))
+import quant_report as qr  # noqa: E402
+
+RECORD = dict(QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1)
+SMALL = dict(ITERATIONS=2, VAL_MAX_TOKENS=512, EVAL_STRIDE=128, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32)
+
+
+@pytest.fixture(scope="module")
+def floats(tmp_path_factory, script_env, run_script):
+    """Two tiny 2-step float files; the first trained (and so exported) with the record's scheme, its log kept."""
+    out = {}
+    for name, extra in (("a", RECORD), ("b", dict(SEED=2, QUANT="gptq_lite"))):
+        d = tmp_path_factory.mktemp(f"float_{name}")
+        proc = run_script(script_env(d, **SMALL, **extra), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = (d / tg.FLOAT_NAME, proc.stdout)
+    return out
+
+
+def report(monkeypatch, capsys, tmp_path, *args):
+    """quant_report.main in this process (one thread, as the runs' OMP_NUM_THREADS=1) with the tiny settings of the
+    runs above; its stdout."""
+    for k in tg.DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in dict(TINY, **SMALL, DATA_PATH=SAMPLE_DATA, TOKENIZER_PATH=SAMPLE_TOKENIZER, OUTPUT_DIR=tmp_path).items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(sys, "argv", ["quant_report.py", *map(str, args), "--val-tokens", "512"])
+    assert qr.main() == 0
+    return capsys.readouterr().out
+
+
+def fields(line: str) -> dict:
+    return dict(f.split(":", 1) for f in line.split()[1:])
+
+
+def table(out: str, first: str) -> dict:
+    """Rows of the markdown table whose header starts with `| first |`: {first cell: {column: cell}}."""
+    lines = out.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first} |"))
+    head = [c.strip() for c in lines[i].strip("|").split("|")]
+    rows = {}
+    for ln in lines[i + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+def num(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_last_line_adds_default_and_record_gaps_and_brotli_bytes(floats, one_thread, monkeypatch, capsys, tmp_path):
+    out = report(monkeypatch, capsys, tmp_path, floats["a"][0])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("quant_report ")
+    f = fields(last)
+    old = "float_bpb gptq_lite_gap gptq_gap lzma_bytes best_bytes entropy_bytes best_compressor".split()
+    assert list(f) == old + ["default_gap", "record_scheme_gap", "brotli_bytes"]  # no lrzip on this machine
+    rows = table(out, "candidate")
+    assert list(rows) == ["gptq_lite", "gptq (default)", "record_scheme"]  # the seed stack's QUANT is gptq
+    # Each gap on the last line is its row's (printed to 6 decimals there), and is its bpb minus the float's.
+    float_bpb = float(re.search(r"^float val bpb: ([0-9.]+) on 512 val tokens$", out, re.M).group(1))
+    assert abs(float(f["float_bpb"]) - float_bpb) < 1e-9
+    for key, row in (("gptq_lite_gap", "gptq_lite"), ("gptq_gap", "gptq (default)"),
+                     ("default_gap", "gptq (default)"), ("record_scheme_gap", "record_scheme")):
+        r = rows[row]
+        assert abs(float(f[key]) - num(r["gap"])) <= 5.1e-7, key
+        assert abs(num(r["val bpb"]) - float_bpb - num(r["gap"])) <= 1.1e-6, key
+    default = rows["gptq (default)"]
+    assert int(f["brotli_bytes"]) == num(default["brotli_shuffle"])
+    assert int(f["lzma_bytes"]) == num(default["lzma"])
+    assert int(f["best_bytes"]) == min(num(default[p]) for p in ("rans", "lzma", "brotli_shuffle", "zstd", "bitpack_lzma"))
+    assert int(f["best_bytes"]) == num(default[f["best_compressor"]])
+    # The record's scheme is another export, not ours relabelled: LQER's factors and SDClip scales change the bytes.
+    assert num(rows["record_scheme"]["rans"]) != num(default["rans"])
+    assert re.search(r"^record_scheme: .*; lqer (\S+,){2}\S+$", out, re.M)
+
+
+def test_record_scheme_gap_is_that_of_a_direct_export_with_those_settings(floats, one_thread, monkeypatch, capsys, tmp_path):
+    path, log = floats["a"]  # the run exported with the record's settings at the end of its training
+    direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", log, re.M).group(1))
+    direct_float = float(re.search(r"^final_float_exact val_loss:\S+ val_bpb:([0-9.]+)$", log, re.M).group(1))
+    direct_bytes = int(re.search(r"^Serialized model int6\+rans: (\d+) bytes$", log, re.M).group(1))
+    out = report(monkeypatch, capsys, tmp_path, path)
+    f = fields(out.strip().splitlines()[-1])
+    assert abs(float(f["record_scheme_gap"]) - direct_gap) <= 1.01e-8, (f["record_scheme_gap"], direct_gap)
+    assert abs(float(f["float_bpb"]) - direct_float) <= 5.1e-7
+    assert num(table(out, "candidate")["record_scheme"]["rans"]) == direct_bytes  # the same artifact, byte for byte
+
+
+def test_many_prints_every_file_and_the_mean_of_the_gaps(floats, one_thread, monkeypatch, capsys, tmp_path):
+    a, b = floats["a"][0], floats["b"][0]
+    out = report(monkeypatch, capsys, tmp_path, "--many", a, b)
+    rows = table(out, "file")
+    assert list(rows) == [str(a), str(b), "mean", "sd", "min", "max"]
+    last = fields(out.strip().splitlines()[-1])
+    assert out.strip().splitlines()[-1].startswith("quant_report_many files:2 ")
+    for c in qr.MANY:
+        gaps = [num(rows[str(p)][f"{c} gap"]) for p in (a, b)]
+        assert all(num(rows[str(p)][f"{c} bytes"]) > 0 for p in (a, b))
+        mean = sum(gaps) / 2
+        assert abs(num(rows["mean"][f"{c} gap"]) - mean) <= 2e-8, c  # inputs and output rounded to 8 decimals
+        assert abs(float(last[f"{c}_mean_gap"]) - mean) <= 2e-8, c
+        assert abs(float(last[f"{c}_sd_gap"]) - abs(gaps[0] - gaps[1]) / 2 ** 0.5) <= 2e-8, c
+        assert num(rows["min"][f"{c} gap"]) == min(gaps) and num(rows["max"][f"{c} gap"]) == max(gaps)
+    # The same numbers as the one-file report: file a's record_scheme gap is its direct export's.
+    direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", floats["a"][1], re.M).group(1))
+    assert abs(num(rows[str(a)]["record_scheme gap"]) - direct_gap) <= 1.01e-8
