@@ -7,9 +7,10 @@ Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BI
 stack the file was trained with: the file does not record it) and DATA_PATH / TOKENIZER_PATH from the environment,
 as for train_gpt.py. Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's
 settings with that QUANT) and record_scheme (PR #1855's: QUANT=gptq QUANT_SCALES=sdclip GPTQ_EMBED=1 GATE_INT8=1
-LQER_ENABLED=1 on top of the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor: shape, precision, order-0 entropy
-of its symbols, bytes under each packer and weight MSE; then the bytes of every QUANT x COMPRESSOR, the order-0
-bound, and (with the data) the val bpb of the float model and of each quantizer on a val slice. The last line is
+LQER_ENABLED=1 on top of the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor
+(--per-tensor): shape, precision, order-0 entropy of its symbols, bytes under each packer and weight MSE; then the
+bytes of every candidate x packer, the order-0 bound, and (with the data) the val bpb of the float model and of each
+candidate's round trip on a val slice. The last line is
 for scripts:
     quant_report float_bpb:F gptq_lite_gap:A gptq_gap:B lzma_bytes:L best_bytes:K entropy_bytes:E best_compressor:NAME
         default_gap:D record_scheme_gap:R brotli_bytes:Z
@@ -183,7 +184,8 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
             bpb[label] = tg.evaluate(eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False,
                                      slot=False)[1]
         results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
-    return dict(settings=s, results=results, val_bpb=bpb, calibration_s=calib_s, default=s["QUANT"])
+    return dict(settings=s, results=results, val_bpb=bpb, calibration_s=calib_s,
+                default=s["QUANT"] if s["QUANT"] in results else "gptq_lite")
 
 
 def print_one(m: dict, args) -> None:
@@ -280,9 +282,9 @@ def main() -> int:
     except tg.Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        args.json.write_text(json.dumps({p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)})
-                                         for p, m in ms.items()}, indent=1))
+    if args.json:  # one file: its report (as before); --many: the reports by path
+        data = {p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)}) for p, m in ms.items()}
+        args.json.write_text(json.dumps(data if args.many else data[str(paths[0])], indent=1))
     if args.many:
         print_many(ms, args)
     else:
