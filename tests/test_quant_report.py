@@ -8,6 +8,7 @@ import pytest
 
 import train_gpt as tg
 from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TINY
+from test_pr1855 import TINY_PR
 
 sys.path.insert(0, str(ROOT / "tools"))
 import quant_report as qr  # noqa: E402
@@ -28,12 +29,13 @@ def floats(tmp_path_factory, script_env, run_script):
     return out
 
 
-def report(monkeypatch, capsys, tmp_path, *args):
+def report(monkeypatch, capsys, tmp_path, *args, **settings):
     """quant_report.main in this process (one thread, as the runs' OMP_NUM_THREADS=1) with the tiny settings of the
     runs above; its stdout."""
     for k in tg.DEFAULTS:
         monkeypatch.delenv(k, raising=False)
-    for k, v in dict(TINY, **SMALL, DATA_PATH=SAMPLE_DATA, TOKENIZER_PATH=SAMPLE_TOKENIZER, OUTPUT_DIR=tmp_path).items():
+    env = dict(TINY, **SMALL, DATA_PATH=SAMPLE_DATA, TOKENIZER_PATH=SAMPLE_TOKENIZER, OUTPUT_DIR=tmp_path)
+    for k, v in dict(env, **settings).items():
         monkeypatch.setenv(k, str(v))
     monkeypatch.setattr(sys, "argv", ["quant_report.py", *map(str, args), "--val-tokens", "512"])
     assert qr.main() == 0
@@ -119,3 +121,22 @@ def test_many_prints_every_file_and_the_mean_of_the_gaps(floats, one_thread, mon
     # The same numbers as the one-file report: file a's record_scheme gap is its direct export's.
     direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", floats["a"][1], re.M).group(1))
     assert abs(num(rows[str(a)]["record_scheme gap"]) - direct_gap) <= 1.01e-8
+
+
+def test_the_stack_comes_from_the_run_log_beside_the_file(tmp_path, one_thread, script_env, run_script, monkeypatch,
+                                                          capsys):
+    """STACK unset: a STACK=pr1855 file is measured at that stack's defaults (its log says so), which are the
+    record's scheme; the seed files above at the seed's (asserted by the first test's default row)."""
+    proc = run_script(script_env(tmp_path, **TINY_PR, **dict(SMALL, EVAL_STRIDE=32)), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", proc.stdout, re.M).group(1))
+    seq = dict(TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, EVAL_STRIDE=32)
+    out = report(monkeypatch, capsys, tmp_path / "report", tmp_path / tg.FLOAT_NAME, **seq)
+    assert re.search(r"^stack:pr1855 from the run log .*test\.json ", out, re.M), out[:2000]
+    f = fields(out.strip().splitlines()[-1])
+    assert f["default_gap"] == f["record_scheme_gap"] and abs(float(f["default_gap"]) - direct_gap) <= 1.01e-8
+    # The environment's STACK wins over the log; without a log, seed.
+    assert qr.file_stack(tmp_path / tg.FLOAT_NAME, dict(STACK="seed")) == ("seed", "environment")
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / tg.FLOAT_NAME).write_bytes((tmp_path / tg.FLOAT_NAME).read_bytes())
+    assert qr.file_stack(tmp_path / "alone" / tg.FLOAT_NAME, {})[0] == "seed"

@@ -3,9 +3,9 @@
     python3 tools/quant_report.py OUTPUT_DIR/final_model.float.safetensors [--val-tokens N] [--no-eval] [--json F]
     python3 tools/quant_report.py --many F1 F2 ... [--val-tokens N]
 
-Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*), STACK (set it to the
-stack the file was trained with: the file does not record it) and DATA_PATH / TOKENIZER_PATH from the environment,
-as for train_gpt.py. Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's
+Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*) and DATA_PATH /
+TOKENIZER_PATH from the environment, as for train_gpt.py. STACK: the environment's if set, else the one the run log
+beside the file (OUTPUT_DIR/logs/RUN_ID.json of the run with the file's model settings) names, else seed. Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's
 settings with that QUANT) and record_scheme (PR #1855's: QUANT=gptq QUANT_SCALES=sdclip GPTQ_EMBED=1 GATE_INT8=1
 LQER_ENABLED=1 on top of the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor
 (--per-tensor): shape, precision, order-0 entropy of its symbols, bytes under each packer and weight MSE; then the
@@ -31,6 +31,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
+
+
+def file_stack(path: Path, env=os.environ) -> tuple:
+    """(STACK, where it came from): the environment's if set; else that of the newest training run's summary
+    (OUTPUT_DIR/logs/*.json beside the file) whose model settings are the file's; else seed."""
+    if "STACK" in env:
+        return env["STACK"], "environment"
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["pgolf"])["config"]
+    runs = []
+    for log in (path.parent / "logs").glob("*.json"):
+        try:
+            settings = json.loads(log.read_text()).get("settings") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not settings.get("EVAL_ONLY") and all(settings.get(k) == v for k, v in config.items()):
+            runs.append((log.stat().st_mtime, settings.get("STACK", "seed"), log))
+    if not runs:
+        return "seed", "default (no run log beside the file; set STACK if it was trained with another)"
+    _, stack, log = max(runs)
+    return stack, f"the run log {log}"
 
 
 def settings_for(path: Path, env=os.environ) -> dict:
@@ -136,7 +158,8 @@ def eval_model(run, weights):
 
 def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool) -> dict:
     """Every candidate on one float file: bytes by packer, order-0 bound, times, and (with the data) val bpb."""
-    s = settings_for(path)
+    stack, stack_source = file_stack(path)
+    s = settings_for(path, dict(os.environ, STACK=stack))
     state = tg.load_float_weights(path, s)
     with torch.device("meta"):  # the model's own order (the file's is sorted), as train_gpt.py packs after training
         state = {k: state[k] for k in tg.GPT(s).state_dict()}
@@ -184,7 +207,7 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
             bpb[label] = tg.evaluate(eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False,
                                      slot=False)[1]
         results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
-    return dict(settings=s, results=results, val_bpb=bpb, calibration_s=calib_s,
+    return dict(settings=s, stack_source=stack_source, results=results, val_bpb=bpb, calibration_s=calib_s,
                 default=s["QUANT"] if s["QUANT"] in results else "gptq_lite")
 
 
@@ -199,7 +222,7 @@ def print_one(m: dict, args) -> None:
             print(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
                   f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
                   f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}")
-    print(f"stack:{s['STACK']} (its defaults are the default candidate's; set STACK as the file was trained)")
+    print(f"stack:{s['STACK']} from {m['stack_source']} (its settings are the candidates' base)")
     if m["calibration_s"]:
         print(f"calibration: {m['calibration_s']:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, "
               f"source {s['GPTQ_CALIB']})")
