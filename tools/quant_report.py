@@ -214,7 +214,7 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
 def print_one(m: dict, args) -> None:
     s, results, bpb = m["settings"], m["results"], m["val_bpb"]
     if args.per_tensor:
-        last = list(results)[-1]
+        last = m["default"]
         print(f"per tensor, {last}:")
         print(f"{'tensor':34s} {'shape':>12s} {'prec':>5s} {'H bits':>6s} {'rans':>9s} {'lzma':>9s} {'mse':>10s}")
         for r in results[last]["tensors"]:
