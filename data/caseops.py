@@ -166,7 +166,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def _messages(buf: bytes):
-    """(field number, value) of one protobuf message: varints as int, length-delimited fields as bytes."""
+    """(field number, value) of one protobuf message: varints as int, 32-bit fields as float, length-delimited and
+    64-bit fields as bytes (enough for SentencePiece's messages without the protobuf package)."""
     pos, n = 0, len(buf)
     while pos < n:
         key, pos = _varint(buf, pos)
@@ -177,7 +178,7 @@ def _messages(buf: bytes):
             size, pos = _varint(buf, pos)
             value, pos = buf[pos:pos + size], pos + size
         elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+            value, pos = float(np.frombuffer(buf[pos:pos + 4], dtype="<f4")[0]), pos + 4
         elif wire == 1:
             value, pos = buf[pos:pos + 8], pos + 8
         else:

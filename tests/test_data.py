@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "data"))
 from train_gpt import (SHARD_HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, Fail,  # noqa: E402
                        build_sentencepiece_luts, load_data_shard, target_bytes)
 from fineweb import shard_header, write_shard  # noqa: E402
+import caseops  # noqa: E402
 
 SAMPLE = REPO / "data" / "datasets" / "sample_sp1024"
 SAMPLE_TRAIN = SAMPLE / "fineweb_train_000000.bin"
@@ -105,34 +106,9 @@ def test_sample_files_are_valid_shards_of_the_required_size():
 
 
 def proto_fields(buf: bytes) -> dict[int, list]:
-    """Fields of a protobuf message by number (varints as ints, 32-bit as floats, length-delimited as bytes):
-    enough to read a SentencePiece model's trainer and normalizer specs without the protobuf package."""
-    fields, pos = {}, 0
-
-    def varint():
-        nonlocal pos
-        value = shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return value
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            n = varint()
-            value, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            value, pos = float(np.frombuffer(buf[pos:pos + 4], dtype="<f4")[0]), pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
+    """Fields of a protobuf message by number, through data/caseops.py's reader (the one in the repo)."""
+    fields = {}
+    for number, value in caseops._messages(buf):
         fields.setdefault(number, []).append(value)
     return fields
 
