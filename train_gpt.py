@@ -1841,5 +1841,7 @@ if __name__ == "__main__":
             print(msg, file=sys.stderr)
         code = PROGRESS.get("exit", 130)
     if dist.is_initialized():
+        if code in (0, 1):  # every rank finished: leave together, as a gloo peer torn down early can abort the others
+            dist.barrier()
         dist.destroy_process_group()
     sys.exit(code)
