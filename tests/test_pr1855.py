@@ -139,7 +139,8 @@ def test_gates_compute_the_record_formulas(tiny_settings):
         A = blk.attn_scale * model.attn(9, F.rms_norm(mix[0] * lanes[0] + mix[1] * x0, (64,)) * ln, None, torch.float32)
         M = blk.mlp_scale * model.mlp(9, F.rms_norm(lanes[1], (64,)) * ln, torch.float32)
         r, P = model.parallel_resid_lambdas[9], model.parallel_post_lambdas[9]
-        got = model.parallel_block(9, lanes, x0, torch.float32, lambda i, h: model.attn(i, h, None, torch.float32))
+        got = model.parallel_block(9, lanes, x0, torch.float32, lambda i, h: model.attn(i, h, None, torch.float32),
+                                   lambda i, h: model.mlp(i, h, torch.float32))
         for j in (0, 1):
             torch.testing.assert_close(got[j], r[j] * lanes[j] + P[0, j] * A + P[1, j] * M)
 
@@ -290,7 +291,13 @@ def test_seed_stack_digits_are_unchanged(tmp_path, script_env, run_script):
     keep = re.compile(r"(step:\d+/\d+ train_loss:|final_float_exact|final_int6_roundtrip_exact|legal_ttt_exact|"
                       r"final_score_exact)")
     got = [re.sub(r" train_time:.*", "", ln) for ln in proc.stdout.splitlines() if keep.match(ln)]
-    assert got == ref["lines"]
+    # the same lines and numbers; the numbers up to 1e-6 relative: CPUs with other vector units (AVX2, AVX-512, AMX)
+    # take other kernels and move the 8th digit (seen: 6.91655270 vs 6.91655271), a numerics change moves far more
+    number = re.compile(r"-?\d+\.\d+")
+    assert [number.sub("#", ln) for ln in got] == [number.sub("#", ln) for ln in ref["lines"]]
+    for mine, theirs in zip(got, ref["lines"]):
+        assert [float(v) for v in number.findall(mine)] == pytest.approx([float(v) for v in number.findall(theirs)],
+                                                                          rel=1e-6), (mine, theirs)
 
 
 @pytest.mark.slow
