@@ -3,7 +3,7 @@
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
 Every hyperparameter is an environment variable (README.md has the table).
 """
-import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, shutil, signal, sys, time, uuid
+import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, re, shutil, signal, sys, time, uuid
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,11 @@ DEFAULTS = dict(
     # its export (README: Export, PR #1855's scheme): SDClip scales, GPTQ'd tied embedding, int8 gates, LQER
     QUANT_SCALES="search", ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0, GPTQ_EMBED=0,
     GATE_INT8=0, LQER_ENABLED=0, LQER_RANK=4, LQER_TOP_K=3, LQER_ASYM_GROUP=64,
+    # its evaluation (README: Phased TTT): score-first LoRA TTT per document, with global SGD phases between
+    PHASED_TTT_ENABLED=0, TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0, TTT_LORA_LR=1e-4, TTT_CHUNK_SIZE=48,
+    TTT_EVAL_SEQ_LEN=2048, TTT_BATCH_SIZE=64, TTT_WEIGHT_DECAY=0.5, TTT_BETA1=0.0, TTT_BETA2=0.99,
+    PHASED_TTT_PREFIX_DOCS=2500, PHASED_TTT_NUM_PHASES=3, GLOBAL_TTT_LR=1e-3, GLOBAL_TTT_MOMENTUM=0.9,
+    GLOBAL_TTT_EPOCHS=1, GLOBAL_TTT_CHUNK_TOKENS=32768, GLOBAL_TTT_BATCH_SEQS=32, GLOBAL_TTT_GRAD_CLIP=1.0,
 )
 # STACK=pr1855: the values PR #1855's runs logged (MODERN_STACK.md 0.3, 10), not its script's defaults. Its eval is
 # a plain document-masked pass here until phased LoRA TTT lands; its data is the SP8192 CaseOps export. A value that
@@ -61,7 +66,8 @@ STACKS = dict(seed=dict(EMBED_WD="ADAM_WD"), pr1855=dict(EVAL_STRIDE="EVAL_SEQ_L
     SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, PARALLEL_START_LAYER=8, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
     ENABLE_LOOPING_AT=0.35, DOC_MASKED_ATTN=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
     EMBED_BITS=7, GPTQ_CALIB="train", GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=768, GPTQ_DAMP=0.01,
-    TTT_ENABLED=0, SLOT_ENABLED=0, QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1))
+    TTT_ENABLED=0, SLOT_ENABLED=0, QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1,
+    PHASED_TTT_ENABLED=1))
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
                COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
@@ -70,12 +76,15 @@ CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2
 POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
     MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
     SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
-    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS""".split())
+    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS
+    TTT_LORA_RANK TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS
+    GLOBAL_TTT_BATCH_SEQS""".split())
 UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
-    ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC""".split())
+    ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM""".split())
 FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
     EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED
-    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED""".split())
+    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED
+    PHASED_TTT_ENABLED""".split())
 LAUNCHER_VARS = set("""RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK ROLE_NAME
     ROLE_WORLD_SIZE GROUP_WORLD_SIZE""".split())
 
@@ -490,13 +499,21 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return x
 
-    def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0):
-        """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry)."""
+    def adapter(self, lora, name, x):
+        """Phased TTT's LoRA term (x A^T) B^T alpha/rank of adapter name, one A, B per row (document); 0 without."""
+        if lora is None:
+            return 0
+        A, B = (t.to(x.dtype) for t in lora[name])
+        return (x @ A.mT) @ B.mT * (self.s["TTT_LORA_ALPHA"] / self.s["TTT_LORA_RANK"])
+
+    def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0, lora=None):
+        """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry, its LoRA
+        adapters: Q, K, V, and an O bypass from x, as PR #1855)."""
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.bank_linear(x, "qo_bank", i, dtype).view(B, T, H, D)
-        k = self.bank_linear(x, "kv_bank", i, dtype).view(B, T, Hkv, D)
-        v = self.bank_linear(x, "kv_bank", L + i, dtype)
+        q = (self.bank_linear(x, "qo_bank", i, dtype) + self.adapter(lora, f"q{slot}", x)).view(B, T, H, D)
+        k = (self.bank_linear(x, "kv_bank", i, dtype) + self.adapter(lora, f"k{slot}", x)).view(B, T, Hkv, D)
+        v = self.bank_linear(x, "kv_bank", L + i, dtype) + self.adapter(lora, f"v{slot}", x)
         if ve is not None:
             v = v + ve * self.ve_layer_scales[self.ve_layers.index(i)].to(dtype)
         v = v.view(B, T, Hkv, D)
@@ -524,26 +541,27 @@ class GPT(nn.Module):
             gate = torch.sigmoid(self.s["SPARSE_ATTN_GATE_SCALE"] * F.linear(x[..., :self.s["GATE_WINDOW"]],
                                                                              self.blocks[i].attn_gate_w.to(dtype)))
             y = y * gate[..., None]
-        return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype)
+        return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype) + self.adapter(lora, f"o{slot}", x)
 
     def mlp(self, i, x, dtype):
         h = F.leaky_relu(self.bank_linear(x, "mlp_up_bank", i, dtype), negative_slope=0.5)
         return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
-    def block(self, i, x, x0, dtype, sub):
-        """One sequential block: attention then MLP, each added back scaled. sub(i, x) runs layer i's attention."""
+    def block(self, i, x, x0, dtype, sub, ffn):
+        """One sequential block: attention then MLP, each added back scaled. sub(i, x) runs layer i's attention,
+        ffn(i, x) its MLP."""
         blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
         mix = blk.resid_mix.to(dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + blk.attn_scale.to(dtype) * sub(i, rms_norm(x) * ln)
-        return x + blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(x) * ln, dtype)
+        return x + blk.mlp_scale.to(dtype) * ffn(i, rms_norm(x) * ln)
 
-    def parallel_block(self, i, lanes, x0, dtype, sub):
+    def parallel_block(self, i, lanes, x0, dtype, sub, ffn):
         """Two-lane block: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both lanes."""
         blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
         mix = blk.resid_mix.to(dtype)
         a = blk.attn_scale.to(dtype) * sub(i, rms_norm(mix[0] * lanes[0] + mix[1] * x0) * ln)
-        m = blk.mlp_scale.to(dtype) * self.mlp(i, rms_norm(lanes[1]) * ln, dtype)
+        m = blk.mlp_scale.to(dtype) * ffn(i, rms_norm(lanes[1]) * ln)
         r, post = self.parallel_resid_lambdas[i].to(dtype), self.parallel_post_lambdas[i].to(dtype)
         return [r[j] * lanes[j] + post[0, j] * a + post[1, j] * m for j in (0, 1)]
 
@@ -554,9 +572,10 @@ class GPT(nn.Module):
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(dtype)))
 
-    def forward_hidden(self, idx, cache=None):
-        """The last block's output [B, T, d]; with a cache (generation) only for the positions not yet cached.
-        Every path runs through here: training, every evaluation, TTT, SLOT and calibration."""
+    def forward_hidden(self, idx, cache=None, lora=None):
+        """The last block's output [B, T, d]; with a cache (generation) only for the positions not yet cached; with
+        lora (phased TTT) plus each row's adapters. Every path runs through here: training, every evaluation, TTT,
+        SLOT and calibration."""
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
         past = cache["len"] if cache else 0
         ctx = max(past - 2, 0)  # the bigram hash and the smear gates look back up to two tokens
@@ -566,13 +585,17 @@ class GPT(nn.Module):
             ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
         seg = doc_segments(idx, self.s["TRAIN_SEQ_LEN"]) if self.s["DOC_MASKED_ATTN"] and cache is None else None
         encoder, decoder = layer_schedule(self.s, self.looping)
-        slots = iter(range(len(encoder) + len(decoder)))
+        slot = [-1]  # the virtual layer running: its attention moves it on, its MLP follows
 
         def sub(i, h):
-            return self.attn(i, h, ve if i in self.ve_layers else None, dtype, cache, seg, next(slots))
+            slot[0] += 1
+            return self.attn(i, h, ve if i in self.ve_layers else None, dtype, cache, seg, slot[0], lora)
+
+        def ffn(i, h):  # the MLP, plus phased TTT's MLP bypass from the same normed input
+            return self.mlp(i, h, dtype) + self.adapter(lora, f"mlp{slot[0]}", h)
         skips, lanes, start = [], None, self.s["PARALLEL_START_LAYER"]
         for i in encoder:
-            x = self.block(i, x, x0, dtype, sub)
+            x = self.block(i, x, x0, dtype, sub, ffn)
             skips.append(x)
         for j, i in enumerate(decoder):
             if start and i >= start and lanes is None:
@@ -583,16 +606,17 @@ class GPT(nn.Module):
                 else:
                     x = self.merge_skip(j, x, skips.pop(), dtype)
             if lanes:
-                lanes = self.parallel_block(i, lanes, x0, dtype, sub)
+                lanes = self.parallel_block(i, lanes, x0, dtype, sub, ffn)
             else:
-                x = self.block(i, x, x0, dtype, sub)
+                x = self.block(i, x, x0, dtype, sub, ffn)
         if cache is not None:
             cache["len"] = idx.size(1)
         return 0.5 * (lanes[0] + lanes[1]) if lanes else x
 
-    def compute_logits(self, h):
-        """Final RMSNorm, the tied head, and the softcap c * tanh(z / c), in fp32."""
-        z = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
+    def compute_logits(self, h, lora=None):
+        """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32."""
+        n = rms_norm(h)
+        z = (F.linear(n, self.tok_emb.weight.to(h.dtype)) + self.adapter(lora, "head", n)).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
     def forward(self, idx, targets):
@@ -778,10 +802,10 @@ class Run:  # settings, rank, device, log file
             with open(self.logfile, "a", encoding="utf-8") as f:
                 print(msg, file=f)
 
-    def compiled(self, fn):
+    def compiled(self, fn, dynamic=False):
         """torch.compile each function (or bound method) once; by default on CUDA only."""
         if self.compile and fn not in self.compiled_fns:
-            self.compiled_fns[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+            self.compiled_fns[fn] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
         return self.compiled_fns.get(fn, fn)
 
     def autocast(self):
@@ -1507,7 +1531,9 @@ PACK_STUB = 'import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode("
 
 
 def strip_source(source):
-    """The program without comments and docstrings (ast round trip): what the packed file runs."""
+    """The program without comments and docstrings (ast round trip), one space per indentation level (ast.unparse
+    writes every literal on one line, so leading spaces are only indentation; 435 bytes fewer packed): what the
+    packed file runs."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -1515,13 +1541,15 @@ def strip_source(source):
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+    return re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), ast.unparse(tree)) + "\n"
 
 
 def pack_code(source):
-    """Deterministic: LZMA (.lzma container, preset 9e) of the stripped program as base85 in a two-line stub that
-    executes it in the stub's own namespace, so __name__ and __file__ are the packed file's."""
-    blob = lzma.compress(strip_source(source).encode(), format=lzma.FORMAT_ALONE, preset=9 | lzma.PRESET_EXTREME)
+    """Deterministic: LZMA (.lzma container, preset 9e, pb=0: text has no 4-byte alignment, 95 bytes fewer) of the
+    stripped program as base85 in a two-line stub that executes it in the stub's own namespace, so __name__ and
+    __file__ are the packed file's."""
+    blob = lzma.compress(strip_source(source).encode(), format=lzma.FORMAT_ALONE,
+                         filters=[dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, pb=0)])
     return PACK_STUB.format(base64.b85encode(blob).decode())
 
 
@@ -1607,18 +1635,19 @@ def score_windows(model, run, val, wins, luts, slot, hidden_fn):
     return torch.stack((nll.double().sum(), nll.new_tensor(tgt.numel(), dtype=torch.float64), nbytes.double().sum()))
 
 
-def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn):
-    """Score-first TTT: train on chunk c (already scored), its sequences split across ranks."""
+def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, key="TTT_"):
+    """Score-first TTT: train on chunk c (already scored), its sequences split across ranks. Settings key+CHUNK_TOKENS,
+    LR (cosine over the chunks), EPOCHS, BATCH_SEQS, GRAD_CLIP: TTT_ (the seed's) or GLOBAL_TTT_ (phased TTT's)."""
     s, L = run.s, run.s["EVAL_SEQ_LEN"]
-    start = c * s["TTT_CHUNK_TOKENS"]
-    n_seqs = (min(start + s["TTT_CHUNK_TOKENS"], val.numel() - 1) - start) // L
+    start, batch = c * s[key + "CHUNK_TOKENS"], s[key + "BATCH_SEQS"]
+    n_seqs = (min(start + s[key + "CHUNK_TOKENS"], val.numel() - 1) - start) // L
     for group in opt.param_groups:
-        group["lr"] = s["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        group["lr"] = s[key + "LR"] * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
     params = [p for g in opt.param_groups for p in g["params"]]
-    frozen = s["TTT_FREEZE_BLOCKS"]
-    for _ in range(s["TTT_EPOCHS"]):
-        for bs in range(0, n_seqs, s["TTT_BATCH_SEQS"]):
-            be = min(bs + s["TTT_BATCH_SEQS"], n_seqs)
+    frozen = s.get(key + "FREEZE_BLOCKS", 0)
+    for _ in range(s[key + "EPOCHS"]):
+        for bs in range(0, n_seqs, batch):
+            be = min(bs + batch, n_seqs)
             lo, hi = bs + (be - bs) * run.rank // run.world, bs + (be - bs) * (run.rank + 1) // run.world
             for p in params:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
@@ -1634,14 +1663,17 @@ def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn):
                 for bank in BANK_ROWS:
                     g = getattr(model, bank).grad
                     g.view(-1, len(model.blocks), *g.shape[1:])[:, :frozen].zero_()
-            if s["TTT_GRAD_CLIP"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, s["TTT_GRAD_CLIP"])
+            if s[key + "GRAD_CLIP"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, s[key + "GRAD_CLIP"])
             opt.step()
 
 
-def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag=""):
-    """Sliding windows (stride 0: EVAL_SEQ_LEN, plain), with SLOT, with legal TTT (score a chunk, then train)."""
+def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", phased=False):
+    """Sliding windows (stride 0: EVAL_SEQ_LEN, plain), with SLOT, with legal TTT (score a chunk, then train); or
+    phased TTT per document."""
     s = run.s
+    if phased:
+        return evaluate_phased(model, run, val, luts, tag)
     wins = sliding_windows(val.numel() - 1, s["EVAL_SEQ_LEN"], stride or s["EVAL_SEQ_LEN"])
     chunk = s["TTT_CHUNK_TOKENS"] if ttt else val.numel()
     n_chunks = (val.numel() - 2) // chunk + 1
@@ -1675,6 +1707,132 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag=""):
     return (stats[0] / stats[1]).item(), bpb_of(stats)
 
 
+# -------------------- phased TTT (PR #1855's evaluation): score-first LoRA TTT per document, global SGD phases
+
+TTT_LANES = 8  # chains of warm LoRA A, batch q in lane q % 8: the record's 8 ranks, the same on any world size
+
+
+def find_docs(val):
+    """(start, length) of every document: from its BOS to the next BOS, included as its last target (PR #1855), so
+    that every target after the first BOS is scored once."""
+    bos = (val[:-1] == BOS_ID).nonzero().flatten().tolist()
+    return [(a, b - a + 1) for a, b in zip(bos, bos[1:] + [val.numel() - 1])]
+
+
+def phased_batches(docs, size):
+    """Batches of documents in scoring order: sorted by length (stable), cut into batches, the longest first."""
+    docs = sorted(docs, key=lambda d: d[1])
+    return sorted((docs[i:i + size] for i in range(0, len(docs), size)), key=lambda b: -b[-1][1])
+
+
+def lora_shapes(model):
+    """(name, in, out) of every adapter: Q, K, V, the O and MLP bypasses of each virtual layer, and the head."""
+    d, kv, n = model.tok_emb.embedding_dim, model.kv_bank.size(1), len(sum(layer_schedule(model.s, model.looping), []))
+    return [(f"{r}{j}", d, o) for j in range(n) for r, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))] + [
+        ("head", d, model.tok_emb.num_embeddings)]
+
+
+def fresh_lane(model, run, lane, phase):
+    """A lane's first LoRA A of a phase, U(+-1/sqrt(in)) per row, seeded by (SEED, phase, lane): rank-independent."""
+    g = torch.Generator().manual_seed(run.s["SEED"] * 1000 + phase * TTT_LANES + lane)
+    return {name: ((torch.rand(run.s["TTT_BATCH_SIZE"], run.s["TTT_LORA_RANK"], i, generator=g) * 2 - 1) / i ** 0.5)
+            .to(run.device) for name, i, _ in lora_shapes(model)}
+
+
+def chunk_nll(model, x, y, at, lora):
+    """Log-probabilities of the targets y at row positions at, and their NLL, from each row's own context x."""
+    h = model.forward_hidden(x, lora=lora)
+    logp = F.log_softmax(model.compute_logits(h.gather(1, at[..., None].expand(-1, -1, h.size(-1))), lora), dim=-1)
+    return logp, -logp.gather(2, y.gather(1, at)[..., None])[..., 0]
+
+
+def score_documents(model, run, tokens, luts, batch, warm_a, stats):
+    """One batch of documents, chunk by chunk (TTT_CHUNK_SIZE targets): chunk c of every document is scored from the
+    last <= TTT_EVAL_SEQ_LEN tokens of its own prefix, then the documents that go on take one AdamW step (beta1 0)
+    on it. Adapters start from the lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
+    s, dev, n = run.s, run.device, len(batch)
+    C, Lt = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"]
+    lora = {name: (warm_a[name][:n].clone().requires_grad_(), torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev,
+                                                                             requires_grad=True))
+            for name, _, o in lora_shapes(model)}
+    opt = torch.optim.AdamW([t for ab in lora.values() for t in ab], lr=s["TTT_LORA_LR"], eps=1e-10,
+                            betas=(s["TTT_BETA1"], s["TTT_BETA2"]), weight_decay=s["TTT_WEIGHT_DECAY"])
+    starts, preds = torch.tensor([d[0] for d in batch]), torch.tensor([d[1] - 1 for d in batch])
+    fn = run.compiled(chunk_nll, dynamic=True)
+    for c in range(-(-int(preds.max()) // C)):
+        end = preds.clamp_max((c + 1) * C)  # each document's chunk: targets c*C .. end-1 of its own
+        first = (end - Lt).clamp_min(0)  # its context window's first token
+        T, j = min((c + 1) * C, Lt), torch.arange(C)
+        pos = (starts + first)[:, None] + torch.arange(T)
+        at = (c * C - first[:, None] + j).clamp(0, T - 1)  # the chunk's rows positions
+        scored = (j < end[:, None] - c * C).to(dev)
+        learn = (preds > (c + 1) * C).to(dev)  # documents with another chunk to come
+        x, y = (tokens[(pos + k).clamp_max(tokens.numel() - 1)].to(dev) for k in (0, 1))
+        at = at.to(dev)
+        with torch.set_grad_enabled(bool(learn.any())), run.autocast():
+            logp, nll = fn(model, x, y, at, lora)
+        tgt_pos = ((starts + first)[:, None] + 1).to(dev) + at
+        if SCORE_HOOK is not None:
+            SCORE_HOOK(tgt_pos[scored], logp.detach()[scored])
+        nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt_pos[scored])
+        stats += torch.stack((nll.detach()[scored].double().sum(), stats.new_tensor(int(scored.sum())),
+                              nb.double().sum()))
+        if learn.any():
+            opt.zero_grad(set_to_none=True)
+            (nll * learn[:, None]).sum().div(C).backward()  # the sum over documents of each one's mean chunk loss
+            opt.step()
+    for name, (a, _) in lora.items():
+        warm_a[name][:n] = a.detach()
+
+
+def global_sgd(model, run, tokens, docs):
+    """A phase's SGD of every base parameter on the documents scored so far (each from its BOS, concatenated), in
+    GLOBAL_TTT_CHUNK_TOKENS chunks with cosine LR, the last chunk skipped, as the seed's TTT trains (PR #1855)."""
+    docs_tokens = torch.cat([tokens[a:a + n - 1] for a, n in docs])
+    model.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=run.s["GLOBAL_TTT_LR"], momentum=run.s["GLOBAL_TTT_MOMENTUM"])
+    n_chunks = (docs_tokens.numel() - 2) // run.s["GLOBAL_TTT_CHUNK_TOKENS"] + 1
+    for c in range(n_chunks - 1):
+        ttt_train_chunk(model, run, docs_tokens, c, n_chunks, opt, run.compiled(model), "GLOBAL_TTT_")
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+
+
+def evaluate_phased(model, run, tokens, luts, tag=""):
+    """Phased TTT: documents scored in batches, longest first; batch q on rank q % world, in lane q % 8. Phase p's
+    global SGD runs on the first PHASED_TTT_PREFIX_DOCS * (p+1) / PHASED_TTT_NUM_PHASES documents in scoring order,
+    after the batch that scores the last of them, and a fresh A follows. Which documents, batches and A a score
+    sees depends on indices only: 1, 2 or 8 ranks give the same score up to float summation order."""
+    s = run.s
+    batches = phased_batches(find_docs(tokens), s["TTT_BATCH_SIZE"])
+    order = [d for b in batches for d in b]
+    cum = np.cumsum([len(b) for b in batches])
+    prefix, P = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"]
+    phases = [(bisect.bisect_left(cum, m), m) for m in (prefix * (p + 1) // P for p in range(P)) if m]
+    run.log(f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "
+            f"boundaries:{[m for _, m in phases]}")
+    stats = torch.zeros(3, dtype=torch.float64, device=run.device)
+    model.requires_grad_(False)
+    mine = [sum(d[1] for d in b) if q % run.world == run.rank else 0 for q, b in enumerate(batches)]
+    t0, done, lanes = time.perf_counter(), 0, {}
+    for phase, (last, m) in enumerate(phases + [(len(batches) - 1, 0)]):
+        for q in range(done, last + 1):
+            if mine[q]:
+                warm = lanes.setdefault(q % TTT_LANES, fresh_lane(model, run, q % TTT_LANES, phase))
+                score_documents(model, run, tokens, luts, batches[q], warm, stats)
+            if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
+                project_pass(run, tag, sum(mine[:q + 1]) / max(sum(mine), 1), t0)
+        done = last + 1
+        if m:
+            run.log(f"ttt_phase:{phase + 1}/{len(phases)} global_sgd_docs:{m} elapsed:{time.perf_counter() - t0:.1f}s")
+            global_sgd(model, run, tokens, order[:m])
+            lanes = {}
+    model.requires_grad_(True)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return (stats[0] / stats[1]).item(), bpb_of(stats)
+
+
 def project_pass(run, tag, fraction, t0):
     """A pass's projected seconds; loud if the evaluation would exceed its budget."""
     run.sync()
@@ -1699,24 +1857,29 @@ def eval_paths(s):
         paths.append(("final_int6_sliding_window", dict(stride=stride, ttt=False, slot=False)))
     if ttt or slot:
         paths.append(("legal_ttt" if ttt else "slot_sliding_window", dict(stride=stride, ttt=ttt, slot=slot)))
+    if s["PHASED_TTT_ENABLED"]:
+        paths.append(("quantized_ttt_phased", dict(stride=L, ttt=False, slot=False, phased=True)))
     return paths
 
 
-def eval_name(s, stride, ttt, slot):
-    """The final score's eval: name (roundtrip, sliding, ttt; +slot_MODE)."""
-    base = "ttt" if ttt else "sliding" if stride < s["EVAL_SEQ_LEN"] else "roundtrip"
+def eval_name(s, stride, ttt, slot, phased=False):
+    """The final score's eval: name (roundtrip, sliding, ttt, phased_ttt; +slot_MODE)."""
+    base = "phased_ttt" if phased else "ttt" if ttt else "sliding" if stride < s["EVAL_SEQ_LEN"] else "roundtrip"
     return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
 
 
-def final_evaluation(run, model, val, luts, float_bpb):
+def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
     """Every pass of eval_paths on the artifact's weights, each logged as `<label> …` and `<label>_exact …`; the last
-    one is the final score (`final_score_exact`)."""
-    s, metrics = run.s, run.summary["metrics"]
+    one is the final score (`final_score_exact`). The evaluation's clock starts at the artifact's loading (load_s)."""
+    s, metrics, weights = run.s, run.summary["metrics"], copy.deepcopy(model.state_dict())
+    run.summary["eval_time_s"] = load_s
+    run.log(f"artifact_load_seconds:{load_s:.1f}")
     if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
         run.log("WARNING: SLOT_MODE=batch fits its delta on the targets it scores, breaking causality (SPEC 2.1): "
                 "it only reproduces the seed; SLOT_MODE=causal is the legal one")
     for label, kw in eval_paths(s):
         PROGRESS["stage"] = f"evaluation ({label})"
+        model.load_state_dict(weights)  # every pass from the artifact's weights: TTT passes change them
         run.sync()
         t0 = time.perf_counter()
         loss, bpb = evaluate(model, run, val, luts, tag=label, **kw)
@@ -1797,7 +1960,9 @@ def main():
         float_loss, float_bpb = evaluate(model, run, val, luts)
         run.log(f"final_float_exact val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
         run.summary["metrics"]["final_float_exact"] = dict(val_loss=float_loss, val_bpb=float_bpb)
+    t_load = time.perf_counter()
     model.load_state_dict(load_artifact(artifact, s))
+    load_s = time.perf_counter() - t_load
     model_bytes, limit = artifact.stat().st_size, s["ARTIFACT_LIMIT_BYTES"]
     total = model_bytes + code_bytes
     method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
@@ -1810,7 +1975,7 @@ def main():
                        bytes=dict(model=model_bytes, code=code_bytes, code_source=len(code.encode()),
                                                          total=total, limit=limit))
     run.write_summary()
-    final_evaluation(run, model, val, luts, float_bpb)
+    final_evaluation(run, model, val, luts, float_bpb, load_s)
     if over:
         run.log(f"!!! OVER THE LIMIT: {total} bytes; the scores above are not a valid submission !!!")
     run.write_summary()

@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_VAL_TOKENS = 62_021_632  # the challenge's full validation split, in usable tokens (SPEC §3)
+RECORD_VAL_TOKENS_SP8192 = 47_851_520  # the same 50,000 documents tokenized by SP8192 CaseOps (MODERN_STACK §4.2)
 H100_MATMUL_TFLOPS = 800.0      # achieved dense bf16 matmul rate assumed for an H100 when none was measured on one
 GPU_PEAK_N, CPU_PEAK_N = 8192, 1024
 
@@ -124,10 +125,64 @@ def ttt_sequences(s: dict, n: int) -> list[int]:
     return [(min(c * chunk + chunk, n) - c * chunk) // L for c in range(n_chunks - 1)]
 
 
-def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool) -> dict:
+def lora_flops(s: dict) -> tuple[int, int]:
+    """Per token: phased TTT's adapters of one virtual layer (Q d->d, K and V d->kv, the O and MLP bypasses d->d, each
+    x A^T then B^T, 2 FLOPs a multiply-add) and the head adapter's (d -> vocab)."""
+    d, r, kv = s["MODEL_DIM"], s["TTT_LORA_RANK"], dims(s)["kv"]
+    return 2 * r * (3 * 2 * d + 2 * (d + kv)), 2 * r * (d + s["VOCAB_SIZE"])
+
+
+def phased_flops(s: dict, lengths: list[int]) -> dict:
+    """Phased TTT over documents of these lengths, as train_gpt.evaluate_phased runs it: for every batch (longest
+    first) and chunk, each row a forward over its padded context T = min((c+1) C, TTT_EVAL_SEQ_LEN) with the adapters
+    and the head at the C chunk positions; where a document goes on, a backward (input and adapter gradients, the
+    base frozen: ~2x the forward); then each phase's global SGD on its prefix documents (3x forward a sequence)."""
+    C, Lt, B = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"], s["TTT_BATCH_SIZE"]
+    layer_lora, head_lora = lora_flops(s)
+    n_layers = virtual_layers(s)
+    lengths = sorted(lengths)
+    batches = sorted((lengths[i:i + B] for i in range(0, len(lengths), B)), key=lambda b: -b[-1])
+    score = learn = 0.0
+    for b in batches:
+        for c in range(-(-(b[-1] - 1) // C)):
+            T = min((c + 1) * C, Lt)
+            fwd = len(b) * (hidden_flops(s, T) + T * n_layers * layer_lora + C * (head_flops(s) + head_lora))
+            score += fwd
+            learn += 2 * fwd if b[-1] - 1 > (c + 1) * C else 0
+    order = [n for b in batches for n in b]
+    prefix, P, chunk = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"], s["GLOBAL_TTT_CHUNK_TOKENS"]
+    sgd = 0.0
+    for m in (prefix * (p + 1) // P for p in range(P)):
+        tokens = sum(n - 1 for n in order[:m])
+        n_chunks = (tokens - 2) // chunk + 1 if tokens > 1 else 0
+        seqs = sum((min(c * chunk + chunk, tokens - 1) - c * chunk) // s["EVAL_SEQ_LEN"] for c in range(n_chunks - 1))
+        sgd += seqs * s["GLOBAL_TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"])
+    return dict(score=score, slot=0.0, ttt=learn + sgd, total=score + learn + sgd, windows=len(lengths),
+                positions=float(sum(lengths)), scored=sum(lengths) - len(lengths))
+
+
+def record_scale_docs(tg, s: dict, n: int) -> list[int]:
+    """Document lengths for n validation tokens: the configured val split's own (its first n tokens) when it holds
+    that many, else its length distribution repeated up to n tokens (a projection's assumption, said in its output)."""
+    val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], n)
+    lengths = [d for _, d in tg.find_docs(val)]
+    out, total = [], 0
+    while total < n and lengths:
+        for d in lengths:
+            out.append(d)
+            total += d
+            if total >= n:
+                break
+    return out
+
+
+def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: bool = False,
+               docs: list[int] | None = None) -> dict:
     """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training.
     Only the work the pass needs: forward_hidden over every window position, the head only where a target is
-    scored (n positions) or, for SLOT, fitted."""
+    scored (n positions) or, for SLOT, fitted. Phased TTT: over the documents docs (lengths)."""
+    if phased:
+        return phased_flops(s, docs if docs is not None else record_scale_docs(tg, s, n))
     wins = tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)
     lens = np.array([e - b for b, e, _ in wins], dtype=np.float64)
     n_layers = virtual_layers(s)  # evaluation always runs the looped model
@@ -291,7 +346,7 @@ def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repe
     steady = times[mid]
     seconds_parts = dict(slot=parts[mid]["slot"], ttt=parts[mid]["ttt"])
     seconds_parts["score"] = max(times[mid] - seconds_parts["slot"] - seconds_parts["ttt"], 0.0)
-    f = pass_flops(tg, s, n, **kw)
+    f = pass_flops(tg, s, n, **kw, docs=[d for _, d in tg.find_docs(val)])
     mem, mem_kind = peak_memory_mib(run.device)
     return dict(name=name, kind="eval", extra=extra, config=kw, seconds=steady, first_s=times[0], all_s=times,
                 tokens=n, flops=f["total"], flops_parts=dict(score=f["score"], slot=f["slot"], ttt=f["ttt"]),
@@ -318,7 +373,7 @@ def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: f
     count (scoring, SLOT, TTT apart) divided by MFU x H100 matmul rate x gpus. MFU: this run's, per part, on a
     GPU; the stated one elsewhere. Assumes perfect scaling over the GPUs."""
     L = s["EVAL_SEQ_LEN"]
-    n = (s["VAL_MAX_TOKENS"] or RECORD_VAL_TOKENS) // L * L
+    n = (s["VAL_MAX_TOKENS"] or (RECORD_VAL_TOKENS_SP8192 if s["VOCAB_SIZE"] == 8192 else RECORD_VAL_TOKENS)) // L * L
     rows = []
     for label, kw in tg.eval_paths(s):
         f = pass_flops(tg, s, n, **kw)
