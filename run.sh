@@ -25,7 +25,12 @@ if [ "${STACK:-seed}" = pr1855 ]; then
     OUTPUT_DIR=./out/cpu_demo_pr1855 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \
     TRAIN_BATCH_TOKENS=2048 ITERATIONS=150 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
     EMA_DECAY=0.97 VAL_LOSS_EVERY=75 TRAIN_LOG_EVERY=25 VAL_MAX_TOKENS=32768 EVAL_BATCH_SEQS=4 \
-    GPTQ_CALIB_SEQS=32 GPTQ_CALIB_LEN=256 GPTQ_RESERVE_SECONDS=0
+    GPTQ_CALIB_SEQS=32 GPTQ_CALIB_LEN=256 GPTQ_RESERVE_SECONDS=0 \
+    TTT_EVAL_SEQ_LEN=256 TTT_BATCH_SIZE=8 TTT_LORA_RANK=8 TTT_LORA_LR=0.001 PHASED_TTT_PREFIX_DOCS=24 \
+    GLOBAL_TTT_CHUNK_TOKENS=4096 GLOBAL_TTT_BATCH_SEQS=8
+  # Phased TTT at the demo's size: 34 documents in batches of 8 (rank-8 adapters, 10x the record's LoRA lr, 256-token
+  # windows), 3 global SGD phases over the 24 longest in 4,096-token chunks (the record's 32,768 would be one chunk,
+  # which it skips).
   [ $# -eq 0 ] || exec "$@"
   if [ "${NPROC:-1}" -gt 1 ]; then exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py; fi
   exec python3 train_gpt.py

@@ -414,11 +414,11 @@ AUDIT_MODES = {
     "ttt": (dict(SLOT_ENABLED=0), 0, "ttt"),
     "ttt_causal_slot": (dict(SLOT_MODE="causal"), 0, "ttt+slot_causal"),
     # STACK=pr1855 (11 layers looped, lanes, gates, document masks; 32-token segments): its plain packed-row pass,
-    # and the seed's TTT + causal SLOT on top
+    # and the seed's TTT + causal SLOT on top (its phased TTT: tests/test_phased_ttt.py)
     "pr1855": (dict(STACK="pr1855", VOCAB_SIZE=1024, NUM_LAYERS=11, MLP_MULT=4, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0, TRAIN_SEQ_LEN=32,
-                    EVAL_STRIDE=128), 0, "roundtrip"),
+                    EVAL_STRIDE=128, PHASED_TTT_ENABLED=0), 0, "roundtrip"),
     "pr1855_ttt_slot": (dict(STACK="pr1855", VOCAB_SIZE=1024, NUM_LAYERS=11, MLP_MULT=4, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0,
-                             TRAIN_SEQ_LEN=32, TTT_ENABLED=1, SLOT_ENABLED=1), 0, "ttt+slot_causal"),
+                             TRAIN_SEQ_LEN=32, TTT_ENABLED=1, SLOT_ENABLED=1, PHASED_TTT_ENABLED=0), 0, "ttt+slot_causal"),
 }
 
 
