@@ -152,6 +152,8 @@ def parse_settings(env=os.environ):
         (batch < 8 * seq or batch // 8 % seq,
          f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences"),
         (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
+        (s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
+         f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']} (a chunk's context)"),
         (s["TTT_ENABLED"] and chunk % eval_len,
          f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len} (TTT trains on whole sequences)"),
         (s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
@@ -499,21 +501,22 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return x
 
-    def adapter(self, lora, name, x):
-        """Phased TTT's LoRA term (x A^T) B^T alpha/rank of adapter name, one A, B per row (document); 0 without."""
+    def adapted(self, lora, name, x, y):
+        """y plus phased TTT's LoRA term (x A^T) B^T alpha/rank of adapter name (one A, B per row: a document); y
+        itself without adapters (no extra op on the other paths)."""
         if lora is None:
-            return 0
+            return y
         A, B = (t.to(x.dtype) for t in lora[name])
-        return (x @ A.mT) @ B.mT * (self.s["TTT_LORA_ALPHA"] / self.s["TTT_LORA_RANK"])
+        return y + (x @ A.mT) @ B.mT * (self.s["TTT_LORA_ALPHA"] / self.s["TTT_LORA_RANK"])
 
     def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0, lora=None):
         """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry, its LoRA
         adapters: Q, K, V, and an O bypass from x, as PR #1855)."""
         B, T, _ = x.shape
         L, H, Hkv, D = len(self.blocks), self.num_heads, self.num_kv_heads, self.head_dim
-        q = (self.bank_linear(x, "qo_bank", i, dtype) + self.adapter(lora, f"q{slot}", x)).view(B, T, H, D)
-        k = (self.bank_linear(x, "kv_bank", i, dtype) + self.adapter(lora, f"k{slot}", x)).view(B, T, Hkv, D)
-        v = self.bank_linear(x, "kv_bank", L + i, dtype) + self.adapter(lora, f"v{slot}", x)
+        q = self.adapted(lora, f"q{slot}", x, self.bank_linear(x, "qo_bank", i, dtype)).view(B, T, H, D)
+        k = self.adapted(lora, f"k{slot}", x, self.bank_linear(x, "kv_bank", i, dtype)).view(B, T, Hkv, D)
+        v = self.adapted(lora, f"v{slot}", x, self.bank_linear(x, "kv_bank", L + i, dtype))
         if ve is not None:
             v = v + ve * self.ve_layer_scales[self.ve_layers.index(i)].to(dtype)
         v = v.view(B, T, Hkv, D)
@@ -541,7 +544,7 @@ class GPT(nn.Module):
             gate = torch.sigmoid(self.s["SPARSE_ATTN_GATE_SCALE"] * F.linear(x[..., :self.s["GATE_WINDOW"]],
                                                                              self.blocks[i].attn_gate_w.to(dtype)))
             y = y * gate[..., None]
-        return self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype) + self.adapter(lora, f"o{slot}", x)
+        return self.adapted(lora, f"o{slot}", x, self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype))
 
     def mlp(self, i, x, dtype):
         h = F.leaky_relu(self.bank_linear(x, "mlp_up_bank", i, dtype), negative_slope=0.5)
@@ -592,7 +595,7 @@ class GPT(nn.Module):
             return self.attn(i, h, ve if i in self.ve_layers else None, dtype, cache, seg, slot[0], lora)
 
         def ffn(i, h):  # the MLP, plus phased TTT's MLP bypass from the same normed input
-            return self.mlp(i, h, dtype) + self.adapter(lora, f"mlp{slot[0]}", h)
+            return self.adapted(lora, f"mlp{slot[0]}", h, self.mlp(i, h, dtype))
         skips, lanes, start = [], None, self.s["PARALLEL_START_LAYER"]
         for i in encoder:
             x = self.block(i, x, x0, dtype, sub, ffn)
@@ -616,7 +619,7 @@ class GPT(nn.Module):
     def compute_logits(self, h, lora=None):
         """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32."""
         n = rms_norm(h)
-        z = (F.linear(n, self.tok_emb.weight.to(h.dtype)) + self.adapter(lora, "head", n)).float()
+        z = self.adapted(lora, "head", n, F.linear(n, self.tok_emb.weight.to(h.dtype))).float()
         return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
 
     def forward(self, idx, targets):
@@ -1462,7 +1465,6 @@ def log_precision_groups(run, state, tensors, scheme):
         groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (w.numel(), nbytes, e, w.square().sum().item()))]
     for kind, (n, nbytes, err, norm) in sorted(groups.items()):
         run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
-    run.log("quant_precision " + " ".join(f"{k}:{g[0]}" for k, g in sorted(groups.items())))
 
 
 def fit_to_limit(run, tensors, scheme, hessians, budget):
@@ -1752,37 +1754,33 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats):
     on it. Adapters start from the lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
     C, Lt = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"]
-    lora = {name: (warm_a[name][:n].clone().requires_grad_(), torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev,
-                                                                             requires_grad=True))
-            for name, _, o in lora_shapes(model)}
+    lora = {k: (warm_a[k][:n].clone().requires_grad_(), torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev,
+                                                                      requires_grad=True)) for k, _, o in lora_shapes(model)}
     opt = torch.optim.AdamW([t for ab in lora.values() for t in ab], lr=s["TTT_LORA_LR"], eps=1e-10,
                             betas=(s["TTT_BETA1"], s["TTT_BETA2"]), weight_decay=s["TTT_WEIGHT_DECAY"])
     starts, preds = torch.tensor([d[0] for d in batch]), torch.tensor([d[1] - 1 for d in batch])
     fn = run.compiled(chunk_nll, dynamic=True)
     for c in range(-(-int(preds.max()) // C)):
-        end = preds.clamp_max((c + 1) * C)  # each document's chunk: targets c*C .. end-1 of its own
-        first = (end - Lt).clamp_min(0)  # its context window's first token
+        end = preds.clamp_max((c + 1) * C)  # each document's chunk: its targets c*C .. end-1
+        first = (end - Lt).clamp_min(0)  # its window's first token, in the document
         T, j = min((c + 1) * C, Lt), torch.arange(C)
-        pos = (starts + first)[:, None] + torch.arange(T)
-        at = (c * C - first[:, None] + j).clamp(0, T - 1)  # the chunk's rows positions
-        scored = (j < end[:, None] - c * C).to(dev)
-        learn = (preds > (c + 1) * C).to(dev)  # documents with another chunk to come
-        x, y = (tokens[(pos + k).clamp_max(tokens.numel() - 1)].to(dev) for k in (0, 1))
-        at = at.to(dev)
+        at = (c * C - first[:, None] + j).clamp_max(T - 1)  # the chunk's positions in the row (>= 0: C <= Lt)
+        tgt = (starts + first + 1)[:, None] + at  # their targets' positions in tokens
+        x, y = (tokens[((starts + first)[:, None] + torch.arange(T) + k).clamp_max(tokens.numel() - 1)].to(dev)
+                for k in (0, 1))
+        scored, learn, tgt, at = (j < end[:, None] - c * C).to(dev), (preds > (c + 1) * C).to(dev), tgt.to(dev), at.to(dev)
         with torch.set_grad_enabled(bool(learn.any())), run.autocast():
             logp, nll = fn(model, x, y, at, lora)
-        tgt_pos = ((starts + first)[:, None] + 1).to(dev) + at
         if SCORE_HOOK is not None:
-            SCORE_HOOK(tgt_pos[scored], logp.detach()[scored])
-        nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt_pos[scored])
-        stats += torch.stack((nll.detach()[scored].double().sum(), stats.new_tensor(int(scored.sum())),
-                              nb.double().sum()))
-        if learn.any():
+            SCORE_HOOK(tgt[scored], logp.detach()[scored])
+        nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt[scored])
+        stats += torch.stack((nll.detach()[scored].double().sum(), scored.sum().double(), nb.double().sum()))
+        if learn.any():  # the documents that go on learn from it: the sum of each one's mean chunk loss
             opt.zero_grad(set_to_none=True)
-            (nll * learn[:, None]).sum().div(C).backward()  # the sum over documents of each one's mean chunk loss
+            (nll * learn[:, None]).sum().div(C).backward()
             opt.step()
-    for name, (a, _) in lora.items():
-        warm_a[name][:n] = a.detach()
+    for k, (a, _) in lora.items():
+        warm_a[k][:n] = a.detach()
 
 
 def global_sgd(model, run, tokens, docs):
@@ -1813,13 +1811,14 @@ def evaluate_phased(model, run, tokens, luts, tag=""):
             f"boundaries:{[m for _, m in phases]}")
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     model.requires_grad_(False)
-    mine = [sum(d[1] for d in b) if q % run.world == run.rank else 0 for q, b in enumerate(batches)]
+    mine = [sum(n for _, n in b) * (q % run.world == run.rank) for q, b in enumerate(batches)]  # tokens to score
     t0, done, lanes = time.perf_counter(), 0, {}
     for phase, (last, m) in enumerate(phases + [(len(batches) - 1, 0)]):
         for q in range(done, last + 1):
             if mine[q]:
-                warm = lanes.setdefault(q % TTT_LANES, fresh_lane(model, run, q % TTT_LANES, phase))
-                score_documents(model, run, tokens, luts, batches[q], warm, stats)
+                if q % TTT_LANES not in lanes:
+                    lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase)
+                score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats)
             if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
                 project_pass(run, tag, sum(mine[:q + 1]) / max(sum(mine), 1), t0)
         done = last + 1

@@ -214,3 +214,17 @@ def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
     t = pr["train_ms_per_step"]
     assert t["plain"] < t["mean"] < t["looped"]
     assert t["looped"] / t["plain"] == pytest.approx(bench.train_flops(s, T, True) / bench.train_flops(s, T, False))
+
+
+def test_phased_ttt_flops_match_flop_counter(tmp_path, one_thread):
+    """bench.phased_flops against FlopCounterMode over a whole phased-TTT pass (adapters' forward and backward with
+    the base frozen, the global SGD phases), with attention as plain matmuls (full T x T, hence causal=False)."""
+    import test_phased_ttt as tp
+    s, run, model, luts = tp.setup(tmp_path)
+    model.attention, model.doc_attention = explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v)
+    val = tp.synthetic_val(tp.LENGTHS * 2)
+    with FlopCounterMode(display=False) as fc:
+        tg.evaluate(model, run, val, luts, phased=True)
+    f = bench.phased_flops(tg, s, [n for _, n in tg.find_docs(val)], causal=False)
+    assert f["ttt"] > 0.3 * f["total"]  # the backward and the global phases are a large share: both are counted
+    assert fc.get_total_flops() == pytest.approx(f["total"], rel=1e-4)

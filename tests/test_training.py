@@ -125,7 +125,8 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     assert f"quant_gap_bpb:{gap:.8f}" in lines
     # The precision summary counts every parameter once: the tiny model's matrices are int6 whatever their size.
     n_params = sum(p.numel() for p in tg.GPT(tiny_settings(**E2E)).parameters())
-    counts = dict(kv.split(":") for kv in next(ln for ln in lines if ln.startswith("quant_precision ")).split()[1:])
+    counts = {ln.split()[0][len("quant_group:"):]: ln.split()[1][len("params:"):]
+              for ln in lines if ln.startswith("quant_group:")}
     assert sum(map(int, counts.values())) == n_params and int(counts["int6"]) > n_params // 2
     assert js["over_limit"] is False and not any("OVER THE LIMIT" in ln for ln in lines)
     assert js["steps"] == 16 and js["settings"]["NUM_LAYERS"] == 4 and js["settings"]["VE_LAYERS"] == [2, 3]

@@ -132,23 +132,21 @@ def lora_flops(s: dict) -> tuple[int, int]:
     return 2 * r * (3 * 2 * d + 2 * (d + kv)), 2 * r * (d + s["VOCAB_SIZE"])
 
 
-def phased_flops(s: dict, lengths: list[int]) -> dict:
-    """Phased TTT over documents of these lengths, as train_gpt.evaluate_phased runs it: for every batch (longest
-    first) and chunk, each row a forward over its padded context T = min((c+1) C, TTT_EVAL_SEQ_LEN) with the adapters
-    and the head at the C chunk positions; where a document goes on, a backward (input and adapter gradients, the
-    base frozen: ~2x the forward); then each phase's global SGD on its prefix documents (3x forward a sequence)."""
+def phased_flops(tg, s: dict, lengths: list[int], causal: bool = True) -> dict:
+    """Phased TTT over documents of these lengths, as train_gpt.evaluate_phased runs it: for every batch (in its
+    order) and chunk, each row a forward over its padded context T = min((c+1) C, TTT_EVAL_SEQ_LEN) with the adapters,
+    the head at the C chunk positions; where a document goes on, the backward (chunk_backward_flops); then each
+    phase's global SGD on its prefix documents (3x forward a sequence)."""
     C, Lt, B = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"], s["TTT_BATCH_SIZE"]
     layer_lora, head_lora = lora_flops(s)
     n_layers = virtual_layers(s)
-    lengths = sorted(lengths)
-    batches = sorted((lengths[i:i + B] for i in range(0, len(lengths), B)), key=lambda b: -b[-1])
+    batches = [[n for _, n in b] for b in tg.phased_batches(list(enumerate(lengths)), B)]  # train_gpt's own order
     score = learn = 0.0
     for b in batches:
         for c in range(-(-(b[-1] - 1) // C)):
             T = min((c + 1) * C, Lt)
-            fwd = len(b) * (hidden_flops(s, T) + T * n_layers * layer_lora + C * (head_flops(s) + head_lora))
-            score += fwd
-            learn += 2 * fwd if b[-1] - 1 > (c + 1) * C else 0
+            score += len(b) * (hidden_flops(s, T, causal) + T * n_layers * layer_lora + C * (head_flops(s) + head_lora))
+            learn += len(b) * chunk_backward_flops(s, T, causal) if b[-1] - 1 > (c + 1) * C else 0
     order = [n for b in batches for n in b]
     prefix, P, chunk = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"], s["GLOBAL_TTT_CHUNK_TOKENS"]
     sgd = 0.0
@@ -156,9 +154,23 @@ def phased_flops(s: dict, lengths: list[int]) -> dict:
         tokens = sum(n - 1 for n in order[:m])
         n_chunks = (tokens - 2) // chunk + 1 if tokens > 1 else 0
         seqs = sum((min(c * chunk + chunk, tokens - 1) - c * chunk) // s["EVAL_SEQ_LEN"] for c in range(n_chunks - 1))
-        sgd += seqs * s["GLOBAL_TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"])
+        sgd += seqs * s["GLOBAL_TTT_EPOCHS"] * 3 * (hidden_flops(s, s["EVAL_SEQ_LEN"], causal)
+                                                    + s["EVAL_SEQ_LEN"] * head_flops(s))
     return dict(score=score, slot=0.0, ttt=learn + sgd, total=score + learn + sgd, windows=len(lengths),
                 positions=float(sum(lengths)), scored=sum(lengths) - len(lengths))
+
+
+def chunk_backward_flops(s: dict, T: int, causal: bool = True) -> int:
+    """One row's backward of a phased-TTT chunk, the base model frozen: every matrix's input gradient but the first
+    virtual layer's Q, K, V and gate (their input, the embedding, needs none); attention's two products twice
+    (both operands); every adapter's two gradients per product, but the input one of the first layer's Q, K, V and O;
+    the head's input gradient at the C chunk positions and its adapter's two."""
+    m, r, C = dims(s), s["TTT_LORA_RANK"], s["TTT_CHUNK_SIZE"]
+    layer_lora, head_lora = lora_flops(s)
+    gate = 2 * s["GATE_WINDOW"] * s["NUM_HEADS"] if s.get("SPARSE_ATTN_GATE_ENABLED") else 0
+    n = virtual_layers(s)
+    return (T * (n * layer_matmul_flops(s) - 2 * m["d"] * (m["d"] + 2 * m["kv"]) - gate) + 2 * n * attention_flops(s, T, causal)
+            + T * (2 * n * layer_lora - 8 * r * m["d"]) + C * (head_flops(s) + 2 * head_lora))
 
 
 def record_scale_docs(tg, s: dict, n: int) -> list[int]:
@@ -182,7 +194,7 @@ def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: 
     Only the work the pass needs: forward_hidden over every window position, the head only where a target is
     scored (n positions) or, for SLOT, fitted. Phased TTT: over the documents docs (lengths)."""
     if phased:
-        return phased_flops(s, docs if docs is not None else record_scale_docs(tg, s, n))
+        return phased_flops(tg, s, docs if docs is not None else record_scale_docs(tg, s, n))
     wins = tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)
     lens = np.array([e - b for b, e, _ in wins], dtype=np.float64)
     n_layers = virtual_layers(s)  # evaluation always runs the looped model
