@@ -1981,6 +1981,17 @@ def main():
     return 1 if over else 0
 
 
+def leave(code):
+    """Ends the process; once every rank has finished (exit 0 or 1) they leave together. os._exit skips the C++
+    runtime's teardown: gloo's threads, torn down while a peer leaves, now and then abort (SIGABRT) a rank whose
+    work is all done, and torchrun then reports the finished run as failed."""
+    if dist.is_initialized() and code in (0, 1):
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def on_sigterm(signum, frame):  # torchrun, Slurm, pre-emption: said as a Ctrl-C is, exit 128 + 15
     # A repeat (torchrun terminates the other ranks once one has exited) must not kill the shutdown under way
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -2004,8 +2015,4 @@ if __name__ == "__main__":
         elif rank0:
             print(msg, file=sys.stderr)
         code = PROGRESS.get("exit", 130)
-    if dist.is_initialized():
-        if code in (0, 1):  # every rank finished: leave together, as a gloo peer torn down early can abort the others
-            dist.barrier()
-        dist.destroy_process_group()
-    sys.exit(code)
+    leave(code)

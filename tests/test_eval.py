@@ -338,9 +338,7 @@ loss, bpb = tg.evaluate(model, run, val, luts, s["EVAL_STRIDE"], ttt=True, slot=
 if run.master:
     with open(sys.argv[2], "w") as f:
         json.dump(dict(loss=loss, bpb=bpb, no_ttt=no_ttt, world=run.world), f)
-if tg.dist.is_initialized():  # leave together: a gloo peer torn down early can abort the others (SIGABRT)
-    tg.dist.barrier()
-    tg.dist.destroy_process_group()
+tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
 '''
 
 

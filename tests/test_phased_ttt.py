@@ -181,9 +181,7 @@ for global_lr in (0.0, 0.01):
     out[global_lr] = tg.evaluate(model, run, t.synthetic_val(t.LENGTHS * 2), luts, phased=True)
 if run.master:
     Path(sys.argv[2]).write_text(json.dumps(dict(adapters=out[0.0], both=out[0.01], world=run.world)))
-if tg.dist.is_initialized():  # leave together: a gloo peer torn down early can abort the others (SIGABRT)
-    tg.dist.barrier()
-    tg.dist.destroy_process_group()
+tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
 '''
 
 

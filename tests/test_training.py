@@ -232,9 +232,7 @@ val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"
 state = tg.train(model, run, val, luts)
 torch.save(dict(state=state, initial=initial, world=run.world, val_curve=run.summary["val_curve"]),
            f"{sys.argv[1]}.rank{run.rank}.pt")
-if tg.dist.is_initialized():  # leave together: a gloo peer torn down early can abort the others (SIGABRT)
-    tg.dist.barrier()
-    tg.dist.destroy_process_group()
+tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
 '''
 
 
