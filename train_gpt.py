@@ -152,6 +152,8 @@ def parse_settings(env=os.environ):
         (batch < 8 * seq or batch // 8 % seq,
          f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences"),
         (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
+        (s["PHASED_TTT_ENABLED"] and s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch",
+         "SLOT_MODE=batch has no phased TTT form (a chunk's offset is fitted on the targets before it): use causal"),
         (s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
          f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']} (a chunk's context)"),
         (s["TTT_ENABLED"] and chunk % eval_len,
@@ -1585,15 +1587,16 @@ def sliding_windows(n, seq_len, stride):
                                         for a in range(stride, n - seq_len + stride, stride)]
 
 
-def slot_delta(model, H, y, fit, s, shared):
+def slot_delta(model, H, y, fit, s, shared, lora=None):
     """SLOT: a hidden-state offset fitted on the CE at fit, one for the batch (the seed's) or per window, by AdamW
-    (wd 1e-8, eps 1e-5) written out so that it compiles whole; eager, the head only at fit (compiled: static shapes)."""
+    (wd 1e-8, eps 1e-5) written out so that it compiles whole; eager, the head only at fit (compiled, or with phased
+    TTT's per-row head adapter: every position, weighted)."""
     B, T, d = H.shape
     weight = fit.float() / (fit.sum() if shared else fit.sum(dim=1, keepdim=True)).clamp_min(1)
-    at = (slice(None),) * 2 if torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
+    at = (slice(None),) * 2 if lora or torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
 
     def loss(delta):  # of delta alone: no gradient reaches the weights
-        logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at])
+        logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at], lora)
         return (F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[at].reshape(-1), reduction="none")
                 * weight[at].reshape(-1)).sum()
 
@@ -1675,7 +1678,7 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", pha
     phased TTT per document."""
     s = run.s
     if phased:
-        return evaluate_phased(model, run, val, luts, tag)
+        return evaluate_phased(model, run, val, luts, tag, slot)
     wins = sliding_windows(val.numel() - 1, s["EVAL_SEQ_LEN"], stride or s["EVAL_SEQ_LEN"])
     chunk = s["TTT_CHUNK_TOKENS"] if ttt else val.numel()
     n_chunks = (val.numel() - 2) // chunk + 1
@@ -1741,17 +1744,23 @@ def fresh_lane(model, run, lane, phase):
             .to(run.device) for name, i, _ in lora_shapes(model)}
 
 
-def chunk_nll(model, x, y, at, lora):
-    """Log-probabilities of the targets y at row positions at, and their NLL, from each row's own context x."""
+def chunk_nll(model, x, y, at, lora, fit=None):
+    """Log-probabilities of the targets y at row positions at, and their NLL, from each row's own context x; with
+    causal SLOT, the hidden states plus each row's offset fitted on its targets at fit (those scored before)."""
     h = model.forward_hidden(x, lora=lora)
+    if fit is not None:  # fitted outside the graph: the adapters' step sees the offset as a constant
+        with torch.no_grad():
+            delta = slot_delta(model, h.detach(), y, fit, model.s, False, lora)
+        h = h + delta
     logp = F.log_softmax(model.compute_logits(h.gather(1, at[..., None].expand(-1, -1, h.size(-1))), lora), dim=-1)
     return logp, -logp.gather(2, y.gather(1, at)[..., None])[..., 0]
 
 
-def score_documents(model, run, tokens, luts, batch, warm_a, stats):
+def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
     """One batch of documents, chunk by chunk (TTT_CHUNK_SIZE targets): chunk c of every document is scored from the
-    last <= TTT_EVAL_SEQ_LEN tokens of its own prefix, then the documents that go on take one AdamW step (beta1 0)
-    on it. Adapters start from the lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
+    last <= TTT_EVAL_SEQ_LEN tokens of its own prefix (with slot: plus an offset fitted on the window's targets
+    before the chunk), then the documents that go on take one AdamW step (beta1 0) on it. Adapters start from the
+    lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
     C, Lt = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"]
     lora = {k: (warm_a[k][:n].clone().requires_grad_(), torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev,
@@ -1769,8 +1778,9 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats):
         x, y = (tokens[((starts + first)[:, None] + torch.arange(T) + k).clamp_max(tokens.numel() - 1)].to(dev)
                 for k in (0, 1))
         scored, learn, tgt, at = (j < end[:, None] - c * C).to(dev), (preds > (c + 1) * C).to(dev), tgt.to(dev), at.to(dev)
+        fit = (torch.arange(T) < (c * C - first)[:, None]).to(dev) if slot else None
         with torch.set_grad_enabled(bool(learn.any())), run.autocast():
-            logp, nll = fn(model, x, y, at, lora)
+            logp, nll = fn(model, x, y, at, lora, fit)
         if SCORE_HOOK is not None:
             SCORE_HOOK(tgt[scored], logp.detach()[scored])
         nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt[scored])
@@ -1796,7 +1806,7 @@ def global_sgd(model, run, tokens, docs):
     model.requires_grad_(False)
 
 
-def evaluate_phased(model, run, tokens, luts, tag=""):
+def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     """Phased TTT: documents scored in batches, longest first; batch q on rank q % world, in lane q % 8. Phase p's
     global SGD runs on the first PHASED_TTT_PREFIX_DOCS * (p+1) / PHASED_TTT_NUM_PHASES documents in scoring order,
     after the batch that scores the last of them, and a fresh A follows. Which documents, batches and A a score
@@ -1818,7 +1828,7 @@ def evaluate_phased(model, run, tokens, luts, tag=""):
             if mine[q]:
                 if q % TTT_LANES not in lanes:
                     lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase)
-                score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats)
+                score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats, slot)
             if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
                 project_pass(run, tag, sum(mine[:q + 1]) / max(sum(mine), 1), t0)
         done = last + 1
@@ -1851,13 +1861,15 @@ def bpb_of(stats):
 def eval_paths(s):
     """The evaluations of a finished model; the last one is the final score."""
     L, stride, ttt, slot = s["EVAL_SEQ_LEN"], s["EVAL_STRIDE"], bool(s["TTT_ENABLED"]), bool(s["SLOT_ENABLED"])
+    phased = bool(s["PHASED_TTT_ENABLED"])
+    adaptive = ttt or slot and not phased  # with phased TTT, SLOT runs inside it
     paths = [("final_int6_roundtrip", dict(stride=L, ttt=False, slot=False))]
-    if stride < L and (s["EVAL_SLIDING_PASS"] or not (ttt or slot)):  # an adaptive pass scores these windows itself
+    if stride < L and (s["EVAL_SLIDING_PASS"] or not adaptive):  # an adaptive pass scores these windows itself
         paths.append(("final_int6_sliding_window", dict(stride=stride, ttt=False, slot=False)))
-    if ttt or slot:
+    if adaptive:
         paths.append(("legal_ttt" if ttt else "slot_sliding_window", dict(stride=stride, ttt=ttt, slot=slot)))
-    if s["PHASED_TTT_ENABLED"]:
-        paths.append(("quantized_ttt_phased", dict(stride=L, ttt=False, slot=False, phased=True)))
+    if phased:
+        paths.append(("quantized_ttt_phased", dict(stride=L, ttt=False, slot=slot, phased=True)))
     return paths
 
 

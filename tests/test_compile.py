@@ -74,6 +74,10 @@ def test_default_passes_leave_out_the_standalone_sliding_pass(tiny_settings):
     assert labels(TTT_ENABLED=1, EVAL_SLIDING_PASS=1) == ["final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"]
     # Without TTT and SLOT the sliding pass is the final one.
     assert labels(TTT_ENABLED=0, SLOT_ENABLED=0) == ["final_int6_roundtrip", "final_int6_sliding_window"]
+    # With phased TTT, SLOT runs inside its pass: no SLOT-only pass, so the sliding pass stays.
+    phased = [(label, kw["slot"]) for label, kw in tg.eval_paths(tiny_settings(EVAL_STRIDE=32, TTT_ENABLED=0,
+                                                                               SLOT_ENABLED=1, PHASED_TTT_ENABLED=1))]
+    assert phased == [("final_int6_roundtrip", False), ("final_int6_sliding_window", False), ("quantized_ttt_phased", True)]
 
 
 @needs_sample

@@ -53,7 +53,7 @@ def setup(tmp_path, **over):
     return s, run, model, luts
 
 
-def captured(model, run, val, luts, monkeypatch):
+def captured(model, run, val, luts, monkeypatch, slot=False):
     rows = {}
 
     def hook(idx, logp):
@@ -61,7 +61,7 @@ def captured(model, run, val, luts, monkeypatch):
             assert i not in rows, f"target {i} scored twice"
             rows[i] = r.detach().clone()
     monkeypatch.setattr(tg, "SCORE_HOOK", hook)
-    loss, bpb = tg.evaluate(model, run, val, luts, phased=True)
+    loss, bpb = tg.evaluate(model, run, val, luts, phased=True, slot=slot)
     monkeypatch.setattr(tg, "SCORE_HOOK", None)
     return rows, loss, bpb
 
@@ -107,6 +107,40 @@ def test_untrained_scores_are_each_documents_own_windows(tmp_path, monkeypatch):
         torch.testing.assert_close(again[t], rows[t], rtol=0, atol=1e-6)
 
 
+def test_causal_slot_fits_each_chunk_on_the_targets_scored_before_it(tmp_path, monkeypatch):
+    """With the adapters and the global SGD frozen, SLOT inside phased TTT gives every chunk the distribution of its
+    own window plus an offset that torch's AdamW fits here on the window's targets before the chunk (none for a
+    document's first chunk: its scores are the plain ones)."""
+    s, run, model, luts = setup(tmp_path, TTT_LORA_LR=0, GLOBAL_TTT_LR=0, SLOT_ENABLED=1, SLOT_LR=0.05, SLOT_STEPS=3)
+    val = synthetic_val()
+    rows, _, _ = captured(model, run, val, luts, monkeypatch, slot=True)
+    plain, _, _ = captured(model, run, val, luts, monkeypatch)
+    C, Lt, moved = 8, 32, 0.0
+    for a, n in tg.find_docs(val):
+        for c in range(-(-(n - 1) // C)):
+            end = min((c + 1) * C, n - 1)
+            lo = max(end - Lt, 0)
+            window = val[a + lo:a + end]
+            with torch.no_grad():
+                H = model.forward_hidden(window[None])[0]
+            delta = torch.zeros(1, H.size(1), requires_grad=True)
+            fit = c * C - lo  # window positions 0 .. fit-1 predict targets scored before this chunk
+            if fit:
+                opt = torch.optim.AdamW([delta], lr=0.05, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+                for _ in range(3):
+                    opt.zero_grad()
+                    F.cross_entropy(model.compute_logits(H[:fit] + delta), val[a + lo + 1:a + lo + 1 + fit]).backward()
+                    opt.step()
+            with torch.no_grad():
+                logp = F.log_softmax(model.compute_logits(H + delta), dim=-1)
+            for t in range(c * C, end):
+                torch.testing.assert_close(rows[a + 1 + t], logp[t - lo], rtol=0, atol=5e-5)
+                if c == 0:
+                    torch.testing.assert_close(rows[a + 1 + t], plain[a + 1 + t], rtol=0, atol=0)
+                moved = max(moved, (rows[a + 1 + t] - plain[a + 1 + t]).abs().max().item())
+    assert moved > 1e-3  # the offsets changed the later chunks' scores
+
+
 def test_adapters_start_at_b_zero_with_a_fresh_optimizer_and_learn_after_scoring(tmp_path):
     s, run, model, luts = setup(tmp_path)
     val = synthetic_val()
@@ -150,9 +184,9 @@ def test_phases_train_on_documents_by_index_after_they_are_scored(tmp_path, monk
         events.append(("sgd", list(docs)))
         original_sgd(model_, run_, tokens, docs)
 
-    def score(model_, run_, tokens, luts_, batch, warm, stats):
+    def score(model_, run_, tokens, luts_, batch, warm, stats, slot=False):
         events.append(("score", list(batch)))
-        original_score(model_, run_, tokens, luts_, batch, warm, stats)
+        original_score(model_, run_, tokens, luts_, batch, warm, stats, slot)
     monkeypatch.setattr(tg, "global_sgd", sgd)
     monkeypatch.setattr(tg, "score_documents", score)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -212,15 +246,17 @@ AUDIT_ENV = {**PHASED, "VAL_MAX_TOKENS": 768, "TTT_LORA_LR": 0.05, "PHASED_TTT_P
 
 
 @needs_sample
-def test_audit_passes_phased_ttt():
+@pytest.mark.parametrize("slot", [0, 1])
+def test_audit_passes_phased_ttt(slot):
     r = subprocess.run([sys.executable, str(AUDIT), "--positions", "4", "--seed", "3"],
-                       env=subprocess_env(**AUDIT_ENV), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                       env=subprocess_env(**AUDIT_ENV, SLOT_ENABLED=slot, SLOT_LR=0.05), capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = audit_lines(r.stdout)
     assert lines["coverage"].startswith("PASS 768/768 targets scored exactly once")
     assert lines["causality"].startswith("PASS") and ", 0 changed," in lines["causality"]
     assert "unperturbed rerun max |diff| 0.000e+00" in lines["causality"]
-    assert lines["verdict"].startswith("PASS eval:phased_ttt ")
+    assert lines["verdict"].startswith("PASS eval:phased_ttt" + "+slot_causal " * slot + " " * (1 - slot))
 
 
 @needs_sample
@@ -234,11 +270,11 @@ def test_audit_fails_an_adapter_step_before_scoring(monkeypatch, capsys, tmp_pat
         monkeypatch.setenv(k, v)
     original = tg.score_documents
 
-    def peeking(model, run, tokens, luts, batch, warm, stats):
+    def peeking(model, run, tokens, luts, batch, warm, stats, slot=False):
         hook, tg.SCORE_HOOK = tg.SCORE_HOOK, None
-        original(model, run, tokens, luts, batch, warm, torch.zeros_like(stats))
+        original(model, run, tokens, luts, batch, warm, torch.zeros_like(stats), slot)
         tg.SCORE_HOOK = hook
-        original(model, run, tokens, luts, batch, warm, stats)
+        original(model, run, tokens, luts, batch, warm, stats, slot)
     monkeypatch.setattr(tg, "score_documents", peeking)
     assert audit.audit(["--positions", "4", "--seed", "3"]) == 1
     lines = audit_lines(capsys.readouterr().out)

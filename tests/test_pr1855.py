@@ -81,6 +81,7 @@ def test_stack_seed_keeps_every_default_and_the_seed_meaning_of_adam_wd():
     (dict(MUON_POLAR_EXPRESS="1", MUON_BACKEND_STEPS="6"), ["MUON_BACKEND_STEPS", "5"]),
     (dict(STACK="pr1855", WARMDOWN_ITERS="100"), ["WARMDOWN_FRAC", "WARMDOWN_ITERS"]),
     (dict(TTT_CHUNK_SIZE="64", TTT_EVAL_SEQ_LEN="32"), ["TTT_CHUNK_SIZE=64", "TTT_EVAL_SEQ_LEN=32"]),
+    (dict(PHASED_TTT_ENABLED="1", SLOT_MODE="batch"), ["SLOT_MODE=batch", "phased TTT", "causal"]),
 ])
 def test_contradictory_stack_settings_are_one_error(env, words):
     with pytest.raises(tg.Fail) as e:
