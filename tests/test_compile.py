@@ -46,6 +46,30 @@ def test_compiled_paths_have_no_graph_breaks(tiny_settings, one_thread):
 
 
 @needs_sample
+@pytest.mark.slow
+def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
+    """Phased TTT's chunk step (compiled dynamic=True on CUDA): adapters, and causal SLOT's fit inside it, in one
+    graph (fullgraph: a break is an error); its backward through AOTAutograd gives the adapters' eager gradients.
+    3 layers, one looped, the last in two lanes, to keep the compile short."""
+    from test_phased_ttt import setup
+    s, run, model, luts = setup(tmp_path, NUM_LAYERS=3, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=2, XSA_LAST_N=3)
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    lora = {k: (torch.rand(2, 4, i, generator=g).requires_grad_(), torch.randn(2, o, 4, generator=g).requires_grad_())
+            for k, i, o in tg.lora_shapes(model)}
+    x, y = torch.randint(2, 1024, (2, 2, 24), generator=g)
+    at, fit = torch.arange(8).repeat(2, 1) + 10, torch.arange(24) < torch.tensor([[10], [5]])
+    grads = []
+    for fn in (tg.chunk_nll, torch.compile(tg.chunk_nll, backend="aot_eager", dynamic=True, fullgraph=True)):
+        nll = fn(model, x, y, at, lora, fit)[1]
+        grads.append(torch.autograd.grad(nll.sum(), [lora["q0"][0], lora["head"][1]]) + (nll.detach(),))
+    torch._dynamo.reset()
+    for eager, compiled in zip(*grads):
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@needs_sample
 def test_evaluation_compiles_once_and_never_again(tmp_path, eager_compile, one_thread):
     s = tg.parse_settings(tiny_env(OUTPUT_DIR=tmp_path, COMPILE=1, VAL_MAX_TOKENS=1100, TTT_CHUNK_TOKENS=512,
                                    TTT_BATCH_SEQS=3))
