@@ -1513,8 +1513,12 @@ def export_artifact(run, state, path, code_bytes):
         calib_model = build_model(run, state)
         calib_model.looping = bool(s["NUM_LOOPS"])
         hessians = collect_hessians(calib_model, run)
+        calib_s, cap = time.perf_counter() - t0, s["MAX_WALLCLOCK_SECONDS"]
+        ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
         run.log(f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
-                f"time:{time.perf_counter() - t0:.1f}s")
+                f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s")
+        if s["GPTQ_CALIB"] == "train" and 0 < cap < ended:
+            run.log(f"!!! GPTQ_RESERVE_SECONDS={s['GPTQ_RESERVE_SECONDS']} too short: training tokens read after the cap !!!")
     t1 = time.perf_counter()
     tensors, scheme = quantize_state(state, s, hessians)
     run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")

@@ -163,7 +163,9 @@ def test_seed_export_has_none_of_it(tiny_settings):
 
 
 def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings, script_env, run_script):
-    env = script_env(tmp_path, **TINY_PR, ITERATIONS=2, VAL_MAX_TOKENS=512, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32)
+    # a cap far away and a long reserve: the calibration on training tokens ends inside it, and the log says nothing
+    env = script_env(tmp_path, **TINY_PR, ITERATIONS=2, VAL_MAX_TOKENS=512, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32,
+                     MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=300)
     proc = run_script(env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -171,6 +173,33 @@ def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings,
     lqer = [ln for ln in out.splitlines() if ln.startswith("lqer rank:4 group:64 tensors:")]
     assert len(lqer) == 1 and len(lqer[0].split("tensors:")[1].split(",")) == 3
     assert "final_int6_roundtrip_exact" in out
+    end, cap, loud = calib_line(out, tmp_path)
+    assert cap == 600 and 0 < end < 300 and not loud
     s = pr_settings(tiny_settings)
     state = tg.load_artifact(tmp_path / tg.ARTIFACT_NAME, s)
     assert set(state) == set(tg.model_shapes(s))
+
+
+def calib_line(out, out_dir):
+    """The gptq_calibration line's numbers, checked against the run's own: its end on the training clock is the
+    summary's training time plus the logged calibration time; the loud line appears exactly when that is past the
+    cap. Returns (end, cap, loud)."""
+    line = next(ln for ln in out.splitlines() if ln.startswith("gptq_calibration source:train "))
+    fields = dict(f.split(":", 1) for f in line.split()[1:])
+    end, cap, calib = (float(fields[k].rstrip("s")) for k in ("train_plus_calibration", "cap", "time"))
+    train_s = json.loads((out_dir / "logs" / "test.json").read_text())["train_time_ms"] / 1000
+    assert end == pytest.approx(train_s + calib, abs=0.11)
+    loud = "training tokens read after the cap" in out
+    assert loud == (0 < cap < end)
+    return end, cap, loud
+
+
+def test_calibration_past_the_cap_is_said(tmp_path, script_env, run_script):
+    """GPTQ_CALIB=train reads training tokens: with a reserve shorter than the calibration (and than a step), the
+    training clock stops at cap - reserve and the calibration ends past the cap, which the log says loudly."""
+    env = script_env(tmp_path, **TINY_PR, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1.5, GPTQ_RESERVE_SECONDS=0.001,
+                     VAL_MAX_TOKENS=512, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32, VAL_LOSS_EVERY=0)
+    proc = run_script(env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    end, cap, loud = calib_line(proc.stdout, tmp_path)
+    assert cap == 1.5 and loud and end > 1.5
