@@ -140,3 +140,35 @@ def test_the_stack_comes_from_the_run_log_beside_the_file(tmp_path, one_thread, 
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / tg.FLOAT_NAME).write_bytes((tmp_path / tg.FLOAT_NAME).read_bytes())
     assert qr.file_stack(tmp_path / "alone" / tg.FLOAT_NAME, {})[0] == "seed"
+
+
+def test_at_bytes_reads_the_gap_off_the_curve_between_its_neighbours():
+    pts = [(700, 0.1), (500, 0.5), (600, 0.3)]  # unsorted: by bytes 500 -> 0.5, 600 -> 0.3, 700 -> 0.1
+    assert qr.at_bytes(pts, 550) == pytest.approx(0.4)
+    assert qr.at_bytes(pts, 675) == pytest.approx(0.15)
+    assert qr.at_bytes(pts, 600) == pytest.approx(0.3)
+    assert qr.at_bytes(pts, 499) != qr.at_bytes(pts, 499)  # outside the measured range: nan, never extrapolated
+
+
+def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thread, monkeypatch, capsys, tmp_path):
+    b = floats["b"][0]
+    out = report(monkeypatch, capsys, tmp_path, "--many", b, "--bits", "5,7")
+    row = table(out, "file")[str(b)]
+    assert row["default"].startswith("gptq@6 (")  # the stack's MATRIX_BITS joins the widths asked for
+    curve = lambda c: [tuple(num(v) for v in p.split(" / "))
+                       for p in row[f"{c}: bytes / gap at MATRIX_BITS 5, 6, 7"].split("; ")]
+    default, n = curve("gptq"), 0
+    assert num(re.search(r"\(([\d,]+) bytes", row["default"]).group(1)) == default[1][0]  # its own point
+    for c in ("gptq", "record_scheme", "gptq_lite"):
+        pts = curve(c)
+        assert len(pts) == 3 and pts[0][0] < pts[1][0] < pts[2][0]  # more bits, more bytes
+        # the ratio at each point of c inside the default curve's bytes, recomputed here from the printed points
+        want = [qr.at_bytes(default, b) / g for b, g in pts if default[0][0] <= b <= default[2][0] and g > 0]
+        cell = row[f"default gap / {c} gap, at equal bytes"]
+        got = [] if cell == "no common bytes" else [float(r) for r in cell.split(", ")]
+        assert got == pytest.approx(want, abs=0.006, rel=1e-3), c
+        n += len(got)
+    assert n > 0
+    last = fields(out.strip().splitlines()[-1])
+    assert out.strip().splitlines()[-1].startswith("quant_report_equal_bytes files:1 ")
+    assert int(last["gptq_points"]) == len(curve("gptq")) - sum(g <= 0 for _, g in default)

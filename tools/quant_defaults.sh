@@ -2,7 +2,8 @@
 # The export defaults' table (README, Export): tools/quant_report.py --many, every candidate (the stack's default,
 # the record's scheme, gptq_lite) on three model shapes x two seeds: the seed CPU demo (4 x 128, sp1024 sample), the
 # STACK=pr1855 CPU demo (11 x 128 looped, SP8192 CaseOps sample) and a narrow, deeper seed-stack model (6 x 96).
-# Each shape's files are reported together, with the data and export settings run.sh gives that shape.
+# Each shape's files are reported together, with the data and export settings run.sh gives that shape: their gaps
+# at the stack's settings, then at equal bytes (every candidate at MATRIX_BITS 5..8, read off at the default's bytes).
 # Usage: bash tools/quant_defaults.sh [OUT]   (trains what OUT lacks; default ./out/quant_defaults; SEEDS="1337 2")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,7 @@ for shape in "${shapes[@]}"; do
   done
   echo "### $name: ${vars:-the seed demo}"
   env $vars CUDA_VISIBLE_DEVICES= bash run.sh python3 tools/quant_report.py --many "${files[@]}" --val-tokens 32768
+  # at equal bytes: each candidate at MATRIX_BITS 5..8, its gap read off at the default's bytes
+  env $vars CUDA_VISIBLE_DEVICES= bash run.sh python3 tools/quant_report.py --many "${files[@]}" --val-tokens 32768 \
+    --bits 5,6,7,8
 done

@@ -1,7 +1,7 @@
 """Export report for a final_model.float.safetensors: what each quantizer and packer makes of the same weights.
 
     python3 tools/quant_report.py OUTPUT_DIR/final_model.float.safetensors [--val-tokens N] [--no-eval] [--json F]
-    python3 tools/quant_report.py --many F1 F2 ... [--val-tokens N]
+    python3 tools/quant_report.py --many F1 F2 ... [--val-tokens N] [--bits 5,6,7,8]
 
 Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*) and DATA_PATH /
 TOKENIZER_PATH from the environment, as for train_gpt.py. STACK: the environment's if set, else the one the run log
@@ -19,6 +19,10 @@ order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffl
 --many: every candidate on each file, a table of gap and bytes (COMPRESSOR's) per file, then mean, sample standard
 deviation and range of each candidate's gap over the files; last line
     quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
+--bits B1,B2,...: every candidate at each MATRIX_BITS (and the stack's own), so that gaps compare at equal bytes: per
+file each candidate's (bytes, gap) curve and, at each of its points inside the default curve's byte range, the
+default's gap there over the candidate's; last line
+    quant_report_equal_bytes files:N default_over_gptq_mean:X gptq_points:n default_over_record_scheme_mean:Y ...
 Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit packing + LZMA) need their packages.
 """
 from __future__ import annotations
@@ -141,12 +145,24 @@ RECORD_SCHEME = dict(QUANT="gptq", QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT
 MANY = ("default", "record_scheme", "gptq_lite")  # the columns of --many
 
 
-def candidates(s: dict, quant: str) -> dict:
-    """label -> export settings; --quant gptq_lite leaves out the two that need calibration."""
+def candidates(s: dict, quant: str, bits: list | None = None) -> dict:
+    """label -> export settings; --quant gptq_lite leaves out the two that need calibration; with bits, each
+    candidate once per MATRIX_BITS, labelled candidate@bits."""
     out = dict(gptq_lite=dict(s, QUANT="gptq_lite"))
     if quant == "both":
         out.update(gptq=dict(s, QUANT="gptq"), record_scheme=dict(s, **RECORD_SCHEME))
+    if bits:
+        out = {f"{label}@{b}": dict(c, MATRIX_BITS=b) for label, c in out.items() for b in bits}
     return out
+
+
+def at_bytes(points: list, target: float) -> float:
+    """The gap at target bytes, linear between the two (bytes, gap) points around it; nan outside their range."""
+    points = sorted(points)
+    for (b0, g0), (b1, g1) in zip(points, points[1:]):
+        if b0 <= target <= b1:
+            return g0 + (g1 - g0) * (target - b0) / max(b1 - b0, 1)
+    return float("nan")
 
 
 def eval_model(run, weights):
@@ -156,14 +172,17 @@ def eval_model(run, weights):
     return model
 
 
-def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool) -> dict:
+def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool,
+            bits: list | None = None) -> dict:
     """Every candidate on one float file: bytes by packer, order-0 bound, times, and (with the data) val bpb."""
     stack, stack_source = file_stack(path)
     s = settings_for(path, dict(os.environ, STACK=stack))
     state = tg.load_float_weights(path, s)
     with torch.device("meta"):  # the model's own order (the file's is sorted), as train_gpt.py packs after training
         state = {k: state[k] for k in tg.GPT(s).state_dict()}
-    cands = candidates(s, quant)
+    if bits:  # the stack's own MATRIX_BITS always: the default's point
+        bits = sorted(set(bits) | {s["MATRIX_BITS"]})
+    cands = candidates(s, quant, bits)
     run = tg.Run(s)
     hessians, calib_s = None, 0.0
     if quant == "both":  # one calibration for all: GPTQ_EMBED only adds the embedding's sum to the same pass
@@ -207,8 +226,9 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
             bpb[label] = tg.evaluate(eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False,
                                      slot=False)[1]
         results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
+    default = s["QUANT"] if any(k.split("@")[0] == s["QUANT"] for k in results) else "gptq_lite"
     return dict(settings=s, stack_source=stack_source, results=results, val_bpb=bpb, calibration_s=calib_s,
-                default=s["QUANT"] if s["QUANT"] in results else "gptq_lite")
+                default=default + (f"@{s['MATRIX_BITS']}" if bits else ""))
 
 
 def print_one(m: dict, args) -> None:
@@ -280,6 +300,36 @@ def print_many(ms: dict, args) -> None:
         f"{c}_mean_gap:{stats[c][0]:.8f} {c}_sd_gap:{stats[c][1]:.8f}" for c in MANY))
 
 
+def print_equal_bytes(ms: dict, bits: list) -> None:
+    """--bits: per file, each candidate's (bytes, gap) at every MATRIX_BITS; then, at each of its points that lies
+    inside the byte range of the default's curve, the default's gap there (read off its curve) over the candidate's:
+    the gap ratio at equal bytes (< 1: the default loses less). Last line: the mean ratio per candidate."""
+    bits = sorted(set(bits) | {m["settings"]["MATRIX_BITS"] for m in ms.values()})
+    labels = ("gptq", "record_scheme", "gptq_lite")
+    print("| file | default | " + " | ".join(f"{c}: bytes / gap at MATRIX_BITS {', '.join(map(str, bits))} | default "
+                                            f"gap / {c} gap, at equal bytes" for c in labels) + " |")
+    print("|---|---|" + "---|---|" * len(labels))
+    ratios = {c: [] for c in labels}
+    for path, m in ms.items():
+        curve = lambda c: [(m["results"][f"{c}@{b}"]["bytes"], m["results"][f"{c}@{b}"]["gap"]) for b in bits
+                           if f"{c}@{b}" in m["results"]]
+        default = curve(m["default"].split("@")[0])
+        cells = []
+        for c in labels:
+            pts, here = curve(c), []
+            for b, gap in pts:
+                d = at_bytes(default, b)
+                if d == d and gap > 0:
+                    here.append(d / gap)
+                    ratios[c].append(d / gap)
+            cells += ["; ".join(f"{b:,} / {gap:+.8f}" for b, gap in pts),
+                      ", ".join(f"{r:.2f}" for r in here) or "no common bytes"]
+        ref = m["results"][m["default"]]
+        print(f"| {path} | {m['default']} ({ref['bytes']:,} bytes, gap {ref['gap']:+.8f}) | " + " | ".join(cells) + " |")
+    print("quant_report_equal_bytes files:%d " % len(ms) + " ".join(
+        f"default_over_{c}_mean:{np.mean(r) if r else float('nan'):.3f} {c}_points:{len(r)}" for c, r in ratios.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("float_path", type=Path, nargs="?")
@@ -289,6 +339,8 @@ def main() -> int:
     ap.add_argument("--no-eval", action="store_true", help="bytes only (no data needed)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--per-tensor", action="store_true", help="print the per-tensor table")
+    ap.add_argument("--bits", type=lambda v: sorted({int(b) for b in v.split(",")}), metavar="B1,B2,...",
+                    help="with --many: every candidate at each MATRIX_BITS, their gaps compared at equal bytes")
     ap.add_argument("--quant", choices=("both", "gptq_lite"), default="both",
                     help="gptq_lite: skip GPTQ and its calibration (e.g. bytes of a large model on a CPU)")
     args = ap.parse_args()
@@ -301,14 +353,16 @@ def main() -> int:
             return 2
     try:
         ms = {str(p): measure(p, args.val_tokens, args.no_eval, args.quant, extras=not args.many,
-                              per_tensor=args.per_tensor and not args.many) for p in paths}
+                              per_tensor=args.per_tensor and not args.many, bits=args.bits) for p in paths}
     except tg.Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:  # one file: its report (as before); --many: the reports by path
         data = {p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)}) for p, m in ms.items()}
         args.json.write_text(json.dumps(data if args.many else data[str(paths[0])], indent=1))
-    if args.many:
+    if args.bits:
+        print_equal_bytes(ms, args.bits)
+    elif args.many:
         print_many(ms, args)
     else:
         print_one(ms[str(paths[0])], args)
