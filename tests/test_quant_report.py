@@ -153,7 +153,10 @@ def test_at_bytes_reads_the_gap_off_the_curve_between_its_neighbours():
 def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thread, monkeypatch, capsys, tmp_path):
     b = floats["b"][0]
     out = report(monkeypatch, capsys, tmp_path, "--many", b, "--bits", "5,7")
-    row = table(out, "file")[str(b)]
+    # first the --many table at the stack's MATRIX_BITS: the same numbers as a plain --many run
+    plain = table(report(monkeypatch, capsys, tmp_path, "--many", b), "file")[str(b)]
+    assert table(out, "file | stack")[str(b)] == plain
+    row = table(out, "file | default")[str(b)]
     assert row["default"].startswith("gptq@6 (")  # the stack's MATRIX_BITS joins the widths asked for
     curve = lambda c: [tuple(num(v) for v in p.split(" / "))
                        for p in row[f"{c}: bytes / gap at MATRIX_BITS 5, 6, 7"].split("; ")]

@@ -27,8 +27,7 @@ for shape in "${shapes[@]}"; do
     files+=("$dir/final_model.float.safetensors")
   done
   echo "### $name: ${vars:-the seed demo}"
-  env $vars CUDA_VISIBLE_DEVICES= bash run.sh python3 tools/quant_report.py --many "${files[@]}" --val-tokens 32768
-  # at equal bytes: each candidate at MATRIX_BITS 5..8, its gap read off at the default's bytes
+  # the gaps at the stack's settings, then at equal bytes (each candidate at MATRIX_BITS 5..8)
   env $vars CUDA_VISIBLE_DEVICES= bash run.sh python3 tools/quant_report.py --many "${files[@]}" --val-tokens 32768 \
     --bits 5,6,7,8
 done

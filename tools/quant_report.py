@@ -19,8 +19,8 @@ order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffl
 --many: every candidate on each file, a table of gap and bytes (COMPRESSOR's) per file, then mean, sample standard
 deviation and range of each candidate's gap over the files; last line
     quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
---bits B1,B2,...: every candidate at each MATRIX_BITS (and the stack's own), so that gaps compare at equal bytes: per
-file each candidate's (bytes, gap) curve and, at each of its points inside the default curve's byte range, the
+--bits B1,B2,...: every candidate at each MATRIX_BITS (and the stack's own), so that gaps compare at equal bytes: the
+--many table at the stack's MATRIX_BITS, then per file each candidate's (bytes, gap) curve and, at each of its points inside the default curve's byte range, the
 default's gap there over the candidate's; last line
     quant_report_equal_bytes files:N default_over_gptq_mean:X gptq_points:n default_over_record_scheme_mean:Y ...
 Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit packing + LZMA) need their packages.
@@ -300,6 +300,13 @@ def print_many(ms: dict, args) -> None:
         f"{c}_mean_gap:{stats[c][0]:.8f} {c}_sd_gap:{stats[c][1]:.8f}" for c in MANY))
 
 
+def at_own_bits(m: dict) -> dict:
+    """A --bits measurement seen as a plain one: the candidates at the stack's MATRIX_BITS, labelled without @bits."""
+    own = f"@{m['settings']['MATRIX_BITS']}"
+    return dict(m, results={k[:-len(own)]: r for k, r in m["results"].items() if k.endswith(own)},
+                default=m["default"][:-len(own)])
+
+
 def print_equal_bytes(ms: dict, bits: list) -> None:
     """--bits: per file, each candidate's (bytes, gap) at every MATRIX_BITS; then, at each of its points that lies
     inside the byte range of the default's curve, the default's gap there (read off its curve) over the candidate's:
@@ -360,7 +367,8 @@ def main() -> int:
     if args.json:  # one file: its report (as before); --many: the reports by path
         data = {p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)}) for p, m in ms.items()}
         args.json.write_text(json.dumps(data if args.many else data[str(paths[0])], indent=1))
-    if args.bits:
+    if args.bits:  # the --many table from the points at each stack's own MATRIX_BITS, then the curves
+        print_many({p: at_own_bits(m) for p, m in ms.items()}, args)
         print_equal_bytes(ms, args.bits)
     elif args.many:
         print_many(ms, args)
