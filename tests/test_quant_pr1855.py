@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 
 import numpy as np
 import pytest
@@ -203,3 +204,6 @@ def test_calibration_past_the_cap_is_said(tmp_path, script_env, run_script):
     assert proc.returncode == 0, proc.stderr[-3000:]
     end, cap, loud = calib_line(proc.stdout, tmp_path)
     assert cap == 1.5 and loud and end > 1.5
+    # the training time it starts from is the loop's own clock where it stopped, not an earlier reading
+    stopped = float(re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms", proc.stdout, re.M).group(1))
+    assert json.loads((tmp_path / "logs" / "test.json").read_text())["train_time_ms"] == pytest.approx(stopped, abs=1)
