@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TINY
@@ -70,7 +72,8 @@ def test_last_line_adds_default_and_record_gaps_and_brotli_bytes(floats, one_thr
     assert last.startswith("quant_report ")
     f = fields(last)
     old = "float_bpb gptq_lite_gap gptq_gap lzma_bytes best_bytes entropy_bytes best_compressor".split()
-    assert list(f) == old + ["default_gap", "record_scheme_gap", "brotli_bytes"]  # no lrzip on this machine
+    lrzip = ["lrzip_pergroup_bytes"] if qr.shutil.which("lrzip") else []  # only where the binary is installed
+    assert list(f) == old + ["default_gap", "record_scheme_gap", "brotli_bytes"] + lrzip
     rows = table(out, "candidate")
     assert list(rows) == ["gptq_lite", "gptq (default)", "record_scheme"]  # the seed stack's QUANT is gptq
     # Each gap on the last line is its row's (printed to 6 decimals there), and is its bpb minus the float's.
@@ -84,7 +87,10 @@ def test_last_line_adds_default_and_record_gaps_and_brotli_bytes(floats, one_thr
     default = rows["gptq (default)"]
     assert int(f["brotli_bytes"]) == num(default["brotli_shuffle"])
     assert int(f["lzma_bytes"]) == num(default["lzma"])
-    assert int(f["best_bytes"]) == min(num(default[p]) for p in ("rans", "lzma", "brotli_shuffle", "zstd", "bitpack_lzma"))
+    packers = ["rans", "lzma", "brotli_shuffle", "zstd", "bitpack_lzma"] + ["lrzip_pergroup"] * bool(lrzip)
+    assert int(f["best_bytes"]) == min(num(default[p]) for p in packers)
+    if lrzip:
+        assert int(f["lrzip_pergroup_bytes"]) == num(default["lrzip_pergroup"])
     assert int(f["best_bytes"]) == num(default[f["best_compressor"]])
     # The record's scheme is another export, not ours relabelled: LQER's factors and SDClip scales change the bytes.
     assert num(rows["record_scheme"]["rans"]) != num(default["rans"])
@@ -175,3 +181,51 @@ def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thre
     last = fields(out.strip().splitlines()[-1])
     assert out.strip().splitlines()[-1].startswith("quant_report_equal_bytes files:1 ")
     assert int(last["gptq_points"]) == len(curve("gptq")) - sum(g <= 0 for _, g in default)
+
+
+def test_chain_order_is_the_greedy_l1_nearest_neighbour_chain():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-5, 6, size=(40, 7))
+    q[17] = q[3]  # a tie at distance 0 and duplicates: the first untaken row wins
+    q[30] = q[3]
+    order, taken = [0], {0}
+    while len(order) < len(q):  # brute force, row by row
+        d = [np.abs(q[j] - q[order[-1]]).sum() if j not in taken else np.inf for j in range(len(q))]
+        order.append(int(np.argmin(d)))
+        taken.add(order[-1])
+    assert qr.chain_order(q).tolist() == order
+    assert sorted(order) == list(range(len(q)))
+
+
+def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings):
+    """The byte streams handed to the compressor: the record's seven roles in its order, layers concatenated, rows of
+    tok_emb, c_q and fc chained, each matrix transposed; and the total counts them plus brotli of the rest and orders."""
+    brotli = pytest.importorskip("brotli")
+    from safetensors.torch import save
+    torch.manual_seed(0)
+    s = tiny_settings()
+    tensors, scheme = tg.quantize_state(tg.GPT(s).state_dict(), s)
+    seen = []
+    total = len(qr.lrzip_pergroup(tensors, scheme, compress=lambda b: seen.append(b) or 1000 + len(seen)))
+    L, want, orders, rest = s["NUM_LAYERS"], [], [], dict(tensors)
+    for role, chained in (("tok_emb.weight", 1), ("attn.c_k", 0), ("attn.c_q", 1), ("attn.c_v", 0),
+                          ("attn.proj", 0), ("mlp.fc", 1), ("mlp.proj", 0)):
+        names = ["tok_emb.weight"] if role == "tok_emb.weight" else [f"blocks.{i}.{role}.weight" for i in range(L)]
+        parts = []
+        for k in names:
+            q = rest.pop(k + ".q").numpy()
+            if chained:
+                o = qr.chain_order(q)
+                q, _ = q[o], orders.append(o.astype(np.uint16).tobytes())
+            parts.append(np.ascontiguousarray(q.T).tobytes())
+        want.append(b"".join(parts))
+    assert seen == want
+    assert total == sum(1001 + i for i in range(len(want))) + len(brotli.compress(save(rest), quality=11, lgwin=24)) \
+        + len(brotli.compress(b"".join(orders), quality=11))
+
+
+@pytest.mark.skipif(not qr.shutil.which("lrzip"), reason="the lrzip binary (Debian package lrzip) is not installed")
+def test_lrzip_codes_a_small_group_instead_of_storing_it_raw():
+    data = np.random.default_rng(1).integers(-3, 4, 50_000).astype(np.int8).tobytes()
+    n = qr.lrzip(data)
+    assert 0 < n < len(data) * 0.5  # ~2.8 bits of entropy per byte: ZPAQ codes it, not a raw store

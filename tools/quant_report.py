@@ -13,9 +13,10 @@ bytes of every candidate x packer, the order-0 bound, and (with the data) the va
 candidate's round trip on a val slice. The last line is
 for scripts:
     quant_report float_bpb:F gptq_lite_gap:A gptq_gap:B lzma_bytes:L best_bytes:K entropy_bytes:E best_compressor:NAME
-        default_gap:D record_scheme_gap:R brotli_bytes:Z
-(gaps in val bpb, round trip minus float; bytes of the whole packed model; L, K, E, Z of the default candidate; E =
-order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffle, -1 without the package).
+        default_gap:D record_scheme_gap:R brotli_bytes:Z [lrzip_pergroup_bytes:P]
+(gaps in val bpb, round trip minus float; bytes of the whole packed model; L, K, E, Z, P of the default candidate;
+E = order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffle, -1 without the package;
+P = PR #1855's per-group lrzip packing of the same tensors, only where the lrzip binary is installed).
 --many: every candidate on each file, a table of gap and bytes (COMPRESSOR's) per file, then mean, sample standard
 deviation and range of each candidate's gap over the files; last line
     quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
@@ -27,7 +28,7 @@ Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit pac
 """
 from __future__ import annotations
 
-import argparse, json, lzma, os, sys, tempfile, time
+import argparse, json, lzma, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,8 @@ def extra_packers() -> dict:
         import brotli
         out["brotli_shuffle"] = lambda tensors, scheme: brotli.compress(b"".join(
             shuffled(t.numpy(), t.element_size()) for _, t in sorted(tensors.items())), quality=11)
+        if shutil.which("lrzip"):  # a report column only: no artifact needs it
+            out["lrzip_pergroup"] = lrzip_pergroup
     except ImportError:
         pass
     try:
@@ -103,6 +106,58 @@ def extra_packers() -> dict:
         bitpacked(t.numpy(), int(scheme[k[:-2]][3:])) if k.endswith(".q") else t.numpy().tobytes()
         for k, t in sorted(tensors.items())), preset=9)
     return out
+
+
+RECORD_GROUPS = ("tok_emb.", ".c_k.", ".c_q.", ".c_v.", ".attn.proj.", ".fc.", ".mlp.proj.")  # its order
+RECORD_CHAINED = ("tok_emb.", ".c_q.", ".fc.")
+
+
+def lrzip(data: bytes) -> int:
+    """Bytes of `lrzip -z -L 9` (ZPAQ) of data, or of `lrzip -z -L 9 -T` if smaller (-T: code the data even where
+    lrzip's lz4 pre-test would store it raw, as it does for most of a small model's groups)."""
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "x").write_bytes(data)
+        sizes = []
+        for extra in ([], ["-T"]):
+            subprocess.run(["lrzip", "-q", "-f", "-z", "-L", "9", *extra, "-o", f"{d}/y", f"{d}/x"], check=True,
+                           capture_output=True)
+            sizes.append(Path(d, "y").stat().st_size)
+    return min(sizes)
+
+
+def chain_order(q: np.ndarray) -> np.ndarray:
+    """PR #1855's row order for its hot groups: a greedy L1 nearest-neighbour chain from row 0, each next row the
+    nearest (first on ties) of those not yet taken."""
+    d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1.0)
+    d[:, 0], order = float("inf"), [0]
+    for _ in range(len(q) - 1):
+        order.append(int(d[order[-1]].argmin()))
+        d[:, order[-1]] = float("inf")
+    return np.array(order)
+
+
+def lrzip_pergroup(tensors: dict, scheme: dict, compress=None) -> bytes:
+    """PR #1855's COMPRESSOR=pergroup on the same quantized tensors, as a size: the .q tensors of its seven roles
+    grouped in its order, layers concatenated; rows of tok_emb, c_q and fc in the greedy L1 chain (chain_order),
+    every matrix transposed, each group through compress (default: lrzip); the rest (scales, fp16, other int
+    tensors, LQER factors) through brotli q11 of safetensors, and the row orders as uint16 through brotli.
+    Returns a placeholder of that many bytes (only its length is reported)."""
+    import brotli
+    from safetensors.torch import save
+    groups, rest, orders = {g: [] for g in RECORD_GROUPS}, dict(tensors), []
+    for k in tg.coded_names(scheme):
+        role = next((g for g in RECORD_GROUPS if g in "." + k), None)
+        if role is None:
+            continue
+        q = rest.pop(k + ".q").numpy()
+        if role in RECORD_CHAINED:
+            order = chain_order(q)
+            q = q[order]
+            orders.append(order.astype(np.uint16).tobytes())
+        groups[role].append(q.T.tobytes())
+    total = sum((compress or lrzip)(b"".join(parts)) for parts in groups.values() if parts)
+    total += len(brotli.compress(save(rest), quality=11, lgwin=24)) + len(brotli.compress(b"".join(orders), quality=11))
+    return bytes(total)
 
 
 def tensor_rows(tensors: dict, scheme: dict, flat: dict) -> list[dict]:
@@ -265,11 +320,12 @@ def print_one(m: dict, args) -> None:
     best = min(default["packers"], key=lambda p: default["packers"][p]["bytes"])
     gap = lambda k: results[k]["gap"] if k in results else float("nan")
     brotli = default["packers"].get("brotli_shuffle", dict(bytes=-1))["bytes"]
+    lrzip_bytes = default["packers"].get("lrzip_pergroup", dict(bytes=None))["bytes"]
     print(f"quant_report float_bpb:{bpb.get('float', float('nan')):.6f} gptq_lite_gap:{gap('gptq_lite'):.6f} "
           f"gptq_gap:{gap('gptq'):.6f} lzma_bytes:{default['packers']['lzma']['bytes']} "
           f"best_bytes:{default['packers'][best]['bytes']} entropy_bytes:{default['entropy_bytes']:.0f} "
           f"best_compressor:{best} default_gap:{default['gap']:.8f} record_scheme_gap:{gap('record_scheme'):.8f} "
-          f"brotli_bytes:{brotli}")
+          f"brotli_bytes:{brotli}" + (f" lrzip_pergroup_bytes:{lrzip_bytes}" if lrzip_bytes else ""))
 
 
 def spread(values: list) -> tuple:
