@@ -27,6 +27,7 @@ def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
         return ast.dump(tree)
     assert ast.dump(ast.parse(program)) == without_docstrings(ast.parse(source))
     assert '"""' not in program and "# ----" not in program
+    assert " = " not in program.split("\n", 20)[-1][:2000]  # minified, not the unminified fallback
     # A comment or docstring edit leaves the packed bytes alone; a code edit changes them.
     assert tg.pack_code(source.replace("# -------------------- model", "# model")) == packed
     assert tg.pack_code(source.replace("SEED=1337", "SEED=1338")) != packed
@@ -38,9 +39,9 @@ def test_unpack_refuses_what_is_not_packed():
     good = tg.pack_code("x = 1\n")
     with pytest.raises(ValueError, match="not a packed"):
         tg.unpack_code(good.replace(good[60:70], "~" * 10))
-    assert tg.unpack_code(good) == "x = 1\n"
+    assert tg.unpack_code(good) == "x=1\n"  # minified: no space where no two word characters meet
     head = good.split('"')[1]
-    assert lzma.decompress(tg.base64.b85decode(head)) == b"x = 1\n"
+    assert lzma.decompress(tg.base64.b85decode(head)) == b"x=1\n"
 
 
 def test_the_packed_file_runs_to_the_same_digits(tmp_path, script_env, run_script):
@@ -64,3 +65,15 @@ def test_the_packed_file_runs_to_the_same_digits(tmp_path, script_env, run_scrip
     assert scores(packed.stdout) == scores(src.stdout) and any(ln.startswith("final_int6") for ln in scores(src.stdout))
     assert f"Code size: {packed_path.stat().st_size} bytes" in src.stdout
     assert (tmp_path / "out" / tg.PACKED_NAME).read_bytes() == packed_path.read_bytes()
+
+
+def test_minified_whitespace_keeps_strings_words_and_f_strings():
+    source = (
+        "x = 1 if 'a b' else 2\n"
+        "def f(a, *b, **c):\n"
+        "    return f\"{a!r} = {b['k  q']}\" + 'it\\'s  ' + \"q'  \" + b'x  y'\n"
+        "y = [i for i in range(3) if i is not None and not i in (0,)]\n")
+    program = tg.strip_source(source)
+    assert ast.dump(ast.parse(program)) == ast.dump(ast.parse(source))
+    assert program.startswith("x=1 if'a b'else 2\n") and "{b['k  q']}\"+\"it's  \"+\"q'  \"+b'x  y'" in program
+    assert "range(3)if i is not None and(not i in(0,))" in program
