@@ -34,7 +34,7 @@ DEFAULTS = dict(
     LATE_QAT=1, LATE_QAT_THRESHOLD=0.15, LATE_QAT_BANKS=1,
     QUANT="gptq", MATRIX_BITS=6, EMBED_BITS=8, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=64, GPTQ_CALIB_LEN=2048,
     GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.001, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
-    COMPRESSOR="rans", FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
+    FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
     TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
     TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, EVAL_SLIDING_PASS=0, EVAL_BUDGET_SECONDS=600.0,
     SLOT_ENABLED=1, SLOT_LR=0.003, SLOT_STEPS=5, SLOT_MODE="causal",
@@ -69,7 +69,7 @@ STACKS = dict(seed=dict(EMBED_WD="ADAM_WD"), pr1855=dict(EVAL_STRIDE="EVAL_SEQ_L
     TTT_ENABLED=0, SLOT_ENABLED=0, QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1,
     PHASED_TTT_ENABLED=1))
 CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
-               COMPILE=("auto", "0", "1"), COMPRESSOR=("rans", "lzma", "best"), SLOT_MODE=("causal", "batch"),
+               COMPILE=("auto", "0", "1"), SLOT_MODE=("causal", "batch"),
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
                QUANT_SCALES=("search", "sdclip"),
                STACK=tuple(STACKS))
@@ -133,16 +133,14 @@ def parse_settings(env=os.environ):
     for bad, msg in (
         (s["NUM_LOOPS"] and not 0 <= s["LOOP_START"] <= s["LOOP_END"] < L,
          f"LOOP_START={s['LOOP_START']}..LOOP_END={s['LOOP_END']} must be layers with 0 <= start <= end < NUM_LAYERS={L}"),
-        (s["PARALLEL_START_LAYER"] >= L, f"PARALLEL_START_LAYER={s['PARALLEL_START_LAYER']} must be < NUM_LAYERS={L} "
-                                         "(0: no parallel lanes)"),
+        (s["PARALLEL_START_LAYER"] >= L, f"PARALLEL_START_LAYER={s['PARALLEL_START_LAYER']} must be < NUM_LAYERS={L}"),
         (s["SMEAR_GATE_ENABLED"] and s["SMEAR_FIXED_ENABLED"],
-         "SMEAR_GATE_ENABLED=1 (the record's input-dependent gate) and SMEAR_FIXED_ENABLED=1 (the seed's) exclude each "
-         "other: set one to 0"),
+         "SMEAR_GATE_ENABLED=1 and SMEAR_FIXED_ENABLED=1 exclude each other: set one to 0"),
         (s["GATE_WINDOW"] > s["MODEL_DIM"], f"GATE_WINDOW={s['GATE_WINDOW']} must be at most MODEL_DIM"),
         (s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
-         f"MUON_POLAR_EXPRESS=1 has {len(POLAR_EXPRESS)} coefficient tuples: MUON_BACKEND_STEPS must be at most that"),
+         f"MUON_POLAR_EXPRESS=1 needs MUON_BACKEND_STEPS <= {len(POLAR_EXPRESS)}"),
         (s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env and s["WARMDOWN_ITERS"] > 0,
-         "WARMDOWN_FRAC (a fraction of the training time) and WARMDOWN_ITERS (steps) both set: keep one"),
+         "WARMDOWN_FRAC and WARMDOWN_ITERS both set: keep one"),
         (any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
          f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1"),
         (s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
@@ -153,11 +151,11 @@ def parse_settings(env=os.environ):
          f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences"),
         (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
         (s["PHASED_TTT_ENABLED"] and s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch",
-         "SLOT_MODE=batch has no phased TTT form (a chunk's offset is fitted on the targets before it): use causal"),
+         "SLOT_MODE=batch has no phased TTT form: use causal"),
         (s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
-         f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']} (a chunk's context)"),
+         f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']}"),
         (s["TTT_ENABLED"] and chunk % eval_len,
-         f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len} (TTT trains on whole sequences)"),
+         f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len}"),
         (s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
          "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
          "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self"),
@@ -526,14 +524,10 @@ class GPT(nn.Module):
         base, rd = rope_base(self.s, past + T), self.s["ROPE_DIMS"]
         q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
-        if cache is not None:  # generation
-            if not past:
-                cache[slot] = tuple(t.new_zeros(B, cache["max_len"], Hkv, D) for t in (k, v))
-            for c, t in zip(cache[slot], (k, v)):
-                c[:, past:past + T] = t
+        if cache is not None:  # generation: this call's keys and values after the cached ones
+            cache[slot] = kv = [torch.cat(t, 1) for t in zip(cache.get(slot, (k[:, :0], v[:, :0])), (k, v))]
         if past:  # the new position attends to every cached one
-            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, *(c[:, :past + T] for c in cache[slot]))),
-                                               enable_gqa=True).transpose(1, 2)
+            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, *kv)), enable_gqa=True).transpose(1, 2)
         elif seg is not None:
             y = self.doc_attention(q, k, v, seg)
         else:
@@ -974,9 +968,6 @@ def train(model, run, val, luts):
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
         if stopping:
             run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s['ITERATIONS']}")
-    if run.cuda:
-        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     weights, source = averages.final_weights(model)
     run.log(f"final_weights:{source}")
     run.summary.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
@@ -1050,7 +1041,7 @@ def calibration_tokens(model, run):
         return torch.from_numpy(tokens.astype(np.int64)).view(n, T).to(dev)
     gen = torch.Generator(dev).manual_seed(s["SEED"])
     idx = torch.full((n, 1), BOS_ID, dtype=torch.int64, device=dev)
-    cache = dict(len=0, max_len=T)
+    cache = dict(len=0)
     for _ in range(T - 1):
         with run.autocast():
             logits = model.compute_logits(model.forward_hidden(idx, cache)[:, -1:])[:, -1]
@@ -1214,27 +1205,22 @@ def dequantize_state(tensors, scheme, num_layers):
     return rebank(flat, num_layers)
 
 
-# rANS: all quantized symbols in one stream, each with its tensor's table, by interleaved lanes (numpy-vectorized).
+# rANS: all coded symbols in one stream, each with its table, by interleaved lanes (numpy-vectorized).
 # 32-bit states in [2^16, 2^32), 16-bit words, frequencies summing to 2^14.
-RANS_MAGIC, RANS_PREC, RANS_LOW = b"PGRANS1\n", 14, 1 << 16
-XZ_MAGIC, RANS_HEAD = b"\xfd7zXZ\x00", ("freq", "states", "counts")
+RANS_MAGIC, RANS_PREC, RANS_LOW, RANS_ALPHABET = b"PGRANS2\n", 14, 1 << 16, 511
+RANS_HEAD = ("freq", "states", "counts")
 
 
-def rans_tables(symbols, alphabet):
-    """Per-tensor symbol counts scaled to sum 2^RANS_PREC, each symbol that occurs at least 1."""
-    M, freq = 1 << RANS_PREC, np.zeros((len(symbols), alphabet), np.int64)
-    for i, sym in enumerate(symbols):
-        counts = np.bincount(sym, minlength=alphabet)
-        f = np.where(counts > 0, np.maximum(1, np.round(counts * M / counts.sum())), 0).astype(np.int64)
+def rans_tables(counts):
+    """Symbol counts (a row per table) scaled to sum 2^RANS_PREC, each symbol that occurs at least 1."""
+    M, freq = 1 << RANS_PREC, np.zeros(counts.shape, np.int64)
+    for i, c in enumerate(counts):
+        f = np.where(c > 0, np.maximum(1, np.round(c * M / c.sum())), 0).astype(np.int64)
         while f.sum() != M:  # the most frequent symbols absorb the rounding
             j = f.argmax()
             f[j] += max(M - f.sum(), 1 - f[j])
         freq[i] = f
     return freq
-
-
-def rans_lanes(n):
-    return int(min(1024, max(1, n // 4096)))
 
 
 def rans_codes(freq):
@@ -1290,36 +1276,109 @@ def rans_decode(tables, freq, states, counts, words):
 
 
 def xz_safetensors(tensors, meta):
-    return lzma.compress(st.save(tensors, metadata={"pgolf": json.dumps(meta)}), preset=9)
+    """LZMA with 2-byte literal contexts (most of what it packs is 16-bit: scales, fp16 tensors, the coder tables)."""
+    return lzma.compress(st.save(tensors, metadata={"pgolf": json.dumps(meta)}),
+                         filters=[dict(id=lzma.FILTER_LZMA2, preset=9, lc=0, lp=1, pb=1)])
 
 
-def pack_rans(tensors, scheme, meta):
-    """magic, head length, LZMA(safetensors of the unquantized tensors, scales and coder tables), rANS words."""
-    symbols = [tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127 for k in coded_names(scheme)]
-    freq = rans_tables(symbols, 255)
-    keys = np.concatenate([i * 255 + sym for i, sym in enumerate(symbols)] or [np.zeros(0, np.int64)])
-    states, counts, words = rans_encode(keys, freq, rans_lanes(len(keys)))
-    rest = {k: v for k, v in tensors.items() if not k.endswith(".q")}
-    for k, v in zip(RANS_HEAD, (freq, states, counts)):
-        rest[f"rans.{k}"] = torch.from_numpy(v.astype(np.int64))
-    head = xz_safetensors(rest, meta)
-    return RANS_MAGIC + len(head).to_bytes(4, "little") + head + words.astype("<u2").tobytes()
+# Context coding. The tensors of one role (one name but for the layer, one shape) form a group, side by side: rows x
+# (layers * cols). Each row of a layer's matrix (a unit) is coded as residuals from a prediction out of the rows above
+# it: (wa x the symbol above + wm x the mean of the symbols above) / 4, with the (wa, wm) and the rANS table of the
+# unit's mode, one of up to CTX_MODES per group. The encoder fits modes and tables by alternation and picks, per group,
+# the mode count and row order (as stored, or the record's greedy L1 nearest-neighbour chain) of fewest bytes.
+CTX_MODES, CTX_ITERS, CHAIN_MAX_ROWS, CTX_SAMPLE_ROWS, TABLE_BYTES = (1, 4, 16), 4, 8192, 1024, 300
+
+
+def coder_groups(scheme, shapes):
+    """Coded tensor names by role: one group per name with the layer index left out and shape, in first-seen order."""
+    groups = {}
+    for k in coded_names(scheme):
+        groups.setdefault((re.sub(r"\.\d+\.", ".", k), tuple(shapes[k])), []).append(k)
+    return list(groups.values())
+
+
+def predict(above, total, i, wa, wm, max_q):
+    """The prediction of row i from the row above and the sum of all rows above: floor of an exact integer over 4i
+    (one float division, exact at these magnitudes; 0 for row 0)."""
+    return np.clip(np.floor((wa * above * i + wm * total + 2 * i) / (4 * np.maximum(i, 1))), -max_q, max_q).astype(np.int64)
+
+
+def chain_order(q):
+    """Rows in a greedy L1 nearest-neighbour chain from row 0: each next row the nearest of those left."""
+    d = torch.cdist(*[torch.from_numpy(q).float()] * 2, p=1.0)
+    d[:, 0], order = math.inf, [0]
+    for _ in range(len(q) - 1):
+        order.append(int(d[order[-1]].argmin()))
+        d[:, order[-1]] = math.inf
+    return np.array(order)
+
+
+def fit_modes(G, L, max_q, K):
+    """Modes of a group matrix's units: start from K quantiles of the units' spread, then CTX_ITERS times fit each
+    mode's (wa, wm) by least squares on its units, and move each unit to the mode whose table codes it in the fewest
+    bits. Modes (rows, L), their (wa, wm), the residuals, and the estimated bytes of the residuals."""
+    rows, W = G.shape
+    above, total = (np.vstack([0 * a[:1], a[:-1]]) for a in (G, np.cumsum(G, 0)))
+    i, units = np.arange(rows)[:, None], lambda a: a.reshape(rows, L, -1)
+    X = (above, total / np.maximum(i, 1), G)
+    moments = np.stack([units(a * b).sum(-1) for a in X[:2] for b in X], -1)  # per unit: aa am ag ma mm mg
+    modes = (np.argsort(np.argsort(units(G).std(-1), axis=None)) * K // (rows * L)).reshape(rows, L)
+    for _ in range(CTX_ITERS):
+        w, bits = np.zeros((K, 2), np.int64), np.full((K, rows, L), np.inf)
+        for k in range(K):
+            if (sel := modes == k).any():
+                m = moments[sel].sum(0).reshape(2, 3)
+                w[k] = np.clip(np.round(4 * np.linalg.lstsq(m[:, :2], m[:, 2], rcond=None)[0]), 0, 8)
+                E = units(G - predict(above, total, i, *w[k], max_q) + RANS_ALPHABET // 2)
+                p = np.bincount(E[sel].ravel(), minlength=RANS_ALPHABET) + 0.02
+                bits[k] = -np.log2(p / p.sum())[E].sum(-1)
+        modes = bits.argmin(0)
+    used, modes = np.unique(modes, return_inverse=True)
+    wa, wm = np.repeat(w[used][modes.reshape(rows, L)], W // L, axis=1).transpose(2, 0, 1)
+    return modes.reshape(rows, L), w[used], G - predict(above, total, i, wa, wm, max_q), bits.min(0).sum() / 8
+
+
+def code_group(qs, max_q):
+    """(row orders or None, modes, (wa, wm) per mode, residuals) of a group's matrices: of the options (rows in order
+    or chained; each mode count of CTX_MODES), the one of fewest estimated bytes (residuals and tables on a sample:
+    the first 2 matrices, their first CTX_SAMPLE_ROWS rows; row orders), fitted then on all."""
+    rows, L, m, best = len(qs[0]), len(qs), min(len(qs), 2), (math.inf,)
+    for chain in (False, True)[:1 + (rows <= CHAIN_MAX_ROWS)]:
+        order = np.stack([chain_order(q) for q in qs]) if chain else None
+        G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
+        sample = G[:CTX_SAMPLE_ROWS, :G.shape[1] // L * m]
+        for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
+            _, w, _, est = fit_modes(sample, m, max_q, K)
+            est = est * G.size / sample.size + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
+            best = min(best, (est, K, order, G), key=lambda b: b[0])
+    return best[2], *fit_modes(best[3], L, max_q, best[1])[:3]
 
 
 def pack(tensors, scheme, s):
-    """Serialize (safetensors, no pickle) and compress with COMPRESSOR (best: the smaller)."""
-    meta = dict(format="pgolf-int-v2", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
+    """Serialized (safetensors, no pickle) and context-coded, reproducibly: magic, head length, LZMA(safetensors of
+    the unquantized tensors, scales, the coder's modes, (wa, wm), row orders and tables), rANS words."""
+    meta = dict(format="pgolf-int-v3", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
                 shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)})
     if lqer := {k: list(tensors[k + ".lqa"].shape[1:]) + list(tensors[k + ".lqb"].shape[1:])
                 for k in coded_names(scheme) if k + ".lqa" in tensors}:
         meta["lqer"] = lqer  # name: [rank, group], for the shape check before decoding
-    options = {}
-    if s["COMPRESSOR"] in ("rans", "best"):
-        options["rans"] = pack_rans(tensors, scheme, meta)
-    if s["COMPRESSOR"] in ("lzma", "best"):  # one metadata key: the bytes are reproducible
-        options["lzma"] = xz_safetensors(tensors, meta)
-    name = min(options, key=lambda k: len(options[k]))
-    return options[name], name
+    rest, keys, n_tables = {k: v for k, v in tensors.items() if not k.endswith(".q")}, [], 0
+    for g, names in enumerate(coder_groups(scheme, meta["shapes"])):
+        order, modes, w, E = code_group([tensors[k + ".q"].numpy().astype(np.int64) for k in names],
+                                           max_q_of(scheme[names[0]]))
+        keys.append(((n_tables + np.repeat(modes, E.shape[1] // len(names), axis=1)) * RANS_ALPHABET + E
+                     + RANS_ALPHABET // 2).ravel())
+        n_tables += len(w)
+        rest[f"ctx.{g}.modes"], rest[f"ctx.{g}.w"] = torch.from_numpy(modes.astype(np.uint8)), torch.from_numpy(w)
+        if order is not None:
+            rest[f"ctx.{g}.order"] = torch.from_numpy(order.astype(np.int16))
+    keys = np.concatenate(keys)
+    freq = rans_tables(np.bincount(keys, minlength=n_tables * RANS_ALPHABET).reshape(n_tables, RANS_ALPHABET))
+    states, counts, words = rans_encode(keys, freq, int(min(1024, max(1, len(keys) // 16384))))
+    for k, v, dtype in zip(RANS_HEAD, (freq, states, counts), (np.int16, np.int64, np.int32)):
+        rest[f"rans.{k}"] = torch.from_numpy(v.astype(dtype))
+    head = xz_safetensors(rest, meta)
+    return RANS_MAGIC + len(head).to_bytes(4, "little") + head + words.astype("<u2").tobytes()
 
 
 def read_safetensors(raw, shapes=None):
@@ -1357,14 +1416,13 @@ def unpack(blob, s=None, check=None):
 
     def declared(header, head):  # the tensors the safetensors part must hold, by the header's scheme
         check and check(header)
-        scheme, rans = header["scheme"], "rans.freq" in head
-        if set(scheme) != set(flat) or rans and {k: tuple(v) for k, v in header["shapes"].items()} != {
+        scheme = header["scheme"]
+        if set(scheme) != set(flat) or {k: tuple(v) for k, v in header["shapes"].items()} != {
                 k: flat[k] for k in coded_names(scheme)}:
             raise ValueError("its tensors are not those of this model")
-        out = {f"rans.{k}": tuple(head[f"rans.{k}"]["shape"]) for k in RANS_HEAD} if rans else {}
+        out = {k: tuple(v["shape"]) for k, v in head.items() if k[:4] in ("rans", "ctx.")}  # checked when decoded
         for k, kind in scheme.items():
-            out.update({k + ".scale": flat[k][:1], **({} if rans else {k + ".q": flat[k]})} if kind.startswith("int")
-                       else {k: flat[k]})
+            out.update({k + ".scale": flat[k][:1]} if kind.startswith("int") else {k: flat[k]})
         for k, (r, g) in header.get("lqer", {}).items():  # LQER factors: rank and group bounded by the matrix
             rows, cols = flat[k]
             if not scheme[k].startswith("int") or not 0 < r <= min(rows, cols) or not 0 < g <= r * cols:
@@ -1373,27 +1431,39 @@ def unpack(blob, s=None, check=None):
             out.update({k + ".lqa": (rows, r), k + ".lqa_s": (1,), k + ".lqb": (n, g), k + ".lqb_s": (n,)})
         return out
 
-    if blob[:6] == XZ_MAGIC:
-        return read_safetensors(inflate(blob, limit), s and declared)
     n = int.from_bytes(blob[8:12], "little")
     if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
         raise ValueError
     tensors, header = read_safetensors(inflate(blob[12:12 + n], limit), s and declared)
-    freq, states, counts = (tensors.pop(f"rans.{k}").numpy() for k in RANS_HEAD)
-    words = np.frombuffer(blob[12 + n:], "<u2")
-    scheme, shapes = header["scheme"], header["shapes"]
-    coded = coded_names(scheme)
-    sizes = [math.prod(shapes[k]) for k in coded]
-    if (freq.shape != (len(coded), 255) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
+    freq, states, counts = (tensors.pop(f"rans.{k}").numpy().astype(np.int64) for k in RANS_HEAD)
+    words, scheme, shapes = np.frombuffer(blob[12 + n:], "<u2"), header["scheme"], header["shapes"]
+    groups, tables, n_tables = coder_groups(scheme, shapes), [], 0
+    ctx = [[tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")] for g in range(len(groups))]
+    for names, (modes, w, order) in zip(groups, ctx):
+        rows, cols = shapes[names[0]]
+        if modes.shape != (rows, len(names)) or order is not None and order.shape != modes.T.shape:
+            raise ValueError  # before anything their size sets is allocated
+        tables.append((n_tables + np.repeat(modes.numpy().astype(np.int64), cols, axis=1)).ravel())
+        n_tables += len(w)
+    if (freq.shape != (n_tables, RANS_ALPHABET) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
             or not 0 < len(states) == len(counts) or (counts < 0).any() or counts.sum() != len(words)
-            or not ((RANS_LOW <= states) & (states < 1 << 32)).all() or min(sizes, default=1) < 1):
+            or not ((RANS_LOW <= states) & (states < 1 << 32)).all()):
         raise ValueError
-    sym = rans_decode(np.repeat(np.arange(len(coded)), sizes), freq, states, counts, words)
-    for k, part in zip(coded, np.split(sym, np.cumsum(sizes)[:-1])):
-        q = part - 127
-        if np.abs(q).max(initial=0) > max_q_of(scheme[k]):
-            raise ValueError
-        tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8).reshape(shapes[k]))
+    sym, at = rans_decode(np.concatenate(tables), freq, states, counts, words) - RANS_ALPHABET // 2, 0
+    for names, (modes, w, order) in zip(groups, ctx):
+        rows, cols = shapes[names[0]]
+        max_q, E = max_q_of(scheme[names[0]]), sym[at:at + rows * cols * len(names)].reshape(rows, -1)
+        at += E.size
+        wa, wm = np.repeat(w.numpy()[modes.numpy()], cols, axis=1).transpose(2, 0, 1)
+        G, above, total = np.zeros_like(E), np.zeros(E.shape[1], np.int64), np.zeros(E.shape[1], np.int64)
+        for i in range(rows):  # undo the prediction row by row, as the encoder made it
+            G[i] = above = E[i] + predict(above, total, i, wa[i], wm[i], max_q)
+            total += above
+        for j, k in enumerate(names):
+            q = G[:, j * cols:(j + 1) * cols]
+            if order is not None:
+                q = q[np.argsort(order[j].numpy())]
+            tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8))
     return tensors, header
 
 
@@ -1450,42 +1520,22 @@ def entropy_bytes(counts):
         return float(np.nansum(c * np.log2(c.sum(axis=-1, keepdims=True) / c)) / 8)
 
 
-def symbol_counts(q):
-    return np.bincount(q.numpy().astype(np.int64).ravel() + 127, minlength=255)
-
-
-def log_precision_groups(run, state, tensors, scheme):
-    """Per precision: parameters, estimated bytes (order-0 entropy + scales) and relative MSE."""
-    L, groups = run.s["NUM_LAYERS"], {}
-    flat, back = unbank({k: v.float().cpu() for k, v in state.items()}, L), unbank(dequantize_state(tensors, scheme, L), L)
-    for name, kind in scheme.items():
-        t = tensors.get(name)
-        nbytes = t.numel() * t.element_size() if t is not None else \
-            entropy_bytes(symbol_counts(tensors[name + ".q"])) + 2 * tensors[name + ".scale"].numel()
-        w = flat[name]
-        e = (w - back[name].float()).square().sum().item()
-        groups[kind] = [a + b for a, b in zip(groups.get(kind, [0] * 4), (w.numel(), nbytes, e, w.square().sum().item()))]
-    for kind, (n, nbytes, err, norm) in sorted(groups.items()):
-        run.log(f"quant_group:{kind} params:{n} est_bytes:{nbytes:.0f} rel_mse:{err / max(norm, 1e-30):.3e}")
-
-
 def fit_to_limit(run, tensors, scheme, hessians, budget):
     """Pack; over budget, zero the +-1 values that cost least (scale^2 x normalized H diagonal) to fit."""
-    blob, method = pack(tensors, scheme, run.s)
+    blob = pack(tensors, scheme, run.s)
     if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
-        return blob, method
+        return blob
     names = coded_names(scheme)
-    original, cost, cells, signal = {k: tensors[k + ".q"] for k in names}, [], [], 0.0
+    original, cost, cells = {k: tensors[k + ".q"] for k in names}, [], []
     for i, k in enumerate(names):
         q, scale = original[k], tensors[k + ".scale"].float()
         h = hessians[k].diagonal() / hessians[k].diagonal().mean() if hessians and k in hessians else torch.ones(q.size(1))
         r, c = (q.abs() == 1).nonzero(as_tuple=True)
         cost.append((scale[r].square() * h[c]).numpy())
         cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].long().numpy() + 127]))
-        signal += ((q.float() * scale[:, None]).square() * h).sum().item()
     order = np.argsort(np.concatenate(cost), kind="stable")
     cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
-    counts = np.stack([symbol_counts(original[k]) for k in names])
+    counts = np.stack([np.bincount(original[k].numpy().astype(np.int64).ravel() + 127, minlength=255) for k in names])
 
     def saving(n):  # order-0 bytes saved by zeroing the n cheapest values
         m = np.bincount(cells[0, :n] * 255 + cells[3, :n], minlength=counts.size).reshape(counts.shape)
@@ -1497,13 +1547,12 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
         for i, k in enumerate(names):
             q = tensors[k + ".q"] = original[k].clone()
             q[tuple(cells[1:3, :n][:, cells[0, :n] == i])] = 0
-        fitted, method = pack(tensors, scheme, run.s)
+        fitted = pack(tensors, scheme, run.s)
         if len(fitted) <= budget or n == len(cost):
             break
         need = int(need * 1.25) + 64
-    run.log(f"fit_to_limit: zeroed {n} of {len(cost)} +-1 values, bytes {len(blob)} -> {len(fitted)} "
-            f"(budget {budget}), predicted output error +{cost[:n].sum() / max(signal, 1e-30):.3e} of the signal")
-    return fitted, method
+    run.log(f"fit_to_limit: zeroed {n} of {len(cost)} +-1 values, bytes {len(blob)} -> {len(fitted)} (budget {budget})")
+    return fitted
 
 
 def export_artifact(run, state, path, code_bytes):
@@ -1522,14 +1571,13 @@ def export_artifact(run, state, path, code_bytes):
     t1 = time.perf_counter()
     tensors, scheme = quantize_state(state, s, hessians)
     run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")
-    log_precision_groups(run, state, tensors, scheme)
     if lqer := [k for k in scheme if k + ".lqa" in tensors]:
         run.log(f"lqer rank:{s['LQER_RANK']} group:{s['LQER_ASYM_GROUP']} tensors:{','.join(lqer)}")
     t2 = time.perf_counter()
-    blob, method = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
-    run.log(f"pack:{method} time:{time.perf_counter() - t2:.1f}s")
+    blob = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
+    run.log(f"pack:rans time:{time.perf_counter() - t2:.1f}s")
     write_atomic(path, blob)
-    return len(blob), method
+    return len(blob)
 
 
 # -------------------- code bytes: the packed, self-extracting train_gpt.py that a record ships and counts
@@ -1895,9 +1943,6 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
     s, metrics, weights = run.s, run.summary["metrics"], copy.deepcopy(model.state_dict())
     run.summary["eval_time_s"] = load_s
     run.log(f"artifact_load_seconds:{load_s:.1f}")
-    if s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch":
-        run.log("WARNING: SLOT_MODE=batch fits its delta on the targets it scores, breaking causality (SPEC 2.1): "
-                "it only reproduces the seed; SLOT_MODE=causal is the legal one")
     for label, kw in eval_paths(s):
         PROGRESS["stage"] = f"evaluation ({label})"
         model.load_state_dict(weights)  # every pass from the artifact's weights: TTT passes change them
@@ -1929,8 +1974,6 @@ def log_header(run, code, packed):
     run.log(f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
             f"attention:{run.attn_name} compile:{int(run.compile)}")
     run.log("settings: " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items()))
-    by_stack = [k for k in STACKS[s["STACK"]] if k not in os.environ and s[k] != DEFAULTS[k]]
-    run.log(f"stack:{s['STACK']} changes: " + (" ".join(f"{k}={s[k]}" for k in by_stack) or "nothing"))
     changed = " ".join(f"{k}={os.environ[k]}" for k in DEFAULTS if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR"))
     launcher = f"torchrun --standalone --nproc_per_node={run.world}" if "RANK" in os.environ else "python"
     run.summary.update(settings=s, run_command=f"{changed} {launcher} train_gpt.py".strip())
@@ -1986,12 +2029,11 @@ def main():
     load_s = time.perf_counter() - t_load
     model_bytes, limit = artifact.stat().st_size, s["ARTIFACT_LIMIT_BYTES"]
     total = model_bytes + code_bytes
-    method = "rans" if artifact.read_bytes()[:8] == RANS_MAGIC else "lzma"
-    run.log(f"Serialized model int6+{method}: {model_bytes} bytes")
-    run.log(f"Total submission size int6+{method}: {total} bytes (packed code {code_bytes} + model {model_bytes})")
+    run.log(f"Serialized model int6+rans: {model_bytes} bytes")
+    run.log(f"Total submission size int6+rans: {total} bytes (packed code {code_bytes} + model {model_bytes})")
     if over := total > limit:
         run.log(f"!!! OVER THE LIMIT: {total} bytes > ARTIFACT_LIMIT_BYTES={limit}; "
-                f"the artifact is kept and evaluated, but it is not a valid submission !!!")
+                f"kept and evaluated, not a valid submission !!!")
     run.summary.update(artifact=str(artifact), over_limit=over,
                        bytes=dict(model=model_bytes, code=code_bytes, code_source=len(code.encode()),
                                                          total=total, limit=limit))

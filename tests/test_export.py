@@ -108,7 +108,7 @@ def test_kv_cache_generation_matches_the_full_forward(tiny_settings):
     idx = torch.randint(0, 1024, (2, 24))
     with torch.no_grad():
         full = model.compute_logits(model.forward_hidden(idx))
-        cache = dict(len=0, max_len=24)
+        cache = dict(len=0)
         steps = [model.compute_logits(model.forward_hidden(idx[:, :5], cache))]  # a prefill of 5, then one at a time
         for t in range(6, 25):
             steps.append(model.compute_logits(model.forward_hidden(idx[:, :t], cache)))
@@ -156,7 +156,7 @@ def test_rans_round_trip_is_exact(lanes):
     parts = [np.clip(np.round(rng.normal(0, sd, n)), -mq, mq).astype(np.int64) + mq
              for sd, n, mq in ((4, 3000, 31), (0.2, 333, 15), (30, 2000, 127), (1, 1, 63), (2, 700, 31))]
     alphabet = 255
-    freq = tg.rans_tables(parts, alphabet)
+    freq = tg.rans_tables(np.stack([np.bincount(p, minlength=alphabet) for p in parts]))
     assert (freq.sum(axis=1) == 1 << tg.RANS_PREC).all()
     keys = np.concatenate([i * alphabet + p for i, p in enumerate(parts)])
     states, counts, words = tg.rans_encode(keys, freq, lanes)
@@ -167,13 +167,101 @@ def test_rans_round_trip_is_exact(lanes):
     assert 2 * len(words) + 4 * lanes < bound * 1.01 + 4 * lanes + 16
 
 
-def test_rans_artifact_is_smaller_than_lzma_and_near_the_entropy_bound(tiny_settings, tmp_path):
+def test_predict_is_the_integer_floor_of_its_formula():
+    rng = np.random.default_rng(0)
+    above, total, i = rng.integers(-127, 128, 5000), rng.integers(-127 * 8191, 127 * 8191, 5000), rng.integers(0, 8192, 5000)
+    wa, wm = rng.integers(0, 9, 5000), rng.integers(0, 9, 5000)
+    total[i == 0] = 0  # nothing is above row 0
+    got = tg.predict(above, total, i, wa, wm, 31)
+    want = [0 if n == 0 else max(-31, min(31, (int(a) * int(x) * int(n) + int(b) * int(t) + 2 * int(n)) // (4 * int(n))))
+            for a, x, b, t, n in zip(wa, above, wm, total, i)]  # Python's exact integer floor division
+    assert got.tolist() == want
+
+
+def test_chain_order_is_the_greedy_l1_nearest_neighbour_chain():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-5, 6, size=(40, 7))
+    q[17] = q[30] = q[3]  # ties at distance 0: the first row not yet taken wins
+    order, taken = [0], {0}
+    while len(order) < len(q):  # brute force, row by row
+        d = [np.abs(q[j] - q[order[-1]]).sum() if j not in taken else np.inf for j in range(len(q))]
+        order.append(int(np.argmin(d)))
+        taken.add(order[-1])
+    assert tg.chain_order(q).tolist() == order
+
+
+def structured_group(rng, layers=3, rows=96, cols=48, max_q=31):
+    """Matrices of one role with the structure the coder models: half the rows near-copies of a few prototypes (a
+    chain puts them together, the row above predicts them), column offsets (the mean of the rows above predicts
+    them), and two row scales (two modes)."""
+    out = []
+    for _ in range(layers):
+        protos, offset = rng.normal(0, 6, (4, cols)), rng.normal(0, 4, cols)
+        scale = np.where(rng.random(rows) < 0.5, 1.0, 5.0)[:, None]
+        q = offset + scale * rng.normal(0, 1, (rows, cols))
+        copies = rng.random(rows) < 0.5
+        q[copies] = protos[rng.integers(0, 4, copies.sum())] + (rng.random((copies.sum(), cols)) < 0.1)
+        out.append(np.clip(np.round(q), -max_q, max_q).astype(np.int64))
+    return out
+
+
+def test_context_coder_finds_the_structure_and_round_trips_exactly(tiny_settings):
+    """On matrices with near-duplicate rows, column offsets and two row scales, code_group chains the rows, fits
+    several modes and predicts from above and from the mean; the packed artifact of such a model decodes to the same
+    symbols, and its symbols cost well under their order-0 entropy (computed here from the counts)."""
+    rng = np.random.default_rng(1)
+    qs = structured_group(rng)
+    order, modes, w, E = tg.code_group(qs, 31)
+    assert order is not None and [sorted(o) for o in order.tolist()] == [list(range(96))] * 3
+    assert len(w) > 1 and w[:, 0].max() > 0 and w[:, 1].max() > 0  # modes; predictions from above and the mean
+    assert modes.shape == (96, 3) and E.shape == (96, 3 * 48)
+    # The residuals are those of the prediction: rebuild each matrix row by row from them.
+    G = np.concatenate([q[o] for q, o in zip(qs, order)], axis=1)
+    wa, wm = np.repeat(w[modes], 48, axis=1).transpose(2, 0, 1)
+    above, total = np.zeros(3 * 48, np.int64), np.zeros(3 * 48, np.int64)
+    for i in range(96):
+        pred = [0 if i == 0 else max(-31, min(31, (a * x * i + b * t + 2 * i) // (4 * i)))
+                for a, x, b, t in zip(wa[i].tolist(), above.tolist(), wm[i].tolist(), total.tolist())]
+        assert (G[i] - np.array(pred) == E[i]).all()
+        above, total = G[i], total + G[i]
+    # A whole artifact: its coded tensors replaced by such groups, packed and unpacked.
+    torch.manual_seed(0)
+    s = export_settings(tiny_settings)
+    tensors, scheme = tg.quantize_state(randomize_(tg.GPT(s), 4).state_dict(), s)
+    for names in tg.coder_groups(scheme, {k: tuple(tensors[k + ".q"].shape) for k in tg.coded_names(scheme)}):
+        rows, cols = tensors[names[0] + ".q"].shape
+        max_q = tg.max_q_of(scheme[names[0]])
+        for k, q in zip(names, structured_group(rng, len(names), rows, cols, max_q)):
+            tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8))
+    blob = tg.pack(tensors, scheme, s)
+    assert blob[:8] == tg.RANS_MAGIC and blob == tg.pack(tensors, scheme, s)  # reproducible
+    back, _ = tg.unpack(blob)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    words = len(blob) - 12 - int.from_bytes(blob[8:12], "little")
+    order0 = sum(tg.entropy_bytes(np.bincount(tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127))
+                 for k in tg.coded_names(scheme))
+    assert words < 0.85 * order0
+
+
+def test_fit_modes_splits_units_by_their_scale():
+    """Two kinds of rows (spread 1 and 8, no other structure): with two modes each row lands in its kind's mode, and
+    the estimate is below one table's."""
+    rng = np.random.default_rng(2)
+    wide = rng.random(200) < 0.5
+    G = np.round(rng.normal(0, 1, (200, 64)) * np.where(wide, 8, 1)[:, None]).astype(np.int64)
+    modes, w, E, bits = tg.fit_modes(G, 1, 31, 2)
+    assert len(w) == 2 and len(set(modes[wide, 0])) == 1 and len(set(modes[~wide, 0])) == 1
+    assert modes[wide, 0][0] != modes[~wide, 0][0]
+    assert bits < tg.fit_modes(G, 1, 31, 1)[3]
+
+
+def test_artifact_is_smaller_than_lzma_and_near_the_entropy_bound(tiny_settings, tmp_path):
     torch.manual_seed(0)
     s = export_settings(tiny_settings)
     state = randomize_(tg.GPT(s), 5).state_dict()
     tensors, scheme = tg.quantize_state(state, s)
-    rans = len(tg.pack(tensors, scheme, dict(s, COMPRESSOR="rans"))[0])
-    xz = len(tg.pack(tensors, scheme, dict(s, COMPRESSOR="lzma"))[0])
+    rans = len(tg.pack(tensors, scheme, s))
+    xz = len(lzma.compress(tg.st.save(tensors), preset=9))
     symbols = sum(tg.entropy_bytes(np.bincount(t.numpy().astype(np.int64).ravel() + 127))
                   for k, t in tensors.items() if k.endswith(".q"))
     assert rans < 0.99 * xz and rans < symbols + sum(t.numel() * t.element_size() for k, t in tensors.items()
@@ -195,11 +283,9 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
     torch.manual_seed(0)
     s = tiny_settings()
     state = randomize_(tg.GPT(s), 6).state_dict()
-    good = {}
-    for method in ("rans", "lzma"):
-        save(state, tiny_settings(COMPRESSOR=method), tmp_path / f"{method}.ptz")
-        good[method] = (tmp_path / f"{method}.ptz").read_bytes()
-        tg.load_artifact(tmp_path / f"{method}.ptz", s)  # intact: loads
+    save(state, s, tmp_path / "good.ptz")
+    r = (tmp_path / "good.ptz").read_bytes()
+    tg.load_artifact(tmp_path / "good.ptz", s)  # intact: loads
 
     def flip(blob, at):
         b = bytearray(blob)
@@ -212,14 +298,22 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
     def bad_state(t):
         t["rans.states"][0] = 3
 
-    r, x = good["rans"], good["lzma"]
+    def bad_modes(t):  # a shape its size would be allocated from
+        t["ctx.0.modes"] = torch.zeros(10 ** 4, 3, dtype=torch.uint8)
+
+    def bad_order(t):  # a row order of another length than its matrices' rows
+        t["ctx.0.order"] = torch.arange(5, dtype=torch.int16)[None]
+
+    def missing_w(t):
+        del t["ctx.1.w"]
+
     n = int.from_bytes(r[8:12], "little")
     cases = dict(
         rans_truncated=r[:len(r) // 2], rans_stream_flipped=flip(r, len(r) - 40), rans_head_flipped=flip(r, 12 + n // 2),
         rans_bad_magic=b"PGRANS9\n" + r[8:], rans_bad_length=r[:8] + (10 ** 9).to_bytes(4, "little") + r[12:],
         rans_bad_freq=rewrite_rans_head(r, bad_freq), rans_bad_state=rewrite_rans_head(r, bad_state),
-        rans_extra_word=r + b"\x00\x00", lzma_truncated=x[:len(x) - 100], lzma_flipped=flip(x, len(x) // 2),
-        empty=b"")
+        rans_extra_word=r + b"\x00\x00", bad_modes=rewrite_rans_head(r, bad_modes),
+        bad_order=rewrite_rans_head(r, bad_order), missing_w=rewrite_rans_head(r, missing_w), empty=b"")
     for name, blob in cases.items():
         path = tmp_path / f"{name}.ptz"
         path.write_bytes(blob)
@@ -237,16 +331,16 @@ def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
     state = randomize_(tg.GPT(s), 7).state_dict()
     tensors, scheme = tg.quantize_state(state, s)
     original = {k: v.clone() for k, v in tensors.items()}
-    full, _ = tg.pack(tensors, scheme, s)
+    full = tg.pack(tensors, scheme, s)
     logs = []
     run = types.SimpleNamespace(s=s, log=logs.append)
     # Already under: the very bytes pack() makes, nothing changed, nothing logged.
-    blob, method = tg.fit_to_limit(run, tensors, scheme, None, len(full) + 10)
-    assert blob == full and method == "rans" and logs == []
+    blob = tg.fit_to_limit(run, tensors, scheme, None, len(full) + 10)
+    assert blob == full and logs == []
     assert all(torch.equal(tensors[k], original[k]) for k in tensors)
     # Over by 0.5%: the result fits, and only +-1 values became 0, the cheapest (scale^2) ones first.
     budget = int(len(full) * 0.995)
-    blob, _ = tg.fit_to_limit(run, tensors, scheme, None, budget)
+    blob = tg.fit_to_limit(run, tensors, scheme, None, budget)
     assert len(blob) <= budget and len(logs) == 1 and "fit_to_limit: zeroed" in logs[0]
     pruned_cost, kept_cost = [], []
     for k, kind in scheme.items():
@@ -278,9 +372,10 @@ def claim_shape(blob: bytes, name: str, shape) -> bytes:
 
 
 def xz_bomb(n_bytes: int) -> bytes:
-    """An xz stream of n_bytes zeros (~1/7000 of that on disk)."""
+    """An artifact whose LZMA head is n_bytes of zeros (~1/7000 of that on disk)."""
     c, zeros = lzma.LZMACompressor(preset=0), bytes(2 ** 24)
-    return b"".join([c.compress(zeros) for _ in range(n_bytes // len(zeros))] + [c.flush()])
+    head = b"".join([c.compress(zeros) for _ in range(n_bytes // len(zeros))] + [c.flush()])
+    return tg.RANS_MAGIC + len(head).to_bytes(4, "little") + head
 
 
 RSS_WRAPPER = """import json, resource, subprocess, sys
@@ -296,7 +391,7 @@ def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny
     claims (40M symbols of int64 work arrays: >1 GB; a 1 GiB inflation), measured by a parent of its own."""
     s = tiny_settings()
     torch.manual_seed(0)
-    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0]
+    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
     path = tmp_path / "crafted.ptz"
     path.write_bytes(claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)) if craft == "rans_shape_claim"
                      else xz_bomb(2 ** 30))
@@ -316,7 +411,7 @@ def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny
 def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp_path):
     s = tiny_settings()
     torch.manual_seed(0)
-    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0]
+    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
     for name, crafted, why in (
             ("shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)), "not those of this model"),
             ("small_shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (2, 3)), "not those of this model"),

@@ -183,20 +183,6 @@ def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thre
     assert int(last["gptq_points"]) == len(curve("gptq")) - sum(g <= 0 for _, g in default)
 
 
-def test_chain_order_is_the_greedy_l1_nearest_neighbour_chain():
-    rng = np.random.default_rng(0)
-    q = rng.integers(-5, 6, size=(40, 7))
-    q[17] = q[3]  # a tie at distance 0 and duplicates: the first untaken row wins
-    q[30] = q[3]
-    order, taken = [0], {0}
-    while len(order) < len(q):  # brute force, row by row
-        d = [np.abs(q[j] - q[order[-1]]).sum() if j not in taken else np.inf for j in range(len(q))]
-        order.append(int(np.argmin(d)))
-        taken.add(order[-1])
-    assert qr.chain_order(q).tolist() == order
-    assert sorted(order) == list(range(len(q)))
-
-
 def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings):
     """The byte streams handed to the compressor: the record's seven roles in its order, layers concatenated, rows of
     tok_emb, c_q and fc chained, each matrix transposed; and the total counts them plus brotli of the rest and orders."""

@@ -125,9 +125,10 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     assert f"quant_gap_bpb:{gap:.8f}" in lines
     # The precision summary counts every parameter once: the tiny model's matrices are int6 whatever their size.
     n_params = sum(p.numel() for p in tg.GPT(tiny_settings(**E2E)).parameters())
-    counts = {ln.split()[0][len("quant_group:"):]: ln.split()[1][len("params:"):]
-              for ln in lines if ln.startswith("quant_group:")}
-    assert sum(map(int, counts.values())) == n_params and int(counts["int6"]) > n_params // 2
+    counts = {}
+    for k, kind in tg.unpack(artifact.read_bytes())[1]["scheme"].items():
+        counts[kind] = counts.get(kind, 0) + math.prod(tg.model_shapes(tiny_settings(**E2E), True)[k])
+    assert sum(counts.values()) == n_params and counts["int6"] > n_params // 2
     assert js["over_limit"] is False and not any("OVER THE LIMIT" in ln for ln in lines)
     assert js["steps"] == 16 and js["settings"]["NUM_LAYERS"] == 4 and js["settings"]["VE_LAYERS"] == [2, 3]
     # The stages of the schedule showed up. Step-count warmdown: multiplier(k) = min(1, (16 - k)/8) before step k+1;
@@ -314,7 +315,7 @@ def case_bad_float(tmp):
 
 
 def case_bad_choice(tmp):
-    return dict(COMPRESSOR="gzip"), ["COMPRESSOR", "gzip"]
+    return dict(QUANT="gzip"), ["QUANT", "gzip"]
 
 
 def case_zero_heads(tmp):
@@ -369,7 +370,7 @@ def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
     torch.manual_seed(0)
-    good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)[0])
+    good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s))
     cut = tmp / "cut.bin"
     cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
     good.unlink()

@@ -17,7 +17,7 @@ for scripts:
 (gaps in val bpb, round trip minus float; bytes of the whole packed model; L, K, E, Z, P of the default candidate;
 E = order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffle, -1 without the package;
 P = PR #1855's per-group lrzip packing of the same tensors, only where the lrzip binary is installed).
---many: every candidate on each file, a table of gap and bytes (COMPRESSOR's) per file, then mean, sample standard
+--many: every candidate on each file, a table of gap and bytes (train_gpt.py's artifact) per file, then mean, sample standard
 deviation and range of each candidate's gap over the files; last line
     quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
 --bits B1,B2,...: every candidate at each MATRIX_BITS (and the stack's own), so that gaps compare at equal bytes: the
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
@@ -125,15 +126,7 @@ def lrzip(data: bytes) -> int:
     return min(sizes)
 
 
-def chain_order(q: np.ndarray) -> np.ndarray:
-    """PR #1855's row order for its hot groups: a greedy L1 nearest-neighbour chain from row 0, each next row the
-    nearest (first on ties) of those not yet taken."""
-    d = torch.cdist(*[torch.from_numpy(q.astype(np.float32))] * 2, p=1.0)
-    d[:, 0], order = float("inf"), [0]
-    for _ in range(len(q) - 1):
-        order.append(int(d[order[-1]].argmin()))
-        d[:, order[-1]] = float("inf")
-    return np.array(order)
+chain_order = tg.chain_order  # the record's row order for its hot groups, as train_gpt.py's coder tries it
 
 
 def lrzip_pergroup(tensors: dict, scheme: dict, compress=None) -> bytes:
@@ -171,7 +164,7 @@ def tensor_rows(tensors: dict, scheme: dict, flat: dict) -> list[dict]:
             row["entropy_bits"] = 8 * tg.entropy_bytes(counts) / q.numel()
             # rANS: this tensor's words and lane states alone (the shared head is not split per tensor).
             sym = q.numpy().astype(np.int64).ravel() + 127
-            states, _, words = tg.rans_encode(sym, tg.rans_tables([sym], 255), tg.rans_lanes(len(sym)))
+            states, _, words = tg.rans_encode(sym, tg.rans_tables(np.bincount(sym, minlength=255)[None]), 64)
             row["bytes"] = dict(rans=2 * len(words) + 4 * len(states) + 2 * scale.numel(),
                                 lzma=len(lzma.compress(q.numpy().tobytes() + scale.numpy().tobytes(), preset=9)))
             back = tg.dequantize(tensors, name)  # with LQER's A B where the tensor has factors
@@ -261,18 +254,16 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
         t0 = time.perf_counter()
         tensors, scheme = tg.quantize_state(state, c, h)
         quant_s = time.perf_counter() - t0
-        sizes = {}
-        for comp in ("rans", "lzma"):
-            t0 = time.perf_counter()
-            blob, _ = tg.pack(tensors, scheme, dict(c, COMPRESSOR=comp))
-            t1 = time.perf_counter()
-            tg.unpack(blob)
-            sizes[comp] = dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1)
+        t0 = time.perf_counter()
+        blob = tg.pack(tensors, scheme, c)
+        t1 = time.perf_counter()
+        tg.unpack(blob)
+        sizes = dict(rans=dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1),
+                     lzma=dict(bytes=len(lzma.compress(save_tensors(tensors), preset=9))))  # a baseline: safetensors + xz
         if extras:
             for comp, fn in extra_packers().items():
                 sizes[comp] = dict(bytes=len(fn(tensors, scheme)))
-        own = min(sizes["rans"]["bytes"], sizes["lzma"]["bytes"]) if c["COMPRESSOR"] == "best" else sizes[c["COMPRESSOR"]]["bytes"]
-        results[label] = dict(quantize_s=quant_s, packers=sizes, bytes=own, entropy_bytes=entropy_bound(tensors, scheme),
+        results[label] = dict(quantize_s=quant_s, packers=sizes, bytes=len(blob), entropy_bytes=entropy_bound(tensors, scheme),
                               lqer=[k for k in scheme if k + ".lqa" in tensors])
         if per_tensor:
             results[label]["tensors"] = tensor_rows(tensors, scheme, flat)
