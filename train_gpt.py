@@ -1341,17 +1341,20 @@ def fit_modes(G, L, max_q, K):
 def code_group(qs, max_q):
     """(row orders or None, modes, (wa, wm) per mode, residuals) of a group's matrices: of the options (rows in order
     or chained; each mode count of CTX_MODES), the one of fewest estimated bytes (residuals and tables on a sample:
-    the first 2 matrices, their first CTX_SAMPLE_ROWS rows; row orders), fitted then on all."""
+    the first 2 matrices, their first CTX_SAMPLE_ROWS rows; row orders), fitted then on all. The other matrices are
+    chained only if the chain wins."""
     rows, L, m, best = len(qs[0]), len(qs), min(len(qs), 2), (math.inf,)
-    for chain in (False, True)[:1 + (rows <= CHAIN_MAX_ROWS)]:
-        order = np.stack([chain_order(q) for q in qs]) if chain else None
-        G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
-        sample = G[:CTX_SAMPLE_ROWS, :G.shape[1] // L * m]
+    orders = [chain_order(q) for q in qs[:m]] if rows <= CHAIN_MAX_ROWS else None
+    for order in (None, orders)[:1 + bool(orders)]:
+        sample = np.concatenate([q[o] for q, o in zip(qs, order)] if order else qs[:m], axis=1)[:CTX_SAMPLE_ROWS]
         for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
             _, w, _, est = fit_modes(sample, m, max_q, K)
-            est = est * G.size / sample.size + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
-            best = min(best, (est, K, order, G), key=lambda b: b[0])
-    return best[2], *fit_modes(best[3], L, max_q, best[1])[:3]
+            est = est * rows * L / len(sample) / m + TABLE_BYTES * len(w) + bool(order) * rows * L * math.log2(rows) / 8
+            best = min(best, (est, K, order), key=lambda b: b[0])
+    _, K, order = best
+    order = order and np.stack(order + [chain_order(q) for q in qs[m:]])
+    G = np.concatenate([q[o] for q, o in zip(qs, order)] if order is not None else qs, axis=1)
+    return order, *fit_modes(G, L, max_q, K)[:3]
 
 
 def pack(tensors, scheme, s):
