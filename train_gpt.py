@@ -1285,7 +1285,7 @@ def xz_safetensors(tensors, meta):
 # (layers * cols). Each row of a layer's matrix (a unit) is coded as residuals from a prediction out of the rows above
 # it: (wa x the symbol above + wm x the mean of the symbols above) / 4, with the (wa, wm) and the rANS table of the
 # unit's mode, one of up to CTX_MODES per group. The encoder fits modes and tables by alternation and picks, per group,
-# the mode count and row order (as stored, or the record's greedy L1 nearest-neighbour chain) of fewest bytes.
+# the mode count and row order (as stored, or a greedy nearest-neighbour chain) of fewest bytes.
 CTX_MODES, CTX_ITERS, CHAIN_MAX_ROWS, CTX_SAMPLE_ROWS, TABLE_BYTES = (1, 4, 16), 4, 8192, 1024, 300
 
 
@@ -1304,8 +1304,9 @@ def predict(above, total, i, wa, wm, max_q):
 
 
 def chain_order(q):
-    """Rows in a greedy L1 nearest-neighbour chain from row 0: each next row the nearest of those left."""
-    d = torch.cdist(*[torch.from_numpy(q).float()] * 2, p=1.0)
+    """Rows in a greedy nearest-neighbour chain from row 0: each next row the nearest of those left. Euclidean, not the
+    record's L1: a matmul (exact in float32 for these small integers), 12x faster, and it codes smaller (measured)."""
+    d = torch.cdist(*[torch.from_numpy(q).float()] * 2)
     d[:, 0], order = math.inf, [0]
     for _ in range(len(q) - 1):
         order.append(int(d[order[-1]].argmin()))

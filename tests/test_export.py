@@ -178,13 +178,15 @@ def test_predict_is_the_integer_floor_of_its_formula():
     assert got.tolist() == want
 
 
-def test_chain_order_is_the_greedy_l1_nearest_neighbour_chain():
+def test_chain_order_is_the_greedy_euclidean_nearest_neighbour_chain():
     rng = np.random.default_rng(0)
-    q = rng.integers(-5, 6, size=(40, 7))
+    q = rng.integers(-63, 64, size=(60, 512))  # int7's range and the record's width: float32 distances stay exact
     q[17] = q[30] = q[3]  # ties at distance 0: the first row not yet taken wins
+    q[40] = q[5] + (np.arange(512) == 9)  # ties at distance 1 between rows 5 and 40 and their copies
+    q[50] = q[40]
     order, taken = [0], {0}
-    while len(order) < len(q):  # brute force, row by row
-        d = [np.abs(q[j] - q[order[-1]]).sum() if j not in taken else np.inf for j in range(len(q))]
+    while len(order) < len(q):  # brute force in integers, row by row
+        d = [((q[j] - q[order[-1]]) ** 2).sum() if j not in taken else np.inf for j in range(len(q))]
         order.append(int(np.argmin(d)))
         taken.add(order[-1])
     assert tg.chain_order(q).tolist() == order

@@ -28,7 +28,7 @@ Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit pac
 """
 from __future__ import annotations
 
-import argparse, json, lzma, os, shutil, subprocess, sys, tempfile, time
+import argparse, json, lzma, math, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +99,7 @@ def extra_packers() -> dict:
         pass
     try:
         import zstandard
-        from safetensors.torch import save
-        out["zstd"] = lambda tensors, scheme: zstandard.ZstdCompressor(level=22).compress(save(tensors))
+        out["zstd"] = lambda tensors, scheme: zstandard.ZstdCompressor(level=22).compress(save_tensors(tensors))
     except ImportError:
         pass
     out["bitpack_lzma"] = lambda tensors, scheme: lzma.compress(b"".join(
@@ -126,17 +125,24 @@ def lrzip(data: bytes) -> int:
     return min(sizes)
 
 
-chain_order = tg.chain_order  # the record's row order for its hot groups, as train_gpt.py's coder tries it
+def record_chain_order(q: np.ndarray) -> np.ndarray:
+    """The record's row order for its hot groups: from row 0, the nearest row by L1 distance of those not yet taken
+    (train_gpt.py's coder chains by Euclidean distance instead)."""
+    dist, order = torch.cdist(*[torch.from_numpy(q).float()] * 2, p=1.0), [0]
+    taken = torch.zeros(len(q), dtype=torch.bool)
+    while len(order) < len(q):
+        taken[order[-1]] = True
+        order.append(int(dist[order[-1]].masked_fill(taken, math.inf).argmin()))
+    return np.array(order)
 
 
 def lrzip_pergroup(tensors: dict, scheme: dict, compress=None) -> bytes:
     """PR #1855's COMPRESSOR=pergroup on the same quantized tensors, as a size: the .q tensors of its seven roles
-    grouped in its order, layers concatenated; rows of tok_emb, c_q and fc in the greedy L1 chain (chain_order),
+    grouped in its order, layers concatenated; rows of tok_emb, c_q and fc in the greedy L1 chain (record_chain_order),
     every matrix transposed, each group through compress (default: lrzip); the rest (scales, fp16, other int
     tensors, LQER factors) through brotli q11 of safetensors, and the row orders as uint16 through brotli.
     Returns a placeholder of that many bytes (only its length is reported)."""
     import brotli
-    from safetensors.torch import save
     groups, rest, orders = {g: [] for g in RECORD_GROUPS}, dict(tensors), []
     for k in tg.coded_names(scheme):
         role = next((g for g in RECORD_GROUPS if g in "." + k), None)
@@ -144,12 +150,13 @@ def lrzip_pergroup(tensors: dict, scheme: dict, compress=None) -> bytes:
             continue
         q = rest.pop(k + ".q").numpy()
         if role in RECORD_CHAINED:
-            order = chain_order(q)
+            order = record_chain_order(q)
             q = q[order]
             orders.append(order.astype(np.uint16).tobytes())
         groups[role].append(q.T.tobytes())
     total = sum((compress or lrzip)(b"".join(parts)) for parts in groups.values() if parts)
-    total += len(brotli.compress(save(rest), quality=11, lgwin=24)) + len(brotli.compress(b"".join(orders), quality=11))
+    total += len(brotli.compress(save_tensors(rest), quality=11, lgwin=24))
+    total += len(brotli.compress(b"".join(orders), quality=11))
     return bytes(total)
 
 
