@@ -73,20 +73,21 @@ CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2
                QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
                QUANT_SCALES=("search", "sdclip"),
                STACK=tuple(STACKS))
-POSITIVE = set("""ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE NUM_LAYERS
-    MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM MUON_BACKEND_STEPS
-    SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK
-    ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS
-    TTT_LORA_RANK TTT_CHUNK_SIZE TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS
-    GLOBAL_TTT_BATCH_SEQS""".split())
-UNIT = set("""EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD LATE_QAT_THRESHOLD
-    ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM""".split())
-FLAGS = set("""LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER FIT_TO_LIMIT
-    EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED
-    SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED
-    PHASED_TTT_ENABLED""".split())
-LAUNCHER_VARS = set("""RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK ROLE_NAME
-    ROLE_WORLD_SIZE GROUP_WORLD_SIZE""".split())
+POSITIVE = set(("ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE "
+                "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM "
+                "MUON_BACKEND_STEPS SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS "
+                "GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK "
+                "LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS TTT_LORA_RANK TTT_CHUNK_SIZE "
+                "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS "
+                "GLOBAL_TTT_BATCH_SEQS").split())
+UNIT = set(("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD "
+            "LATE_QAT_THRESHOLD ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM").split())
+FLAGS = set(("LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER "
+             "FIT_TO_LIMIT EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED "
+             "SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE "
+             "MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED PHASED_TTT_ENABLED").split())
+LAUNCHER_VARS = set(("RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
+                     "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE").split())
 
 
 class Fail(Exception):
@@ -431,8 +432,7 @@ class GPT(nn.Module):
         V, d, L = s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"]
         self.num_heads, self.num_kv_heads, self.head_dim = s["NUM_HEADS"], s["NUM_KV_HEADS"], d // s["NUM_HEADS"]
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s["MLP_MULT"] * d)
-        self.qat = False
-        self.looping = False  # depth recurrence on (training switches it at ENABLE_LOOPING_AT; evaluation always)
+        self.qat = self.looping = False  # late QAT; depth recurrence (on from ENABLE_LOOPING_AT; evaluation always)
         self.hessians = None  # GPTQ calibration: name -> sum of x^T x
         self.tok_emb = nn.Embedding(V, d)
         nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
@@ -719,7 +719,7 @@ def build_optimizers(model, s):
                               dict(params=scalars, lr=s["SCALAR_LR"], weight_decay=s["ADAM_WD"])],
                              betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"])
     muon = ParallelMuon(banks, s["MATRIX_LR"], s["MUON_MOMENTUM"], s["MUON_BACKEND_STEPS"], s["MUON_WD"],
-                        bool(s["MUON_ROW_NORMALIZE"]), bool(s["MUON_POLAR_EXPRESS"]))
+                        s["MUON_ROW_NORMALIZE"], s["MUON_POLAR_EXPRESS"])
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
     return muon, adam, scalars + embeds
@@ -978,11 +978,11 @@ def train(model, run, val, luts):
 # -------------------- export (GPTQ int6 + rANS)
 
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
-MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "BIGRAM_VOCAB_SIZE",
-              "BIGRAM_DIM", "VE_DIM", "VE_LAYERS", "XSA_LAST_N", "ROPE_DIMS", "ROPE_BASE", "ROPE_TRAIN_SEQ_LEN",
-              "LN_SCALE", "LOGIT_SOFTCAP", "SMEAR_FIXED_ENABLED", "SMEAR_GATE_ENABLED", "GATE_WINDOW",
-              "SPARSE_ATTN_GATE_ENABLED", "SPARSE_ATTN_GATE_SCALE", "SKIP_GATES_ENABLED", "PARALLEL_START_LAYER",
-              "NUM_LOOPS", "LOOP_START", "LOOP_END", "DOC_MASKED_ATTN")
+MODEL_KEYS = tuple(("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_VOCAB_SIZE BIGRAM_DIM "
+                    "VE_DIM VE_LAYERS XSA_LAST_N ROPE_DIMS ROPE_BASE ROPE_TRAIN_SEQ_LEN LN_SCALE LOGIT_SOFTCAP "
+                    "SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_ENABLED "
+                    "SPARSE_ATTN_GATE_SCALE SKIP_GATES_ENABLED PARALLEL_START_LAYER NUM_LOOPS LOOP_START LOOP_END "
+                    "DOC_MASKED_ATTN").split())
 MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.99984,)
 GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
@@ -1207,7 +1207,7 @@ def dequantize_state(tensors, scheme, num_layers):
 
 # rANS: all coded symbols in one stream, each with its table, by interleaved lanes (numpy-vectorized).
 # 32-bit states in [2^16, 2^32), 16-bit words, frequencies summing to 2^14.
-RANS_MAGIC, RANS_PREC, RANS_LOW, RANS_ALPHABET = b"PGRANS2\n", 14, 1 << 16, 511
+RANS_MAGIC, RANS_PREC, RANS_LOW, RANS_ALPHABET = b"PGRANS3\n", 14, 1 << 16, 511
 RANS_HEAD = ("freq", "states", "counts")
 
 
@@ -1271,7 +1271,7 @@ def rans_decode(tables, freq, states, counts, words):
         ptr[read] += 1
         x, out[t] = nx, sym
     if not ((x == RANS_LOW).all() and (ptr == end).all()):
-        raise ValueError("corrupt rANS stream")
+        raise ValueError
     return out.ravel()[:n]
 
 
@@ -1284,9 +1284,11 @@ def xz_safetensors(tensors, meta):
 # Context coding. The tensors of one role (one name but for the layer, one shape) form a group, side by side: rows x
 # (layers * cols). Each row of a layer's matrix (a unit) is coded as residuals from a prediction out of the rows above
 # it: (wa x the symbol above + wm x the mean of the symbols above) / 4, with the (wa, wm) and the rANS table of the
-# unit's mode, one of up to CTX_MODES per group. The encoder fits modes and tables by alternation and picks, per group,
-# the mode count and row order (as stored, or a greedy nearest-neighbour chain) of fewest bytes.
-CTX_MODES, CTX_ITERS, CHAIN_MAX_ROWS, CTX_SAMPLE_ROWS, TABLE_BYTES = (1, 4, 16), 4, 8192, 1024, 300
+# unit's mode, one of up to CTX_MODES per group. Each matrix is coded with its longer side as rows (the units; a wide
+# mlp.proj's hidden units get modes of their own). The encoder fits modes and tables by alternation and picks, per
+# group, the mode count and row order (as stored, or a greedy nearest-neighbour chain, kept as Lehmer digits) of fewest
+# bytes.
+CTX_MODES, CTX_ITERS, CHAIN_MAX_ROWS, TABLE_BYTES = (1, 4, 16), 4, 8192, 300
 
 
 def coder_groups(scheme, shapes):
@@ -1314,6 +1316,17 @@ def chain_order(q):
     return np.array(order)
 
 
+def lehmer_code(order):
+    """Each row's rank among the rows not yet taken: a permutation's digits, the i-th below rows - i, that LZMA packs
+    in 1.5 bytes a row where the row indices themselves take 1.65 (8,192 rows)."""
+    return np.array([(order[i + 1:] < order[i]).sum() for i in range(len(order))])
+
+
+def from_lehmer(digits):  # the row order of a Lehmer code; IndexError if a digit is out of range
+    left = list(range(len(digits)))
+    return [left.pop(d) for d in digits]
+
+
 def fit_modes(G, L, max_q, K):
     """Modes of a group matrix's units: start from K quantiles of the units' spread, then CTX_ITERS times fit each
     mode's (wa, wm) by least squares on its units, and move each unit to the mode whose table codes it in the fewest
@@ -1324,13 +1337,15 @@ def fit_modes(G, L, max_q, K):
     X = (above, total / np.maximum(i, 1), G)
     moments = np.stack([units(a * b).sum(-1) for a in X[:2] for b in X], -1)  # per unit: aa am ag ma mm mg
     modes = (np.argsort(np.argsort(units(G).std(-1), axis=None)) * K // (rows * L)).reshape(rows, L)
+    residuals = {}  # by (wa, wm): modes often share them, differing in their tables
     for _ in range(CTX_ITERS):
         w, bits = np.zeros((K, 2), np.int64), np.full((K, rows, L), np.inf)
         for k in range(K):
             if (sel := modes == k).any():
                 m = moments[sel].sum(0).reshape(2, 3)
                 w[k] = np.clip(np.round(4 * np.linalg.lstsq(m[:, :2], m[:, 2], rcond=None)[0]), 0, 8)
-                E = units(G - predict(above, total, i, *w[k], max_q) + RANS_ALPHABET // 2)
+                if (E := residuals.get(key := tuple(w[k]))) is None:
+                    E = residuals[key] = units(G - predict(above, total, i, *w[k], max_q) + RANS_ALPHABET // 2)
                 p = np.bincount(E[sel].ravel(), minlength=RANS_ALPHABET) + 0.02
                 bits[k] = -np.log2(p / p.sum())[E].sum(-1)
         modes = bits.argmin(0)
@@ -1340,30 +1355,29 @@ def fit_modes(G, L, max_q, K):
 
 
 def code_group(qs, max_q):
-    """(row orders or None, modes, (wa, wm) per mode, residuals) of a group's matrices: of the options (rows in order
-    or chained; each mode count of CTX_MODES), the one of fewest estimated bytes (residuals and tables on a sample:
-    the first 2 matrices, their first CTX_SAMPLE_ROWS rows; row orders), fitted then on all. The other matrices are
-    chained only if the chain wins."""
+    """(row orders or None, modes, (wa, wm) per mode, residuals) of a group's matrices, each with its longer side as
+    rows (the units: mlp.proj's hidden units get modes of their own). Of the options (rows in order or chained; each
+    mode count of CTX_MODES), the one of fewest estimated bytes (residuals and tables on the first 2 matrices; row
+    orders), fitted then on all."""
+    qs = [q.T if len(q) < q.shape[1] else q for q in qs]
     rows, L, m, best = len(qs[0]), len(qs), min(len(qs), 2), (math.inf,)
-    orders = [chain_order(q) for q in qs[:m]] if rows <= CHAIN_MAX_ROWS else None
-    for order in (None, orders)[:1 + bool(orders)]:
-        sample = np.concatenate([q[o] for q, o in zip(qs, order)] if order else qs[:m], axis=1)[:CTX_SAMPLE_ROWS]
+    for chain in (False, True)[:1 + (rows <= CHAIN_MAX_ROWS)]:
+        order = np.stack([chain_order(q) for q in qs]) if chain else None
+        G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
         for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
-            _, w, _, est = fit_modes(sample, m, max_q, K)
-            est = est * rows * L / len(sample) / m + TABLE_BYTES * len(w) + bool(order) * rows * L * math.log2(rows) / 8
-            best = min(best, (est, K, order), key=lambda b: b[0])
-    _, K, order = best
-    order = order and np.stack(order + [chain_order(q) for q in qs[m:]])
-    G = np.concatenate([q[o] for q, o in zip(qs, order)] if order is not None else qs, axis=1)
-    return order, *fit_modes(G, L, max_q, K)[:3]
+            _, w, _, est = fit_modes(G[:, :G.shape[1] // L * m], m, max_q, K)
+            est = est * L / m + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
+            best = min(best, (est, K, order, G), key=lambda b: b[0])
+    return best[2], *fit_modes(best[3], L, max_q, best[1])[:3]
 
 
 def pack(tensors, scheme, s):
     """Serialized (safetensors, no pickle) and context-coded, reproducibly: magic, head length, LZMA(safetensors of
-    the unquantized tensors, scales, the coder's modes, (wa, wm), row orders and tables), rANS words."""
+    the unquantized tensors, scales, the coder's modes, (wa, wm), row orders as Lehmer digits and tables), rANS
+    words."""
     meta = dict(format="pgolf-int-v3", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
                 shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)})
-    if lqer := {k: list(tensors[k + ".lqa"].shape[1:]) + list(tensors[k + ".lqb"].shape[1:])
+    if lqer := {k: [tensors[k + ".lqa"].shape[1], tensors[k + ".lqb"].shape[1]]
                 for k in coded_names(scheme) if k + ".lqa" in tensors}:
         meta["lqer"] = lqer  # name: [rank, group], for the shape check before decoding
     rest, keys, n_tables = {k: v for k, v in tensors.items() if not k.endswith(".q")}, [], 0
@@ -1375,10 +1389,10 @@ def pack(tensors, scheme, s):
         n_tables += len(w)
         rest[f"ctx.{g}.modes"], rest[f"ctx.{g}.w"] = torch.from_numpy(modes.astype(np.uint8)), torch.from_numpy(w)
         if order is not None:
-            rest[f"ctx.{g}.order"] = torch.from_numpy(order.astype(np.int16))
+            rest[f"ctx.{g}.order"] = torch.from_numpy(np.stack([lehmer_code(o) for o in order]).astype(np.int16))
     keys = np.concatenate(keys)
     freq = rans_tables(np.bincount(keys, minlength=n_tables * RANS_ALPHABET).reshape(n_tables, RANS_ALPHABET))
-    states, counts, words = rans_encode(keys, freq, int(min(1024, max(1, len(keys) // 16384))))
+    states, counts, words = rans_encode(keys, freq, min(1024, max(1, len(keys) // 16384)))
     for k, v, dtype in zip(RANS_HEAD, (freq, states, counts), (np.int16, np.int64, np.int32)):
         rest[f"rans.{k}"] = torch.from_numpy(v.astype(dtype))
     head = xz_safetensors(rest, meta)
@@ -1444,7 +1458,7 @@ def unpack(blob, s=None, check=None):
     groups, tables, n_tables = coder_groups(scheme, shapes), [], 0
     ctx = [[tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")] for g in range(len(groups))]
     for names, (modes, w, order) in zip(groups, ctx):
-        rows, cols = shapes[names[0]]
+        rows, cols = sorted(shapes[names[0]])[::-1]  # as coded: the longer side as rows
         if modes.shape != (rows, len(names)) or order is not None and order.shape != modes.T.shape:
             raise ValueError  # before anything their size sets is allocated
         tables.append((n_tables + np.repeat(modes.numpy().astype(np.int64), cols, axis=1)).ravel())
@@ -1455,7 +1469,7 @@ def unpack(blob, s=None, check=None):
         raise ValueError
     sym, at = rans_decode(np.concatenate(tables), freq, states, counts, words) - RANS_ALPHABET // 2, 0
     for names, (modes, w, order) in zip(groups, ctx):
-        rows, cols = shapes[names[0]]
+        rows, cols = sorted(shapes[names[0]])[::-1]  # as coded: the longer side as rows
         max_q, E = max_q_of(scheme[names[0]]), sym[at:at + rows * cols * len(names)].reshape(rows, -1)
         at += E.size
         wa, wm = np.repeat(w.numpy()[modes.numpy()], cols, axis=1).transpose(2, 0, 1)
@@ -1466,8 +1480,8 @@ def unpack(blob, s=None, check=None):
         for j, k in enumerate(names):
             q = G[:, j * cols:(j + 1) * cols]
             if order is not None:
-                q = q[np.argsort(order[j].numpy())]
-            tensors[k + ".q"] = torch.from_numpy(q.astype(np.int8))
+                q = q[np.argsort(from_lehmer(order[j].tolist()))]
+            tensors[k + ".q"] = torch.from_numpy((q if cols == shapes[k][1] else q.T).astype(np.int8))
     return tensors, header
 
 
@@ -1591,16 +1605,15 @@ PACK_STUB = 'import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode("
 
 
 def strip_source(source):
-    """The program without comments and docstrings (ast round trip: each statement on one line, every string literal
-    one-line), one space per indentation level, and within a line a space between tokens only where two word
-    characters meet (pyminify's whitespace, nothing renamed; 500 bytes fewer packed). What the packed file runs."""
+    """The program without comments, docstrings or other literal statements (ast round trip: each statement on one
+    line, every string literal one-line, adjacent literals joined), one space per indentation level, and within a line
+    a space between tokens only where two word characters meet (pyminify's whitespace, nothing renamed; 500 bytes
+    fewer packed). What the packed file runs."""
     tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
+    for node in ast.walk(tree):  # a literal statement (a docstring) does nothing: gone, as pyminify removes them
+        if isinstance(body := getattr(node, "body", None), list):
+            node.body = [b for b in body
+                         if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))] or [ast.Pass()]
     text = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), ast.unparse(tree)) + "\n"
     out = re.sub(r"""([rbuf]*'(?:\\.|[^'\\])*'|[rbuf]*"(?:\\.|[^"\\])*")|(?<=\S) +(?=\S)""",
                  lambda m: m[1] or " " * bool(re.match(r"\w\w", text[m.start() - 1] + text[m.end()])), text)

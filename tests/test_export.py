@@ -192,6 +192,19 @@ def test_chain_order_is_the_greedy_euclidean_nearest_neighbour_chain():
     assert tg.chain_order(q).tolist() == order
 
 
+def test_lehmer_code_counts_the_later_smaller_rows_and_decodes_to_the_order():
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 300):
+        order = rng.permutation(n)
+        digits = tg.lehmer_code(order)
+        # Independently: a row's digit is how many rows after it in the order have a smaller index.
+        assert digits.tolist() == [sum(int(order[j]) < int(order[i]) for j in range(i + 1, n)) for i in range(n)]
+        assert all(0 <= d < n - i for i, d in enumerate(digits))
+        assert tg.from_lehmer(digits.tolist()) == order.tolist()
+    with pytest.raises(IndexError):
+        tg.from_lehmer([3, 0, 0])  # the first digit of 3 rows is at most 2
+
+
 def structured_group(rng, layers=3, rows=96, cols=48, max_q=31):
     """Matrices of one role with the structure the coder models: half the rows near-copies of a few prototypes (a
     chain puts them together, the row above predicts them), column offsets (the mean of the rows above predicts
@@ -217,6 +230,9 @@ def test_context_coder_finds_the_structure_and_round_trips_exactly(tiny_settings
     assert order is not None and [sorted(o) for o in order.tolist()] == [list(range(96))] * 3
     assert len(w) > 1 and w[:, 0].max() > 0 and w[:, 1].max() > 0  # modes; predictions from above and the mean
     assert modes.shape == (96, 3) and E.shape == (96, 3 * 48)
+    # A wide group (48 x 96) is coded by its longer side: the same units, the same residuals as its transpose.
+    wide = tg.code_group([q.T for q in qs], 31)
+    assert np.array_equal(wide[0], order) and np.array_equal(wide[3], E)
     # The residuals are those of the prediction: rebuild each matrix row by row from them.
     G = np.concatenate([q[o] for q, o in zip(qs, order)], axis=1)
     wa, wm = np.repeat(w[modes], 48, axis=1).transpose(2, 0, 1)
@@ -309,13 +325,18 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
     def missing_w(t):
         del t["ctx.1.w"]
 
+    def order_digit_out_of_range(t):  # the right shape, but a first digit past the rows left to choose from
+        rows = t["ctx.0.modes"].shape[0]
+        t["ctx.0.order"] = torch.full(t["ctx.0.modes"].T.shape, rows, dtype=torch.int16)
+
     n = int.from_bytes(r[8:12], "little")
     cases = dict(
         rans_truncated=r[:len(r) // 2], rans_stream_flipped=flip(r, len(r) - 40), rans_head_flipped=flip(r, 12 + n // 2),
         rans_bad_magic=b"PGRANS9\n" + r[8:], rans_bad_length=r[:8] + (10 ** 9).to_bytes(4, "little") + r[12:],
         rans_bad_freq=rewrite_rans_head(r, bad_freq), rans_bad_state=rewrite_rans_head(r, bad_state),
         rans_extra_word=r + b"\x00\x00", bad_modes=rewrite_rans_head(r, bad_modes),
-        bad_order=rewrite_rans_head(r, bad_order), missing_w=rewrite_rans_head(r, missing_w), empty=b"")
+        bad_order=rewrite_rans_head(r, bad_order), missing_w=rewrite_rans_head(r, missing_w),
+        order_digit_out_of_range=rewrite_rans_head(r, order_digit_out_of_range), empty=b"")
     for name, blob in cases.items():
         path = tmp_path / f"{name}.ptz"
         path.write_bytes(blob)
