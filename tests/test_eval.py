@@ -35,6 +35,7 @@ TINY = dict(
     TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8", TRAIN_BATCH_TOKENS="8192",
     WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="1024", VAL_LOSS_EVERY="0",
     TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", TTT_EPOCHS="1", ITERATIONS="20",
+    GPTQ_CALIB_SEQS="4", GPTQ_CALIB_LEN="128",  # the default 64 x 2048 self-generated tokens took 2 minutes a run
 )
 L, STRIDE = 128, 32
 needs_sample = pytest.mark.skipif(not (DATA / "fineweb_val_000000.bin").is_file() or not TOKENIZER.is_file(),

@@ -276,7 +276,7 @@ def test_audit_fails_an_adapter_step_before_scoring(monkeypatch, capsys, tmp_pat
         tg.SCORE_HOOK = hook
         original(model, run, tokens, luts, batch, warm, stats, slot)
     monkeypatch.setattr(tg, "score_documents", peeking)
-    assert audit.audit(["--positions", "4", "--seed", "3"]) == 1
+    assert audit.audit(["--positions", "2", "--seed", "3"]) == 1
     lines = audit_lines(capsys.readouterr().out)
     assert lines["causality"].startswith("FAIL") and lines["coverage"].startswith("PASS")
     assert lines["verdict"].startswith("FAIL eval:phased_ttt breaks causality")
