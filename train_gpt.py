@@ -1322,7 +1322,7 @@ def lehmer_code(order):
     return np.array([(order[i + 1:] < order[i]).sum() for i in range(len(order))])
 
 
-def from_lehmer(digits):  # the row order of a Lehmer code; IndexError if a digit is out of range
+def from_lehmer(digits):  # the row order of a Lehmer code; IndexError if a digit is past the rows left
     left = list(range(len(digits)))
     return [left.pop(d) for d in digits]
 
@@ -1344,8 +1344,9 @@ def fit_modes(G, L, max_q, K):
             if (sel := modes == k).any():
                 m = moments[sel].sum(0).reshape(2, 3)
                 w[k] = np.clip(np.round(4 * np.linalg.lstsq(m[:, :2], m[:, 2], rcond=None)[0]), 0, 8)
-                if (E := residuals.get(key := tuple(w[k]))) is None:
-                    E = residuals[key] = units(G - predict(above, total, i, *w[k], max_q) + RANS_ALPHABET // 2)
+                if (E := residuals.get(key := tuple(w[k]))) is None:  # int16: a quarter of int64's memory
+                    E = residuals[key] = units(G - predict(above, total, i, *w[k], max_q)
+                                               + RANS_ALPHABET // 2).astype(np.int16)
                 p = np.bincount(E[sel].ravel(), minlength=RANS_ALPHABET) + 0.02
                 bits[k] = -np.log2(p / p.sum())[E].sum(-1)
         modes = bits.argmin(0)
