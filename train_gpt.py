@@ -1367,6 +1367,7 @@ def code_group(qs, max_q):
         G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
         for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
             _, w, _, est = fit_modes(G[:, :G.shape[1] // L * m], m, max_q, K)
+            # a chain's cost at log2(rows) bits a row: an upper bound, its Lehmer digits pack smaller
             est = est * L / m + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
             best = min(best, (est, K, order, G), key=lambda b: b[0])
     return best[2], *fit_modes(best[3], L, max_q, best[1])[:3]
@@ -1457,9 +1458,9 @@ def unpack(blob, s=None, check=None):
     freq, states, counts = (tensors.pop(f"rans.{k}").numpy().astype(np.int64) for k in RANS_HEAD)
     words, scheme, shapes = np.frombuffer(blob[12 + n:], "<u2"), header["scheme"], header["shapes"]
     groups, tables, n_tables = coder_groups(scheme, shapes), [], 0
-    ctx = [[tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")] for g in range(len(groups))]
-    for names, (modes, w, order) in zip(groups, ctx):
-        rows, cols = sorted(shapes[names[0]])[::-1]  # as coded: the longer side as rows
+    ctx = [[sorted(shapes[names[0]])[::-1]] + [tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")]
+           for g, names in enumerate(groups)]  # as coded: the longer side as rows
+    for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
         if modes.shape != (rows, len(names)) or order is not None and order.shape != modes.T.shape:
             raise ValueError  # before anything their size sets is allocated
         tables.append((n_tables + np.repeat(modes.numpy().astype(np.int64), cols, axis=1)).ravel())
@@ -1469,8 +1470,7 @@ def unpack(blob, s=None, check=None):
             or not ((RANS_LOW <= states) & (states < 1 << 32)).all()):
         raise ValueError
     sym, at = rans_decode(np.concatenate(tables), freq, states, counts, words) - RANS_ALPHABET // 2, 0
-    for names, (modes, w, order) in zip(groups, ctx):
-        rows, cols = sorted(shapes[names[0]])[::-1]  # as coded: the longer side as rows
+    for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
         max_q, E = max_q_of(scheme[names[0]]), sym[at:at + rows * cols * len(names)].reshape(rows, -1)
         at += E.size
         wa, wm = np.repeat(w.numpy()[modes.numpy()], cols, axis=1).transpose(2, 0, 1)

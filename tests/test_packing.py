@@ -33,6 +33,18 @@ def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
     assert tg.pack_code(source.replace("SEED=1337", "SEED=1338")) != packed
 
 
+def test_every_literal_statement_goes_and_a_body_left_empty_gets_pass():
+    source = (
+        'def f(x):\n    """doc"""\n    if x:\n        "note"\n        return 1\n    for _ in ():\n        ...\n'
+        '    return 2\n\n\nclass C:\n    "only a docstring"\n'
+    )
+    want = "def f(x):\n    if x:\n        return 1\n    for _ in ():\n        pass\n    return 2\n\n\nclass C:\n    pass\n"
+    assert ast.dump(ast.parse(tg.strip_source(source))) == ast.dump(ast.parse(want))
+    space = {}
+    exec(tg.strip_source(source), space)
+    assert (space["f"](1), space["f"](0)) == (1, 2) and space["f"].__doc__ is None
+
+
 def test_unpack_refuses_what_is_not_packed():
     with pytest.raises(ValueError, match="not a packed"):
         tg.unpack_code("print('hello')\n")
