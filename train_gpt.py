@@ -3,7 +3,23 @@
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
 Every hyperparameter is an environment variable (README.md has the table).
 """
-import ast, base64, bisect, copy, difflib, glob, json, lzma, math, os, re, shutil, signal, sys, time, uuid
+
+import ast
+import base64
+import bisect
+import copy
+import difflib
+import glob
+import json
+import lzma
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,76 +34,247 @@ from torch import nn
 # -------------------- settings
 
 DEFAULTS = dict(
-    DATA_PATH="./data/datasets/fineweb10B_sp1024", TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
-    RUN_ID="", SEED=1337, OUTPUT_DIR=".", DEVICE="auto", ATTN_BACKEND="auto", COMPILE="auto",
-    ITERATIONS=9000, WARMUP_STEPS=20, WARMDOWN_ITERS=3500, MAX_WALLCLOCK_SECONDS=600.0,
-    TRAIN_BATCH_TOKENS=786432, TRAIN_SEQ_LEN=2048, TRAIN_LOG_EVERY=500, VAL_LOSS_EVERY=4000,
-    VAL_MAX_TOKENS=0, EVAL_SEQ_LEN=2048, EVAL_STRIDE=64, EVAL_BATCH_SEQS=32,
-    VOCAB_SIZE=1024, NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_MULT=3.0,
-    TIED_EMBED_INIT_STD=0.005, LOGIT_SOFTCAP=30.0, ROPE_BASE=10000.0, ROPE_DIMS=16, ROPE_TRAIN_SEQ_LEN=0,
-    QK_GAIN_INIT=1.5, LN_SCALE=1, XSA_LAST_N=4, BIGRAM_VOCAB_SIZE=1536, BIGRAM_DIM=128,
-    VE_ENABLED=1, VE_DIM=128, VE_LAYERS="9,10",
-    MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, MUON_MOMENTUM=0.99,
-    MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM_WARMUP_STEPS=1500, MUON_BACKEND_STEPS=5,
-    MUON_WD=0.04, ADAM_WD=0.04, BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3, GRAD_CLIP_LOCAL=0,
-    EMA_ENABLED=1, EMA_DECAY=0.997, SWA_ENABLED=0, SWA_EVERY=50, SWA_THRESHOLD=0.2,
-    LATE_QAT=1, LATE_QAT_THRESHOLD=0.15, LATE_QAT_BANKS=1,
-    QUANT="gptq", MATRIX_BITS=6, EMBED_BITS=8, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=64, GPTQ_CALIB_LEN=2048,
-    GPTQ_CALIB_TEMP=0.8, GPTQ_RESERVE_SECONDS=0.0, GPTQ_DAMP=0.001, GPTQ_BLOCK=128, GPTQ_ACTORDER=1,
-    FIT_TO_LIMIT=1, ARTIFACT_LIMIT_BYTES=16_000_000, EVAL_ONLY=0, ARTIFACT_PATH="",
-    TTT_ENABLED=1, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0,
-    TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, EVAL_SLIDING_PASS=0, EVAL_BUDGET_SECONDS=600.0,
-    SLOT_ENABLED=1, SLOT_LR=0.003, SLOT_STEPS=5, SLOT_MODE="causal",
+    DATA_PATH="./data/datasets/fineweb10B_sp1024",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
+    RUN_ID="",
+    SEED=1337,
+    OUTPUT_DIR=".",
+    DEVICE="auto",
+    ATTN_BACKEND="auto",
+    COMPILE="auto",
+    ITERATIONS=9000,
+    WARMUP_STEPS=20,
+    WARMDOWN_ITERS=3500,
+    MAX_WALLCLOCK_SECONDS=600.0,
+    TRAIN_BATCH_TOKENS=786432,
+    TRAIN_SEQ_LEN=2048,
+    TRAIN_LOG_EVERY=500,
+    VAL_LOSS_EVERY=4000,
+    VAL_MAX_TOKENS=0,
+    EVAL_SEQ_LEN=2048,
+    EVAL_STRIDE=64,
+    EVAL_BATCH_SEQS=32,
+    VOCAB_SIZE=1024,
+    NUM_LAYERS=11,
+    MODEL_DIM=512,
+    NUM_HEADS=8,
+    NUM_KV_HEADS=4,
+    MLP_MULT=3.0,
+    TIED_EMBED_INIT_STD=0.005,
+    LOGIT_SOFTCAP=30.0,
+    ROPE_BASE=10000.0,
+    ROPE_DIMS=16,
+    ROPE_TRAIN_SEQ_LEN=0,
+    QK_GAIN_INIT=1.5,
+    LN_SCALE=1,
+    XSA_LAST_N=4,
+    BIGRAM_VOCAB_SIZE=1536,
+    BIGRAM_DIM=128,
+    VE_ENABLED=1,
+    VE_DIM=128,
+    VE_LAYERS="9,10",
+    MATRIX_LR=0.025,
+    SCALAR_LR=0.025,
+    TIED_EMBED_LR=0.035,
+    MUON_MOMENTUM=0.99,
+    MUON_MOMENTUM_WARMUP_START=0.92,
+    MUON_MOMENTUM_WARMUP_STEPS=1500,
+    MUON_BACKEND_STEPS=5,
+    MUON_WD=0.04,
+    ADAM_WD=0.04,
+    BETA1=0.9,
+    BETA2=0.95,
+    ADAM_EPS=1e-8,
+    GRAD_CLIP_NORM=0.3,
+    GRAD_CLIP_LOCAL=0,
+    EMA_ENABLED=1,
+    EMA_DECAY=0.997,
+    SWA_ENABLED=0,
+    SWA_EVERY=50,
+    SWA_THRESHOLD=0.2,
+    LATE_QAT=1,
+    LATE_QAT_THRESHOLD=0.15,
+    LATE_QAT_BANKS=1,
+    QUANT="gptq",
+    MATRIX_BITS=6,
+    EMBED_BITS=8,
+    GPTQ_CALIB="self",
+    GPTQ_CALIB_SEQS=64,
+    GPTQ_CALIB_LEN=2048,
+    GPTQ_CALIB_TEMP=0.8,
+    GPTQ_RESERVE_SECONDS=0.0,
+    GPTQ_DAMP=0.001,
+    GPTQ_BLOCK=128,
+    GPTQ_ACTORDER=1,
+    FIT_TO_LIMIT=1,
+    ARTIFACT_LIMIT_BYTES=16_000_000,
+    EVAL_ONLY=0,
+    ARTIFACT_PATH="",
+    TTT_ENABLED=1,
+    TTT_LR=0.002,
+    TTT_EPOCHS=3,
+    TTT_CHUNK_TOKENS=32768,
+    TTT_FREEZE_BLOCKS=0,
+    TTT_MOMENTUM=0.9,
+    TTT_BATCH_SEQS=32,
+    TTT_GRAD_CLIP=1.0,
+    EVAL_SLIDING_PASS=0,
+    EVAL_BUDGET_SECONDS=600.0,
+    SLOT_ENABLED=1,
+    SLOT_LR=0.003,
+    SLOT_STEPS=5,
+    SLOT_MODE="causal",
     # PR #1855's components, under its names (README: STACK=pr1855); every one off under STACK=seed
-    STACK="seed", SMEAR_FIXED_ENABLED=1, SMEAR_GATE_ENABLED=0, GATE_WINDOW=12, SPARSE_ATTN_GATE_ENABLED=0,
-    SPARSE_ATTN_GATE_SCALE=1.0, SKIP_GATES_ENABLED=0, PARALLEL_START_LAYER=0, NUM_LOOPS=0, LOOP_START=0, LOOP_END=0,
-    ENABLE_LOOPING_AT=0.0, DOC_MASKED_ATTN=0, MUON_ROW_NORMALIZE=0, MUON_POLAR_EXPRESS=0, MIN_LR=0.0,
-    WARMDOWN_FRAC=0.0, EMBED_WD=0.04,
+    STACK="seed",
+    SMEAR_FIXED_ENABLED=1,
+    SMEAR_GATE_ENABLED=0,
+    GATE_WINDOW=12,
+    SPARSE_ATTN_GATE_ENABLED=0,
+    SPARSE_ATTN_GATE_SCALE=1.0,
+    SKIP_GATES_ENABLED=0,
+    PARALLEL_START_LAYER=0,
+    NUM_LOOPS=0,
+    LOOP_START=0,
+    LOOP_END=0,
+    ENABLE_LOOPING_AT=0.0,
+    DOC_MASKED_ATTN=0,
+    MUON_ROW_NORMALIZE=0,
+    MUON_POLAR_EXPRESS=0,
+    MIN_LR=0.0,
+    WARMDOWN_FRAC=0.0,
+    EMBED_WD=0.04,
     # its export (README: Export, PR #1855's scheme): SDClip scales, GPTQ'd tied embedding, int8 gates, LQER
-    QUANT_SCALES="search", ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0, GPTQ_EMBED=0,
-    GATE_INT8=0, LQER_ENABLED=0, LQER_RANK=4, LQER_TOP_K=3, LQER_ASYM_GROUP=64,
+    QUANT_SCALES="search",
+    ATTN_CLIP_SIGMAS=13.0,
+    MLP_CLIP_SIGMAS=11.5,
+    EMBED_CLIP_SIGMAS=14.0,
+    GPTQ_EMBED=0,
+    GATE_INT8=0,
+    LQER_ENABLED=0,
+    LQER_RANK=4,
+    LQER_TOP_K=3,
+    LQER_ASYM_GROUP=64,
     # its evaluation (README: Phased TTT): score-first LoRA TTT per document, with global SGD phases between
-    PHASED_TTT_ENABLED=0, TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0, TTT_LORA_LR=1e-4, TTT_CHUNK_SIZE=48,
-    TTT_EVAL_SEQ_LEN=2048, TTT_BATCH_SIZE=64, TTT_WEIGHT_DECAY=0.5, TTT_BETA1=0.0, TTT_BETA2=0.99,
-    PHASED_TTT_PREFIX_DOCS=2500, PHASED_TTT_NUM_PHASES=3, GLOBAL_TTT_LR=1e-3, GLOBAL_TTT_MOMENTUM=0.9,
-    GLOBAL_TTT_EPOCHS=1, GLOBAL_TTT_CHUNK_TOKENS=32768, GLOBAL_TTT_BATCH_SEQS=32, GLOBAL_TTT_GRAD_CLIP=1.0,
+    PHASED_TTT_ENABLED=0,
+    TTT_LORA_RANK=80,
+    TTT_LORA_ALPHA=144.0,
+    TTT_LORA_LR=1e-4,
+    TTT_CHUNK_SIZE=48,
+    TTT_EVAL_SEQ_LEN=2048,
+    TTT_BATCH_SIZE=64,
+    TTT_WEIGHT_DECAY=0.5,
+    TTT_BETA1=0.0,
+    TTT_BETA2=0.99,
+    PHASED_TTT_PREFIX_DOCS=2500,
+    PHASED_TTT_NUM_PHASES=3,
+    GLOBAL_TTT_LR=1e-3,
+    GLOBAL_TTT_MOMENTUM=0.9,
+    GLOBAL_TTT_EPOCHS=1,
+    GLOBAL_TTT_CHUNK_TOKENS=32768,
+    GLOBAL_TTT_BATCH_SEQS=32,
+    GLOBAL_TTT_GRAD_CLIP=1.0,
 )
 # STACK=pr1855: the values PR #1855's runs logged (MODERN_STACK.md 0.3, 10), not its script's defaults. Its eval is
 # a plain document-masked pass here until phased LoRA TTT lands; its data is the SP8192 CaseOps export. A value that
 # names another setting follows it unless set: the seed's ADAM_WD decays every AdamW parameter, the record's only
 # the scalars (EMBED_WD the embeddings), and the record scores whole windows (no sliding pass).
-STACKS = dict(seed=dict(EMBED_WD="ADAM_WD"), pr1855=dict(EVAL_STRIDE="EVAL_SEQ_LEN",
-    DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-    VOCAB_SIZE=8192, MLP_MULT=4.0, XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_VOCAB_SIZE=0, VE_ENABLED=0,
-    ITERATIONS=20000, VAL_LOSS_EVERY=0, WARMDOWN_FRAC=0.85, MIN_LR=0.1, MATRIX_LR=0.026, TIED_EMBED_LR=0.03,
-    SCALAR_LR=0.02, MUON_MOMENTUM=0.97, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
-    GRAD_CLIP_LOCAL=1, LATE_QAT=0, SMEAR_FIXED_ENABLED=0, SMEAR_GATE_ENABLED=1, SPARSE_ATTN_GATE_ENABLED=1,
-    SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, PARALLEL_START_LAYER=8, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
-    ENABLE_LOOPING_AT=0.35, DOC_MASKED_ATTN=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
-    EMBED_BITS=7, GPTQ_CALIB="train", GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=768, GPTQ_DAMP=0.01,
-    TTT_ENABLED=0, SLOT_ENABLED=0, QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1,
-    PHASED_TTT_ENABLED=1))
-CHOICES = dict(DEVICE=("auto", "cuda", "cpu"), ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
-               COMPILE=("auto", "0", "1"), SLOT_MODE=("causal", "batch"),
-               QUANT=("gptq", "gptq_lite"), GPTQ_CALIB=("self", "train"), MATRIX_BITS=(5, 6, 7, 8), EMBED_BITS=(6, 7, 8),
-               QUANT_SCALES=("search", "sdclip"),
-               STACK=tuple(STACKS))
-POSITIVE = set(("ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE "
-                "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM "
-                "MUON_BACKEND_STEPS SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS "
-                "GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK "
-                "LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS TTT_LORA_RANK TTT_CHUNK_SIZE "
-                "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS "
-                "GLOBAL_TTT_BATCH_SEQS").split())
-UNIT = set(("EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD "
-            "LATE_QAT_THRESHOLD ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM").split())
-FLAGS = set(("LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER "
-             "FIT_TO_LIMIT EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED "
-             "SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE "
-             "MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED PHASED_TTT_ENABLED").split())
-LAUNCHER_VARS = set(("RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
-                     "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE").split())
+STACKS = dict(
+    seed=dict(EMBED_WD="ADAM_WD"),
+    pr1855=dict(
+        EVAL_STRIDE="EVAL_SEQ_LEN",
+        DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        VOCAB_SIZE=8192,
+        MLP_MULT=4.0,
+        XSA_LAST_N=11,
+        QK_GAIN_INIT=5.0,
+        BIGRAM_VOCAB_SIZE=0,
+        VE_ENABLED=0,
+        ITERATIONS=20000,
+        VAL_LOSS_EVERY=0,
+        WARMDOWN_FRAC=0.85,
+        MIN_LR=0.1,
+        MATRIX_LR=0.026,
+        TIED_EMBED_LR=0.03,
+        SCALAR_LR=0.02,
+        MUON_MOMENTUM=0.97,
+        MUON_WD=0.095,
+        EMBED_WD=0.085,
+        ADAM_WD=0.02,
+        BETA2=0.99,
+        EMA_DECAY=0.9965,
+        GRAD_CLIP_LOCAL=1,
+        LATE_QAT=0,
+        SMEAR_FIXED_ENABLED=0,
+        SMEAR_GATE_ENABLED=1,
+        SPARSE_ATTN_GATE_ENABLED=1,
+        SPARSE_ATTN_GATE_SCALE=0.5,
+        SKIP_GATES_ENABLED=1,
+        PARALLEL_START_LAYER=8,
+        NUM_LOOPS=2,
+        LOOP_START=3,
+        LOOP_END=5,
+        ENABLE_LOOPING_AT=0.35,
+        DOC_MASKED_ATTN=1,
+        MUON_ROW_NORMALIZE=1,
+        MUON_POLAR_EXPRESS=1,
+        EMBED_BITS=7,
+        GPTQ_CALIB="train",
+        GPTQ_RESERVE_SECONDS=0.5,
+        GPTQ_CALIB_SEQS=768,
+        GPTQ_DAMP=0.01,
+        TTT_ENABLED=0,
+        SLOT_ENABLED=0,
+        QUANT_SCALES="sdclip",
+        GPTQ_EMBED=1,
+        GATE_INT8=1,
+        LQER_ENABLED=1,
+        PHASED_TTT_ENABLED=1,
+    ),
+)
+CHOICES = dict(
+    DEVICE=("auto", "cuda", "cpu"),
+    ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
+    COMPILE=("auto", "0", "1"),
+    SLOT_MODE=("causal", "batch"),
+    QUANT=("gptq", "gptq_lite"),
+    GPTQ_CALIB=("self", "train"),
+    MATRIX_BITS=(5, 6, 7, 8),
+    EMBED_BITS=(6, 7, 8),
+    QUANT_SCALES=("search", "sdclip"),
+    STACK=tuple(STACKS),
+)
+POSITIVE = set(
+    (
+        "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE "
+        "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM "
+        "MUON_BACKEND_STEPS SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS "
+        "GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK "
+        "LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS TTT_LORA_RANK TTT_CHUNK_SIZE "
+        "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS "
+        "GLOBAL_TTT_BATCH_SEQS"
+    ).split()
+)
+UNIT = set(
+    (
+        "EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD "
+        "LATE_QAT_THRESHOLD ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM"
+    ).split()
+)
+FLAGS = set(
+    (
+        "LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER "
+        "FIT_TO_LIMIT EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED "
+        "SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE "
+        "MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED PHASED_TTT_ENABLED"
+    ).split()
+)
+LAUNCHER_VARS = set(
+    (
+        "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
+        "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE"
+    ).split()
+)
 
 
 class Fail(Exception):
@@ -132,36 +319,64 @@ def parse_settings(env=os.environ):
     batch, seq, stride, chunk = s["TRAIN_BATCH_TOKENS"], s["TRAIN_SEQ_LEN"], s["EVAL_STRIDE"], s["TTT_CHUNK_TOKENS"]
     L = s["NUM_LAYERS"]
     for bad, msg in (
-        (s["NUM_LOOPS"] and not 0 <= s["LOOP_START"] <= s["LOOP_END"] < L,
-         f"LOOP_START={s['LOOP_START']}..LOOP_END={s['LOOP_END']} must be layers with 0 <= start <= end < NUM_LAYERS={L}"),
+        (
+            s["NUM_LOOPS"] and not 0 <= s["LOOP_START"] <= s["LOOP_END"] < L,
+            f"LOOP_START={s['LOOP_START']}..LOOP_END={s['LOOP_END']} must be layers with "
+            f"0 <= start <= end < NUM_LAYERS={L}",
+        ),
         (s["PARALLEL_START_LAYER"] >= L, f"PARALLEL_START_LAYER={s['PARALLEL_START_LAYER']} must be < NUM_LAYERS={L}"),
-        (s["SMEAR_GATE_ENABLED"] and s["SMEAR_FIXED_ENABLED"],
-         "SMEAR_GATE_ENABLED=1 and SMEAR_FIXED_ENABLED=1 exclude each other: set one to 0"),
+        (
+            s["SMEAR_GATE_ENABLED"] and s["SMEAR_FIXED_ENABLED"],
+            "SMEAR_GATE_ENABLED=1 and SMEAR_FIXED_ENABLED=1 exclude each other: set one to 0",
+        ),
         (s["GATE_WINDOW"] > s["MODEL_DIM"], f"GATE_WINDOW={s['GATE_WINDOW']} must be at most MODEL_DIM"),
-        (s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
-         f"MUON_POLAR_EXPRESS=1 needs MUON_BACKEND_STEPS <= {len(POLAR_EXPRESS)}"),
-        (s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env and s["WARMDOWN_ITERS"] > 0,
-         "WARMDOWN_FRAC and WARMDOWN_ITERS both set: keep one"),
-        (any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
-         f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1"),
-        (s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
-         "MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS"),
-        (s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > head_dim,
-         f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {head_dim}"),
-        (batch < 8 * seq or batch // 8 % seq,
-         f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences"),
+        (
+            s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
+            f"MUON_POLAR_EXPRESS=1 needs MUON_BACKEND_STEPS <= {len(POLAR_EXPRESS)}",
+        ),
+        (
+            s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env and s["WARMDOWN_ITERS"] > 0,
+            "WARMDOWN_FRAC and WARMDOWN_ITERS both set: keep one",
+        ),
+        (
+            any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
+            f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1",
+        ),
+        (
+            s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
+            "MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS",
+        ),
+        (
+            s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > head_dim,
+            f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {head_dim}",
+        ),
+        (
+            batch < 8 * seq or batch // 8 % seq,
+            f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences",
+        ),
         (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
-        (s["PHASED_TTT_ENABLED"] and s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch",
-         "SLOT_MODE=batch has no phased TTT form: use causal"),
-        (s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
-         f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']}"),
-        (s["TTT_ENABLED"] and chunk % eval_len,
-         f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len}"),
-        (s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
-         "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
-         "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self"),
-        (s["EVAL_ONLY"] and not s["ARTIFACT_PATH"],
-         f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>")):
+        (
+            s["PHASED_TTT_ENABLED"] and s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch",
+            "SLOT_MODE=batch has no phased TTT form: use causal",
+        ),
+        (
+            s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
+            f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']}",
+        ),
+        (
+            s["TTT_ENABLED"] and chunk % eval_len,
+            f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len}",
+        ),
+        (
+            s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
+            "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
+            "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self",
+        ),
+        (
+            s["EVAL_ONLY"] and not s["ARTIFACT_PATH"],
+            f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>",
+        ),
+    ):
         if bad:
             raise Fail(msg)
     return s
@@ -183,10 +398,14 @@ def load_data_shard(path):
         raise Fail(f"{path}: {size} bytes is shorter than the {head}-byte shard header (truncated file?)")
     magic, version, count = np.fromfile(path, dtype="<i4", count=3).tolist()
     if (magic, version) != (SHARD_MAGIC, SHARD_VERSION):
-        raise Fail(f"{path}: not a token shard (magic {magic}, version {version}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
+        raise Fail(
+            f"{path}: not a token shard (magic {magic}, version {version}; expected {SHARD_MAGIC}, {SHARD_VERSION})"
+        )
     if size != head + 2 * count:
-        raise Fail(f"{path}: header says {count} tokens ({head + 2 * count} bytes) but the file has {size} "
-                   "(truncated or corrupt; download it again)")
+        raise Fail(
+            f"{path}: header says {count} tokens ({head + 2 * count} bytes) but the file has {size} "
+            "(truncated or corrupt; download it again)"
+        )
     return np.fromfile(path, dtype="<u2", count=count, offset=head)
 
 
@@ -213,7 +432,7 @@ class TokenStream:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
             k = min(n, len(self.tokens) - self.pos)
-            parts.append(self.tokens[self.pos:self.pos + k])
+            parts.append(self.tokens[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
@@ -227,7 +446,7 @@ class DistributedTokenLoader:
 
     def next_batch(self, local_tokens, seq_len):
         span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
         t = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
@@ -235,11 +454,13 @@ class DistributedTokenLoader:
 def load_validation_tokens(pattern, seq_len, max_tokens):
     tokens = np.concatenate([load_data_shard(f) for f in shard_files(pattern)])
     if max_tokens > 0:
-        tokens = tokens[:max_tokens + 1]
+        tokens = tokens[: max_tokens + 1]
     if not (usable := (len(tokens) - 1) // seq_len * seq_len):
-        raise Fail(f"validation split {pattern} has {len(tokens)} tokens, fewer than one sequence of "
-                   f"{seq_len}+1; lower EVAL_SEQ_LEN or raise VAL_MAX_TOKENS")
-    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+        raise Fail(
+            f"validation split {pattern} has {len(tokens)} tokens, fewer than one sequence of "
+            f"{seq_len}+1; lower EVAL_SEQ_LEN or raise VAL_MAX_TOKENS"
+        )
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
 def build_sentencepiece_luts(sp, vocab_size, device):
@@ -278,8 +499,10 @@ def byte_counter(s, sp, n_val, device):
     shards = shard_files(os.path.join(s["DATA_PATH"], VAL_SHARDS))
     counts = [load_data_shard(f) for f in files]
     if len(files) != len(shards) or any(len(c) != len(load_data_shard(t)) for c, t in zip(counts, shards)):
-        raise Fail(f"the byte sidecars {VAL_BYTES} in {s['DATA_PATH']} are not parallel to its val shards ({len(files)} "
-                   f"files for {len(shards)}, or a count differs); rebuild them with data/caseops.py prep")
+        raise Fail(
+            f"the byte sidecars {VAL_BYTES} in {s['DATA_PATH']} are not parallel to its val shards ({len(files)} "
+            f"files for {len(shards)}, or a count differs); rebuild them with data/caseops.py prep"
+        )
     return (torch.from_numpy(np.concatenate(counts)[:n_val].astype(np.int64)).to(device),), f"sidecar {VAL_BYTES}"
 
 
@@ -295,6 +518,7 @@ def load_tokenizer(s):
 
 
 # -------------------- model
+
 
 def rms_norm(x):
     """RMSNorm over the last dimension, no weight."""
@@ -337,11 +561,17 @@ def sdpa(q, k, v, seg=None):
     (a dense [B, 1, T, T] mask: the CPU's and the fallback's exact path)."""
     mask = None
     if seg is not None:
-        mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(q.size(1), q.size(1), dtype=torch.bool,
-                                                                    device=q.device).tril()
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=None if mask is None else mask[:, None], is_causal=seg is None,
-                                       enable_gqa=True)
+        mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(
+            q.size(1), q.size(1), dtype=torch.bool, device=q.device
+        ).tril()
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask[:, None],
+        is_causal=seg is None,
+        enable_gqa=True,
+    )
     return y.transpose(1, 2)
 
 
@@ -352,16 +582,20 @@ def flex_attention_fn():
     def attend(q, k, v, seg):
         def doc_causal(b, h, qi, ki):
             return (qi >= ki) & (seg[b, qi] == seg[b, ki])
+
         B, T = seg.shape
         mask = create_block_mask(doc_causal, B, None, T, T, device=q.device)
-        return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
-                              enable_gqa=True).transpose(1, 2)
+        return flex_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, enable_gqa=True
+        ).transpose(1, 2)
+
     return attend
 
 
 def varlen_attention_fn(fa_varlen):
     """FlashAttention's varlen kernel on the flattened batch: every segment start (a static-size list, padded with
     empty segments at the end so that compile sees one shape) is a sequence boundary."""
+
     def attend(q, k, v, seg):
         B, T, H, D = q.shape
         starts = torch.ones_like(seg, dtype=torch.bool)
@@ -369,6 +603,7 @@ def varlen_attention_fn(fa_varlen):
         cu = torch.nonzero_static(starts.flatten(), size=B * T + 1, fill_value=B * T).flatten().to(torch.int32)
         y = fa_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
         return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D)
+
     return attend
 
 
@@ -380,7 +615,8 @@ def pick_attention(backend, device):
             try:
                 fa = __import__(module)
                 dense = lambda q, k, v, seg=None: (lambda y: y[0] if isinstance(y, tuple) else y)(
-                    fa.flash_attn_func(q, k, v, causal=True))
+                    fa.flash_attn_func(q, k, v, causal=True)
+                )
                 return name, dense, varlen_attention_fn(fa.flash_attn_varlen_func)
             except ImportError:
                 if backend == name:
@@ -390,8 +626,12 @@ def pick_attention(backend, device):
     return "sdpa", sdpa, flex_attention_fn() if device.type == "cuda" else sdpa
 
 
-BANK_ROWS = dict(qo_bank=("attn.c_q", "attn.proj"), kv_bank=("attn.c_k", "attn.c_v"),
-                 mlp_up_bank=("mlp.fc",), mlp_down_bank=("mlp.proj",))
+BANK_ROWS = dict(
+    qo_bank=("attn.c_q", "attn.proj"),
+    kv_bank=("attn.c_k", "attn.c_v"),
+    mlp_up_bank=("mlp.fc",),
+    mlp_down_bank=("mlp.proj",),
+)
 EMBED_TABLES = ("tok_emb.weight", "bigram_emb", "ve_emb")
 
 
@@ -418,8 +658,8 @@ def layer_schedule(s, looped):
     L, a, b = s["NUM_LAYERS"], s["LOOP_START"], s["LOOP_END"]
     order = list(range(L))
     if looped and s["NUM_LOOPS"]:
-        order = order[:a] + order[a:b + 1] * (s["NUM_LOOPS"] + 1) + order[b + 1:]
-    return order[:len(order) // 2], order[len(order) // 2:]
+        order = order[:a] + order[a : b + 1] * (s["NUM_LOOPS"] + 1) + order[b + 1 :]
+    return order[: len(order) // 2], order[len(order) // 2 :]
 
 
 class GPT(nn.Module):
@@ -492,7 +732,7 @@ class GPT(nn.Module):
             big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
             x = x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
         if self.s["SMEAR_GATE_ENABLED"]:  # never across a BOS: the previous document must not reach this one
-            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, :self.s["GATE_WINDOW"]] @ self.smear_w.to(dtype))
+            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, : self.s["GATE_WINDOW"]] @ self.smear_w.to(dtype))
             keep = (idx[:, 1:] != BOS_ID).to(dtype)
             x = torch.cat((x[:, :1], x[:, 1:] + (g * keep)[..., None] * x[:, :-1]), dim=1)
         x = rms_norm(x)
@@ -537,8 +777,10 @@ class GPT(nn.Module):
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
         if self.s["SPARSE_ATTN_GATE_ENABLED"]:
-            gate = torch.sigmoid(self.s["SPARSE_ATTN_GATE_SCALE"] * F.linear(x[..., :self.s["GATE_WINDOW"]],
-                                                                             self.blocks[i].attn_gate_w.to(dtype)))
+            gate = torch.sigmoid(
+                self.s["SPARSE_ATTN_GATE_SCALE"]
+                * F.linear(x[..., : self.s["GATE_WINDOW"]], self.blocks[i].attn_gate_w.to(dtype))
+            )
             y = y * gate[..., None]
         return self.adapted(lora, f"o{slot}", x, self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype))
 
@@ -578,10 +820,12 @@ class GPT(nn.Module):
         dtype = self.tok_emb.weight.dtype if idx.device.type == "cpu" else torch.bfloat16
         past = cache["len"] if cache else 0
         ctx = max(past - 2, 0)  # the bigram hash and the smear gates look back up to two tokens
-        x = x0 = self.embed(idx[:, ctx:], dtype)[:, past - ctx:]
+        x = x0 = self.embed(idx[:, ctx:], dtype)[:, past - ctx :]
         ve = None
         if self.ve_layers:
-            ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(dtype)
+            ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(
+                dtype
+            )
         seg = doc_segments(idx, self.s["TRAIN_SEQ_LEN"]) if self.s["DOC_MASKED_ATTN"] and cache is None else None
         encoder, decoder = layer_schedule(self.s, self.looping)
         slot = [-1]  # the virtual layer running: its attention moves it on, its MLP follows
@@ -592,6 +836,7 @@ class GPT(nn.Module):
 
         def ffn(i, h):  # the MLP, plus phased TTT's MLP bypass from the same normed input
             return self.adapted(lora, f"mlp{slot[0]}", h, self.mlp(i, h, dtype))
+
         skips, lanes, start = [], None, self.s["PARALLEL_START_LAYER"]
         for i in encoder:
             x = self.block(i, x, x0, dtype, sub, ffn)
@@ -628,11 +873,13 @@ class GPT(nn.Module):
 
 NS_QUINTIC = (3.4445, -4.7750, 2.0315)  # the seed's, every iteration
 # Polar Express (PR #1344 via #1787): one minimax-optimal (a, b, c) per iteration
-POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
 def zeropower_via_newtonschulz5(G, steps, polar_express=False):
@@ -653,9 +900,17 @@ class ParallelMuon(torch.optim.Optimizer):
     """Muon over 3-D banks, each rank orthogonalizing its shard (no DDP): launch_reduce_scatter(), then step()."""
 
     def __init__(self, banks, lr, momentum, backend_steps, weight_decay, row_normalize=False, polar_express=False):
-        super().__init__(sorted(banks, key=lambda p: -p.numel()),
-                         dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
-                              row_normalize=row_normalize, polar_express=polar_express))
+        super().__init__(
+            sorted(banks, key=lambda p: -p.numel()),
+            dict(
+                lr=lr,
+                momentum=momentum,
+                backend_steps=backend_steps,
+                weight_decay=weight_decay,
+                row_normalize=row_normalize,
+                polar_express=polar_express,
+            ),
+        )
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.pending = []
 
@@ -670,7 +925,7 @@ class ParallelMuon(torch.optim.Optimizer):
             shard = g = F.pad(p.grad, (0, 0, 0, 0, 0, pad)) if pad else p.grad
             work = None
             if self.world > 1:
-                shard = torch.empty_like(g[:g.size(0) // self.world])
+                shard = torch.empty_like(g[: g.size(0) // self.world])
                 work = dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.SUM, async_op=True)
             self.pending.append((shard, work))
 
@@ -704,7 +959,7 @@ class ParallelMuon(torch.optim.Optimizer):
         for p, full, work in updates:  # the gathers run while later banks orthogonalize
             if work is not None:
                 work.wait()
-            p.mul_(1 - lr * wd).add_(full[:p.size(0)].to(p.dtype), alpha=-lr)
+            p.mul_(1 - lr * wd).add_(full[: p.size(0)].to(p.dtype), alpha=-lr)
 
 
 def build_optimizers(model, s):
@@ -715,11 +970,23 @@ def build_optimizers(model, s):
     embeds.insert(0, model.tok_emb.weight)
     ids = {id(p) for p in banks + embeds}
     scalars = [p for p in model.parameters() if id(p) not in ids]
-    adam = torch.optim.AdamW([dict(params=embeds, lr=s["TIED_EMBED_LR"], weight_decay=s["EMBED_WD"]),
-                              dict(params=scalars, lr=s["SCALAR_LR"], weight_decay=s["ADAM_WD"])],
-                             betas=(s["BETA1"], s["BETA2"]), eps=s["ADAM_EPS"])
-    muon = ParallelMuon(banks, s["MATRIX_LR"], s["MUON_MOMENTUM"], s["MUON_BACKEND_STEPS"], s["MUON_WD"],
-                        s["MUON_ROW_NORMALIZE"], s["MUON_POLAR_EXPRESS"])
+    adam = torch.optim.AdamW(
+        [
+            dict(params=embeds, lr=s["TIED_EMBED_LR"], weight_decay=s["EMBED_WD"]),
+            dict(params=scalars, lr=s["SCALAR_LR"], weight_decay=s["ADAM_WD"]),
+        ],
+        betas=(s["BETA1"], s["BETA2"]),
+        eps=s["ADAM_EPS"],
+    )
+    muon = ParallelMuon(
+        banks,
+        s["MATRIX_LR"],
+        s["MUON_MOMENTUM"],
+        s["MUON_BACKEND_STEPS"],
+        s["MUON_WD"],
+        s["MUON_ROW_NORMALIZE"],
+        s["MUON_POLAR_EXPRESS"],
+    )
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
     return muon, adam, scalars + embeds
@@ -765,6 +1032,7 @@ def optimizer_step(muon, adam, others, s):
 
 # -------------------- training
 
+
 class Run:  # settings, rank, device, log file
     def __init__(self, s):
         self.s = s
@@ -791,7 +1059,9 @@ class Run:  # settings, rank, device, log file
         try:
             self.logfile.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} cannot be created ({e.strerror}); set it to a writable folder") from None
+            raise Fail(
+                f"OUTPUT_DIR={s['OUTPUT_DIR']} cannot be created ({e.strerror}); set it to a writable folder"
+            ) from None
         self.summary = dict(run_id=s["RUN_ID"], seed=s["SEED"], metrics={}, train_curve=[], val_curve=[])
 
     def log(self, msg, console=True):
@@ -868,7 +1138,9 @@ class WeightAverages:
     def update(self, model, step, lr_mul):
         current = model.state_dict()
         if self.ema is not None:
-            torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s["EMA_DECAY"])
+            torch._foreach_lerp_(
+                list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s["EMA_DECAY"]
+            )
         if self.s["SWA_ENABLED"] and lr_mul < self.s["SWA_THRESHOLD"] and step % self.s["SWA_EVERY"] == 0:
             src = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
             if self.swa is None:
@@ -932,8 +1204,10 @@ def train(model, run, val, luts):
             run.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             val_loss, val_bpb = evaluate(model, run, val, luts)
-            run.log(f"step:{step}/{s['ITERATIONS']} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            run.log(
+                f"step:{step}/{s['ITERATIONS']} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
+            )
             run.summary["val_curve"].append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb, time_ms=train_ms))
             run.sync()
             t0 = time.perf_counter()
@@ -943,8 +1217,10 @@ def train(model, run, val, luts):
         lr_mul = lr_multiplier(s, step, elapsed)
         if s["NUM_LOOPS"] and not model.looping and training_fraction(s, step, elapsed) >= s["ENABLE_LOOPING_AT"]:
             model.looping = True
-            run.log(f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
-                    f"encoder:{layer_schedule(s, True)[0]} decoder:{layer_schedule(s, True)[1]}")
+            run.log(
+                f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
+                f"encoder:{layer_schedule(s, True)[0]} decoder:{layer_schedule(s, True)[1]}"
+            )
         if s["LATE_QAT"] and not model.qat and lr_mul < s["LATE_QAT_THRESHOLD"]:
             model.qat = True
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
@@ -955,16 +1231,19 @@ def train(model, run, val, luts):
         loss_value = loss.item()
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         # One collective: all ranks stop at the same step, and on any rank's non-finite loss
-        flags = torch.tensor([float(cap_ms > 0 and elapsed >= cap_ms), float(not math.isfinite(loss_value))],
-                             device=run.device)
+        flags = torch.tensor(
+            [float(cap_ms > 0 and elapsed >= cap_ms), float(not math.isfinite(loss_value))], device=run.device
+        )
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stopping, nonfinite = flags.tolist()
         if nonfinite:
             raise Fail(f"non-finite train loss at step {step}; lower the learning rates or check the data")
         if s["TRAIN_LOG_EVERY"] > 0 and (step <= 10 or step % s["TRAIN_LOG_EVERY"] == 0):
-            run.log(f"step:{step}/{s['ITERATIONS']} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
-                    f"step_avg:{elapsed / step:.2f}ms")
+            run.log(
+                f"step:{step}/{s['ITERATIONS']} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms"
+            )
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
         if stopping:
             run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s['ITERATIONS']}")
@@ -978,11 +1257,15 @@ def train(model, run, val, luts):
 # -------------------- export (GPTQ int6 + rANS)
 
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
-MODEL_KEYS = tuple(("VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_VOCAB_SIZE BIGRAM_DIM "
-                    "VE_DIM VE_LAYERS XSA_LAST_N ROPE_DIMS ROPE_BASE ROPE_TRAIN_SEQ_LEN LN_SCALE LOGIT_SOFTCAP "
-                    "SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_ENABLED "
-                    "SPARSE_ATTN_GATE_SCALE SKIP_GATES_ENABLED PARALLEL_START_LAYER NUM_LOOPS LOOP_START LOOP_END "
-                    "DOC_MASKED_ATTN").split())
+MODEL_KEYS = tuple(
+    (
+        "VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_VOCAB_SIZE BIGRAM_DIM "
+        "VE_DIM VE_LAYERS XSA_LAST_N ROPE_DIMS ROPE_BASE ROPE_TRAIN_SEQ_LEN LN_SCALE LOGIT_SOFTCAP "
+        "SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_ENABLED "
+        "SPARSE_ATTN_GATE_SCALE SKIP_GATES_ENABLED PARALLEL_START_LAYER NUM_LOOPS LOOP_START LOOP_END "
+        "DOC_MASKED_ATTN"
+    ).split()
+)
 MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.99984,)
 GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
@@ -1020,10 +1303,12 @@ def add_on_disk(path):
 def check_room(s, out):  # room in OUTPUT_DIR for what the run writes, from the model's size
     n = sum(map(math.prod, model_shapes(s).values()))
     export = not s["EVAL_ONLY"] or s["ARTIFACT_PATH"].endswith(".safetensors")
-    need = (0 if s["EVAL_ONLY"] else 4 * n + 2 ** 16) + (2 * n + 2 ** 20 if export else 0) + 2 ** 21
+    need = (0 if s["EVAL_ONLY"] else 4 * n + 2**16) + (2 * n + 2**20 if export else 0) + 2**21
     if (free := shutil.disk_usage(out).free) < need:
-        raise Fail(f"OUTPUT_DIR={s['OUTPUT_DIR']} has {free / 1e6:.1f} MB free but this run writes about "
-                   f"{need / 1e6:.1f} MB (float weights, artifact, logs); free some space or set OUTPUT_DIR elsewhere")
+        raise Fail(
+            f"OUTPUT_DIR={s['OUTPUT_DIR']} has {free / 1e6:.1f} MB free but this run writes about "
+            f"{need / 1e6:.1f} MB (float weights, artifact, logs); free some space or set OUTPUT_DIR elsewhere"
+        )
 
 
 def save_float_weights(state, s, path):
@@ -1059,7 +1344,7 @@ def collect_hessians(model, run):
     hessians = model.hessians = {}
     for b in range(0, len(tokens), 8):
         with run.autocast():
-            h = model.forward_hidden(tokens[b:b + 8])
+            h = model.forward_hidden(tokens[b : b + 8])
         if run.s["GPTQ_EMBED"]:
             x = rms_norm(h).flatten(0, 1).float()
             hessians["tok_emb.weight"] = hessians.get("tok_emb.weight", 0) + x.T @ x
@@ -1078,7 +1363,9 @@ def best_scales(w, clips, max_q, H=None):
         scale = (clip / max_q).clamp_min(1e-7).half().float()
         d = w - round_q(w, scale[:, None], max_q) * scale[:, None]
         err = ((d @ H) * d).sum(dim=1) if H is not None else d.square().sum(dim=1)
-        best, best_err = (scale, err) if best is None else (torch.where(err < best_err, scale, best), torch.minimum(err, best_err))
+        best, best_err = (
+            (scale, err) if best is None else (torch.where(err < best_err, scale, best), torch.minimum(err, best_err))
+        )
     return best
 
 
@@ -1086,7 +1373,9 @@ def quantize_rows(w, max_q, percentiles):
     """GPTQ-lite: per-row round-to-nearest at the clip percentile of |w| with the least squared error."""
     w = w.float()
     a = w.abs()
-    scale = best_scales(w, [a.amax(dim=1) if p >= 100 else torch.quantile(a, p / 100, dim=1) for p in percentiles], max_q)
+    scale = best_scales(
+        w, [a.amax(dim=1) if p >= 100 else torch.quantile(a, p / 100, dim=1) for p in percentiles], max_q
+    )
     return round_q(w, scale[:, None], max_q).to(torch.int8).contiguous(), scale.half().contiguous()
 
 
@@ -1096,8 +1385,10 @@ def sdclip_scales(w, k, max_q):
 
 
 def clip_sigmas(name, s):  # SDClip's k by role under QUANT_SCALES=sdclip; else 0 (the scale search)
-    return s["QUANT_SCALES"] == "sdclip" and s[
-        "ATTN_CLIP_SIGMAS" if ".attn." in name else "MLP_CLIP_SIGMAS" if ".mlp." in name else "EMBED_CLIP_SIGMAS"]
+    return (
+        s["QUANT_SCALES"] == "sdclip"
+        and s["ATTN_CLIP_SIGMAS" if ".attn." in name else "MLP_CLIP_SIGMAS" if ".mlp." in name else "EMBED_CLIP_SIGMAS"]
+    )
 
 
 def gptq_rows(w, H, max_q, s, k=0):
@@ -1124,7 +1415,7 @@ def gptq_rows(w, H, max_q, s, k=0):
         for j in range(b - a):
             Q[:, a + j] = q = round_q(Wb[:, j], scale, max_q)
             E[:, j] = (Wb[:, j] - q * scale) / U[a + j, a + j]
-            Wb[:, j + 1:] -= E[:, j:j + 1] * U[a + j, a + j + 1:b]
+            Wb[:, j + 1 :] -= E[:, j : j + 1] * U[a + j, a + j + 1 : b]
         W[:, b:] -= E @ U[a:b, b:]
     return Q[:, torch.argsort(perm)].to(torch.int8).contiguous(), scale.half().contiguous()
 
@@ -1158,15 +1449,21 @@ def quantize_state(state, s, hessians=None):
         if kind in ("raw", "fp16"):
             tensors[name] = (t.half() if kind == "fp16" else t).contiguous()
         elif name in hessians:
-            tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(t, hessians[name], max_q_of(kind), s,
-                                                                       clip_sigmas(name, s))
+            tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(
+                t, hessians[name], max_q_of(kind), s, clip_sigmas(name, s)
+            )
         else:  # QUANT=gptq_lite: the seed's single clip for embeddings; gates max|row| / 127; else a per-row search
-            pcts = EMBED_PERCENTILES if name in EMBED_TABLES and s["QUANT"] == "gptq_lite" else \
-                (100,) if name.endswith("attn_gate_w") else MATRIX_PERCENTILES
+            pcts = (
+                EMBED_PERCENTILES
+                if name in EMBED_TABLES and s["QUANT"] == "gptq_lite"
+                else (100,)
+                if name.endswith("attn_gate_w")
+                else MATRIX_PERCENTILES
+            )
             tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
     if s["LQER_ENABLED"]:  # the LQER_TOP_K GPTQ'd tensors of largest ||W - Q s||_F
         err = {k: flat[k].detach().cpu().float() - dequantize(tensors, k) for k in hessians if k + ".q" in tensors}
-        for k in sorted(err, key=lambda k: -err[k].norm())[:s["LQER_TOP_K"]]:
+        for k in sorted(err, key=lambda k: -err[k].norm())[: s["LQER_TOP_K"]]:
             tensors.update(lqer_factors(k, err[k], s["LQER_RANK"], s["LQER_ASYM_GROUP"]))
     return tensors, scheme
 
@@ -1180,14 +1477,18 @@ def lqer_factors(name, E, rank, group):
     B = F.pad(B, (0, -len(B) % group)).view(-1, group)
     sa = (A.abs().amax() / 1.5).clamp_min(1e-7).half().view(1)
     sb = (B.abs().amax(dim=1) / 7.5).clamp_min(1e-7).half()
-    return {name + ".lqa": torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8), name + ".lqa_s": sa,
-            name + ".lqb": torch.clamp(torch.round(B / sb.float()[:, None]), -8, 7).to(torch.int8), name + ".lqb_s": sb}
+    return {
+        name + ".lqa": torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8),
+        name + ".lqa_s": sa,
+        name + ".lqb": torch.clamp(torch.round(B / sb.float()[:, None]), -8, 7).to(torch.int8),
+        name + ".lqb_s": sb,
+    }
 
 
 def lqer_delta(tensors, name, cols):  # A B of an LQER'd tensor, from its packed factors
     A = tensors[name + ".lqa"].float() * tensors[name + ".lqa_s"].float()
     B = tensors[name + ".lqb"].float() * tensors[name + ".lqb_s"].float()[:, None]
-    return A @ B.flatten()[:A.size(1) * cols].view(-1, cols)
+    return A @ B.flatten()[: A.size(1) * cols].view(-1, cols)
 
 
 def dequantize(tensors, name):  # q * scale per row, plus LQER's A B where the tensor has factors
@@ -1265,7 +1566,7 @@ def rans_decode(tables, freq, states, counts, words):
         key = tab[t] * A + sym
         nx = f_flat[key] * (x >> np.uint64(P)) + slot.astype(np.uint64) - c_flat[key]
         if t == steps - 1 and n % lanes:
-            nx[n % lanes:] = x[n % lanes:]  # padding
+            nx[n % lanes :] = x[n % lanes :]  # padding
         read = np.flatnonzero(nx < RANS_LOW)
         nx[read] = (nx[read] << np.uint64(16)) | words[np.minimum(ptr[read], len(words) - 1)]
         ptr[read] += 1
@@ -1277,8 +1578,10 @@ def rans_decode(tables, freq, states, counts, words):
 
 def xz_safetensors(tensors, meta):
     """LZMA with 2-byte literal contexts (most of what it packs is 16-bit: scales, fp16 tensors, the coder tables)."""
-    return lzma.compress(st.save(tensors, metadata={"pgolf": json.dumps(meta)}),
-                         filters=[dict(id=lzma.FILTER_LZMA2, preset=9, lc=0, lp=1, pb=1)])
+    return lzma.compress(
+        st.save(tensors, metadata={"pgolf": json.dumps(meta)}),
+        filters=[dict(id=lzma.FILTER_LZMA2, preset=9, lc=0, lp=1, pb=1)],
+    )
 
 
 # Context coding. The tensors of one role (one name but for the layer, one shape) form a group, side by side: rows x
@@ -1302,7 +1605,9 @@ def coder_groups(scheme, shapes):
 def predict(above, total, i, wa, wm, max_q):
     """The prediction of row i from the row above and the sum of all rows above: floor of an exact integer over 4i
     (one float division, exact at these magnitudes; 0 for row 0)."""
-    return np.clip(np.floor((wa * above * i + wm * total + 2 * i) / (4 * np.maximum(i, 1))), -max_q, max_q).astype(np.int64)
+    return np.clip(np.floor((wa * above * i + wm * total + 2 * i) / (4 * np.maximum(i, 1))), -max_q, max_q).astype(
+        np.int64
+    )
 
 
 def chain_order(q):
@@ -1319,7 +1624,7 @@ def chain_order(q):
 def lehmer_code(order):
     """Each row's rank among the rows not yet taken: a permutation's digits, the i-th below rows - i, that LZMA packs
     in 1.5 bytes a row where the row indices themselves take 1.65 (8,192 rows)."""
-    return np.array([(order[i + 1:] < order[i]).sum() for i in range(len(order))])
+    return np.array([(order[i + 1 :] < order[i]).sum() for i in range(len(order))])
 
 
 def from_lehmer(digits):  # the row order of a Lehmer code; IndexError if a digit is past the rows left
@@ -1345,8 +1650,9 @@ def fit_modes(G, L, max_q, K):
                 m = moments[sel].sum(0).reshape(2, 3)
                 w[k] = np.clip(np.round(4 * np.linalg.lstsq(m[:, :2], m[:, 2], rcond=None)[0]), 0, 8)
                 if (E := residuals.get(key := tuple(w[k]))) is None:  # int16: a quarter of int64's memory
-                    E = residuals[key] = units(G - predict(above, total, i, *w[k], max_q)
-                                               + RANS_ALPHABET // 2).astype(np.int16)
+                    E = residuals[key] = units(G - predict(above, total, i, *w[k], max_q) + RANS_ALPHABET // 2).astype(
+                        np.int16
+                    )
                 p = np.bincount(E[sel].ravel(), minlength=RANS_ALPHABET) + 0.02
                 bits[k] = -np.log2(p / p.sum())[E].sum(-1)
         modes = bits.argmin(0)
@@ -1362,11 +1668,11 @@ def code_group(qs, max_q):
     orders), fitted then on all."""
     qs = [q.T if len(q) < q.shape[1] else q for q in qs]
     rows, L, m, best = len(qs[0]), len(qs), min(len(qs), 2), (math.inf,)
-    for chain in (False, True)[:1 + (rows <= CHAIN_MAX_ROWS)]:
+    for chain in (False, True)[: 1 + (rows <= CHAIN_MAX_ROWS)]:
         order = np.stack([chain_order(q) for q in qs]) if chain else None
         G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
         for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
-            _, w, _, est = fit_modes(G[:, :G.shape[1] // L * m], m, max_q, K)
+            _, w, _, est = fit_modes(G[:, : G.shape[1] // L * m], m, max_q, K)
             # a chain's cost at log2(rows) bits a row: an upper bound, its Lehmer digits pack smaller
             est = est * L / m + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
             best = min(best, (est, K, order, G), key=lambda b: b[0])
@@ -1377,17 +1683,28 @@ def pack(tensors, scheme, s):
     """Serialized (safetensors, no pickle) and context-coded, reproducibly: magic, head length, LZMA(safetensors of
     the unquantized tensors, scales, the coder's modes, (wa, wm), row orders as Lehmer digits and tables), rANS
     words."""
-    meta = dict(format="pgolf-int-v3", scheme=scheme, config={k: s[k] for k in MODEL_KEYS},
-                shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)})
-    if lqer := {k: [tensors[k + ".lqa"].shape[1], tensors[k + ".lqb"].shape[1]]
-                for k in coded_names(scheme) if k + ".lqa" in tensors}:
+    meta = dict(
+        format="pgolf-int-v3",
+        scheme=scheme,
+        config={k: s[k] for k in MODEL_KEYS},
+        shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)},
+    )
+    if lqer := {
+        k: [tensors[k + ".lqa"].shape[1], tensors[k + ".lqb"].shape[1]]
+        for k in coded_names(scheme)
+        if k + ".lqa" in tensors
+    }:
         meta["lqer"] = lqer  # name: [rank, group], for the shape check before decoding
     rest, keys, n_tables = {k: v for k, v in tensors.items() if not k.endswith(".q")}, [], 0
     for g, names in enumerate(coder_groups(scheme, meta["shapes"])):
-        order, modes, w, E = code_group([tensors[k + ".q"].numpy().astype(np.int64) for k in names],
-                                           max_q_of(scheme[names[0]]))
-        keys.append(((n_tables + np.repeat(modes, E.shape[1] // len(names), axis=1)) * RANS_ALPHABET + E
-                     + RANS_ALPHABET // 2).ravel())
+        order, modes, w, E = code_group(
+            [tensors[k + ".q"].numpy().astype(np.int64) for k in names], max_q_of(scheme[names[0]])
+        )
+        keys.append(
+            (
+                (n_tables + np.repeat(modes, E.shape[1] // len(names), axis=1)) * RANS_ALPHABET + E + RANS_ALPHABET // 2
+            ).ravel()
+        )
         n_tables += len(w)
         rest[f"ctx.{g}.modes"], rest[f"ctx.{g}.w"] = torch.from_numpy(modes.astype(np.uint8)), torch.from_numpy(w)
         if order is not None:
@@ -1403,7 +1720,7 @@ def pack(tensors, scheme, s):
 
 def read_safetensors(raw, shapes=None):
     """Tensors and header; refused before any tensor is read unless shapes(header, head) are the declared ones."""
-    head = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    head = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     header = json.loads(head.pop("__metadata__")["pgolf"])
     if shapes and {k: tuple(v["shape"]) for k, v in head.items()} != shapes(header, head):
         raise ValueError("its tensors are not those of this model")
@@ -1417,7 +1734,7 @@ def model_shapes(s, flat=False):  # built on the meta device: nothing allocated
 
 
 def artifact_bound(s):  # more bytes than any artifact of these settings holds, packed or not
-    return 8 * sum(map(math.prod, model_shapes(s).values())) + 2 ** 21
+    return 8 * sum(map(math.prod, model_shapes(s).values())) + 2**21
 
 
 def inflate(data, limit):
@@ -1425,7 +1742,9 @@ def inflate(data, limit):
     d = lzma.LZMADecompressor()
     out = d.decompress(data, max_length=limit)
     if not d.eof:
-        raise ValueError(f"it inflates past {limit} bytes, more than any artifact of these settings" * (len(out) == limit))
+        raise ValueError(
+            f"it inflates past {limit} bytes, more than any artifact of these settings" * (len(out) == limit)
+        )
     return out
 
 
@@ -1438,7 +1757,8 @@ def unpack(blob, s=None, check=None):
         check and check(header)
         scheme = header["scheme"]
         if set(scheme) != set(flat) or {k: tuple(v) for k, v in header["shapes"].items()} != {
-                k: flat[k] for k in coded_names(scheme)}:
+            k: flat[k] for k in coded_names(scheme)
+        }:
             raise ValueError("its tensors are not those of this model")
         out = {k: tuple(v["shape"]) for k, v in head.items() if k[:4] in ("rans", "ctx.")}  # checked when decoded
         for k, kind in scheme.items():
@@ -1454,24 +1774,32 @@ def unpack(blob, s=None, check=None):
     n = int.from_bytes(blob[8:12], "little")
     if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
         raise ValueError
-    tensors, header = read_safetensors(inflate(blob[12:12 + n], limit), s and declared)
+    tensors, header = read_safetensors(inflate(blob[12 : 12 + n], limit), s and declared)
     freq, states, counts = (tensors.pop(f"rans.{k}").numpy().astype(np.int64) for k in RANS_HEAD)
-    words, scheme, shapes = np.frombuffer(blob[12 + n:], "<u2"), header["scheme"], header["shapes"]
+    words, scheme, shapes = np.frombuffer(blob[12 + n :], "<u2"), header["scheme"], header["shapes"]
     groups, tables, n_tables = coder_groups(scheme, shapes), [], 0
-    ctx = [[sorted(shapes[names[0]])[::-1]] + [tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")]
-           for g, names in enumerate(groups)]  # as coded: the longer side as rows
+    ctx = [
+        [sorted(shapes[names[0]])[::-1]] + [tensors.pop(f"ctx.{g}.{k}", None) for k in ("modes", "w", "order")]
+        for g, names in enumerate(groups)
+    ]  # as coded: the longer side as rows
     for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
         if modes.shape != (rows, len(names)) or order is not None and order.shape != modes.T.shape:
             raise ValueError  # before anything their size sets is allocated
         tables.append((n_tables + np.repeat(modes.numpy().astype(np.int64), cols, axis=1)).ravel())
         n_tables += len(w)
-    if (freq.shape != (n_tables, RANS_ALPHABET) or (freq < 0).any() or (freq.sum(axis=1) != 1 << RANS_PREC).any()
-            or not 0 < len(states) == len(counts) or (counts < 0).any() or counts.sum() != len(words)
-            or not ((RANS_LOW <= states) & (states < 1 << 32)).all()):
+    if (
+        freq.shape != (n_tables, RANS_ALPHABET)
+        or (freq < 0).any()
+        or (freq.sum(axis=1) != 1 << RANS_PREC).any()
+        or not 0 < len(states) == len(counts)
+        or (counts < 0).any()
+        or counts.sum() != len(words)
+        or not ((RANS_LOW <= states) & (states < 1 << 32)).all()
+    ):
         raise ValueError
     sym, at = rans_decode(np.concatenate(tables), freq, states, counts, words) - RANS_ALPHABET // 2, 0
     for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
-        max_q, E = max_q_of(scheme[names[0]]), sym[at:at + rows * cols * len(names)].reshape(rows, -1)
+        max_q, E = max_q_of(scheme[names[0]]), sym[at : at + rows * cols * len(names)].reshape(rows, -1)
         at += E.size
         wa, wm = np.repeat(w.numpy()[modes.numpy()], cols, axis=1).transpose(2, 0, 1)
         G, above, total = np.zeros_like(E), np.zeros(E.shape[1], np.int64), np.zeros(E.shape[1], np.int64)
@@ -1479,7 +1807,7 @@ def unpack(blob, s=None, check=None):
             G[i] = above = E[i] + predict(above, total, i, wa[i], wm[i], max_q)
             total += above
         for j, k in enumerate(names):
-            q = G[:, j * cols:(j + 1) * cols]
+            q = G[:, j * cols : (j + 1) * cols]
             if order is not None:
                 q = q[np.argsort(from_lehmer(order[j].tolist()))]
             tensors[k + ".q"] = torch.from_numpy((q if cols == shapes[k][1] else q.T).astype(np.int8))
@@ -1511,8 +1839,17 @@ def load_artifact(path, s):
         if not set(header["scheme"].values()) <= {"raw", "fp16", "int5", "int6", "int7", "int8"}:
             raise ValueError
         return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
-    except (SafetensorError, lzma.LZMAError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError,
-            AttributeError) as e:
+    except (
+        SafetensorError,
+        lzma.LZMAError,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        RuntimeError,
+        AttributeError,
+    ) as e:
         why = str(e) if str(e).startswith("it") else "truncated, corrupt or another format"
         raise Fail(f"{path} is not an intact artifact of this script ({why}; nothing in it was run)") from None
 
@@ -1548,7 +1885,11 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
     original, cost, cells = {k: tensors[k + ".q"] for k in names}, [], []
     for i, k in enumerate(names):
         q, scale = original[k], tensors[k + ".scale"].float()
-        h = hessians[k].diagonal() / hessians[k].diagonal().mean() if hessians and k in hessians else torch.ones(q.size(1))
+        h = (
+            hessians[k].diagonal() / hessians[k].diagonal().mean()
+            if hessians and k in hessians
+            else torch.ones(q.size(1))
+        )
         r, c = (q.abs() == 1).nonzero(as_tuple=True)
         cost.append((scale[r].square() * h[c]).numpy())
         cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].long().numpy() + 127]))
@@ -1583,10 +1924,15 @@ def export_artifact(run, state, path, code_bytes):
         hessians = collect_hessians(calib_model, run)
         calib_s, cap = time.perf_counter() - t0, s["MAX_WALLCLOCK_SECONDS"]
         ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
-        run.log(f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
-                f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s")
+        run.log(
+            f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
+            f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s"
+        )
         if s["GPTQ_CALIB"] == "train" and 0 < cap < ended:
-            run.log(f"!!! GPTQ_RESERVE_SECONDS={s['GPTQ_RESERVE_SECONDS']} too short: training tokens read after the cap !!!")
+            run.log(
+                f"!!! GPTQ_RESERVE_SECONDS={s['GPTQ_RESERVE_SECONDS']} too short: "
+                "training tokens read after the cap !!!"
+            )
     t1 = time.perf_counter()
     tensors, scheme = quantize_state(state, s, hessians)
     run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")
@@ -1613,11 +1959,15 @@ def strip_source(source):
     tree = ast.parse(source)
     for node in ast.walk(tree):  # a literal statement (a docstring) does nothing: gone, as pyminify removes them
         if isinstance(body := getattr(node, "body", None), list):
-            node.body = [b for b in body
-                         if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))] or [ast.Pass()]
+            node.body = [b for b in body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))] or [
+                ast.Pass()
+            ]
     text = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), ast.unparse(tree)) + "\n"
-    out = re.sub(r"""([rbuf]*'(?:\\.|[^'\\])*'|[rbuf]*"(?:\\.|[^"\\])*")|(?<=\S) +(?=\S)""",
-                 lambda m: m[1] or " " * bool(re.match(r"\w\w", text[m.start() - 1] + text[m.end()])), text)
+    out = re.sub(
+        r"""([rbuf]*'(?:\\.|[^'\\])*'|[rbuf]*"(?:\\.|[^"\\])*")|(?<=\S) +(?=\S)""",
+        lambda m: m[1] or " " * bool(re.match(r"\w\w", text[m.start() - 1] + text[m.end()])),
+        text,
+    )
     try:  # the same program, or (a Python whose unparse writes strings this cannot read) the unminified one
         return out if ast.dump(ast.parse(out)) == ast.dump(tree) else text
     except SyntaxError:
@@ -1628,8 +1978,11 @@ def pack_code(source):
     """Deterministic: LZMA (.lzma container, preset 9e, pb=0: text has no 4-byte alignment, 95 bytes fewer) of the
     stripped program as base85 in a two-line stub that executes it in the stub's own namespace, so __name__ and
     __file__ are the packed file's."""
-    blob = lzma.compress(strip_source(source).encode(), format=lzma.FORMAT_ALONE,
-                         filters=[dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, pb=0)])
+    blob = lzma.compress(
+        strip_source(source).encode(),
+        format=lzma.FORMAT_ALONE,
+        filters=[dict(id=lzma.FILTER_LZMA1, preset=9 | lzma.PRESET_EXTREME, pb=0)],
+    )
     return PACK_STUB.format(base64.b85encode(blob).decode())
 
 
@@ -1639,7 +1992,7 @@ def unpack_code(packed):
     try:
         if not (packed.startswith(head) and packed.endswith(tail)):
             raise ValueError("no packing stub")
-        return lzma.decompress(base64.b85decode(packed[len(head):-len(tail)])).decode()
+        return lzma.decompress(base64.b85decode(packed[len(head) : -len(tail)])).decode()
     except (ValueError, lzma.LZMAError) as e:
         raise ValueError(f"not a packed train_gpt.py: {e}") from None
 
@@ -1659,8 +2012,9 @@ SCORE_HOOK = None  # tools/audit_causality.py sees every scored distribution
 
 def sliding_windows(n, seq_len, stride):
     """(start, end, first scored) of windows scoring each of n positions once: the first all, later the last stride."""
-    return [(0, min(seq_len, n), 0)] + [(a, min(a + seq_len, n), a + seq_len - stride)
-                                        for a in range(stride, n - seq_len + stride, stride)]
+    return [(0, min(seq_len, n), 0)] + [
+        (a, min(a + seq_len, n), a + seq_len - stride) for a in range(stride, n - seq_len + stride, stride)
+    ]
 
 
 def slot_delta(model, H, y, fit, s, shared, lora=None):
@@ -1673,8 +2027,10 @@ def slot_delta(model, H, y, fit, s, shared, lora=None):
 
     def loss(delta):  # of delta alone: no gradient reaches the weights
         logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at], lora)
-        return (F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[at].reshape(-1), reduction="none")
-                * weight[at].reshape(-1)).sum()
+        return (
+            F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[at].reshape(-1), reduction="none")
+            * weight[at].reshape(-1)
+        ).sum()
 
     lr, b1, b2 = s["SLOT_LR"], 0.9, 0.999
     delta = H.new_zeros(1 if shared else B, 1, d, dtype=torch.float32)
@@ -1682,7 +2038,7 @@ def slot_delta(model, H, y, fit, s, shared, lora=None):
     for t in range(1, s["SLOT_STEPS"] + 1):
         g = torch.func.grad(loss)(delta)
         m, v = m.lerp(g, 1 - b1), v * b2 + (1 - b2) * g * g
-        delta = delta * (1 - lr * 1e-8) - lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + 1e-5)
+        delta = delta * (1 - lr * 1e-8) - lr / (1 - b1**t) * m / (v.sqrt() / math.sqrt(1 - b2**t) + 1e-5)
     return delta
 
 
@@ -1733,7 +2089,7 @@ def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, key="TTT_"):
             for p in params:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
             if hi > lo:
-                tok = val[start + lo * L:start + hi * L + 1].to(run.device)
+                tok = val[start + lo * L : start + hi * L + 1].to(run.device)
                 with run.autocast():
                     loss = loss_fn(tok[:-1].view(-1, L), tok[1:].view(-1, L))
                 (loss * (hi - lo) / (be - bs)).backward()
@@ -1767,12 +2123,12 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", pha
         loss_fn = run.compiled(model)
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     bs = s["EVAL_BATCH_SEQS"]
-    mine = [g[len(g) * run.rank // run.world:len(g) * (run.rank + 1) // run.world] for g in groups]
+    mine = [g[len(g) * run.rank // run.world : len(g) * (run.rank + 1) // run.world] for g in groups]
     n_batches, done = sum(-(-len(m) // bs) for m in mine), 0
     t0 = time.perf_counter()
     for c, group in enumerate(mine):
         for b in range(0, len(group), bs):
-            stats += score_windows(model, run, val, group[b:b + bs], luts, slot, hidden_fn)
+            stats += score_windows(model, run, val, group[b : b + bs], luts, slot, hidden_fn)
             done += 1
             if tag and not ttt and done == max(1, n_batches // 20):
                 project_pass(run, tag, done / n_batches, t0)
@@ -1781,8 +2137,11 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", pha
                 ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn)
             if tag and c + 1 == min(3, n_chunks):
                 project_pass(run, tag, (c + 1) / n_chunks, t0)
-            run.log(f"{tag}_chunk:{c + 1}/{n_chunks} running_bpb:{bpb_of(stats):.4f} "
-                    f"elapsed:{time.perf_counter() - t0:.1f}s", console=c % 50 == 0 or c == n_chunks - 1)
+            run.log(
+                f"{tag}_chunk:{c + 1}/{n_chunks} running_bpb:{bpb_of(stats):.4f} "
+                f"elapsed:{time.perf_counter() - t0:.1f}s",
+                console=c % 50 == 0 or c == n_chunks - 1,
+            )
     if dist.is_initialized():
         dist.all_reduce(stats)
     return (stats[0] / stats[1]).item(), bpb_of(stats)
@@ -1803,21 +2162,26 @@ def find_docs(val):
 def phased_batches(docs, size):
     """Batches of documents in scoring order: sorted by length (stable), cut into batches, the longest first."""
     docs = sorted(docs, key=lambda d: d[1])
-    return sorted((docs[i:i + size] for i in range(0, len(docs), size)), key=lambda b: -b[-1][1])
+    return sorted((docs[i : i + size] for i in range(0, len(docs), size)), key=lambda b: -b[-1][1])
 
 
 def lora_shapes(model):
     """(name, in, out) of every adapter: Q, K, V, the O and MLP bypasses of each virtual layer, and the head."""
     d, kv, n = model.tok_emb.embedding_dim, model.kv_bank.size(1), len(sum(layer_schedule(model.s, model.looping), []))
     return [(f"{r}{j}", d, o) for j in range(n) for r, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))] + [
-        ("head", d, model.tok_emb.num_embeddings)]
+        ("head", d, model.tok_emb.num_embeddings)
+    ]
 
 
 def fresh_lane(model, run, lane, phase):
     """A lane's first LoRA A of a phase, U(+-1/sqrt(in)) per row, seeded by (SEED, phase, lane): rank-independent."""
     g = torch.Generator().manual_seed(run.s["SEED"] * 1000 + phase * TTT_LANES + lane)
-    return {name: ((torch.rand(run.s["TTT_BATCH_SIZE"], run.s["TTT_LORA_RANK"], i, generator=g) * 2 - 1) / i ** 0.5)
-            .to(run.device) for name, i, _ in lora_shapes(model)}
+    return {
+        name: ((torch.rand(run.s["TTT_BATCH_SIZE"], run.s["TTT_LORA_RANK"], i, generator=g) * 2 - 1) / i**0.5).to(
+            run.device
+        )
+        for name, i, _ in lora_shapes(model)
+    }
 
 
 def chunk_nll(model, x, y, at, lora, fit=None):
@@ -1839,10 +2203,20 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
     lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
     C, Lt = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"]
-    lora = {k: (warm_a[k][:n].clone().requires_grad_(), torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev,
-                                                                      requires_grad=True)) for k, _, o in lora_shapes(model)}
-    opt = torch.optim.AdamW([t for ab in lora.values() for t in ab], lr=s["TTT_LORA_LR"], eps=1e-10,
-                            betas=(s["TTT_BETA1"], s["TTT_BETA2"]), weight_decay=s["TTT_WEIGHT_DECAY"])
+    lora = {
+        k: (
+            warm_a[k][:n].clone().requires_grad_(),
+            torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev, requires_grad=True),
+        )
+        for k, _, o in lora_shapes(model)
+    }
+    opt = torch.optim.AdamW(
+        [t for ab in lora.values() for t in ab],
+        lr=s["TTT_LORA_LR"],
+        eps=1e-10,
+        betas=(s["TTT_BETA1"], s["TTT_BETA2"]),
+        weight_decay=s["TTT_WEIGHT_DECAY"],
+    )
     starts, preds = torch.tensor([d[0] for d in batch]), torch.tensor([d[1] - 1 for d in batch])
     fn = run.compiled(chunk_nll, dynamic=True)
     for c in range(-(-int(preds.max()) // C)):
@@ -1851,9 +2225,16 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
         T, j = min((c + 1) * C, Lt), torch.arange(C)
         at = (c * C - first[:, None] + j).clamp_max(T - 1)  # the chunk's positions in the row (>= 0: C <= Lt)
         tgt = (starts + first + 1)[:, None] + at  # their targets' positions in tokens
-        x, y = (tokens[((starts + first)[:, None] + torch.arange(T) + k).clamp_max(tokens.numel() - 1)].to(dev)
-                for k in (0, 1))
-        scored, learn, tgt, at = (j < end[:, None] - c * C).to(dev), (preds > (c + 1) * C).to(dev), tgt.to(dev), at.to(dev)
+        x, y = (
+            tokens[((starts + first)[:, None] + torch.arange(T) + k).clamp_max(tokens.numel() - 1)].to(dev)
+            for k in (0, 1)
+        )
+        scored, learn, tgt, at = (
+            (j < end[:, None] - c * C).to(dev),
+            (preds > (c + 1) * C).to(dev),
+            tgt.to(dev),
+            at.to(dev),
+        )
         fit = (torch.arange(T) < (c * C - first)[:, None]).to(dev) if slot else None
         with torch.set_grad_enabled(bool(learn.any())), run.autocast():
             logp, nll = fn(model, x, y, at, lora, fit)
@@ -1872,7 +2253,7 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
 def global_sgd(model, run, tokens, docs):
     """A phase's SGD of every base parameter on the documents scored so far (each from its BOS, concatenated), in
     GLOBAL_TTT_CHUNK_TOKENS chunks with cosine LR, the last chunk skipped, as the seed's TTT trains (PR #1855)."""
-    docs_tokens = torch.cat([tokens[a:a + n - 1] for a, n in docs])
+    docs_tokens = torch.cat([tokens[a : a + n - 1] for a, n in docs])
     model.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=run.s["GLOBAL_TTT_LR"], momentum=run.s["GLOBAL_TTT_MOMENTUM"])
     n_chunks = (docs_tokens.numel() - 2) // run.s["GLOBAL_TTT_CHUNK_TOKENS"] + 1
@@ -1893,8 +2274,10 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     cum = np.cumsum([len(b) for b in batches])
     prefix, P = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"]
     phases = [(bisect.bisect_left(cum, m), m) for m in (prefix * (p + 1) // P for p in range(P)) if m]
-    run.log(f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "
-            f"boundaries:{[m for _, m in phases]}")
+    run.log(
+        f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "
+        f"boundaries:{[m for _, m in phases]}"
+    )
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     model.requires_grad_(False)
     mine = [sum(n for _, n in b) * (q % run.world == run.rank) for q, b in enumerate(batches)]  # tokens to score
@@ -1906,7 +2289,7 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
                     lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase)
                 score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats, slot)
             if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
-                project_pass(run, tag, sum(mine[:q + 1]) / max(sum(mine), 1), t0)
+                project_pass(run, tag, sum(mine[: q + 1]) / max(sum(mine), 1), t0)
         done = last + 1
         if m:
             run.log(f"ttt_phase:{phase + 1}/{len(phases)} global_sgd_docs:{m} elapsed:{time.perf_counter() - t0:.1f}s")
@@ -1925,8 +2308,10 @@ def project_pass(run, tag, fraction, t0):
     total = run.summary.get("eval_time_s", 0) + pass_s
     run.log(f"{tag}_projected_seconds:{pass_s:.1f} eval_total_projected:{total:.1f} budget:{budget:.0f}")
     if total > budget:
-        run.log(f"!!! EVAL BUDGET: {tag} is projected to end the evaluation after {total:.0f}s > "
-                f"EVAL_BUDGET_SECONDS={budget:.0f} !!!")
+        run.log(
+            f"!!! EVAL BUDGET: {tag} is projected to end the evaluation after {total:.0f}s > "
+            f"EVAL_BUDGET_SECONDS={budget:.0f} !!!"
+        )
 
 
 def bpb_of(stats):
@@ -1984,15 +2369,20 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
 
 # -------------------- main
 
+
 def log_header(run, code, packed):
     s = run.s
     run.log(code, console=False)
     run.log("=" * 100, console=False)
     hw = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu ({os.cpu_count()} cores)"
-    run.log(f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
-            f"attention:{run.attn_name} compile:{int(run.compile)}")
+    run.log(
+        f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
+        f"attention:{run.attn_name} compile:{int(run.compile)}"
+    )
     run.log("settings: " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items()))
-    changed = " ".join(f"{k}={os.environ[k]}" for k in DEFAULTS if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR"))
+    changed = " ".join(
+        f"{k}={os.environ[k]}" for k in DEFAULTS if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR")
+    )
     launcher = f"torchrun --standalone --nproc_per_node={run.world}" if "RANK" in os.environ else "python"
     run.summary.update(settings=s, run_command=f"{changed} {launcher} train_gpt.py".strip())
     run.log(f"run_command: {run.summary['run_command']}")
@@ -2050,11 +2440,15 @@ def main():
     run.log(f"Serialized model int6+rans: {model_bytes} bytes")
     run.log(f"Total submission size int6+rans: {total} bytes (packed code {code_bytes} + model {model_bytes})")
     if over := total > limit:
-        run.log(f"!!! OVER THE LIMIT: {total} bytes > ARTIFACT_LIMIT_BYTES={limit}; "
-                f"kept and evaluated, not a valid submission !!!")
-    run.summary.update(artifact=str(artifact), over_limit=over,
-                       bytes=dict(model=model_bytes, code=code_bytes, code_source=len(code.encode()),
-                                                         total=total, limit=limit))
+        run.log(
+            f"!!! OVER THE LIMIT: {total} bytes > ARTIFACT_LIMIT_BYTES={limit}; "
+            f"kept and evaluated, not a valid submission !!!"
+        )
+    run.summary.update(
+        artifact=str(artifact),
+        over_limit=over,
+        bytes=dict(model=model_bytes, code=code_bytes, code_source=len(code.encode()), total=total, limit=limit),
+    )
     run.write_summary()
     final_evaluation(run, model, val, luts, float_bpb, load_s)
     if over:

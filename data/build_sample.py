@@ -13,6 +13,7 @@ written as challenge shards (each document BOS-prefixed, no EOS).
 
 Deterministic: the same source gives the same bytes (single-threaded trainer, no input shuffling, fixed seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,30 +38,53 @@ PACKAGE = "python3.11-doc"
 SOURCES_MARKER = "/html/_sources/"
 # Prose-heavy parts of the documentation; the C API, the legacy distutils/install guides and the licence
 # pages are left out.
-INCLUDE_DIRS = ("tutorial", "howto", "library", "reference", "faq", "using", "extending", "installing",
-                "distributing", "whatsnew")
+INCLUDE_DIRS = (
+    "tutorial",
+    "howto",
+    "library",
+    "reference",
+    "faq",
+    "using",
+    "extending",
+    "installing",
+    "distributing",
+    "whatsnew",
+)
 INCLUDE_FILES = ("glossary.rst.txt",)
 EXCLUDE_FILES = ("whatsnew/changelog.rst.txt", "whatsnew/index.rst.txt")
 
 VOCAB_SIZE = 1024
 BOS_ID = 1
-MIN_DOC_CHARS = 2500      # sections are merged until a document has at least this many characters
-MIN_KEEP_CHARS = 300      # shorter documents (stubs, index pages) are dropped
-VAL_FRACTION = 0.10       # share of the text (by characters) whose source files go to the val split
+MIN_DOC_CHARS = 2500  # sections are merged until a document has at least this many characters
+MIN_KEEP_CHARS = 300  # shorter documents (stubs, index pages) are dropped
+VAL_FRACTION = 0.10  # share of the text (by characters) whose source files go to the val split
 MAX_TRAIN_TOKENS = 2_600_000  # keeps the committed sample small; documents past it are left out
 TRAINER_SEED = 1337
 
 TRAINER_SETTINGS = dict(
-    model_type="bpe", vocab_size=VOCAB_SIZE, character_coverage=0.999, byte_fallback=True, split_digits=True,
-    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+    model_type="bpe",
+    vocab_size=VOCAB_SIZE,
+    character_coverage=0.999,
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
     hard_vocab_limit=False,
     # determinism: one thread, every sentence, in order
-    num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 16,
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    max_sentence_length=1 << 16,
     minloglevel=2,
 )
 
 
 # ----------------------------------------------------------------------------- source
+
 
 def read_ar_members(data: bytes) -> dict[str, bytes]:
     """Members of a Debian package (an `ar` archive)."""
@@ -68,10 +92,10 @@ def read_ar_members(data: bytes) -> dict[str, bytes]:
         raise SystemExit("error: not a Debian package (missing ar magic)")
     members, pos = {}, 8
     while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        members[name] = data[pos + 60:pos + 60 + size]
+        members[name] = data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
     return members
 
@@ -102,9 +126,16 @@ def sources_from_dir(root: Path) -> dict[str, str]:
 
 def fetch_deb(workdir: Path) -> Path:
     """`apt-get download python3.11-doc` into workdir (after `apt-get update` if the package lists lack it)."""
+
     def download():
-        return subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=600)
+        return subprocess.run(
+            ["apt-get", "download", PACKAGE],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=600,
+        )
+
     print(f"fetching {PACKAGE} with apt-get download ...", file=sys.stderr)
     try:
         result = download()
@@ -138,14 +169,52 @@ OPTION_LINE = re.compile(r"^\s*:[\w-]+:(\s.*)?$")
 SIMPLE_TABLE_BORDER = re.compile(r"^\s*=+(\s+=+)+\s*$")
 LIST_ITEM = re.compile(r"^(\s*)([*+-]|#\.|\d+\.|\(\d+\))\s+(.*)$")
 
-ADMONITIONS = {"note", "warning", "important", "tip", "hint", "caution", "attention", "danger", "seealso",
-               "impl-detail", "topic", "sidebar", "admonition", "centered"}
-VERSION_NOTES = {"versionadded": "New in version {}.", "versionchanged": "Changed in version {}:",
-                 "deprecated": "Deprecated since version {}:", "deprecated-removed": "Deprecated since version {}:"}
-OBJECTS = {"function", "method", "class", "attribute", "data", "exception", "decorator", "decoratormethod",
-           "classmethod", "staticmethod", "abstractmethod", "coroutinefunction", "coroutinemethod",
-           "awaitablefunction", "awaitablemethod", "describe", "opcode", "cmdoption", "option", "envvar",
-           "pdbcommand", "property"}
+ADMONITIONS = {
+    "note",
+    "warning",
+    "important",
+    "tip",
+    "hint",
+    "caution",
+    "attention",
+    "danger",
+    "seealso",
+    "impl-detail",
+    "topic",
+    "sidebar",
+    "admonition",
+    "centered",
+}
+VERSION_NOTES = {
+    "versionadded": "New in version {}.",
+    "versionchanged": "Changed in version {}:",
+    "deprecated": "Deprecated since version {}:",
+    "deprecated-removed": "Deprecated since version {}:",
+}
+OBJECTS = {
+    "function",
+    "method",
+    "class",
+    "attribute",
+    "data",
+    "exception",
+    "decorator",
+    "decoratormethod",
+    "classmethod",
+    "staticmethod",
+    "abstractmethod",
+    "coroutinefunction",
+    "coroutinemethod",
+    "awaitablefunction",
+    "awaitablemethod",
+    "describe",
+    "opcode",
+    "cmdoption",
+    "option",
+    "envvar",
+    "pdbcommand",
+    "property",
+}
 
 ROLE = re.compile(r":((?:[\w.+-]+:)+)`([^`]*)`")
 NUMBERED_ROLES = {"pep": "PEP {}", "rfc": "RFC {}", "issue": "bpo-{}", "gh": "gh-{}"}  # as Sphinx renders them
@@ -154,7 +223,7 @@ LINK = re.compile(r"`([^`<]*?)\s*(?:<[^`>]*>)?`__?")
 INTERPRETED = re.compile(r"`([^`]+)`")
 STRONG = re.compile(r"\*\*([^*\s](?:[^*]*?[^*\s])?)\*\*")
 EMPHASIS = re.compile(r"(?<![\w*\\])\*([^*\s](?:[^*]*?[^*\s])?)\*(?![\w*])")
-FIELD = re.compile(r"^(\s*):([\w -]+):(\s+(.*))?$")   # ":Author: Name" (not a role: no backquote follows)
+FIELD = re.compile(r"^(\s*):([\w -]+):(\s+(.*))?$")  # ":Author: Name" (not a role: no backquote follows)
 DROPPED_FIELDS = {"tocdepth", "orphan", "nosearch", "noindex", "platform", "synopsis"}
 FOOTNOTE_REF = re.compile(r"\s*\[(?:#\w*|\d+|\*)\]_")
 SUBSTITUTION = re.compile(r"\|(\w[\w ]*)\|")
@@ -195,11 +264,11 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
     blocks: list[tuple[str, str]] = []
     para: list[str] = []
     para_indent = 0
-    skip_base = None          # skip lines indented deeper than this (literal blocks, dropped directives)
-    skip_to_blank = False     # skip until the next blank line (doctest blocks, grid tables)
-    skip_table = False        # inside a simple table, until its closing border
-    pending_literal = None    # a paragraph ended with "::": the next deeper-indented block is code
-    after_directive = False   # directive options may follow directly
+    skip_base = None  # skip lines indented deeper than this (literal blocks, dropped directives)
+    skip_to_blank = False  # skip until the next blank line (doctest blocks, grid tables)
+    skip_table = False  # inside a simple table, until its closing border
+    pending_literal = None  # a paragraph ended with "::": the next deeper-indented block is code
+    after_directive = False  # directive options may follow directly
 
     def flush():
         nonlocal para, pending_literal
@@ -244,7 +313,7 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
             continue
         after_directive = False
         if ADORNMENT.match(line):
-            if len(para) == 1:    # underline of a section title
+            if len(para) == 1:  # underline of a section title
                 blocks.append(("title", clean_inline(para[0])))
                 para = []
             else:
@@ -254,8 +323,12 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
             flush()
             skip_table = True
             continue
-        if stripped.startswith(("+-", "+=")) or (stripped.startswith("|") and stripped.endswith("|") and
-                                                   len(stripped) > 2 and not SUBSTITUTION.fullmatch(stripped)):
+        if stripped.startswith(("+-", "+=")) or (
+            stripped.startswith("|")
+            and stripped.endswith("|")
+            and len(stripped) > 2
+            and not SUBSTITUTION.fullmatch(stripped)
+        ):
             flush()
             skip_to_blank = True
             continue
@@ -284,7 +357,7 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
             else:
                 skip_base = ind
             continue
-        if EXPLICIT.match(line):   # comments, link targets, footnotes, substitution definitions
+        if EXPLICIT.match(line):  # comments, link targets, footnotes, substitution definitions
             flush()
             skip_base = ind
             continue
@@ -301,7 +374,7 @@ def rst_blocks(source: str) -> list[tuple[str, str]]:
             para, para_indent = [item.group(3)], item.start(3)
             continue
         if para and ind != para_indent and len(para) == 1 and ind > para_indent:
-            flush()               # definition list: the term, then its indented definition
+            flush()  # definition list: the term, then its indented definition
         if not para:
             para_indent = ind
         para.append(stripped)
@@ -339,7 +412,7 @@ def sha(text: str) -> str:
 def split_documents(sources: dict[str, str]) -> tuple[list[str], list[str], dict]:
     per_file = {rel: file_documents(rst_blocks(sources[rel])) for rel in sorted(sources) if selected(rel)}
     seen: set[str] = set()
-    for rel in sorted(per_file):   # drop exact duplicates, keeping the first copy
+    for rel in sorted(per_file):  # drop exact duplicates, keeping the first copy
         kept = []
         for doc in per_file[rel]:
             if sha(doc) not in seen:
@@ -365,6 +438,7 @@ def split_documents(sources: dict[str, str]) -> tuple[list[str], list[str], dict
 
 
 # ----------------------------------------------------------------------------- tokenizer and shards
+
 
 def train_tokenizer(train_docs: list[str]) -> bytes:
     spm.set_random_generator_seed(TRAINER_SEED)
@@ -396,14 +470,23 @@ def build(sources: dict[str, str], out: Path, provenance: dict) -> dict:
     tok_path.parent.mkdir(parents=True, exist_ok=True)
     tok_path.write_bytes(model_bytes)
     ds = out / "datasets" / f"sample_sp{VOCAB_SIZE}"
-    outputs = {"train": write_shard(ds / "fineweb_train_000000.bin", train_tokens),
-               "val": write_shard(ds / "fineweb_val_000000.bin", val_tokens)}
+    outputs = {
+        "train": write_shard(ds / "fineweb_train_000000.bin", train_tokens),
+        "val": write_shard(ds / "fineweb_val_000000.bin", val_tokens),
+    }
     summary = dict(
-        provenance, sentencepiece=spm.__version__, source_files=info["files_total"], val_source_files=info["files_val"],
-        train_documents=train_used, train_tokens=int(train_tokens.size),
-        val_documents=val_used, val_tokens=int(val_tokens.size),
-        sha256={p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in (tok_path, outputs["train"], outputs["val"])},
+        provenance,
+        sentencepiece=spm.__version__,
+        source_files=info["files_total"],
+        val_source_files=info["files_val"],
+        train_documents=train_used,
+        train_tokens=int(train_tokens.size),
+        val_documents=val_used,
+        val_tokens=int(val_tokens.size),
+        sha256={
+            p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in (tok_path, outputs["train"], outputs["val"])
+        },
     )
     (out / "sample_build.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
@@ -430,8 +513,10 @@ def main(argv=None) -> int:
     if not sources:
         raise SystemExit("error: no .rst.txt documentation sources found in the given source")
     summary = build(sources, args.out, provenance)
-    print(f"train: {summary['train_documents']} documents, {summary['train_tokens']} tokens; "
-          f"val: {summary['val_documents']} documents, {summary['val_tokens']} tokens -> {args.out}")
+    print(
+        f"train: {summary['train_documents']} documents, {summary['train_tokens']} tokens; "
+        f"val: {summary['val_documents']} documents, {summary['val_tokens']} tokens -> {args.out}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ BOS counts 0; every other token counts the original UTF-8 bytes of the input it 
 span): operators and ESC 0, an escaped character its UTF-8 length, each ASCII letter 1, anything else its UTF-8
 length. See data/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 OPERATOR_SET = frozenset(OPERATORS)
 BOS_ID = 1
-CANONICAL_VAL_DOCS = 50_000     # the challenge's split: the first 50,000 documents are validation
-SHARD_TOKENS = 100_000_000      # tokens per shard, as the challenge's export
+CANONICAL_VAL_DOCS = 50_000  # the challenge's split: the first 50,000 documents are validation
+SHARD_TOKENS = 100_000_000  # tokens per shard, as the challenge's export
 
 _RUN = re.compile(r"[A-Za-z]+|[\ue001-\ue004]")
 
@@ -50,6 +51,7 @@ def _is_lower(c: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- transform
+
 
 def _encode_run(run: str) -> str:
     if run.islower():
@@ -71,7 +73,7 @@ def encode(text: str) -> str:
 
 
 def _malformed(text: str, i: int, why: str) -> ValueError:
-    around = text[max(0, i - 12):i + 12].encode("unicode_escape").decode("ascii")
+    around = text[max(0, i - 12) : i + 12].encode("unicode_escape").decode("ascii")
     return ValueError(f"malformed CaseOps text at character {i}: {why} (near '{around}')")
 
 
@@ -82,7 +84,7 @@ def decode(text: str) -> str:
     Capital ASCII letters, which encode never writes, are passed through unchanged."""
     out: list[str] = []
     i, n = 0, len(text)
-    mode = None          # None outside a run; "lower", "title" (after its first letter) or "allcaps" inside one
+    mode = None  # None outside a run; "lower", "title" (after its first letter) or "allcaps" inside one
     while i < n:
         c = text[i]
         if c == ESC:
@@ -106,7 +108,7 @@ def decode(text: str) -> str:
                     raise _malformed(text, i, "ALLCAPS before a single letter")
                 if j < n and (text[j] == CAPNEXT or "A" <= text[j] <= "Z"):
                     raise _malformed(text, j, "a case operator inside an ALLCAPS run")
-                out.append(text[i + 1:j].upper())
+                out.append(text[i + 1 : j].upper())
                 mode = None
                 i = j
                 continue
@@ -129,6 +131,7 @@ def decode(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- original-byte counts
+
 
 def original_byte_counts(surfaces, escaped: bool = False) -> tuple[list[int], bool]:
     """Original UTF-8 bytes covered by each token, given each token's surface: the span of the CaseOps text it
@@ -176,11 +179,11 @@ def _messages(buf: bytes):
             value, pos = _varint(buf, pos)
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire == 5:
-            value, pos = float(np.frombuffer(buf[pos:pos + 4], dtype="<f4")[0]), pos + 4
+            value, pos = float(np.frombuffer(buf[pos : pos + 4], dtype="<f4")[0]), pos + 4
         elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
+            value, pos = buf[pos : pos + 8], pos + 8
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield key >> 3, value
@@ -215,11 +218,14 @@ def check_caseops_tokenizer(sp) -> None:
     """The reserved layout: ids 4..7 are the user-defined operators TITLE, ALLCAPS, CAPNEXT, ESC."""
     for i, op in enumerate(OPERATORS, start=4):
         if i >= sp.vocab_size() or sp.id_to_piece(i) != op or sp.is_control(i) or sp.is_unknown(i):
-            raise ValueError(f"tokenizer: id {i} must be the operator piece U+{ord(op):04X} (a CaseOps tokenizer "
-                             f"reserves ids 4..7 as user-defined symbols)")
+            raise ValueError(
+                f"tokenizer: id {i} must be the operator piece U+{ord(op):04X} (a CaseOps tokenizer "
+                f"reserves ids 4..7 as user-defined symbols)"
+            )
 
 
 # ----------------------------------------------------------------------------- prep
+
 
 def read_documents(path: Path, field: str = "text"):
     with open(path, encoding="utf-8") as f:
@@ -260,13 +266,16 @@ class ShardWriter:
 
     def flush(self) -> None:
         from fineweb import write_shard
+
         if not self.tokens:
             return
-        self.written.append(write_shard(self.out / f"fineweb_{self.split}_{self.index:06d}.bin",
-                                        np.concatenate(self.tokens)))
+        self.written.append(
+            write_shard(self.out / f"fineweb_{self.split}_{self.index:06d}.bin", np.concatenate(self.tokens))
+        )
         if self.sidecar:
-            self.written.append(write_shard(self.out / f"fineweb_{self.split}_bytes_{self.index:06d}.bin",
-                                            np.concatenate(self.bytes)))
+            self.written.append(
+                write_shard(self.out / f"fineweb_{self.split}_bytes_{self.index:06d}.bin", np.concatenate(self.bytes))
+            )
         self.tokens, self.bytes, self.pending = [], [], 0
         self.index += 1
 
@@ -277,12 +286,21 @@ def check_splits_disjoint(val_tokens: list[np.ndarray], train_docs_tokens) -> No
     for j, t in enumerate(train_docs_tokens):
         k = seen.get(hashlib.sha256(t.tobytes()).digest())
         if k is not None:
-            raise SystemExit(f"error: overlapping splits: training document {j} is validation document {k}; "
-                             f"refusing to write a training set that contains validation text")
+            raise SystemExit(
+                f"error: overlapping splits: training document {j} is validation document {k}; "
+                f"refusing to write a training set that contains validation text"
+            )
 
 
-def prep(docs, sp, out: Path, val_docs: int = CANONICAL_VAL_DOCS, shard_tokens: int = SHARD_TOKENS,
-         max_train_tokens: int | None = None, log=print) -> dict:
+def prep(
+    docs,
+    sp,
+    out: Path,
+    val_docs: int = CANONICAL_VAL_DOCS,
+    shard_tokens: int = SHARD_TOKENS,
+    max_train_tokens: int | None = None,
+    log=print,
+) -> dict:
     """Turn documents (an iterable of str, in the canonical order) into CaseOps shards under out: the first
     val_docs documents are validation (tokens + byte sidecar), the rest training. Refuses overlapping splits:
     a training document whose text, or whose tokens, equal those of a validation document."""
@@ -294,8 +312,10 @@ def prep(docs, sp, out: Path, val_docs: int = CANONICAL_VAL_DOCS, shard_tokens: 
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("val_docs") != val_docs:
-            raise SystemExit(f"error: {out} holds a split with {old.get('val_docs')} validation documents, this run "
-                             f"asks for {val_docs}: the two would overlap; use an empty --out")
+            raise SystemExit(
+                f"error: {out} holds a split with {old.get('val_docs')} validation documents, this run "
+                f"asks for {val_docs}: the two would overlap; use an empty --out"
+            )
     for stale in out.glob("fineweb_*.bin"):
         stale.unlink()
     val = ShardWriter(out, "val", shard_tokens, sidecar=True)
@@ -317,23 +337,34 @@ def prep(docs, sp, out: Path, val_docs: int = CANONICAL_VAL_DOCS, shard_tokens: 
             val.flush()
         k = val_text_hashes.get(_doc_hash(text))
         if k is not None:
-            raise SystemExit(f"error: overlapping splits: document {i} (training) has the text of validation "
-                             f"document {k}; refusing to put validation text into training")
+            raise SystemExit(
+                f"error: overlapping splits: document {i} (training) has the text of validation "
+                f"document {k}; refusing to put validation text into training"
+            )
         if max_train_tokens is not None and train.total >= max_train_tokens:
             truncated = True
             break
         tokens = np.array([BOS_ID] + sp.encode(encode(text)), dtype=np.uint16)
         k = val_token_hashes.get(hashlib.sha256(tokens.tobytes()).digest())
         if k is not None:
-            raise SystemExit(f"error: overlapping splits: document {i} (training) tokenizes to validation "
-                             f"document {k}; refusing to put validation text into training")
+            raise SystemExit(
+                f"error: overlapping splits: document {i} (training) tokenizes to validation "
+                f"document {k}; refusing to put validation text into training"
+            )
         train.add(tokens, None)
         train_docs += 1
     val.flush()
     train.flush()
-    summary = dict(val_docs=val_docs, val_documents=val_count, val_tokens=val.total, val_original_bytes=val_bytes, train_documents=train_docs,
-                   train_tokens=train.total, train_truncated=truncated,
-                   files=[p.name for p in val.written + train.written])
+    summary = dict(
+        val_docs=val_docs,
+        val_documents=val_count,
+        val_tokens=val.total,
+        val_original_bytes=val_bytes,
+        train_documents=train_docs,
+        train_tokens=train.total,
+        train_truncated=truncated,
+        files=[p.name for p in val.written + train.written],
+    )
     previous.write_text(json.dumps(dict(val_docs=val_docs), indent=1) + "\n")
     if val_count < val_docs:
         log(f"note: only {val_count} documents, all validation; no training split")
@@ -343,6 +374,7 @@ def prep(docs, sp, out: Path, val_docs: int = CANONICAL_VAL_DOCS, shard_tokens: 
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="caseops.py", description=__doc__.split("\n\n")[0])
@@ -354,9 +386,15 @@ def main(argv=None) -> int:
     p.add_argument("--field", default="text", help="the JSON field holding the text (default text)")
     p.add_argument("--tokenizer", required=True, type=Path, help="a CaseOps SentencePiece model (ids 4..7 reserved)")
     p.add_argument("--out", required=True, type=Path, help="output folder (its shards are replaced)")
-    p.add_argument("--val-docs", type=int, default=CANONICAL_VAL_DOCS,
-                   help=f"the first N documents are validation (default {CANONICAL_VAL_DOCS}, the challenge's split)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help=f"tokens per shard (default {SHARD_TOKENS:,})")
+    p.add_argument(
+        "--val-docs",
+        type=int,
+        default=CANONICAL_VAL_DOCS,
+        help=f"the first N documents are validation (default {CANONICAL_VAL_DOCS}, the challenge's split)",
+    )
+    p.add_argument(
+        "--shard-tokens", type=int, default=SHARD_TOKENS, help=f"tokens per shard (default {SHARD_TOKENS:,})"
+    )
     p.add_argument("--max-train-tokens", type=int, default=None, help="stop the training split after about N tokens")
     args = ap.parse_args(argv)
     if args.command in ("encode", "decode"):
@@ -368,6 +406,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     import sentencepiece as spm
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
@@ -375,8 +414,15 @@ def main(argv=None) -> int:
         print(f"error: {args.tokenizer}: not a loadable SentencePiece model", file=sys.stderr)
         return 1
     try:
-        summary = prep(read_documents(args.docs, args.field), sp, args.out, args.val_docs, args.shard_tokens,
-                       args.max_train_tokens, log=lambda m: print(m, file=sys.stderr))
+        summary = prep(
+            read_documents(args.docs, args.field),
+            sp,
+            args.out,
+            args.val_docs,
+            args.shard_tokens,
+            args.max_train_tokens,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@
 The shard *reader* is train_gpt.load_data_shard (one implementation, shared with training); this file adds the
 writer (write_shard), the downloader and the inspector. See data/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ VARIANTS = {
     "sp8192": dict(repo_id="kevclark/parameter-golf", remote_dir="datasets"),
     CASEOPS_VARIANT: dict(repo_id="romeerp/parameter-golf-caseops-v1", remote_dir="datasets", sidecar=True),
 }
-SIDECAR_TAG = "_bytes_"   # fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin
+SIDECAR_TAG = "_bytes_"  # fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin
 
 
 def sidecar_name(val_name: str) -> str:
@@ -55,6 +56,7 @@ def has_sidecar(variant: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- writer
+
 
 def shard_header(num_tokens: int) -> bytes:
     header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
@@ -83,16 +85,18 @@ def write_shard(path, tokens) -> Path:
 
 # ----------------------------------------------------------------------------- manifest
 
+
 @dataclass
 class Artifact:
     """One file to fetch: where it is on the Hub (relative to the remote folder) and where it goes locally."""
+
     remote: str
     local: Path
-    kind: str                       # "shard" | "tokenizer" | "file"
-    size: int | None = None         # bytes, when the manifest says
-    tokens: int | None = None       # shard token count, when the manifest says
+    kind: str  # "shard" | "tokenizer" | "file"
+    size: int | None = None  # bytes, when the manifest says
+    tokens: int | None = None  # shard token count, when the manifest says
     sha256: str | None = None
-    vocab_size: int | None = None   # tokenizer vocabulary, when the manifest says
+    vocab_size: int | None = None  # tokenizer vocabulary, when the manifest says
 
 
 def _first(d: dict, *keys):
@@ -175,8 +179,10 @@ def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, want
         stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
         count = _as_int(_first(stats, f"files_{split}") if stats else None, f"{name} stats.files_{split}")
         if count is None:
-            count = _as_int(_first(entry, f"files_{split}", f"num_{split}_shards", f"{split}_shard_count"),
-                            f"{name} {split} shard count")
+            count = _as_int(
+                _first(entry, f"files_{split}", f"num_{split}_shards", f"{split}_shard_count"),
+                f"{name} {split} shard count",
+            )
         if count is None:
             count = FULL_TRAIN_SHARDS if wanted is None else wanted
         items = [f"fineweb_{split}_{i:06d}.bin" for i in range(count)]
@@ -185,11 +191,17 @@ def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, want
         meta = item if isinstance(item, dict) else {}
         path = str(_first(meta, "path", "name", "file") if meta else item)
         remote = path.strip("/") if "/" in path else f"{remote_dir}/{path}"
-        out.append(Artifact(
-            remote=remote, local=local_dir / Path(path).name, kind="shard",
-            size=_as_int(_first(meta, "bytes", "size", "num_bytes", "size_bytes"), f"{path} size"),
-            tokens=_as_int(_first(meta, "tokens", "num_tokens", "n_tokens", "token_count"), f"{path} tokens"),
-            sha256=_first(meta, "sha256"), vocab_size=vocab))
+        out.append(
+            Artifact(
+                remote=remote,
+                local=local_dir / Path(path).name,
+                kind="shard",
+                size=_as_int(_first(meta, "bytes", "size", "num_bytes", "size_bytes"), f"{path} size"),
+                tokens=_as_int(_first(meta, "tokens", "num_tokens", "n_tokens", "token_count"), f"{path} tokens"),
+                sha256=_first(meta, "sha256"),
+                vocab_size=vocab,
+            )
+        )
     return sorted(out, key=lambda a: a.local.name)
 
 
@@ -207,7 +219,7 @@ def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -
             raise Fail(f"manifest: dataset {entry.get('name')} names tokenizer {tok}, which the manifest does not list")
         if vocab is None:
             raise Fail(f"manifest: dataset {entry.get('name')} names no tokenizer")
-        suffix = variant[len(f"sp{vocab}"):]          # sp8192_lossless_caps_... -> fineweb_8192_bpe_lossless_caps_...
+        suffix = variant[len(f"sp{vocab}") :]  # sp8192_lossless_caps_... -> fineweb_8192_bpe_lossless_caps_...
         tok_entry = {"model_path": f"tokenizers/fineweb_{vocab}_bpe{suffix}.model"}
     paths = []
     for key in ("model_path", "vocab_path", "path"):
@@ -217,11 +229,17 @@ def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -
     if not paths:
         raise Fail(f"manifest: tokenizer {tok_entry.get('name', tok)} lists no files")
     vocab_size = _as_int(tok_entry.get("vocab_size"), "tokenizer vocab_size") or vocab
-    return [Artifact(remote=p.strip("/"), local=root / "tokenizers" / Path(p).name,
-                     kind="tokenizer" if p.endswith(".model") else "file",
-                     size=_as_int(_first(tok_entry, "bytes", "size") if p.endswith(".model") else None, "size"),
-                     sha256=tok_entry.get("sha256") if p.endswith(".model") else None,
-                     vocab_size=vocab_size) for p in paths]
+    return [
+        Artifact(
+            remote=p.strip("/"),
+            local=root / "tokenizers" / Path(p).name,
+            kind="tokenizer" if p.endswith(".model") else "file",
+            size=_as_int(_first(tok_entry, "bytes", "size") if p.endswith(".model") else None, "size"),
+            sha256=tok_entry.get("sha256") if p.endswith(".model") else None,
+            vocab_size=vocab_size,
+        )
+        for p in paths
+    ]
 
 
 def plan_download(manifest: dict, variant: str, train_shards: int | None, root: Path) -> list[Artifact]:
@@ -239,13 +257,20 @@ def plan_download(manifest: dict, variant: str, train_shards: int | None, root: 
     if train_shards > len(train):
         raise Fail(f"variant {variant} has {len(train)} train shards in the manifest; asked for {train_shards}")
     sidecars = []
-    if has_sidecar(variant):      # one byte sidecar per val shard, beside it
-        sidecars = [Artifact(remote=a.remote.rsplit("/", 1)[0] + "/" + sidecar_name(a.local.name),
-                             local=a.local.with_name(sidecar_name(a.local.name)), kind="sidecar") for a in val]
+    if has_sidecar(variant):  # one byte sidecar per val shard, beside it
+        sidecars = [
+            Artifact(
+                remote=a.remote.rsplit("/", 1)[0] + "/" + sidecar_name(a.local.name),
+                local=a.local.with_name(sidecar_name(a.local.name)),
+                kind="sidecar",
+            )
+            for a in val
+        ]
     return tokenizer + val + sidecars + train[:train_shards]
 
 
 # ----------------------------------------------------------------------------- verification
+
 
 class Invalid(Fail):
     """A file that is there but is not a complete, valid copy."""
@@ -260,19 +285,20 @@ def verify(a: Artifact, path: Path | None = None) -> None:
     if a.kind == "shard":
         try:
             tokens = load_data_shard(path)
-        except Fail as e:   # name the final file, not the .part it was checked under
+        except Fail as e:  # name the final file, not the .part it was checked under
             raise Invalid(str(e).replace(str(path), str(a.local))) from None
         if a.tokens is not None and tokens.size != a.tokens:
             raise Invalid(f"{a.local}: {tokens.size:,} tokens but the manifest says {a.tokens:,}")
         if a.vocab_size is not None and tokens.size and int(tokens.max()) >= a.vocab_size:
             raise Invalid(f"{a.local}: token id {int(tokens.max())} is outside the vocab of {a.vocab_size}")
-    elif a.kind == "sidecar":     # same format as a shard; checked against its val shard once both are in place
+    elif a.kind == "sidecar":  # same format as a shard; checked against its val shard once both are in place
         try:
             load_data_shard(path)
         except Fail as e:
             raise Invalid(str(e).replace(str(path), str(a.local))) from None
     elif a.kind == "tokenizer":
         import sentencepiece as spm
+
         try:
             sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception:  # sentencepiece raises RuntimeError/OSError with long messages
@@ -295,7 +321,7 @@ def sha256_of(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- download (huggingface_hub)
 
-DEFAULT_WORKERS = 8   # files fetched at once: snapshot_download's max_workers
+DEFAULT_WORKERS = 8  # files fetched at once: snapshot_download's max_workers
 
 
 class Hub:
@@ -304,6 +330,7 @@ class Hub:
 
     def __init__(self, repo_id: str, remote_dir: str, revision: str, endpoint: str | None, root: Path):
         from huggingface_hub import constants
+
         self.repo_id, self.remote_dir, self.revision = repo_id, remote_dir.strip("/"), revision
         self.endpoint, self.staging = (endpoint or constants.ENDPOINT).rstrip("/"), root / ".download"
 
@@ -316,6 +343,7 @@ class Hub:
     def explain(self, e: BaseException, what: str) -> str:
         """One line for an error of huggingface_hub or of the HTTP client under it (looked for along the causes)."""
         from huggingface_hub import errors as hf
+
         chain = [e]
         while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 20:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
@@ -328,12 +356,21 @@ class Hub:
         if find(hf.EntryNotFoundError):
             return f"{what} is not on the Hub (revision {self.revision})"
         if find(hf.RepositoryNotFoundError, hf.GatedRepoError):
-            return (f"cannot read the dataset repo {self.repo_id} at {self.endpoint}: check --repo-id, or log in "
-                    f"(hf auth login, or HF_TOKEN) if it is private or gated")
+            return (
+                f"cannot read the dataset repo {self.repo_id} at {self.endpoint}: check --repo-id, or log in "
+                f"(hf auth login, or HF_TOKEN) if it is private or gated"
+            )
         if status is not None:
             return f"the Hub answered {status} for {what}: {one_line(find(hf.HfHubHTTPError))}"
-        net = next((c for c in chain if isinstance(c, (ConnectionError, TimeoutError)) or any(
-            k in type(c).__name__ for k in ("Connect", "Timeout", "Network", "Protocol"))), None)
+        net = next(
+            (
+                c
+                for c in chain
+                if isinstance(c, (ConnectionError, TimeoutError))
+                or any(k in type(c).__name__ for k in ("Connect", "Timeout", "Network", "Protocol"))
+            ),
+            None,
+        )
         if net is not None:
             return f"cannot reach the Hub at {self.endpoint} (offline?): {one_line(net)}"
         return f"downloading {what} failed: {one_line(e)}"
@@ -367,24 +404,29 @@ def cmd_download(args) -> int:
     if args.workers < 1:
         raise Fail(f"--workers {args.workers}: must be 1 or more")
     try:
-        from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise Fail("huggingface_hub is not installed: pip install huggingface_hub") from None
     if args.no_progress or not sys.stderr.isatty():
         disable_progress_bars()
-    if "HF_HUB_VERBOSITY" not in os.environ:   # its retry warnings would break the one-line errors
+    if "HF_HUB_VERBOSITY" not in os.environ:  # its retry warnings would break the one-line errors
         hf_logging.set_verbosity_error()
     root = Path(args.root)
     defaults = VARIANTS.get(args.variant, {})
-    hub = Hub(_setting(args.repo_id, REPO_ID_VARS, defaults.get("repo_id", DEFAULT_REPO_ID)),
-              _setting(args.remote_dir, REMOTE_DIR_VARS, defaults.get("remote_dir", DEFAULT_REMOTE_DIR)),
-              args.revision, args.endpoint, root)
+    hub = Hub(
+        _setting(args.repo_id, REPO_ID_VARS, defaults.get("repo_id", DEFAULT_REPO_ID)),
+        _setting(args.remote_dir, REMOTE_DIR_VARS, defaults.get("remote_dir", DEFAULT_REMOTE_DIR)),
+        args.revision,
+        args.endpoint,
+        root,
+    )
     try:
         code = download(hub, root, args.variant, args.train_shards, args.workers)
     except KeyboardInterrupt:
-        raise         # <root>/.download stays: a file that arrived but was not moved yet is reused next time
+        raise  # <root>/.download stays: a file that arrived but was not moved yet is reused next time
     except BaseException:
-        shutil.rmtree(hub.staging, ignore_errors=True)    # verified files were moved out; the rest is of no use
+        shutil.rmtree(hub.staging, ignore_errors=True)  # verified files were moved out; the rest is of no use
         raise
     shutil.rmtree(hub.staging, ignore_errors=True)
     return code
@@ -392,11 +434,20 @@ def cmd_download(args) -> int:
 
 def download(hub: Hub, root: Path, variant: str, train_shards: int | None, workers: int) -> int:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
     api = HfApi(endpoint=hub.endpoint)
-    try:          # the manifest's commit pins every other file
+    try:  # the manifest's commit pins every other file
         hub.revision = api.repo_info(hub.repo_id, repo_type="dataset", revision=hub.revision).sha or hub.revision
-        staged = Path(hf_hub_download(hub.repo_id, hub.path("manifest.json"), repo_type="dataset",
-                                      revision=hub.revision, local_dir=hub.staging, endpoint=hub.endpoint))
+        staged = Path(
+            hf_hub_download(
+                hub.repo_id,
+                hub.path("manifest.json"),
+                repo_type="dataset",
+                revision=hub.revision,
+                local_dir=hub.staging,
+                endpoint=hub.endpoint,
+            )
+        )
     except Exception as e:
         raise Fail(hub.explain(e, hub.describe("manifest.json"))) from None
     try:
@@ -408,8 +459,10 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
     print(f"manifest: {hub.describe('manifest.json')} at commit {hub.revision} -> {root / 'manifest.json'}", flush=True)
 
     plan = plan_download(manifest, variant, train_shards, root)
-    labels = {id(a): f"[{i}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
-              for i, a in enumerate(plan, 1)}
+    labels = {
+        id(a): f"[{i}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
+        for i, a in enumerate(plan, 1)
+    }
     wanted = []
     for a in plan:
         if a.local.is_file():
@@ -422,26 +475,38 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
                 a.local.unlink()
         wanted.append(a)
     if wanted:
-        try:      # fail before any transfer when the manifest lists a file the commit does not have
-            listed = {f.path for f in api.list_repo_tree(hub.repo_id, hub.remote_dir or None, recursive=True,
-                                                         revision=hub.revision, repo_type="dataset")}
+        try:  # fail before any transfer when the manifest lists a file the commit does not have
+            listed = {
+                f.path
+                for f in api.list_repo_tree(
+                    hub.repo_id, hub.remote_dir or None, recursive=True, revision=hub.revision, repo_type="dataset"
+                )
+            }
         except Exception as e:
             raise Fail(hub.explain(e, f"the file list of {hub.describe()}")) from None
         absent = [a.remote for a in wanted if hub.path(a.remote) not in listed]
         if absent:
-            raise Fail(f"{hub.describe(absent[0])} is not on the Hub (commit {hub.revision})"
-                       + (f", nor {len(absent) - 1} other file(s) the manifest lists" if len(absent) > 1 else ""))
+            raise Fail(
+                f"{hub.describe(absent[0])} is not on the Hub (commit {hub.revision})"
+                + (f", nor {len(absent) - 1} other file(s) the manifest lists" if len(absent) > 1 else "")
+            )
         print(f"downloading {len(wanted)} file(s), {workers} at a time, from {hub.describe()}", flush=True)
     error = refused = None
     if wanted:
         try:
-            snapshot_download(hub.repo_id, repo_type="dataset", revision=hub.revision, local_dir=hub.staging,
-                              allow_patterns=[hub.path(a.remote) for a in wanted], max_workers=workers,
-                              endpoint=hub.endpoint)
-        except BaseException as e:    # Ctrl-C included: the files completed before it are kept all the same
+            snapshot_download(
+                hub.repo_id,
+                repo_type="dataset",
+                revision=hub.revision,
+                local_dir=hub.staging,
+                allow_patterns=[hub.path(a.remote) for a in wanted],
+                max_workers=workers,
+                endpoint=hub.endpoint,
+            )
+        except BaseException as e:  # Ctrl-C included: the files completed before it are kept all the same
             error = e
     fetched = 0
-    for a in wanted:              # verify what arrived and move it into the layout; a bad file is deleted
+    for a in wanted:  # verify what arrived and move it into the layout; a bad file is deleted
         staged = hub.staging.joinpath(*hub.path(a.remote).split("/"))
         if staged.is_file():
             try:
@@ -456,11 +521,12 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
             print(f"{labels[id(a)]}: downloaded, verified", flush=True)
     if isinstance(error, KeyboardInterrupt):
         raise error
-    for a in wanted:              # a sidecar must be parallel to its val shard: same count, 0 at every BOS
+    for a in wanted:  # a sidecar must be parallel to its val shard: same count, 0 at every BOS
         if a.kind == "sidecar" and a.local.is_file():
             val_path = a.local.with_name(a.local.name.replace("fineweb_val" + SIDECAR_TAG, "fineweb_val_", 1))
-            problem = sidecar_problem(load_data_shard(val_path), load_data_shard(a.local)) if val_path.is_file() \
-                else None
+            problem = (
+                sidecar_problem(load_data_shard(val_path), load_data_shard(a.local)) if val_path.is_file() else None
+            )
             if problem:
                 a.local.unlink()
                 fetched -= 1
@@ -469,25 +535,27 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
         raise Fail(f"refusing the download: {refused} (removed)")
     if error is not None or fetched < len(wanted):
         reason = hub.explain(error, hub.describe()) if error else f"some files did not arrive from {hub.describe()}"
-        raise Fail(f"{reason}; {fetched} of {len(wanted)} file(s) downloaded and kept, run the same command again "
-                   f"for the rest")
+        raise Fail(
+            f"{reason}; {fetched} of {len(wanted)} file(s) downloaded and kept, run the same command again for the rest"
+        )
     print(f"done: {fetched} downloaded, {len(plan) - fetched} already present, in {root}", flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------- inspect
 
+
 def default_tokenizer(shard: Path) -> Path | None:
     """The tokenizer that belongs beside a shard in the canonical layout: <root>/datasets/<name>_spN/ ->
     <root>/tokenizers/<prefix>_N_bpe.model (sample_sp1024 -> sample_1024_bpe.model, fineweb10B_sp1024 ->
     fineweb_1024_bpe.model)."""
     ds = shard.resolve().parent
-    m = re.search(r"(?:^|_)sp(\d+)(.*)$", ds.name)       # sample_sp8192_caseops -> sample_8192_bpe_caseops.model
+    m = re.search(r"(?:^|_)sp(\d+)(.*)$", ds.name)  # sample_sp8192_caseops -> sample_8192_bpe_caseops.model
     tok_dir = ds.parent.parent / "tokenizers"
     if not m or not tok_dir.is_dir():
         return None
     vocab, suffix = m.group(1), m.group(2)
-    prefix = re.sub(r"\d+B$", "", ds.name[:m.start()])
+    prefix = re.sub(r"\d+B$", "", ds.name[: m.start()])
     exact = tok_dir / f"{prefix}_{vocab}_bpe{suffix}.model"
     if exact.is_file():
         return exact
@@ -503,13 +571,17 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
     extra = int(np.count_nonzero(header[3:]))
     docs = int(np.count_nonzero(tokens == BOS_ID))
     print(path)
-    print(f"  header: magic {header[0]}, version {header[1]}, count {header[2]}"
-          f"{f', {extra} other non-zero words' if extra else ''}; file {path.stat().st_size:,} bytes")
+    print(
+        f"  header: magic {header[0]}, version {header[1]}, count {header[2]}"
+        f"{f', {extra} other non-zero words' if extra else ''}; file {path.stat().st_size:,} bytes"
+    )
     if tokens.size == 0:
         print("  tokens: 0 (empty shard)")
         return
-    print(f"  tokens: {tokens.size:,}; documents (BOS={BOS_ID}): {docs:,}; "
-          f"ids {int(tokens.min())}..{int(tokens.max())}, {np.unique(tokens).size} distinct")
+    print(
+        f"  tokens: {tokens.size:,}; documents (BOS={BOS_ID}): {docs:,}; "
+        f"ids {int(tokens.min())}..{int(tokens.max())}, {np.unique(tokens).size} distinct"
+    )
     if tokens[0] != BOS_ID:
         print(f"  note: the shard does not start with BOS ({BOS_ID}); first token {tokens[0]}")
     if SIDECAR_TAG in path.name:
@@ -520,6 +592,7 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
         print("  first document: not decoded (no tokenizer found beside the shard; pass --tokenizer)")
         return
     import sentencepiece as spm
+
     try:
         sp = spm.SentencePieceProcessor(model_file=str(tok))
     except Exception:
@@ -532,12 +605,15 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
     end = int(starts[1]) if starts.size > 1 else tokens.size
     text = sp.decode(tokens[begin:end].tolist())
     shown = text if len(text) <= chars else text[:chars] + " [...]"
-    print(f"  first document: {end - begin:,} tokens, {len(text.encode('utf-8')):,} bytes "
-          f"(tokenizer {tok.name}, vocab {sp.vocab_size()}):")
+    print(
+        f"  first document: {end - begin:,} tokens, {len(text.encode('utf-8')):,} bytes "
+        f"(tokenizer {tok.name}, vocab {sp.vocab_size()}):"
+    )
     print("    " + shown)
 
 
 # ----------------------------------------------------------------------------- bpb audit
+
 
 class AuditFailure(Fail):
     pass
@@ -546,7 +622,9 @@ class AuditFailure(Fail):
 def lut_arrays(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """train_gpt's own byte tables (base bytes, leading-space flag, boundary flag) as numpy arrays."""
     import torch
+
     from train_gpt import build_sentencepiece_luts
+
     return tuple(t.numpy() for t in build_sentencepiece_luts(sp, sp.vocab_size(), torch.device("cpu")))
 
 
@@ -568,12 +646,13 @@ def _first_disagreement(sp, ids: list[int], counted: np.ndarray, text_bytes) -> 
     cum = np.cumsum(counted)
     n = len(ids)
 
-    def boundary(t):     # the prefix ids[:t] ends on a character boundary
+    def boundary(t):  # the prefix ids[:t] ends on a character boundary
         b = _byte_value(sp, ids[t]) if t < n else None
         return b is None or not (0x80 <= b < 0xC0)
 
     def agrees(t):
         return not boundary(t) or int(cum[t - 1]) == text_bytes(ids[:t])
+
     step, lo = 64, 0
     for hi in list(range(step, n, step)) + [n]:
         if not agrees(hi):
@@ -594,17 +673,26 @@ def _text(sp, ids) -> str:
 
 def _describe_piece(sp, ids, k, counted, shard_offset) -> str:
     piece = sp.id_to_piece(ids[k])
-    return (f"piece {piece!r} (id {ids[k]}, token {shard_offset + k}) counted {int(counted[k])} byte(s)")
+    return f"piece {piece!r} (id {ids[k]}, token {shard_offset + k}) counted {int(counted[k])} byte(s)"
 
 
-def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | None = None, originals=None,
-                 name: str = "val", first_doc: int = 0) -> dict:
+def audit_tokens(
+    tokens: np.ndarray,
+    sp,
+    *,
+    luts=None,
+    sidecar: np.ndarray | None = None,
+    originals=None,
+    name: str = "val",
+    first_doc: int = 0,
+) -> dict:
     """Check the byte accounting of validation tokens document by document: Σ counted bytes of each document
     (BOS excluded) must equal the UTF-8 length of its text. Plain tokenizer: counted by the LUT (default train_gpt's),
     text = the decoded tokens. CaseOps (sidecar given): counted by the sidecar, text = the inverse transform of the
     decoded tokens, or, with originals (an iterable of the original documents), the original text. Raises
     AuditFailure naming the first document and piece that disagree; returns counts."""
     import caseops
+
     if sidecar is not None:
         problem = sidecar_problem(tokens, sidecar)
         if problem:
@@ -619,8 +707,8 @@ def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | Non
     ends = list(starts[1:]) + [tokens.size]
     total = 0
     for d, (s, e) in enumerate(zip(starts, ends)):
-        ids = tokens[s + 1:e].tolist()
-        counted = counted_all[s + 1:e]
+        ids = tokens[s + 1 : e].tolist()
+        counted = counted_all[s + 1 : e]
         decoded = _text(sp, ids)
         if sidecar is None:
             expected = len(decoded.encode("utf-8"))
@@ -643,15 +731,18 @@ def audit_tokens(tokens: np.ndarray, sp, *, luts=None, sidecar: np.ndarray | Non
         if got != expected:
             k = _first_disagreement(sp, ids, counted, prefix_bytes)
             where = f"; first disagreement at {_describe_piece(sp, ids, k, counted, s + 1)}" if k is not None else ""
-            raise AuditFailure(f"{name}: document {first_doc + d} (tokens {s}..{e - 1}): {got:,} bytes counted, "
-                               f"{what} has {expected:,}{where}")
+            raise AuditFailure(
+                f"{name}: document {first_doc + d} (tokens {s}..{e - 1}): {got:,} bytes counted, "
+                f"{what} has {expected:,}{where}"
+            )
         total += got
     return dict(documents=len(starts), tokens=int(tokens.size), bytes=total)
 
 
 def audit_paths(paths: list[Path], tokenizer: Path | None, docs: Path | None) -> int:
-    import sentencepiece as spm
     import caseops
+    import sentencepiece as spm
+
     shards = []
     for p in paths:
         found = sorted(p.glob("fineweb_val_*.bin")) if p.is_dir() else [p]
@@ -673,21 +764,41 @@ def audit_paths(paths: list[Path], tokenizer: Path | None, docs: Path | None) ->
         sidecar = load_data_shard(side) if side.is_file() else None
         if sidecar is None and sp.piece_to_id("\u2581") == sp.unk_id():
             print(f"  note: {tok.name} has no standalone '\u2581' piece: spaces before some pieces fall back to bytes")
-        r = audit_tokens(tokens, sp, sidecar=sidecar, originals=originals if sidecar is not None else None,
-                         name=str(path), first_doc=first_doc)
+        r = audit_tokens(
+            tokens,
+            sp,
+            sidecar=sidecar,
+            originals=originals if sidecar is not None else None,
+            name=str(path),
+            first_doc=first_doc,
+        )
         first_doc += r["documents"]
-        how = (f"sidecar {side.name} vs " + ("--docs" if docs is not None and sidecar is not None else
-               "the inverse transform of the decoded text")) if sidecar is not None else \
-            f"train_gpt's LUT of {tok.name} vs the decoded text"
-        print(f"audit ok: {path}: {r['documents']:,} documents, {r['tokens']:,} tokens, {r['bytes']:,} bytes "
-              f"({how})", flush=True)
+        how = (
+            (
+                f"sidecar {side.name} vs "
+                + (
+                    "--docs"
+                    if docs is not None and sidecar is not None
+                    else "the inverse transform of the decoded text"
+                )
+            )
+            if sidecar is not None
+            else f"train_gpt's LUT of {tok.name} vs the decoded text"
+        )
+        print(
+            f"audit ok: {path}: {r['documents']:,} documents, {r['tokens']:,} tokens, {r['bytes']:,} bytes ({how})",
+            flush=True,
+        )
     return 0
 
 
 def cmd_inspect(args) -> int:
     if args.audit:
-        return audit_paths([Path(p) for p in args.paths], Path(args.tokenizer) if args.tokenizer else None,
-                           Path(args.docs) if args.docs else None)
+        return audit_paths(
+            [Path(p) for p in args.paths],
+            Path(args.tokenizer) if args.tokenizer else None,
+            Path(args.docs) if args.docs else None,
+        )
     paths, failed = [], 0
     for p in map(Path, args.paths):
         found = sorted(p.glob("*.bin")) if p.is_dir() else [p]
@@ -706,34 +817,55 @@ def cmd_inspect(args) -> int:
 
 # ----------------------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fineweb.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch the manifest, tokenizer and shards from the Hub")
     d.add_argument("--variant", default="sp1024", help="tokenizer variant, e.g. sp1024 (default)")
-    d.add_argument("--train-shards", type=int, default=None,
-                   help="how many train shards, from the first (default: all the manifest lists, 80 for sp1024)")
-    d.add_argument("--root", default=str(DATA_DIR), help="layout root: <root>/datasets, <root>/tokenizers (default data/)")
-    d.add_argument("--repo-id", default=None,
-                   help=f"Hub dataset repo (default {DEFAULT_REPO_ID}; env {' or '.join(REPO_ID_VARS)})")
-    d.add_argument("--remote-dir", default=None,
-                   help=f"folder of the export in the repo (default {DEFAULT_REMOTE_DIR}; env {' or '.join(REMOTE_DIR_VARS)})")
-    d.add_argument("--revision", default="main",
-                   help="branch, tag or commit (default main); resolved once, every file comes from that commit")
+    d.add_argument(
+        "--train-shards",
+        type=int,
+        default=None,
+        help="how many train shards, from the first (default: all the manifest lists, 80 for sp1024)",
+    )
+    d.add_argument(
+        "--root", default=str(DATA_DIR), help="layout root: <root>/datasets, <root>/tokenizers (default data/)"
+    )
+    d.add_argument(
+        "--repo-id", default=None, help=f"Hub dataset repo (default {DEFAULT_REPO_ID}; env {' or '.join(REPO_ID_VARS)})"
+    )
+    d.add_argument(
+        "--remote-dir",
+        default=None,
+        help=f"folder of the export in the repo (default {DEFAULT_REMOTE_DIR}; env {' or '.join(REMOTE_DIR_VARS)})",
+    )
+    d.add_argument(
+        "--revision",
+        default="main",
+        help="branch, tag or commit (default main); resolved once, every file comes from that commit",
+    )
     d.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-    d.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"files downloaded at once (default {DEFAULT_WORKERS})")
+    d.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help=f"files downloaded at once (default {DEFAULT_WORKERS})"
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bars (there are none off a terminal)")
     d.set_defaults(run=cmd_download)
     i = sub.add_parser("inspect", help="header, counts and first document of shard files")
     i.add_argument("paths", nargs="+", help="shard files (or folders of them)")
     i.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the one beside the shard)")
     i.add_argument("--chars", type=int, default=600, help="characters of the first document to show")
-    i.add_argument("--audit", action="store_true",
-                   help="check the bpb byte accounting of the validation shards, document by document")
-    i.add_argument("--docs", default=None,
-                   help="with --audit on a CaseOps dataset: the original validation documents (jsonl, field text), "
-                        "to check the sidecar against the original bytes rather than the decoded text")
+    i.add_argument(
+        "--audit",
+        action="store_true",
+        help="check the bpb byte accounting of the validation shards, document by document",
+    )
+    i.add_argument(
+        "--docs",
+        default=None,
+        help="with --audit on a CaseOps dataset: the original validation documents (jsonl, field text), "
+        "to check the sidecar against the original bytes rather than the decoded text",
+    )
     i.set_defaults(run=cmd_inspect)
     return ap
 
@@ -746,8 +878,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again: files already in place are kept", file=sys.stderr,
-              flush=True)
+        print("\ninterrupted; run the same command again: files already in place are kept", file=sys.stderr, flush=True)
         return 130
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the repository's paths, a tiny model configuration, and a clean way to run train_gpt.py."""
+
 from __future__ import annotations
 
 import os
@@ -22,12 +23,30 @@ SAMPLE_TOKENIZER = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
 # A 4-layer, 64-wide version of the record stack: every component present (VE on 2 layers, XSA on 2, U-Net
 # skips, bigram hash), small enough that a training step takes a fraction of a second on one CPU core.
 TINY = dict(
-    NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VE_LAYERS="2,3",
-    XSA_LAST_N="2", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="16", VE_DIM="16",
-    TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", WARMUP_STEPS="0",
-    MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="2048", TTT_ENABLED="0", SLOT_ENABLED="0",
-    ITERATIONS="4", WARMDOWN_ITERS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
-    GPTQ_CALIB_SEQS="4", GPTQ_CALIB_LEN="64",
+    NUM_LAYERS="4",
+    MODEL_DIM="64",
+    NUM_HEADS="4",
+    NUM_KV_HEADS="2",
+    MLP_MULT="2",
+    VE_LAYERS="2,3",
+    XSA_LAST_N="2",
+    BIGRAM_VOCAB_SIZE="256",
+    BIGRAM_DIM="16",
+    VE_DIM="16",
+    TRAIN_SEQ_LEN="128",
+    EVAL_SEQ_LEN="128",
+    TRAIN_BATCH_TOKENS="1024",
+    WARMUP_STEPS="0",
+    MAX_WALLCLOCK_SECONDS="0",
+    VAL_MAX_TOKENS="2048",
+    TTT_ENABLED="0",
+    SLOT_ENABLED="0",
+    ITERATIONS="4",
+    WARMDOWN_ITERS="0",
+    VAL_LOSS_EVERY="0",
+    TRAIN_LOG_EVERY="1",
+    GPTQ_CALIB_SEQS="4",
+    GPTQ_CALIB_LEN="64",
 )
 
 
@@ -43,10 +62,12 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_settings():
     """settings(**overrides) -> parse_settings of the tiny configuration on the embedded sample."""
+
     def make(**overrides):
         env = dict(TINY, DATA_PATH=str(SAMPLE_DATA), TOKENIZER_PATH=str(SAMPLE_TOKENIZER), RUN_ID="test")
         env.update({k: str(v) for k, v in overrides.items()})
         return train_gpt.parse_settings(env)
+
     return make
 
 
@@ -54,20 +75,34 @@ def tiny_settings():
 def script_env():
     """env(out_dir, **overrides) -> an environment for `python train_gpt.py`: the tiny configuration, the sample
     data, no setting or launcher variable inherited from the caller's environment, one thread per process."""
+
     def make(out_dir, **overrides):
-        env = {k: v for k, v in os.environ.items()
-               if k not in train_gpt.DEFAULTS and k not in train_gpt.LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
-        env.update(TINY, DATA_PATH=str(SAMPLE_DATA), TOKENIZER_PATH=str(SAMPLE_TOKENIZER), OUTPUT_DIR=str(out_dir),
-                   RUN_ID="test", OMP_NUM_THREADS="1")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in train_gpt.DEFAULTS and k not in train_gpt.LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
+        }
+        env.update(
+            TINY,
+            DATA_PATH=str(SAMPLE_DATA),
+            TOKENIZER_PATH=str(SAMPLE_TOKENIZER),
+            OUTPUT_DIR=str(out_dir),
+            RUN_ID="test",
+            OMP_NUM_THREADS="1",
+        )
         env.update({k: str(v) for k, v in overrides.items()})
         return env
+
     return make
 
 
 @pytest.fixture(scope="session")
 def run_script():
     """run(env, *args, timeout=...) -> CompletedProcess of `python train_gpt.py` (text output captured)."""
+
     def run(env, *args, timeout=300, script=TRAIN_GPT):
-        return subprocess.run([sys.executable, str(script), *args], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, str(script), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
     return run

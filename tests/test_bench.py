@@ -1,4 +1,5 @@
 """tools/bench.py: its analytic FLOP count against torch's FlopCounterMode, its report, and --baseline."""
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,18 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ROOT, TINY
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_gpt as tg
-from conftest import ROOT, TINY
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench  # noqa: E402
 
-LAST_LINE = re.compile(r"^bench train_ms_per_step:(\S+) train_mfu:(\S+) final_eval_tokens_per_s:(\S+) "
-                       r"final_eval_mfu:(\S+) slot_time_share:(\S+) slot_flop_share:(\S+) projected_8xh100_eval_s:(\S+)$")
+LAST_LINE = re.compile(
+    r"^bench train_ms_per_step:(\S+) train_mfu:(\S+) final_eval_tokens_per_s:(\S+) "
+    r"final_eval_mfu:(\S+) slot_time_share:(\S+) slot_flop_share:(\S+) projected_8xh100_eval_s:(\S+)$"
+)
 
 
 def explicit_attention(q, k, v):
@@ -28,7 +30,7 @@ def explicit_attention(q, k, v):
     (it does not count the CPU's fused scaled_dot_product_attention). It computes the full T x T scores."""
     T, D, rep = q.size(1), q.size(3), q.size(2) // k.size(2)
     q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)))
-    scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+    scores = (q @ k.transpose(-1, -2)) / D**0.5
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
@@ -80,15 +82,28 @@ def test_eager_evaluation_does_only_the_counted_work(tiny_settings, one_thread):
     H, y = torch.randn(B, T, s["MODEL_DIM"]), torch.randint(0, 1024, (B, T))
     fit = torch.rand(B, T) < 0.4
     for shared in (False, True):
-        assert counted(lambda: tg.slot_delta(model, H, y, fit, s, shared)) == int(fit.sum()) * bench.slot_flops_per_position(s)
+        assert counted(lambda: tg.slot_delta(model, H, y, fit, s, shared)) == int(
+            fit.sum()
+        ) * bench.slot_flops_per_position(s)
     shapes = []
     val = torch.randint(0, 1024, (4 * T + 1,))
-    luts = (torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
+    luts = (
+        torch.ones(1024, dtype=torch.int16),
+        torch.zeros(1024, dtype=torch.bool),
+        torch.zeros(1024, dtype=torch.bool),
+    )
     wins = tg.sliding_windows(4 * T, T, 64)[:3]
     for compile_ in (False, True):
-        run = types.SimpleNamespace(s=s, device=torch.device("cpu"), compile=compile_,
-                                    autocast=lambda: torch.autocast("cpu", enabled=False), compiled=lambda fn: fn)
-        tg.score_windows(model, run, val, wins, luts, True, lambda x: shapes.append(tuple(x.shape)) or model.forward_hidden(x))
+        run = types.SimpleNamespace(
+            s=s,
+            device=torch.device("cpu"),
+            compile=compile_,
+            autocast=lambda: torch.autocast("cpu", enabled=False),
+            compiled=lambda fn: fn,
+        )
+        tg.score_windows(
+            model, run, val, wins, luts, True, lambda x: shapes.append(tuple(x.shape)) or model.forward_hidden(x)
+        )
     assert shapes == [(3, T), (s["EVAL_BATCH_SEQS"], T)]
 
 
@@ -101,7 +116,11 @@ def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thr
     trained = []
     model.register_forward_pre_hook(lambda mod, args: trained.append(args[0].size(0)))
     val = torch.randint(0, 1024, (5 * 128 + 1,))
-    luts = (torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
+    luts = (
+        torch.ones(1024, dtype=torch.int16),
+        torch.zeros(1024, dtype=torch.bool),
+        torch.zeros(1024, dtype=torch.bool),
+    )
     tg.evaluate(model, run, val, luts, stride=64, ttt=True, slot=False)
     assert sum(trained) == s["TTT_EPOCHS"] * sum(bench.ttt_sequences(s, 640)) > 0
     f = bench.pass_flops(tg, s, 640, stride=64, ttt=True, slot=False)
@@ -141,8 +160,12 @@ def test_report_json_and_last_line_on_random_tokens(monkeypatch, capsys, tmp_pat
     # VAL_MAX_TOKENS=0: the projection is at the record's full val size; the timed slice is --val-tokens
     tiny_env(monkeypatch, DATA_PATH=tmp_path / "none", TOKENIZER_PATH=tmp_path / "none.model", VAL_MAX_TOKENS=0)
     out = tmp_path / "bench.json"
-    assert bench.main(["--json", str(out), "--train-steps", "2", "--train-warmup", "1", "--project-8xh100",
-                       "--val-tokens", "640"]) == 0
+    assert (
+        bench.main(
+            ["--json", str(out), "--train-steps", "2", "--train-warmup", "1", "--project-8xh100", "--val-tokens", "640"]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert "RANDOM" in r["data"] and "RANDOM" in text and r["val_tokens"] == 640
@@ -154,7 +177,11 @@ def test_report_json_and_last_line_on_random_tokens(monkeypatch, capsys, tmp_pat
     assert train["mfu"] == pytest.approx(train["flops"] / train["seconds"] / r["peak_flops"])
     final, noslot = r["phases"][-2], r["phases"][-1]
     assert final["val_bpb"] == pytest.approx(noslot["val_bpb"], abs=0.05) and final["flops"] > noslot["flops"]
-    assert final["seconds_parts"]["slot"] > 0 and final["seconds_parts"]["ttt"] > 0 and noslot["seconds_parts"]["slot"] == 0
+    assert (
+        final["seconds_parts"]["slot"] > 0
+        and final["seconds_parts"]["ttt"] > 0
+        and noslot["seconds_parts"]["slot"] == 0
+    )
     # the projection is of the configured final evaluation at the record val size, one row per pass
     assert [row["name"] for row in r["projection"]["passes"]] == labels
     assert r["projection"]["tokens"] == bench.RECORD_VAL_TOKENS
@@ -169,20 +196,50 @@ def test_report_json_and_last_line_on_random_tokens(monkeypatch, capsys, tmp_pat
 
 def test_baseline_head_reports_ratios_near_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in tg.DEFAULTS and k not in tg.LAUNCHER_VARS}
-    env.update(TINY, TTT_ENABLED="1", SLOT_ENABLED="1", TTT_CHUNK_TOKENS="256", OMP_NUM_THREADS="1",
-               DATA_PATH=str(ROOT / "data" / "datasets" / "sample_sp1024"),
-               TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"))
+    env.update(
+        TINY,
+        TTT_ENABLED="1",
+        SLOT_ENABLED="1",
+        TTT_CHUNK_TOKENS="256",
+        OMP_NUM_THREADS="1",
+        DATA_PATH=str(ROOT / "data" / "datasets" / "sample_sp1024"),
+        TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"),
+    )
     out = tmp_path / "cmp.json"
     # The current side is HEAD's train_gpt.py too (not the working tree's, which may be mid-edit): same code twice.
     head_module = tmp_path / "train_gpt.py"
-    head_module.write_bytes(subprocess.run(["git", "show", "HEAD:train_gpt.py"], cwd=ROOT, capture_output=True,
-                                           check=True).stdout)
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--module", str(head_module),
-                           "--baseline", "HEAD", "--rounds", "1",
-                           "--train-steps", "3", "--train-warmup", "1", "--eval-repeats", "2", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    head_module.write_bytes(
+        subprocess.run(["git", "show", "HEAD:train_gpt.py"], cwd=ROOT, capture_output=True, check=True).stdout
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench.py"),
+            "--module",
+            str(head_module),
+            "--baseline",
+            "HEAD",
+            "--rounds",
+            "1",
+            "--train-steps",
+            "3",
+            "--train-warmup",
+            "1",
+            "--eval-repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ratios = dict((k, float(v)) for k, v in re.findall(r"^ratio (\S+) current/baseline:(\S+)$", proc.stdout, flags=re.M))
+    ratios = dict(
+        (k, float(v)) for k, v in re.findall(r"^ratio (\S+) current/baseline:(\S+)$", proc.stdout, flags=re.M)
+    )
     assert {"train", "final_eval_total", "final_int6_roundtrip"} <= set(ratios)
     # The same code on both sides; generous bounds for a noisy shared machine: the step and the evaluation's
     # total (a second or so each), and looser ones for single passes of a few hundredths of a second.
@@ -201,6 +258,7 @@ def test_baseline_head_reports_ratios_near_one(tmp_path):
 def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
     """17 virtual layers once looping is on, the gates counted, no bigram or value embeddings."""
     from test_pr1855 import TINY_PR
+
     s = tiny_settings(**TINY_PR)
     torch.manual_seed(0)
     model = tg.GPT(s, explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v))  # the mask costs no FLOP
@@ -220,6 +278,7 @@ def test_phased_ttt_flops_match_flop_counter(tmp_path, one_thread):
     """bench.phased_flops against FlopCounterMode over a whole phased-TTT pass (adapters' forward and backward with
     the base frozen, the global SGD phases), with attention as plain matmuls (full T x T, hence causal=False)."""
     import test_phased_ttt as tp
+
     s, run, model, luts = tp.setup(tmp_path)
     model.attention, model.doc_attention = explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v)
     val = tp.synthetic_val(tp.LENGTHS * 2)

@@ -3,16 +3,17 @@
 torch.compile runs here with dynamo's "eager" backend (the same capture, guards and recompiles as inductor,
 without minutes of C++ compilation on 2 CPU cores).
 """
+
 from __future__ import annotations
 
 import functools
 
 import pytest
 import torch
+from test_eval import TINY, needs_sample, noised_model, tiny_env  # noqa: F401  (the shared tiny eval setup)
 from torch._dynamo.utils import counters
 
 import train_gpt as tg
-from test_eval import TINY, needs_sample, noised_model, tiny_env  # noqa: F401  (the shared tiny eval setup)
 
 
 @pytest.fixture
@@ -34,9 +35,11 @@ def test_compiled_paths_have_no_graph_breaks(tiny_settings, one_thread):
     model = noised_model(s)
     x = torch.randint(0, 1024, (2, 128))
     H, fit = model.forward_hidden(x).detach(), torch.rand(2, 128) > 0.5
-    for name, fn, args in (("training loss (also the TTT step's loss)", model, (x, x)),
-                           ("eval hidden states", model.forward_hidden, (x,)),
-                           ("SLOT fit", tg.slot_delta, (model, H, x, fit, s, False))):
+    for name, fn, args in (
+        ("training loss (also the TTT step's loss)", model, (x, x)),
+        ("eval hidden states", model.forward_hidden, (x,)),
+        ("SLOT fit", tg.slot_delta, (model, H, x, fit, s, False)),
+    ):
         ex = explain(fn, *args)
         assert ex.graph_break_count == 0 and ex.graph_count == 1, (name, ex.break_reasons)
     # The backward of the training loss compiles as one graph too (AOTAutograd through fullgraph=True).
@@ -52,11 +55,14 @@ def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
     graph (fullgraph: a break is an error); its backward through AOTAutograd gives the adapters' eager gradients.
     3 layers, one looped, the last in two lanes, to keep the compile short."""
     from test_phased_ttt import setup
+
     s, run, model, luts = setup(tmp_path, NUM_LAYERS=3, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=2, XSA_LAST_N=3)
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    lora = {k: (torch.rand(2, 4, i, generator=g).requires_grad_(), torch.randn(2, o, 4, generator=g).requires_grad_())
-            for k, i, o in tg.lora_shapes(model)}
+    lora = {
+        k: (torch.rand(2, 4, i, generator=g).requires_grad_(), torch.randn(2, o, 4, generator=g).requires_grad_())
+        for k, i, o in tg.lora_shapes(model)
+    }
     x, y = torch.randint(2, 1024, (2, 2, 24), generator=g)
     at, fit = torch.arange(8).repeat(2, 1) + 10, torch.arange(24) < torch.tensor([[10], [5]])
     grads = []
@@ -71,8 +77,9 @@ def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
 
 @needs_sample
 def test_evaluation_compiles_once_and_never_again(tmp_path, eager_compile, one_thread):
-    s = tg.parse_settings(tiny_env(OUTPUT_DIR=tmp_path, COMPILE=1, VAL_MAX_TOKENS=1100, TTT_CHUNK_TOKENS=512,
-                                   TTT_BATCH_SEQS=3))
+    s = tg.parse_settings(
+        tiny_env(OUTPUT_DIR=tmp_path, COMPILE=1, VAL_MAX_TOKENS=1100, TTT_CHUNK_TOKENS=512, TTT_BATCH_SEQS=3)
+    )
     run = tg.Run(s)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
     val = tg.load_validation_tokens(s["DATA_PATH"] + "/fineweb_val_*.bin", s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
@@ -95,13 +102,25 @@ def test_default_passes_leave_out_the_standalone_sliding_pass(tiny_settings):
     labels = lambda **kw: [label for label, _ in tg.eval_paths(tiny_settings(EVAL_STRIDE=32, **kw))]
     assert labels(TTT_ENABLED=1, SLOT_ENABLED=1) == ["final_int6_roundtrip", "legal_ttt"]
     assert labels(TTT_ENABLED=0, SLOT_ENABLED=1) == ["final_int6_roundtrip", "slot_sliding_window"]
-    assert labels(TTT_ENABLED=1, EVAL_SLIDING_PASS=1) == ["final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"]
+    assert labels(TTT_ENABLED=1, EVAL_SLIDING_PASS=1) == [
+        "final_int6_roundtrip",
+        "final_int6_sliding_window",
+        "legal_ttt",
+    ]
     # Without TTT and SLOT the sliding pass is the final one.
     assert labels(TTT_ENABLED=0, SLOT_ENABLED=0) == ["final_int6_roundtrip", "final_int6_sliding_window"]
     # With phased TTT, SLOT runs inside its pass: no SLOT-only pass, so the sliding pass stays.
-    phased = [(label, kw["slot"]) for label, kw in tg.eval_paths(tiny_settings(EVAL_STRIDE=32, TTT_ENABLED=0,
-                                                                               SLOT_ENABLED=1, PHASED_TTT_ENABLED=1))]
-    assert phased == [("final_int6_roundtrip", False), ("final_int6_sliding_window", False), ("quantized_ttt_phased", True)]
+    phased = [
+        (label, kw["slot"])
+        for label, kw in tg.eval_paths(
+            tiny_settings(EVAL_STRIDE=32, TTT_ENABLED=0, SLOT_ENABLED=1, PHASED_TTT_ENABLED=1)
+        )
+    ]
+    assert phased == [
+        ("final_int6_roundtrip", False),
+        ("final_int6_sliding_window", False),
+        ("quantized_ttt_phased", True),
+    ]
 
 
 @needs_sample
@@ -121,7 +140,9 @@ def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thr
     done = next(i for i, ln in enumerate(lines) if ln.startswith("legal_ttt val_loss:"))
     # Said once, right after the third chunk, long before the pass ends; then the final lines as usual.
     assert len(projected) == 1 and loud == [projected[0] + 1] and n_chunks == 4
-    assert chunks[2] <= projected[0] < done and projected[0] < next(i for i, ln in enumerate(lines) if "_chunk:4/4" in ln)
+    assert chunks[2] <= projected[0] < done and projected[0] < next(
+        i for i, ln in enumerate(lines) if "_chunk:4/4" in ln
+    )
     assert any(ln.startswith("final_int6_roundtrip_projected_seconds:") for ln in lines)
     secs = float(next(ln for ln in lines if ln.startswith("final_eval_seconds:")).split()[0].split(":")[1])
     assert secs == pytest.approx(run.summary["final_eval_seconds"], abs=0.05) and secs > 0
@@ -129,6 +150,7 @@ def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thr
 
 def test_pr1855_compiles_both_loop_graphs_in_warm_up_and_never_again(tiny_settings, eager_compile, one_thread):
     from test_pr1855 import TINY_PR, noised
+
     s = tiny_settings(**TINY_PR)
     model = noised(tg.GPT(s))
     x = torch.randint(0, 1024, (1, 256))

@@ -2,6 +2,7 @@
 
 The downloader runs against a stand-in for the Hugging Face Hub on loopback addresses (see FakeHub): no network.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,10 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 
-from train_gpt import (SHARD_HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, Fail,  # noqa: E402
-                       build_sentencepiece_luts, load_data_shard, target_bytes)
-from fineweb import shard_header, write_shard  # noqa: E402
 import caseops  # noqa: E402
+from fineweb import shard_header, write_shard  # noqa: E402
+
+from train_gpt import (  # noqa: E402
+    SHARD_HEADER_WORDS,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    Fail,
+    build_sentencepiece_luts,
+    load_data_shard,
+    target_bytes,
+)
 
 SAMPLE = REPO / "data" / "datasets" / "sample_sp1024"
 SAMPLE_TRAIN = SAMPLE / "fineweb_train_000000.bin"
@@ -45,13 +54,14 @@ def documents(tokens: np.ndarray) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- shard format
 
+
 def test_header_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 65536, size=12345).astype(np.int64)
     path = write_shard(tmp_path / "x.bin", tokens)
     raw = path.read_bytes()
     assert len(raw) == SHARD_HEADER_WORDS * 4 + 2 * tokens.size
-    header = np.frombuffer(raw[:SHARD_HEADER_WORDS * 4], dtype="<i4")
+    header = np.frombuffer(raw[: SHARD_HEADER_WORDS * 4], dtype="<i4")
     assert (header[0], header[1], header[2]) == (SHARD_MAGIC, SHARD_VERSION, tokens.size)
     assert not header[3:].any()
     back = load_data_shard(path)
@@ -66,18 +76,20 @@ def test_writer_rejects_ids_outside_uint16(tmp_path):
     assert not (tmp_path / "bad.bin").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated_body", "truncated_header", "wrong_magic", "wrong_version",
-                                    "wrong_size", "extra_bytes"])
+@pytest.mark.parametrize(
+    "damage", ["truncated_body", "truncated_header", "wrong_magic", "wrong_version", "wrong_size", "extra_bytes"]
+)
 def test_damaged_shards_are_rejected_naming_the_file(tmp_path, damage):
     good = write_shard(tmp_path / "good.bin", np.arange(1000) % 1024).read_bytes()
-    header = np.frombuffer(good[:SHARD_HEADER_WORDS * 4], dtype="<i4").copy()
+    header = np.frombuffer(good[: SHARD_HEADER_WORDS * 4], dtype="<i4").copy()
     raw = {
         "truncated_body": good[:-7],
         "truncated_header": good[:500],
         "wrong_magic": shard_header(1000).replace(np.int32(SHARD_MAGIC).tobytes(), np.int32(12345).tobytes(), 1)
-        + good[SHARD_HEADER_WORDS * 4:],
-        "wrong_version": (lambda h: (h.__setitem__(1, 7), h.tobytes())[1])(header.copy()) + good[SHARD_HEADER_WORDS * 4:],
-        "wrong_size": shard_header(999) + good[SHARD_HEADER_WORDS * 4:],
+        + good[SHARD_HEADER_WORDS * 4 :],
+        "wrong_version": (lambda h: (h.__setitem__(1, 7), h.tobytes())[1])(header.copy())
+        + good[SHARD_HEADER_WORDS * 4 :],
+        "wrong_size": shard_header(999) + good[SHARD_HEADER_WORDS * 4 :],
         "extra_bytes": good + b"\0\0",
     }[damage]
     path = tmp_path / f"shard_{damage}.bin"
@@ -88,6 +100,7 @@ def test_damaged_shards_are_rejected_naming_the_file(tmp_path, damage):
 
 
 # ----------------------------------------------------------------------------- the embedded sample
+
 
 @pytest.fixture(scope="module")
 def sample_sp():
@@ -115,19 +128,19 @@ def proto_fields(buf: bytes) -> dict[int, list]:
 
 def test_sample_tokenizer_has_the_challenge_settings(sample_sp):
     model = proto_fields(SAMPLE_TOKENIZER.read_bytes())
-    trainer, normalizer = proto_fields(model[2][0]), proto_fields(model[3][0])   # ModelProto.trainer/normalizer_spec
+    trainer, normalizer = proto_fields(model[2][0]), proto_fields(model[3][0])  # ModelProto.trainer/normalizer_spec
     # (field numbers from sentencepiece_model.proto; an absent field holds the proto default)
-    assert trainer[3] == [2]                                    # model_type BPE
-    assert trainer[4] == [1024]                                 # vocab_size
-    assert abs(trainer[10][0] - 0.999) < 1e-6                   # character_coverage
-    assert trainer[35] == [1] and trainer[25] == [1]            # byte_fallback, split_digits
-    assert trainer[33] == [0]                                   # hard_vocab_limit off
+    assert trainer[3] == [2]  # model_type BPE
+    assert trainer[4] == [1024]  # vocab_size
+    assert abs(trainer[10][0] - 0.999) < 1e-6  # character_coverage
+    assert trainer[35] == [1] and trainer[25] == [1]  # byte_fallback, split_digits
+    assert trainer[33] == [0]  # hard_vocab_limit off
     assert (trainer[43], trainer[41], trainer[42], trainer[40]) == ([0], [1], [2], [3])  # pad bos eos unk
-    assert normalizer[1] == [b"nmt_nfkc"] and normalizer[3] == [0]   # name, add_dummy_prefix off
+    assert normalizer[1] == [b"nmt_nfkc"] and normalizer[3] == [0]  # name, add_dummy_prefix off
     assert sample_sp.vocab_size() == 1024
     assert (sample_sp.pad_id(), sample_sp.bos_id(), sample_sp.eos_id(), sample_sp.unk_id()) == (0, 1, 2, 3)
     assert sum(sample_sp.is_byte(i) for i in range(1024)) == 256
-    assert sample_sp.encode("2024") == [sample_sp.piece_to_id(c) for c in "2024"]   # digits split
+    assert sample_sp.encode("2024") == [sample_sp.piece_to_id(c) for c in "2024"]  # digits split
     assert not sample_sp.id_to_piece(sample_sp.encode("Python")[0]).startswith("\u2581")  # no dummy prefix
 
 
@@ -170,11 +183,17 @@ def test_byte_accounting_matches_decoded_utf8_on_every_val_document(sample_sp):
 
 # ----------------------------------------------------------------------------- inspect
 
+
 def run_tool(*args, env=None, timeout=120):
     """The tool as a user runs it: a separate process (slow to start: train_gpt imports torch)."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, str(FINEWEB_PY), *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(FINEWEB_PY), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 class Result:
@@ -192,6 +211,7 @@ def tool(capsys):
         code = fineweb.main([str(a) for a in args])
         out, err = capsys.readouterr()
         return Result(code, out, err)
+
     return run
 
 
@@ -229,7 +249,7 @@ def test_inspect_of_a_folder_without_shards_names_the_folder(tmp_path, tool):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert lines == [f"error: {empty}: no .bin files in this folder"]
-    r = tool("inspect", SAMPLE_VAL, empty)          # the good file is still shown, the run still fails
+    r = tool("inspect", SAMPLE_VAL, empty)  # the good file is still shown, the run still fails
     assert r.returncode == 1 and "first document" in r.stdout and str(empty) in r.stderr
 
 
@@ -310,18 +330,19 @@ class FakeHub:
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
                 with hub.lock:
                     hub.log.append((self.command, path, self.headers.get("Range")))
-                    down = hub.outage or any(path.endswith(n) or path.endswith(hashlib.sha256(hub.files[n]).hexdigest())
-                                             for n in hub.broken)
+                    down = hub.outage or any(
+                        path.endswith(n) or path.endswith(hashlib.sha256(hub.files[n]).hexdigest()) for n in hub.broken
+                    )
                 if down:
                     return self.reply(503, {}, b"service unavailable", body)
                 if path.startswith("/cdn/"):
-                    return self.serve_cdn(path[len("/cdn/"):], body)
+                    return self.serve_cdn(path[len("/cdn/") :], body)
                 if path.startswith("/api/"):
                     return self.serve_api(path)
                 prefix = f"/datasets/{hub.repo_id}/resolve/"
                 if not path.startswith(prefix):
                     return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"repository not found", body)
-                revision, _, name = path[len(prefix):].partition("/")
+                revision, _, name = path[len(prefix) :].partition("/")
                 if revision not in ("main", COMMIT):
                     return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"revision not found", body)
                 base = {"X-Repo-Commit": COMMIT}
@@ -330,24 +351,43 @@ class FakeHub:
                 data = hub.files[name]
                 sha = hashlib.sha256(data).hexdigest()
                 if name.endswith(hub.LFS_SUFFIXES):
-                    return self.reply(302, dict(base, **{"Location": hub.cdn_url(sha), "X-Linked-Size": str(len(data)),
-                                                         "X-Linked-Etag": f'"{sha}"', "ETag": '"pointer"'}), b"", body)
+                    return self.reply(
+                        302,
+                        dict(
+                            base,
+                            **{
+                                "Location": hub.cdn_url(sha),
+                                "X-Linked-Size": str(len(data)),
+                                "X-Linked-Etag": f'"{sha}"',
+                                "ETag": '"pointer"',
+                            },
+                        ),
+                        b"",
+                        body,
+                    )
                 self.reply(200, dict(base, ETag=f'"{sha[:40]}"'), data, body)
 
             def serve_api(self, path):
                 prefix = f"/api/datasets/{hub.repo_id}/"
                 if not path.startswith(prefix):
                     return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"repository not found")
-                kind, _, rest = path[len(prefix):].partition("/")
+                kind, _, rest = path[len(prefix) :].partition("/")
                 revision, _, folder = rest.partition("/")
                 if revision not in ("main", COMMIT):
                     return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"revision not found")
                 if kind == "revision":
-                    info = {"id": hub.repo_id, "sha": COMMIT, "private": False,
-                            "siblings": [{"rfilename": n} for n in sorted(hub.files)]}
+                    info = {
+                        "id": hub.repo_id,
+                        "sha": COMMIT,
+                        "private": False,
+                        "siblings": [{"rfilename": n} for n in sorted(hub.files)],
+                    }
                 elif kind == "tree":
-                    info = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                            for n, d in sorted(hub.files.items()) if not folder or n.startswith(folder + "/")]
+                    info = [
+                        {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for n, d in sorted(hub.files.items())
+                        if not folder or n.startswith(folder + "/")
+                    ]
                 else:
                     return self.reply(404, {}, b"not found")
                 self.reply(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
@@ -405,7 +445,7 @@ class FakeHub:
         for host in ("127.0.0.1", "127.0.0.2"):
             try:
                 server = http.server.ThreadingHTTPServer((host, 0), Handler)
-            except OSError:   # a system without the whole loopback range: the CDN shares the hub's address
+            except OSError:  # a system without the whole loopback range: the CDN shares the hub's address
                 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
             server.daemon_threads = True
             threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -419,15 +459,28 @@ class FakeHub:
 
 
 def make_manifest(train_files: int, style: str = "stats", sizes: dict | None = None) -> dict:
-    tokenizers = [{"name": "fineweb_1024_bpe", "kind": "sentencepiece", "vocab_size": 1024,
-                   "model_path": "tokenizers/fineweb_1024_bpe.model", "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]
-    if style == "stats":   # the shape of the challenge's manifest: counts per split
-        dataset = {"name": "fineweb10B_sp1024", "tokenizer_name": "fineweb_1024_bpe",
-                   "stats": {"files_train": train_files, "files_val": 1, "tokens_train": 0}}
-    else:                  # explicit shard lists with sizes
+    tokenizers = [
+        {
+            "name": "fineweb_1024_bpe",
+            "kind": "sentencepiece",
+            "vocab_size": 1024,
+            "model_path": "tokenizers/fineweb_1024_bpe.model",
+            "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+        }
+    ]
+    if style == "stats":  # the shape of the challenge's manifest: counts per split
+        dataset = {
+            "name": "fineweb10B_sp1024",
+            "tokenizer_name": "fineweb_1024_bpe",
+            "stats": {"files_train": train_files, "files_val": 1, "tokens_train": 0},
+        }
+    else:  # explicit shard lists with sizes
         names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(train_files)]
-        dataset = {"name": "fineweb10B_sp1024", "tokenizer_name": "fineweb_1024_bpe",
-                   "files": [{"path": n, **({"bytes": sizes[n]} if sizes and n in sizes else {})} for n in names]}
+        dataset = {
+            "name": "fineweb10B_sp1024",
+            "tokenizer_name": "fineweb_1024_bpe",
+            "files": [{"path": n, **({"bytes": sizes[n]} if sizes and n in sizes else {})} for n in names],
+        }
     return {"version": 1, "datasets": [dataset], "tokenizers": tokenizers}
 
 
@@ -437,7 +490,7 @@ def hub(tmp_path):
     val = load_data_shard(SAMPLE_VAL)
     shards = {"fineweb_val_000000.bin": val[:20_000]}
     for i in range(3):
-        shards[f"fineweb_train_{i:06d}.bin"] = val[20_000 * (i + 1):20_000 * (i + 2)]
+        shards[f"fineweb_train_{i:06d}.bin"] = val[20_000 * (i + 1) : 20_000 * (i + 2)]
     hub.shards = {}
     for name, toks in shards.items():
         data = write_shard(tmp_path / "src" / name, toks).read_bytes()
@@ -453,12 +506,18 @@ def hub(tmp_path):
 @pytest.fixture
 def download(tool, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    for name in ("HF_TOKEN", "FINEWEB_REPO_ID", "FINEWEB_REMOTE_DIR", "MATCHED_FINEWEB_REPO_ID",
-                 "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"):
+    for name in (
+        "HF_TOKEN",
+        "FINEWEB_REPO_ID",
+        "FINEWEB_REMOTE_DIR",
+        "MATCHED_FINEWEB_REPO_ID",
+        "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX",
+    ):
         monkeypatch.delenv(name, raising=False)
 
     def run(hub, root, *extra):
         return tool("download", "--root", root, "--endpoint", hub.endpoint, *extra)
+
     return run
 
 
@@ -519,6 +578,7 @@ def test_download_resumes_a_dropped_connection(hub, tmp_path, download):
     """huggingface_hub's downloader picks a transfer up where the connection dropped, in the same run: it asks for
     the rest (HTTP Range) from the last whole chunk it wrote (10 MiB chunks), so the shard here is 12 MB."""
     from huggingface_hub import constants
+
     root = tmp_path / "data"
     name = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
     big = np.resize(load_data_shard(SAMPLE_VAL), 6_000_000)
@@ -536,14 +596,14 @@ def test_download_interrupted_keeps_completed_files_and_the_next_run_fetches_the
     root = tmp_path / "data"
     ds = root / "datasets" / "fineweb10B_sp1024"
     hub.cut["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"] = 15_000
-    hub.outage_after_cut = True       # the connection drops mid-file and that file stays unreachable
+    hub.outage_after_cut = True  # the connection drops mid-file and that file stays unreachable
     r = download(hub, root, "--train-shards", "3")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "503" in lines[0] and "run the same command again" in lines[0], r.stderr
     assert not (ds / "fineweb_train_000001.bin").exists()
     kept = sorted(p.name for p in ds.iterdir()) if ds.is_dir() else []
-    for n in kept:                    # whatever is in place is complete and verified; nothing half-written
+    for n in kept:  # whatever is in place is complete and verified; nothing half-written
         assert (ds / n).read_bytes() == hub.shards[n]
     assert not (root / ".download").exists()
 
@@ -560,11 +620,13 @@ def test_download_interrupted_keeps_completed_files_and_the_next_run_fetches_the
 
 def test_download_ctrl_c_keeps_the_files_that_arrived(hub, tmp_path, download, monkeypatch):
     import huggingface_hub
+
     real = huggingface_hub.snapshot_download
 
-    def interrupted(*args, **kwargs):     # the transfers finish, then the user presses Ctrl-C
+    def interrupted(*args, **kwargs):  # the transfers finish, then the user presses Ctrl-C
         real(*args, **kwargs)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", interrupted)
     root = tmp_path / "data"
     r = download(hub, root, "--train-shards", "2")
@@ -575,10 +637,15 @@ def test_download_ctrl_c_keeps_the_files_that_arrived(hub, tmp_path, download, m
 def test_download_fetches_files_concurrently_through_hf_endpoint(hub, tmp_path):
     """As a user runs it (a separate process, the Hub named by HF_ENDPOINT): the shards come down at once,
     --workers at a time, each verified, every request pinned to the manifest's commit."""
-    env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
-    blobs = 5                         # the tokenizer model, the val shard and 3 train shards go through the CDN
-    hub.gate(blobs)                   # each transfer waits until all five have started
+    env = {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+    }
+    blobs = 5  # the tokenizer model, the val shard and 3 train shards go through the CDN
+    hub.gate(blobs)  # each transfer waits until all five have started
     r = run_tool("download", "--root", tmp_path / "all", "--train-shards", "3", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_layout_complete(hub, tmp_path / "all", 3)
@@ -614,8 +681,10 @@ def test_download_of_a_repo_the_hub_lacks(hub, tmp_path, download):
 def test_download_refuses_a_size_mismatch(hub, tmp_path, download):
     root = tmp_path / "data"
     true_size = len(hub.shards["fineweb_train_000000.bin"])
-    hub.add("datasets/manifest.json", json.dumps(
-        make_manifest(2, style="files", sizes={"fineweb_train_000000.bin": true_size + 2})).encode())
+    hub.add(
+        "datasets/manifest.json",
+        json.dumps(make_manifest(2, style="files", sizes={"fineweb_train_000000.bin": true_size + 2})).encode(),
+    )
     r = download(hub, root, "--train-shards", "2")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -645,7 +714,7 @@ def test_download_of_a_variant_the_manifest_lacks(hub, tmp_path, download):
 
 def test_download_offline(tmp_path):
     """As a user sees it (a separate process): one line on stderr, non-zero exit, no traceback."""
-    with socket.socket() as s:      # a port nothing listens on
+    with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
@@ -685,11 +754,13 @@ def test_download_repo_id_and_remote_dir_overrides(tmp_path, download, monkeypat
 
 # ----------------------------------------------------------------------------- rebuild
 
+
 @pytest.mark.slow
 def test_sample_rebuild_is_deterministic(tmp_path):
     """Rebuild from the Debian package: the same bytes as committed when the package and sentencepiece are the
     versions the sample was built from; otherwise two rebuilds must at least agree with each other."""
     import build_sample
+
     recorded = json.loads((REPO / "data" / "sample_build.json").read_text())
     deb = os.environ.get("SAMPLE_DEB")
     if deb:
@@ -705,8 +776,9 @@ def test_sample_rebuild_is_deterministic(tmp_path):
     assert build_sample.main(["--deb", str(deb), "--out", str(out1)]) == 0
     built = json.loads((out1 / "sample_build.json").read_text())
     rel = sorted(recorded["sha256"])
-    same_inputs = (built["source_sha256"] == recorded["source_sha256"]
-                   and built["sentencepiece"] == recorded["sentencepiece"])
+    same_inputs = (
+        built["source_sha256"] == recorded["source_sha256"] and built["sentencepiece"] == recorded["sentencepiece"]
+    )
     if same_inputs:
         for r in rel:
             assert (out1 / r).read_bytes() == (REPO / "data" / r).read_bytes(), f"{r} differs from the committed file"
@@ -720,41 +792,60 @@ def test_sample_rebuild_is_deterministic(tmp_path):
 
 # ----------------------------------------------------------------------------- manifest schemas
 
+
 def test_manifest_parser_tolerates_the_shapes_it_documents(tmp_path):
     from fineweb import plan_download
+
     root = tmp_path
     ds = root / "datasets" / "fineweb10B_sp1024"
 
     # the challenge's shape: lists of datasets and tokenizers, shard counts under stats
     plan = plan_download(make_manifest(5), "sp1024", 2, root)
     assert [a.remote for a in plan] == [
-        "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab",
+        "tokenizers/fineweb_1024_bpe.model",
+        "tokenizers/fineweb_1024_bpe.vocab",
         "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
-        "datasets/fineweb10B_sp1024/fineweb_train_000000.bin", "datasets/fineweb10B_sp1024/fineweb_train_000001.bin"]
+        "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+        "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+    ]
     assert plan[0].local == root / "tokenizers" / "fineweb_1024_bpe.model" and plan[0].kind == "tokenizer"
     assert plan[2].local == ds / "fineweb_val_000000.bin" and plan[2].vocab_size == 1024
 
     # objects keyed by name, explicit per-split lists with sizes, a tokenizer given inline
-    keyed = {"datasets": {"fineweb10B_sp1024": {
-        "tokenizer": {"model_path": "tok/x_1024.model", "vocab_size": 1024},
-        "path": "data/sp1024",
-        "val": [{"name": "fineweb_val_000000.bin", "num_tokens": 10, "sha256": "ab"}],
-        "train": ["fineweb_train_000001.bin", "fineweb_train_000000.bin"]}}}
+    keyed = {
+        "datasets": {
+            "fineweb10B_sp1024": {
+                "tokenizer": {"model_path": "tok/x_1024.model", "vocab_size": 1024},
+                "path": "data/sp1024",
+                "val": [{"name": "fineweb_val_000000.bin", "num_tokens": 10, "sha256": "ab"}],
+                "train": ["fineweb_train_000001.bin", "fineweb_train_000000.bin"],
+            }
+        }
+    }
     plan = plan_download(keyed, "sp1024", 1, root)
-    assert [a.remote for a in plan] == ["tok/x_1024.model", "data/sp1024/fineweb_val_000000.bin",
-                                        "data/sp1024/fineweb_train_000000.bin"]
+    assert [a.remote for a in plan] == [
+        "tok/x_1024.model",
+        "data/sp1024/fineweb_val_000000.bin",
+        "data/sp1024/fineweb_train_000000.bin",
+    ]
     assert plan[1].tokens == 10 and plan[1].sha256 == "ab" and plan[1].size is None
 
     # no counts at all: the requested number of train shards, one val shard, the tokenizer by convention
     bare = {"datasets": [{"name": "fineweb10B_sp1024"}]}
     plan = plan_download(bare, "sp1024", 3, root)
-    assert [a.local.name for a in plan] == ["fineweb_1024_bpe.model", "fineweb_val_000000.bin",
-                                            "fineweb_train_000000.bin", "fineweb_train_000001.bin",
-                                            "fineweb_train_000002.bin"]
+    assert [a.local.name for a in plan] == [
+        "fineweb_1024_bpe.model",
+        "fineweb_val_000000.bin",
+        "fineweb_train_000000.bin",
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+    ]
 
     with pytest.raises(Fail, match="has 5 train shards"):
         plan_download(make_manifest(5), "sp1024", 6, root)
     with pytest.raises(Fail, match="variant sp2048 is not in the manifest"):
         plan_download(make_manifest(5), "sp2048", 1, root)
     with pytest.raises(Fail, match="not a number"):
-        plan_download({"datasets": [{"name": "fineweb10B_sp1024", "stats": {"files_train": "many"}}]}, "sp1024", 1, root)
+        plan_download(
+            {"datasets": [{"name": "fineweb10B_sp1024", "stats": {"files_train": "many"}}]}, "sp1024", 1, root
+        )

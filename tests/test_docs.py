@@ -1,4 +1,5 @@
 """README's settings table lists every setting of train_gpt.py with its real default, and nothing else."""
+
 import re
 from pathlib import Path
 

@@ -5,6 +5,7 @@ an enumeration of the windows written here, an instrumented event log of TTT, a 
 with AdamW written out by hand, a 2-process run against a 1-process one, and the audit's verdicts.
 All runs use a tiny model on the embedded sample (data/datasets/sample_sp1024).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,17 +30,40 @@ import train_gpt as tg  # noqa: E402
 Tensor = torch.Tensor
 
 TINY = dict(
-    DATA_PATH=str(DATA), TOKENIZER_PATH=str(TOKENIZER), DEVICE="cpu",
-    NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VE_LAYERS="2,3",
-    XSA_LAST_N="2", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="16", VE_DIM="16",
-    TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", EVAL_STRIDE="32", EVAL_BATCH_SEQS="8", TRAIN_BATCH_TOKENS="8192",
-    WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", VAL_MAX_TOKENS="1024", VAL_LOSS_EVERY="0",
-    TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="4", TTT_EPOCHS="1", ITERATIONS="20",
-    GPTQ_CALIB_SEQS="4", GPTQ_CALIB_LEN="128",  # the default 64 x 2048 self-generated tokens took 2 minutes a run
+    DATA_PATH=str(DATA),
+    TOKENIZER_PATH=str(TOKENIZER),
+    DEVICE="cpu",
+    NUM_LAYERS="4",
+    MODEL_DIM="64",
+    NUM_HEADS="4",
+    NUM_KV_HEADS="2",
+    MLP_MULT="2",
+    VE_LAYERS="2,3",
+    XSA_LAST_N="2",
+    BIGRAM_VOCAB_SIZE="256",
+    BIGRAM_DIM="16",
+    VE_DIM="16",
+    TRAIN_SEQ_LEN="128",
+    EVAL_SEQ_LEN="128",
+    EVAL_STRIDE="32",
+    EVAL_BATCH_SEQS="8",
+    TRAIN_BATCH_TOKENS="8192",
+    WARMUP_STEPS="0",
+    MAX_WALLCLOCK_SECONDS="0",
+    VAL_MAX_TOKENS="1024",
+    VAL_LOSS_EVERY="0",
+    TTT_CHUNK_TOKENS="256",
+    TTT_BATCH_SEQS="4",
+    TTT_EPOCHS="1",
+    ITERATIONS="20",
+    GPTQ_CALIB_SEQS="4",
+    GPTQ_CALIB_LEN="128",  # the default 64 x 2048 self-generated tokens took 2 minutes a run
 )
 L, STRIDE = 128, 32
-needs_sample = pytest.mark.skipif(not (DATA / "fineweb_val_000000.bin").is_file() or not TOKENIZER.is_file(),
-                                  reason="the embedded sample data/datasets/sample_sp1024 is missing")
+needs_sample = pytest.mark.skipif(
+    not (DATA / "fineweb_val_000000.bin").is_file() or not TOKENIZER.is_file(),
+    reason="the embedded sample data/datasets/sample_sp1024 is missing",
+)
 
 
 def tiny_env(**over) -> dict:
@@ -109,6 +133,7 @@ class Capture:
 
 # ----------------------------------------------------------------------------- sliding windows
 
+
 def my_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """Independent enumeration: window 0 covers [0, seq_len); window k >= 1 starts at k*stride, keeps
     seq_len - stride positions of context and scores what the previous windows left; as many as needed."""
@@ -120,10 +145,23 @@ def my_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     return wins
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [
-    (1024, 128, 32), (1000, 128, 32), (1001, 128, 48), (100, 128, 32), (128, 128, 32), (129, 128, 32),
-    (4096, 2048, 64), (5000, 2048, 2048), (300, 64, 1), (257, 64, 64), (1, 16, 4), (700, 128, 127),
-])
+@pytest.mark.parametrize(
+    "n,seq_len,stride",
+    [
+        (1024, 128, 32),
+        (1000, 128, 32),
+        (1001, 128, 48),
+        (100, 128, 32),
+        (128, 128, 32),
+        (129, 128, 32),
+        (4096, 2048, 64),
+        (5000, 2048, 2048),
+        (300, 64, 1),
+        (257, 64, 64),
+        (1, 16, 4),
+        (700, 128, 127),
+    ],
+)
 def test_sliding_windows_score_every_position_once(n, seq_len, stride):
     wins = tg.sliding_windows(n, seq_len, stride)
     assert wins == my_windows(n, seq_len, stride)
@@ -145,6 +183,7 @@ def test_sliding_windows_score_every_position_once(n, seq_len, stride):
 
 
 # ----------------------------------------------------------------------------- score-first TTT
+
 
 @needs_sample
 @pytest.mark.parametrize("chunk,epochs,batch", [(256, 2, 1), (512, 1, 4), (384, 2, 2)])
@@ -177,7 +216,8 @@ def test_ttt_trains_on_a_chunk_only_after_scoring_it(base, monkeypatch, chunk, e
         def recording_loss(x, y):
             state["batch"] += locate(x, y)
             return loss_fn(x, y)
-        scored = torch.nonzero(counts[1:n + 1]).flatten() + 1
+
+        scored = torch.nonzero(counts[1 : n + 1]).flatten() + 1
         events.append(("train", c, n_chunks, scored.tolist()))
         state["chunk"] = c
         original_train(model_, run_, val_, c, n_chunks, opt, recording_loss)
@@ -186,8 +226,15 @@ def test_ttt_trains_on_a_chunk_only_after_scoring_it(base, monkeypatch, chunk, e
     class RecordingSGD(torch.optim.SGD):
         def step(self, closure=None):
             assert state["chunk"] is not None, "an SGD step outside ttt_train_chunk"
-            events.append(("step", state["chunk"], sorted(set(state["batch"])),
-                           int(torch.nonzero(counts).max()) if counts.any() else 0, counts.clone()))
+            events.append(
+                (
+                    "step",
+                    state["chunk"],
+                    sorted(set(state["batch"])),
+                    int(torch.nonzero(counts).max()) if counts.any() else 0,
+                    counts.clone(),
+                )
+            )
             state["batch"] = []
             return super().step(closure)
 
@@ -213,11 +260,12 @@ def test_ttt_trains_on_a_chunk_only_after_scoring_it(base, monkeypatch, chunk, e
         assert min(targets) > c * chunk
         assert max(targets) <= min((c + 1) * chunk, n) and max(targets) <= top_scored
         assert bool((cnt[targets] == 1).all()), f"chunk {c} trained on a target not yet scored"
-    assert bool((counts[1:n + 1] == 1).all()) and counts[0] == 0 and counts[n + 1] == 0
+    assert bool((counts[1 : n + 1] == 1).all()) and counts[0] == 0 and counts[n + 1] == 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "TTT changed nothing"
 
 
 # ----------------------------------------------------------------------------- SLOT against a plain loop
+
 
 def adamw_by_hand(loss_of, shape, lr, steps, wd=1e-8, eps=1e-5, b1=0.9, b2=0.999) -> Tensor:
     p, m, v = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
@@ -228,7 +276,7 @@ def adamw_by_hand(loss_of, shape, lr, steps, wd=1e-8, eps=1e-5, b1=0.9, b2=0.999
         p = p * (1 - lr * wd)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        p = p - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        p = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     return p
 
 
@@ -237,22 +285,31 @@ def slot_by_hand(model, s, val, mode: str) -> dict[int, Tensor]:
     """Sliding-window SLOT written out window by window; returns the scored log-prob row per target."""
     n = val.numel() - 1
     wins = my_windows(n, L, STRIDE)
-    per = [(val[a:b], val[a + 1:b + 1], model.forward_hidden(val[None, a:b])[0], f - a, b) for a, b, f in wins]
+    per = [(val[a:b], val[a + 1 : b + 1], model.forward_hidden(val[None, a:b])[0], f - a, b) for a, b, f in wins]
     rows = {}
     for i in range(0, len(per), s["EVAL_BATCH_SEQS"]):
-        batch = per[i:i + s["EVAL_BATCH_SEQS"]]
+        batch = per[i : i + s["EVAL_BATCH_SEQS"]]
         if mode == "batch":  # one delta for the batch, on the mean CE of every position of every window
+
             def loss(delta):
-                nll = [F.cross_entropy(model.compute_logits(H + delta[0]), y, reduction="sum") for _, y, H, _, _ in batch]
+                nll = [
+                    F.cross_entropy(model.compute_logits(H + delta[0]), y, reduction="sum") for _, y, H, _, _ in batch
+                ]
                 return sum(nll) / sum(len(y) for _, y, _, _, _ in batch)
+
             deltas = [adamw_by_hand(loss, (1, 1, s["MODEL_DIM"]), s["SLOT_LR"], s["SLOT_STEPS"])[0, 0]] * len(batch)
         else:  # one delta per window, on the mean CE of its positions before its first scored one
             deltas = []
             for _, y, H, first, _ in batch:
+
                 def loss(delta, H=H, y=y, first=first):
                     return F.cross_entropy(model.compute_logits(H[:first] + delta), y[:first])
-                deltas.append(adamw_by_hand(loss, (H.size(-1),), s["SLOT_LR"], s["SLOT_STEPS"]) if first
-                              else torch.zeros(H.size(-1)))
+
+                deltas.append(
+                    adamw_by_hand(loss, (H.size(-1),), s["SLOT_LR"], s["SLOT_STEPS"])
+                    if first
+                    else torch.zeros(H.size(-1))
+                )
         for (x, y, H, first, end), delta in zip(batch, deltas):
             logp = F.log_softmax(model.compute_logits(H + delta), dim=-1)
             for p in range(first, len(y)):
@@ -316,7 +373,7 @@ def test_causal_delta_ignores_the_scored_tokens(base):
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
 
-DRIVER = r'''
+DRIVER = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -331,7 +388,8 @@ with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))
 luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+val_files = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
+val = tg.load_validation_tokens(val_files, s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
 start = {k: v.clone() for k, v in model.state_dict().items()}
 no_ttt, _ = tg.evaluate(model, run, val, luts, s["EVAL_STRIDE"], ttt=False, slot=True)
 model.load_state_dict(start)
@@ -340,7 +398,7 @@ if run.master:
     with open(sys.argv[2], "w") as f:
         json.dump(dict(loss=loss, bpb=bpb, no_ttt=no_ttt, world=run.world), f)
 tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
-'''
+"""
 
 
 @needs_sample
@@ -350,13 +408,32 @@ def test_ttt_with_slot_in_two_processes_matches_one(tmp_path):
     driver.write_text(DRIVER)
     # 3 chunks of 4 sequences in batches of 3: the second batch leaves one rank without a sequence;
     # a high TTT_LR so that TTT moves the loss by ~0.5%, far above the tolerance
-    env = subprocess_env(OUTPUT_DIR=tmp_path, VAL_MAX_TOKENS=1536, TTT_CHUNK_TOKENS=512, TTT_BATCH_SEQS=3,
-                         EVAL_BATCH_SEQS=5, TTT_LR=0.05)
-    one = subprocess.Popen([sys.executable, str(driver), str(ROOT), str(tmp_path / "one.json")], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(driver), str(ROOT), str(tmp_path / "two.json")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = subprocess_env(
+        OUTPUT_DIR=tmp_path, VAL_MAX_TOKENS=1536, TTT_CHUNK_TOKENS=512, TTT_BATCH_SEQS=3, EVAL_BATCH_SEQS=5, TTT_LR=0.05
+    )
+    one = subprocess.Popen(
+        [sys.executable, str(driver), str(ROOT), str(tmp_path / "one.json")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(driver),
+            str(ROOT),
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out_one = one.communicate(timeout=300)[0]
     assert one.returncode == 0, out_one[-3000:]
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
@@ -370,12 +447,19 @@ def test_ttt_with_slot_in_two_processes_matches_one(tmp_path):
 
 # ----------------------------------------------------------------------------- eval-only reproduces the run
 
+
 @needs_sample
 @pytest.mark.slow
 def test_eval_only_reproduces_the_final_score(tmp_path):
     env = subprocess_env(OUTPUT_DIR=tmp_path, TTT_ENABLED=1, SLOT_ENABLED=1, SLOT_MODE="causal")
-    train = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env={**env, "RUN_ID": "train"},
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    train = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")],
+        env={**env, "RUN_ID": "train"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, (train.stdout + train.stderr)[-3000:]
     artifact = tmp_path / tg.ARTIFACT_NAME
     assert artifact.is_file()
@@ -387,17 +471,26 @@ def test_eval_only_reproduces_the_final_score(tmp_path):
 
     want = final_line(train.stdout)
     assert want.startswith("final_score_exact eval:ttt+slot_causal val_loss:") and want.endswith(" causal:yes")
-    again = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")],
-                           env={**env, "RUN_ID": "eval", "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact)},
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")],
+        env={**env, "RUN_ID": "eval", "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert final_line(again.stdout) == want
     assert final_line((tmp_path / "logs" / "eval.txt").read_text()) == want
 
-    wrong = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")],
-                           env={**env, "RUN_ID": "wrong", "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact),
-                                "NUM_LAYERS": "5"},
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    wrong = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")],
+        env={**env, "RUN_ID": "wrong", "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "NUM_LAYERS": "5"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert wrong.returncode == 2, (wrong.stdout + wrong.stderr)[-3000:]
     err = [ln for ln in wrong.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in wrong.stderr
@@ -414,17 +507,45 @@ AUDIT_MODES = {
     "ttt_causal_slot": (dict(SLOT_MODE="causal"), 0, "ttt+slot_causal"),
     # STACK=pr1855 (11 layers looped, lanes, gates, document masks; 32-token segments): its plain packed-row pass,
     # and the seed's TTT + causal SLOT on top (its phased TTT: tests/test_phased_ttt.py)
-    "pr1855": (dict(STACK="pr1855", VOCAB_SIZE=1024, NUM_LAYERS=11, MLP_MULT=4, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0, TRAIN_SEQ_LEN=32,
-                    EVAL_STRIDE=128, PHASED_TTT_ENABLED=0), 0, "roundtrip"),
-    "pr1855_ttt_slot": (dict(STACK="pr1855", VOCAB_SIZE=1024, NUM_LAYERS=11, MLP_MULT=4, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0,
-                             TRAIN_SEQ_LEN=32, TTT_ENABLED=1, SLOT_ENABLED=1, PHASED_TTT_ENABLED=0), 0, "ttt+slot_causal"),
+    "pr1855": (
+        dict(
+            STACK="pr1855",
+            VOCAB_SIZE=1024,
+            NUM_LAYERS=11,
+            MLP_MULT=4,
+            XSA_LAST_N=11,
+            BIGRAM_VOCAB_SIZE=0,
+            TRAIN_SEQ_LEN=32,
+            EVAL_STRIDE=128,
+            PHASED_TTT_ENABLED=0,
+        ),
+        0,
+        "roundtrip",
+    ),
+    "pr1855_ttt_slot": (
+        dict(
+            STACK="pr1855",
+            VOCAB_SIZE=1024,
+            NUM_LAYERS=11,
+            MLP_MULT=4,
+            XSA_LAST_N=11,
+            BIGRAM_VOCAB_SIZE=0,
+            TRAIN_SEQ_LEN=32,
+            TTT_ENABLED=1,
+            SLOT_ENABLED=1,
+            PHASED_TTT_ENABLED=0,
+        ),
+        0,
+        "ttt+slot_causal",
+    ),
 }
 
 
 def run_audit(*args, **over):
     env = subprocess_env(VAL_MAX_TOKENS=768, **over)
-    return subprocess.run([sys.executable, str(AUDIT), *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(AUDIT), *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
 
 
 def audit_lines(out: str) -> dict[str, str]:
@@ -507,6 +628,7 @@ def test_audit_catches_a_planted_leak(base, monkeypatch, capsys, leak):
 
 # ----------------------------------------------------------------------------- known problems of train_gpt.py
 
+
 @needs_sample
 def test_ttt_grad_clip_zero_means_no_clipping(base):
     changed = {}
@@ -523,7 +645,7 @@ def test_ttt_grad_clip_zero_means_no_clipping(base):
 @needs_sample
 def test_slot_delta_leaves_the_model_gradients_alone(base):
     s, run, model = make_run(base)
-    x = base["val"][:2 * L].view(2, L)
+    x = base["val"][: 2 * L].view(2, L)
     with torch.no_grad():
         H = model.forward_hidden(x)
     delta = tg.slot_delta(model, H, x, torch.ones_like(x, dtype=torch.bool), s, shared=False)

@@ -1,4 +1,5 @@
 """Export: precision by role, full GPTQ, calibration data, rANS packing, corrupt artifacts, fitting the byte limit."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_model import export_settings, randomize_, save
 
 import train_gpt as tg
-from test_model import export_settings, randomize_, save
 
 SAMPLE_TRAIN_GLOB = "fineweb_train_"
 
@@ -24,6 +25,7 @@ def cpu_run(s):
 
 # ----------------------------------------------------------------------------- precision by role
 
+
 def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small_matrices():
     s = tg.parse_settings({})
     with torch.device("meta"):
@@ -34,8 +36,18 @@ def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small
     kinds = [tg.precision_of(n, t, s) for n, t in flat.items()]
     assert kinds.count("int6") == 11 * 6 and kinds.count("int8") == 3
     # At the CPU demo's width the seed kept every matrix fp16; by role they are int6 like at the record shape.
-    demo = tg.parse_settings(dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", VE_LAYERS="2,3",
-                                  XSA_LAST_N="2", BIGRAM_DIM="32", VE_DIM="32"))
+    demo = tg.parse_settings(
+        dict(
+            NUM_LAYERS="4",
+            MODEL_DIM="128",
+            NUM_HEADS="4",
+            NUM_KV_HEADS="2",
+            VE_LAYERS="2,3",
+            XSA_LAST_N="2",
+            BIGRAM_DIM="32",
+            VE_DIM="32",
+        )
+    )
     small = tg.unbank(tg.GPT(demo).state_dict(), 4)
     matrices = [n for n in small if ".attn." in n or ".mlp." in n]
     assert len(matrices) == 24 and all(small[n].numel() <= 65536 for n in matrices)
@@ -43,6 +55,7 @@ def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small
 
 
 # ----------------------------------------------------------------------------- GPTQ
+
 
 def obs_reference(W, H, scale, max_q, damp):
     """GPTQ written the slow way (optimal brain surgeon): after each column, update the rest by the explicit inverse
@@ -54,14 +67,14 @@ def obs_reference(W, H, scale, max_q, damp):
     for j in range(W.size(1)):
         Q[:, j] = torch.clamp(torch.round(W[:, j] / scale), -max_q, max_q)
         err = (W[:, j] - Q[:, j] * scale) / Hinv[j, j]
-        W[:, j + 1:] -= err[:, None] * Hinv[j, j + 1:][None]
-        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
+        W[:, j + 1 :] -= err[:, None] * Hinv[j, j + 1 :][None]
+        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]
     return Q
 
 
 def correlated_layer(rows=96, cols=128, n=2048, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + 0.3 * torch.eye(cols)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + 0.3 * torch.eye(cols)
     X = torch.randn(n, cols, generator=g) @ mix  # strongly correlated inputs
     return torch.randn(rows, cols, generator=g) * 0.05, X
 
@@ -101,6 +114,7 @@ def test_gptq_matches_the_obs_reference_and_beats_round_to_nearest():
 
 # ----------------------------------------------------------------------------- calibration
 
+
 def test_kv_cache_generation_matches_the_full_forward(tiny_settings):
     s = tiny_settings()
     torch.manual_seed(0)
@@ -133,7 +147,11 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
     assert set(hessians) == {n for n in tg.unbank(model.state_dict(), 4) if ".attn." in n or ".mlp." in n}
     # H of the MLP down projection is the sum of x^T x of its inputs, (leaky_relu(up x))^2: symmetric, PSD.
     h = hessians["blocks.1.mlp.proj.weight"]
-    assert h.shape == (128, 128) and torch.allclose(h, h.T) and torch.linalg.eigvalsh(h.double()).min() > -1e-6 * h.diagonal().max()
+    assert (
+        h.shape == (128, 128)
+        and torch.allclose(h, h.T)
+        and torch.linalg.eigvalsh(h.double()).min() > -1e-6 * h.diagonal().max()
+    )
     # GPTQ_CALIB=train reads the training stream only (the time for it is reserved inside the training cap).
     t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=50, GPTQ_RESERVE_SECONDS=5)
     train_tokens = tg.calibration_tokens(model, cpu_run(t))
@@ -150,11 +168,14 @@ def test_train_calibration_without_a_reserve_is_refused(tiny_settings):
 
 # ----------------------------------------------------------------------------- rANS
 
+
 @pytest.mark.parametrize("lanes", [1, 5, 64])
 def test_rans_round_trip_is_exact(lanes):
     rng = np.random.default_rng(lanes)
-    parts = [np.clip(np.round(rng.normal(0, sd, n)), -mq, mq).astype(np.int64) + mq
-             for sd, n, mq in ((4, 3000, 31), (0.2, 333, 15), (30, 2000, 127), (1, 1, 63), (2, 700, 31))]
+    parts = [
+        np.clip(np.round(rng.normal(0, sd, n)), -mq, mq).astype(np.int64) + mq
+        for sd, n, mq in ((4, 3000, 31), (0.2, 333, 15), (30, 2000, 127), (1, 1, 63), (2, 700, 31))
+    ]
     alphabet = 255
     freq = tg.rans_tables(np.stack([np.bincount(p, minlength=alphabet) for p in parts]))
     assert (freq.sum(axis=1) == 1 << tg.RANS_PREC).all()
@@ -169,12 +190,18 @@ def test_rans_round_trip_is_exact(lanes):
 
 def test_predict_is_the_integer_floor_of_its_formula():
     rng = np.random.default_rng(0)
-    above, total, i = rng.integers(-127, 128, 5000), rng.integers(-127 * 8191, 127 * 8191, 5000), rng.integers(0, 8192, 5000)
+    above, total, i = (
+        rng.integers(-127, 128, 5000),
+        rng.integers(-127 * 8191, 127 * 8191, 5000),
+        rng.integers(0, 8192, 5000),
+    )
     wa, wm = rng.integers(0, 9, 5000), rng.integers(0, 9, 5000)
     total[i == 0] = 0  # nothing is above row 0
     got = tg.predict(above, total, i, wa, wm, 31)
-    want = [0 if n == 0 else max(-31, min(31, (int(a) * int(x) * int(n) + int(b) * int(t) + 2 * int(n)) // (4 * int(n))))
-            for a, x, b, t, n in zip(wa, above, wm, total, i)]  # Python's exact integer floor division
+    want = [
+        0 if n == 0 else max(-31, min(31, (int(a) * int(x) * int(n) + int(b) * int(t) + 2 * int(n)) // (4 * int(n))))
+        for a, x, b, t, n in zip(wa, above, wm, total, i)
+    ]  # Python's exact integer floor division
     assert got.tolist() == want
 
 
@@ -238,8 +265,10 @@ def test_context_coder_finds_the_structure_and_round_trips_exactly(tiny_settings
     wa, wm = np.repeat(w[modes], 48, axis=1).transpose(2, 0, 1)
     above, total = np.zeros(3 * 48, np.int64), np.zeros(3 * 48, np.int64)
     for i in range(96):
-        pred = [0 if i == 0 else max(-31, min(31, (a * x * i + b * t + 2 * i) // (4 * i)))
-                for a, x, b, t in zip(wa[i].tolist(), above.tolist(), wm[i].tolist(), total.tolist())]
+        pred = [
+            0 if i == 0 else max(-31, min(31, (a * x * i + b * t + 2 * i) // (4 * i)))
+            for a, x, b, t in zip(wa[i].tolist(), above.tolist(), wm[i].tolist(), total.tolist())
+        ]
         assert (G[i] - np.array(pred) == E[i]).all()
         above, total = G[i], total + G[i]
     # A whole artifact: its coded tensors replaced by such groups, packed and unpacked.
@@ -256,8 +285,10 @@ def test_context_coder_finds_the_structure_and_round_trips_exactly(tiny_settings
     back, _ = tg.unpack(blob)
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
     words = len(blob) - 12 - int.from_bytes(blob[8:12], "little")
-    order0 = sum(tg.entropy_bytes(np.bincount(tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127))
-                 for k in tg.coded_names(scheme))
+    order0 = sum(
+        tg.entropy_bytes(np.bincount(tensors[k + ".q"].numpy().astype(np.int64).ravel() + 127))
+        for k in tg.coded_names(scheme)
+    )
     assert words < 0.85 * order0
 
 
@@ -280,21 +311,26 @@ def test_artifact_is_smaller_than_lzma_and_near_the_entropy_bound(tiny_settings,
     tensors, scheme = tg.quantize_state(state, s)
     rans = len(tg.pack(tensors, scheme, s))
     xz = len(lzma.compress(tg.st.save(tensors), preset=9))
-    symbols = sum(tg.entropy_bytes(np.bincount(t.numpy().astype(np.int64).ravel() + 127))
-                  for k, t in tensors.items() if k.endswith(".q"))
-    assert rans < 0.99 * xz and rans < symbols + sum(t.numel() * t.element_size() for k, t in tensors.items()
-                                                     if not k.endswith(".q"))
+    symbols = sum(
+        tg.entropy_bytes(np.bincount(t.numpy().astype(np.int64).ravel() + 127))
+        for k, t in tensors.items()
+        if k.endswith(".q")
+    )
+    assert rans < 0.99 * xz and rans < symbols + sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if not k.endswith(".q")
+    )
 
 
 def rewrite_rans_head(blob: bytes, edit) -> bytes:
     """A structurally valid rANS artifact whose safetensors head was changed by edit(tensors)."""
     from safetensors.torch import save
+
     n = int.from_bytes(blob[8:12], "little")
-    raw = lzma.decompress(blob[12:12 + n])
+    raw = lzma.decompress(blob[12 : 12 + n])
     tensors, header = tg.read_safetensors(raw)
     edit(tensors)
     head = lzma.compress(save(tensors, metadata={"pgolf": __import__("json").dumps(header)}))
-    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n:]
+    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n :]
 
 
 def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
@@ -317,7 +353,7 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
         t["rans.states"][0] = 3
 
     def bad_modes(t):  # a shape its size would be allocated from
-        t["ctx.0.modes"] = torch.zeros(10 ** 4, 3, dtype=torch.uint8)
+        t["ctx.0.modes"] = torch.zeros(10**4, 3, dtype=torch.uint8)
 
     def bad_order(t):  # a row order of another length than its matrices' rows
         t["ctx.0.order"] = torch.arange(5, dtype=torch.int16)[None]
@@ -331,12 +367,20 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
 
     n = int.from_bytes(r[8:12], "little")
     cases = dict(
-        rans_truncated=r[:len(r) // 2], rans_stream_flipped=flip(r, len(r) - 40), rans_head_flipped=flip(r, 12 + n // 2),
-        rans_bad_magic=b"PGRANS9\n" + r[8:], rans_bad_length=r[:8] + (10 ** 9).to_bytes(4, "little") + r[12:],
-        rans_bad_freq=rewrite_rans_head(r, bad_freq), rans_bad_state=rewrite_rans_head(r, bad_state),
-        rans_extra_word=r + b"\x00\x00", bad_modes=rewrite_rans_head(r, bad_modes),
-        bad_order=rewrite_rans_head(r, bad_order), missing_w=rewrite_rans_head(r, missing_w),
-        order_digit_out_of_range=rewrite_rans_head(r, order_digit_out_of_range), empty=b"")
+        rans_truncated=r[: len(r) // 2],
+        rans_stream_flipped=flip(r, len(r) - 40),
+        rans_head_flipped=flip(r, 12 + n // 2),
+        rans_bad_magic=b"PGRANS9\n" + r[8:],
+        rans_bad_length=r[:8] + (10**9).to_bytes(4, "little") + r[12:],
+        rans_bad_freq=rewrite_rans_head(r, bad_freq),
+        rans_bad_state=rewrite_rans_head(r, bad_state),
+        rans_extra_word=r + b"\x00\x00",
+        bad_modes=rewrite_rans_head(r, bad_modes),
+        bad_order=rewrite_rans_head(r, bad_order),
+        missing_w=rewrite_rans_head(r, missing_w),
+        order_digit_out_of_range=rewrite_rans_head(r, order_digit_out_of_range),
+        empty=b"",
+    )
     for name, blob in cases.items():
         path = tmp_path / f"{name}.ptz"
         path.write_bytes(blob)
@@ -347,6 +391,7 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fitting the byte limit
+
 
 def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
     torch.manual_seed(0)
@@ -384,19 +429,21 @@ def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
 
 # ----------------------------------------------------------------------------- crafted files: bounded memory
 
+
 def claim_shape(blob: bytes, name: str, shape) -> bytes:
     """A genuine rANS artifact whose header claims another shape for one coded tensor (the stream unchanged)."""
     from safetensors.torch import save as st_save
+
     n = int.from_bytes(blob[8:12], "little")
-    tensors, header = tg.read_safetensors(lzma.decompress(blob[12:12 + n]))
+    tensors, header = tg.read_safetensors(lzma.decompress(blob[12 : 12 + n]))
     header["shapes"][name] = list(shape)
     head = lzma.compress(st_save(tensors, metadata={"pgolf": json.dumps(header)}))
-    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n:]
+    return blob[:8] + len(head).to_bytes(4, "little") + head + blob[12 + n :]
 
 
 def xz_bomb(n_bytes: int) -> bytes:
     """An artifact whose LZMA head is n_bytes of zeros (~1/7000 of that on disk)."""
-    c, zeros = lzma.LZMACompressor(preset=0), bytes(2 ** 24)
+    c, zeros = lzma.LZMACompressor(preset=0), bytes(2**24)
     head = b"".join([c.compress(zeros) for _ in range(n_bytes // len(zeros))] + [c.flush()])
     return tg.RANS_MAGIC + len(head).to_bytes(4, "little") + head
 
@@ -416,14 +463,20 @@ def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny
     torch.manual_seed(0)
     blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
     path = tmp_path / "crafted.ptz"
-    path.write_bytes(claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)) if craft == "rans_shape_claim"
-                     else xz_bomb(2 ** 30))
+    path.write_bytes(
+        claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)) if craft == "rans_shape_claim" else xz_bomb(2**30)
+    )
     assert path.stat().st_size < 1_000_000
     wrapper, report = tmp_path / "wrap.py", tmp_path / "report.json"
     wrapper.write_text(RSS_WRAPPER)
     env = script_env(tmp_path / "out", EVAL_ONLY=1, ARTIFACT_PATH=path)
-    subprocess.run([sys.executable, str(wrapper), str(report), sys.executable, str(tg.__file__)], env=env,
-                   cwd=tmp_path, timeout=300, check=True)
+    subprocess.run(
+        [sys.executable, str(wrapper), str(report), sys.executable, str(tg.__file__)],
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=True,
+    )
     r = json.loads(report.read_text())
     lines = r["stderr"].strip("\n").split("\n")
     assert r["rc"] == 2 and "Traceback" not in r["stderr"] and len(lines) == 1, r["stderr"][-3000:]
@@ -436,21 +489,25 @@ def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp
     torch.manual_seed(0)
     blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
     for name, crafted, why in (
-            ("shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)), "not those of this model"),
-            ("small_shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (2, 3)), "not those of this model"),
-            ("bomb", xz_bomb(2 ** 26), "inflates past")):
+        ("shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)), "not those of this model"),
+        ("small_shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (2, 3)), "not those of this model"),
+        ("bomb", xz_bomb(2**26), "inflates past"),
+    ):
         path = tmp_path / f"{name}.ptz"
         path.write_bytes(crafted)
         with pytest.raises(tg.Fail, match=why):
             tg.load_artifact(path, s)
     # The float-weights file: a tensor of another shape (or one more tensor) is refused before any is read.
     from safetensors.torch import save_file
+
     state = tg.GPT(s).state_dict()
     tg.save_float_weights(state, s, tmp_path / "good.safetensors")
     assert set(tg.load_float_weights(tmp_path / "good.safetensors", s)) == set(state)
     meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in tg.MODEL_KEYS}))}
-    for name, edit in (("bigger", dict(state, **{"tok_emb.weight": torch.zeros(2048, 64)})),
-                       ("extra", dict(state, extra=torch.zeros(3)))):
+    for name, edit in (
+        ("bigger", dict(state, **{"tok_emb.weight": torch.zeros(2048, 64)})),
+        ("extra", dict(state, extra=torch.zeros(3))),
+    ):
         save_file({k: v.float().contiguous() for k, v in edit.items()}, tmp_path / f"{name}.safetensors", metadata=meta)
         with pytest.raises(tg.Fail, match="not those of a model of these settings"):
             tg.load_float_weights(tmp_path / f"{name}.safetensors", s)

@@ -1,5 +1,6 @@
 """tools/install.py: which torch build the shared install step of run.sh and .ci/run picks, by its decision
 function and by what it reads from the machine (a stand-in nvidia-smi); nothing is installed here."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,13 +40,13 @@ def test_no_gpu_installs_the_cpu_build_from_the_cpu_index():
     probe = Probe(CPU_INDEX)
     plan = install.decide_torch(None, False, None, probe)
     assert plan.pip_args == ["torch==2.13.0+cpu", "--extra-index-url", CPU_INDEX]
-    assert probe.asked == [CPU_INDEX]          # no CUDA index is even looked at
+    assert probe.asked == [CPU_INDEX]  # no CUDA index is even looked at
     assert not plan.uninstall_first
 
 
 def test_no_gpu_and_no_cpu_index_still_asks_for_the_cpu_build_only():
     plan = install.decide_torch(None, False, None, Probe())
-    assert plan.pip_args == ["torch==2.13.0+cpu"]   # pip's own sources (here: a local wheel); +cpu or nothing
+    assert plan.pip_args == ["torch==2.13.0+cpu"]  # pip's own sources (here: a local wheel); +cpu or nothing
     assert no_cuda_anywhere(plan) and "does not answer" in plan.why
 
 
@@ -61,8 +62,10 @@ def test_no_gpu_replaces_a_torch_older_than_2_11_with_the_cpu_build():
     assert plan.pip_args[0] == "torch==2.13.0+cpu" and no_cuda_anywhere(plan)
 
 
-@pytest.mark.parametrize("driver, build", [((13, 2), "cu130"), ((13, 0), "cu130"), ((12, 9), "cu128"),
-                                           ((12, 8), "cu128"), ((12, 6), "cu126")])
+@pytest.mark.parametrize(
+    "driver, build",
+    [((13, 2), "cu130"), ((13, 0), "cu130"), ((12, 9), "cu128"), ((12, 8), "cu128"), ((12, 6), "cu126")],
+)
 def test_gpu_gets_the_newest_cuda_build_its_driver_runs(driver, build):
     index = f"https://download.pytorch.org/whl/{build}"
     probe = Probe(index)
@@ -94,6 +97,7 @@ def test_gpu_without_the_cuda_index_falls_back_to_pips_sources():
 
 # ----------------------------------------------------------------------------- what it reads from the machine
 
+
 def fake_nvidia_smi(tmp_path, monkeypatch, output: str, status: int = 0):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -114,8 +118,9 @@ def test_driver_cuda_version_from_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch):
-    fake_nvidia_smi(tmp_path, monkeypatch, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
-                                           "driver.", status=9)
+    fake_nvidia_smi(
+        tmp_path, monkeypatch, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", status=9
+    )
     assert install.driver_cuda_version() is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert install.driver_cuda_version() is None
@@ -128,10 +133,17 @@ def test_missing_requirements_follows_includes(tmp_path):
 
 
 def test_dry_run_on_a_machine_without_gpu_installs_nothing_and_never_cuda(tmp_path):
-    env = dict(os.environ, PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
-                                                if not (Path(p) / "nvidia-smi").exists()))
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "install.py"), "--dev", "--dry-run"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    env = dict(
+        os.environ,
+        PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists()),
+    )
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "install.py"), "--dev", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("torch: ") and "no NVIDIA GPU" in r.stdout
     assert not re.search(r"cu\d{3}|nvidia-", r.stdout)
@@ -150,11 +162,15 @@ def test_main_runs_the_plan_in_order_and_is_silent_when_nothing_is_missing(monke
     monkeypatch.setattr(install, "reachable", Probe("https://download.pytorch.org/whl/cu128"))
     monkeypatch.setattr(install, "installed_torch", lambda: ("2.13.0+cpu", False))
     monkeypatch.setattr(install, "driver_cuda_version", lambda: (12, 8))
-    monkeypatch.setattr(install, "missing_requirements", lambda path: ["pytest"] if path.name.endswith("-dev.txt") else [])
+    monkeypatch.setattr(
+        install, "missing_requirements", lambda path: ["pytest"] if path.name.endswith("-dev.txt") else []
+    )
     assert install.main(["--dev"]) == 0
-    assert calls == [("uninstall", "-y", "torch"),
-                     ("install", "torch>=2.11", "--index-url", "https://download.pytorch.org/whl/cu128"),
-                     ("install", "-r", str(ROOT / "requirements-dev.txt"))]
+    assert calls == [
+        ("uninstall", "-y", "torch"),
+        ("install", "torch>=2.11", "--index-url", "https://download.pytorch.org/whl/cu128"),
+        ("install", "-r", str(ROOT / "requirements-dev.txt")),
+    ]
     calls.clear()
     capsys.readouterr()
     monkeypatch.setattr(install, "installed_torch", lambda: ("2.13.0+cu128", True))

@@ -3,6 +3,7 @@
 The expected values are derived here from SPEC §5-§7 (formulas written out in float64 where it matters), never
 copied from the code under test's output.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,6 +25,7 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 # ----------------------------------------------------------------------------- independent reference pieces
 
+
 def rms(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without weight, written out."""
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + F32_EPS)
@@ -44,7 +46,8 @@ def ns5_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def rope_reference(x: torch.Tensor, rope_dims: int, base: float, sign: int) -> torch.Tensor:
-    """Pairs (i, i + rope_dims/2) as complex numbers z = x_i + i*x_{i+half}, rotated by sign * t * base^(-2i/rope_dims)."""
+    """Pairs (i, i + rope_dims/2) as complex numbers z = x_i + i*x_{i+half},
+    rotated by sign * t * base^(-2i/rope_dims)."""
     half = rope_dims // 2
     xd = x.double()
     t = torch.arange(x.size(1), dtype=torch.float64)
@@ -84,6 +87,7 @@ def write_blob(path, raw: bytes):
 
 # ----------------------------------------------------------------------------- the record configuration
 
+
 @pytest.mark.slow
 def test_record_configuration_size_and_one_training_step():
     s = tg.parse_settings({})
@@ -91,16 +95,29 @@ def test_record_configuration_size_and_one_training_step():
     V, d, L, H, Hkv, hd, hidden = 1024, 512, 11, 8, 4, 64, 1536
     bigram_rows, bigram_dim, ve_dim, ve_layers = 1536, 128, 128, [9, 10]
     assert (s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"], s["NUM_HEADS"], s["NUM_KV_HEADS"]) == (V, d, L, H, Hkv)
-    assert (s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"], s["VE_DIM"], s["VE_LAYERS"]) == (bigram_rows, bigram_dim, ve_dim, ve_layers)
+    assert (s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"], s["VE_DIM"], s["VE_LAYERS"]) == (
+        bigram_rows,
+        bigram_dim,
+        ve_dim,
+        ve_layers,
+    )
     n_skips = min(L // 2, L - L // 2)
-    expected = (V * d                                            # tied token embedding
-                + bigram_rows * bigram_dim + d * bigram_dim + 1  # bigram table, projection, scale
-                + d                                              # smear gate
-                + 2 * L * d * d + 2 * L * (Hkv * hd) * d          # Q/Out bank, K/V bank
-                + 2 * L * hidden * d                              # MLP up and down banks
-                + L * (d + d + 2 * d + H)                         # attn_scale, mlp_scale, resid_mix (a, b), q_gain
-                + n_skips * d                                     # U-Net skip weights
-                + V * ve_dim + ve_dim * Hkv * hd + 1 + len(ve_layers))  # VE table, projection, scale, layer scales
+    expected = (
+        V * d  # tied token embedding
+        + bigram_rows * bigram_dim
+        + d * bigram_dim
+        + 1  # bigram table, projection, scale
+        + d  # smear gate
+        + 2 * L * d * d
+        + 2 * L * (Hkv * hd) * d  # Q/Out bank, K/V bank
+        + 2 * L * hidden * d  # MLP up and down banks
+        + L * (d + d + 2 * d + H)  # attn_scale, mlp_scale, resid_mix (a, b), q_gain
+        + n_skips * d  # U-Net skip weights
+        + V * ve_dim
+        + ve_dim * Hkv * hd
+        + 1
+        + len(ve_layers)
+    )  # VE table, projection, scale, layer scales
     assert abs(expected - 26.9e6) < 0.05e6
 
     torch.manual_seed(0)
@@ -168,10 +185,14 @@ def test_optimizer_first_step_on_every_bank(tiny_settings):
     named = dict(model.named_parameters())
     grads = {n: p.grad.detach().clone() for n, p in named.items()}
     before = {n: p.detach().clone() for n, p in named.items()}
-    assert all(grads[b].flatten(1).abs().amax(1).min() > 0 for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
+    assert all(
+        grads[b].flatten(1).abs().amax(1).min() > 0 for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+    )
     assert math.sqrt(sum(g.square().sum().item() for g in grads.values())) > 0.05  # the clip is active
     muon, adam, others = tg.build_optimizers(model, s)
-    assert {id(p) for p in muon.param_groups[0]["params"]} == {id(named[b]) for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")}
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {
+        id(named[b]) for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+    }
     assert {id(p) for p in others} == {id(p) for n, p in named.items() if "bank" not in n}
     tg.optimizer_step(muon, adam, others, s)
     wd = 0.1
@@ -187,6 +208,7 @@ def test_clip_coefficient_is_global():
 
 
 # ----------------------------------------------------------------------------- components
+
 
 def test_mlp_is_leaky_relu_squared(tiny_settings):
     torch.manual_seed(0)
@@ -289,7 +311,11 @@ def test_embedding_bigram_and_smear_gate(tiny_settings):
     with torch.no_grad():
         model.smear_gate.copy_(torch.linspace(-3, 3, 64))  # per-channel gates from ~0.05 to ~0.95
     idx = torch.randint(0, 1024, (2, 17), generator=torch.Generator().manual_seed(7))
-    E, T, P = model.tok_emb.weight.detach().double(), model.bigram_emb.detach().double(), model.bigram_proj.detach().double()
+    E, T, P = (
+        model.tok_emb.weight.detach().double(),
+        model.bigram_emb.detach().double(),
+        model.bigram_proj.detach().double(),
+    )
     rows = torch.tensor([[255] + [((36313 * int(c)) ^ (27191 * int(p))) % 255 for p, c in zip(r, r[1:])] for r in idx])
     x = rms(E[idx] + (T[rows] @ P.T) * model.bigram_scale.item())
     g = torch.sigmoid(model.smear_gate.detach().double())
@@ -377,6 +403,7 @@ def test_bigram_hash_table_learns(tiny_settings):
 
 # ----------------------------------------------------------------------------- quantization and export
 
+
 def test_quantize_rows_int6_error_bound_and_best_clip():
     gen = torch.Generator().manual_seed(14)
     w = torch.randn(48, 600, generator=gen) * 0.05
@@ -405,8 +432,9 @@ def test_quantize_rows_int6_error_bound_and_best_clip():
 def export_settings(tiny_settings, **kw):
     # d = 256: Q/Out matrices have exactly 65,536 elements (the seed's size rule would keep them fp16), MLP matrices
     # 131,072, the token embedding 262,144.
-    return tiny_settings(NUM_LAYERS=2, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, VE_LAYERS="1",
-                         XSA_LAST_N=1, **kw)
+    return tiny_settings(
+        NUM_LAYERS=2, MODEL_DIM=256, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, VE_LAYERS="1", XSA_LAST_N=1, **kw
+    )
 
 
 def save(state, s, path):
@@ -527,4 +555,6 @@ def test_artifact_with_other_model_settings_is_refused(tiny_settings, tmp_path):
         tg.load_artifact(tmp_path / "a.ptz", tiny_settings(MODEL_DIM=128))
     assert "MODEL_DIM" in str(err.value)
     # Settings outside the model (training, evaluation) do not matter for loading.
-    assert set(tg.load_artifact(tmp_path / "a.ptz", tiny_settings(MATRIX_LR=0.5, EVAL_STRIDE=32))) == set(tg.GPT(s).state_dict())
+    assert set(tg.load_artifact(tmp_path / "a.ptz", tiny_settings(MATRIX_LR=0.5, EVAL_STRIDE=32))) == set(
+        tg.GPT(s).state_dict()
+    )

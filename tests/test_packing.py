@@ -1,13 +1,14 @@
 """The packed train_gpt.py: the self-extracting file whose bytes count as code, and that a record ships."""
+
 from __future__ import annotations
 
 import ast
 import lzma
 
 import pytest
+from conftest import TRAIN_GPT
 
 import train_gpt as tg
-from conftest import TRAIN_GPT
 
 
 def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
@@ -16,15 +17,21 @@ def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
     assert packed == tg.pack_code(source)
     assert len(packed.encode()) <= 32_000  # the cap on counted code (README: Artifact)
     program = tg.unpack_code(packed)
+
     # The same syntax tree once every docstring is gone: comments never reach the tree, docstrings are stripped.
     def without_docstrings(tree):
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body and \
-                    isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
-                    isinstance(body[0].value.value, str):
+            if (
+                isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
         return ast.dump(tree)
+
     assert ast.dump(ast.parse(program)) == without_docstrings(ast.parse(source))
     assert '"""' not in program and "# ----" not in program
     assert " = " not in program.split("\n", 20)[-1][:2000]  # minified, not the unminified fallback
@@ -38,7 +45,9 @@ def test_every_literal_statement_goes_and_a_body_left_empty_gets_pass():
         'def f(x):\n    """doc"""\n    if x:\n        "note"\n        return 1\n    for _ in ():\n        ...\n'
         '    return 2\n\n\nclass C:\n    "only a docstring"\n'
     )
-    want = "def f(x):\n    if x:\n        return 1\n    for _ in ():\n        pass\n    return 2\n\n\nclass C:\n    pass\n"
+    want = (
+        "def f(x):\n    if x:\n        return 1\n    for _ in ():\n        pass\n    return 2\n\n\nclass C:\n    pass\n"
+    )
     assert ast.dump(ast.parse(tg.strip_source(source))) == ast.dump(ast.parse(want))
     space = {}
     exec(tg.strip_source(source), space)
@@ -70,10 +79,15 @@ def test_the_packed_file_runs_to_the_same_digits(tmp_path, script_env, run_scrip
     packed = run_script(script_env(tmp_path / "out", **env), script=script)
     assert packed.returncode == 0, packed.stderr[-2000:]
     keep = ("final_", "legal_", "Code size:", "Total submission size", "Serialized model", "step:")
+
     def scores(text):
         # (run packed, the "source" figure is the program it unpacks: no docstrings or comments to count)
-        return [ln.split(" eval_time:")[0].split(" train_time:")[0].split(" (packed; source")[0]
-                for ln in text.splitlines() if ln.startswith(keep) and "_seconds" not in ln]
+        return [
+            ln.split(" eval_time:")[0].split(" train_time:")[0].split(" (packed; source")[0]
+            for ln in text.splitlines()
+            if ln.startswith(keep) and "_seconds" not in ln
+        ]
+
     assert scores(packed.stdout) == scores(src.stdout) and any(ln.startswith("final_int6") for ln in scores(src.stdout))
     assert f"Code size: {packed_path.stat().st_size} bytes" in src.stdout
     assert (tmp_path / "out" / tg.PACKED_NAME).read_bytes() == packed_path.read_bytes()
@@ -84,7 +98,8 @@ def test_minified_whitespace_keeps_strings_words_and_f_strings():
         "x = 1 if 'a b' else 2\n"
         "def f(a, *b, **c):\n"
         "    return f\"{a!r} = {b['k  q']}\" + 'it\\'s  ' + \"q'  \" + b'x  y'\n"
-        "y = [i for i in range(3) if i is not None and not i in (0,)]\n")
+        "y = [i for i in range(3) if i is not None and not i in (0,)]\n"
+    )
     program = tg.strip_source(source)
     assert ast.dump(ast.parse(program)) == ast.dump(ast.parse(source))
     assert program.startswith("x=1 if'a b'else 2\n") and "{b['k  q']}\"+\"it's  \"+\"q'  \"+b'x  y'" in program

@@ -2,6 +2,7 @@
 phases. Each number is checked against an independent derivation: every scored distribution against a forward of
 its own document window computed here, the batches and phases against the rules written out again, two gloo ranks
 against one, and the causality audit (PASS on the real path, FAIL on a planted leak)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,15 +17,32 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
 from test_eval import AUDIT, audit_lines, needs_sample, subprocess_env, tiny_env  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
 
 # the record's model at a tiny width (11 layers looped to 17, lanes, gates, document masks), phased TTT in chunks of 8
 # targets from windows of at most 32 tokens, batches of 2 documents, 2 phases over the first 4 documents
-PHASED = dict(STACK="pr1855", VOCAB_SIZE=1024, NUM_LAYERS=11, MLP_MULT=4, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0,
-              TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TTT_CHUNK_SIZE=8, TTT_EVAL_SEQ_LEN=32, TTT_BATCH_SIZE=2,
-              TTT_LORA_RANK=4, TTT_LORA_LR=0.01, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_NUM_PHASES=2,
-              GLOBAL_TTT_CHUNK_TOKENS=64, GLOBAL_TTT_BATCH_SEQS=2, GLOBAL_TTT_LR=0.01)
+PHASED = dict(
+    STACK="pr1855",
+    VOCAB_SIZE=1024,
+    NUM_LAYERS=11,
+    MLP_MULT=4,
+    XSA_LAST_N=11,
+    BIGRAM_VOCAB_SIZE=0,
+    TRAIN_SEQ_LEN=32,
+    EVAL_SEQ_LEN=32,
+    TTT_CHUNK_SIZE=8,
+    TTT_EVAL_SEQ_LEN=32,
+    TTT_BATCH_SIZE=2,
+    TTT_LORA_RANK=4,
+    TTT_LORA_LR=0.01,
+    PHASED_TTT_PREFIX_DOCS=4,
+    PHASED_TTT_NUM_PHASES=2,
+    GLOBAL_TTT_CHUNK_TOKENS=64,
+    GLOBAL_TTT_BATCH_SEQS=2,
+    GLOBAL_TTT_LR=0.01,
+)
 LENGTHS = [70, 9, 40, 3, 25, 57, 12]  # documents (BOS included): longer than a window, shorter than a chunk
 
 
@@ -60,6 +78,7 @@ def captured(model, run, val, luts, monkeypatch, slot=False):
         for i, r in zip(idx.tolist(), logp):
             assert i not in rows, f"target {i} scored twice"
             rows[i] = r.detach().clone()
+
     monkeypatch.setattr(tg, "SCORE_HOOK", hook)
     loss, bpb = tg.evaluate(model, run, val, luts, phased=True, slot=slot)
     monkeypatch.setattr(tg, "SCORE_HOOK", None)
@@ -75,7 +94,7 @@ def test_documents_and_batches_follow_the_record():
     assert targets == list(range(1, val.numel()))  # every target once
     batches = tg.phased_batches(docs, 2)
     by_len = sorted(docs, key=lambda d: d[1])
-    cut = [by_len[i:i + 2] for i in range(0, len(by_len), 2)]
+    cut = [by_len[i : i + 2] for i in range(0, len(by_len), 2)]
     assert batches == sorted(cut, key=lambda b: -b[-1][1])
     assert [max(d[1] for d in b) for b in batches] == sorted((max(d[1] for d in b) for b in cut), reverse=True)
 
@@ -93,7 +112,7 @@ def test_untrained_scores_are_each_documents_own_windows(tmp_path, monkeypatch):
             for c in range(-(-(n - 1) // C)):
                 end = min((c + 1) * C, n - 1)
                 lo = max(end - Lt, 0)
-                window = val[a + lo:a + end][None]
+                window = val[a + lo : a + end][None]
                 logp = F.log_softmax(model.compute_logits(model.forward_hidden(window)), dim=-1)[0]
                 for t in range(c * C, end):  # target a + 1 + t, predicted at window position t - lo
                     torch.testing.assert_close(rows[a + 1 + t], logp[t - lo], rtol=0, atol=2e-5)
@@ -120,7 +139,7 @@ def test_causal_slot_fits_each_chunk_on_the_targets_scored_before_it(tmp_path, m
         for c in range(-(-(n - 1) // C)):
             end = min((c + 1) * C, n - 1)
             lo = max(end - Lt, 0)
-            window = val[a + lo:a + end]
+            window = val[a + lo : a + end]
             with torch.no_grad():
                 H = model.forward_hidden(window[None])[0]
             delta = torch.zeros(1, H.size(1), requires_grad=True)
@@ -129,7 +148,9 @@ def test_causal_slot_fits_each_chunk_on_the_targets_scored_before_it(tmp_path, m
                 opt = torch.optim.AdamW([delta], lr=0.05, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
                 for _ in range(3):
                     opt.zero_grad()
-                    F.cross_entropy(model.compute_logits(H[:fit] + delta), val[a + lo + 1:a + lo + 1 + fit]).backward()
+                    F.cross_entropy(
+                        model.compute_logits(H[:fit] + delta), val[a + lo + 1 : a + lo + 1 + fit]
+                    ).backward()
                     opt.step()
             with torch.no_grad():
                 logp = F.log_softmax(model.compute_logits(H + delta), dim=-1)
@@ -187,6 +208,7 @@ def test_phases_train_on_documents_by_index_after_they_are_scored(tmp_path, monk
     def score(model_, run_, tokens, luts_, batch, warm, stats, slot=False):
         events.append(("score", list(batch)))
         original_score(model_, run_, tokens, luts_, batch, warm, stats, slot)
+
     monkeypatch.setattr(tg, "global_sgd", sgd)
     monkeypatch.setattr(tg, "score_documents", score)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -201,7 +223,7 @@ def test_phases_train_on_documents_by_index_after_they_are_scored(tmp_path, monk
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # and left the model as it found it
 
 
-DRIVER = r'''
+DRIVER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
 import torch
@@ -216,7 +238,7 @@ for global_lr in (0.0, 0.01):
 if run.master:
     Path(sys.argv[2]).write_text(json.dumps(dict(adapters=out[0.0], both=out[0.01], world=run.world)))
 tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
-'''
+"""
 
 
 @needs_sample
@@ -226,10 +248,17 @@ def test_two_ranks_give_the_one_rank_score(tmp_path):
     driver.write_text(DRIVER)
     env = subprocess_env(OUTPUT_DIR=tmp_path)
     results = {}
-    for world, launcher in ((1, [sys.executable]),
-                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        r = subprocess.run(launcher + [str(driver), str(ROOT), str(tmp_path / f"w{world}.json")], env=env,
-                           capture_output=True, text=True, timeout=600)
+    for world, launcher in (
+        (1, [sys.executable]),
+        (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    ):
+        r = subprocess.run(
+            launcher + [str(driver), str(ROOT), str(tmp_path / f"w{world}.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         results[world] = json.loads((tmp_path / f"w{world}.json").read_text())
     one, two = results[1], results[2]
@@ -241,16 +270,28 @@ def test_two_ranks_give_the_one_rank_score(tmp_path):
     assert abs(one["both"][0] - one["adapters"][0]) > 1e-3  # the global SGD mattered: a rank-dependent set would show
 
 
-AUDIT_ENV = {**PHASED, "VAL_MAX_TOKENS": 768, "TTT_LORA_LR": 0.05, "PHASED_TTT_PREFIX_DOCS": 1,
-             "PHASED_TTT_NUM_PHASES": 1, "TTT_BATCH_SIZE": 1, "GLOBAL_TTT_CHUNK_TOKENS": 128}
+AUDIT_ENV = {
+    **PHASED,
+    "VAL_MAX_TOKENS": 768,
+    "TTT_LORA_LR": 0.05,
+    "PHASED_TTT_PREFIX_DOCS": 1,
+    "PHASED_TTT_NUM_PHASES": 1,
+    "TTT_BATCH_SIZE": 1,
+    "GLOBAL_TTT_CHUNK_TOKENS": 128,
+}
 
 
 @needs_sample
 @pytest.mark.parametrize("slot", [0, 1])
 def test_audit_passes_phased_ttt(slot):
-    r = subprocess.run([sys.executable, str(AUDIT), "--positions", "4", "--seed", "3"],
-                       env=subprocess_env(**AUDIT_ENV, SLOT_ENABLED=slot, SLOT_LR=0.05), capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(AUDIT), "--positions", "4", "--seed", "3"],
+        env=subprocess_env(**AUDIT_ENV, SLOT_ENABLED=slot, SLOT_LR=0.05),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = audit_lines(r.stdout)
     assert lines["coverage"].startswith("PASS 768/768 targets scored exactly once")
@@ -275,6 +316,7 @@ def test_audit_fails_an_adapter_step_before_scoring(monkeypatch, capsys, tmp_pat
         original(model, run, tokens, luts, batch, warm, torch.zeros_like(stats), slot)
         tg.SCORE_HOOK = hook
         original(model, run, tokens, luts, batch, warm, stats, slot)
+
     monkeypatch.setattr(tg, "score_documents", peeking)
     assert audit.audit(["--positions", "2", "--seed", "3"]) == 1
     lines = audit_lines(capsys.readouterr().out)

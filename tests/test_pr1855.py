@@ -1,5 +1,6 @@
 """STACK=pr1855: PR #1855's model, optimizer, schedule and document-masked attention, each against an independent
 computation, and STACK=seed unchanged (the digits of a stored run of the code before the stack existed)."""
+
 from __future__ import annotations
 
 import json
@@ -8,38 +9,116 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 
 import train_gpt as tg
-from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TRAIN_GPT
 
 # The record's logged run values (MODERN_STACK.md 0.3 and 10), typed from the document, not from train_gpt.py.
 RECORD = dict(
-    VOCAB_SIZE=8192, NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_MULT=4.0, XSA_LAST_N=11,
-    QK_GAIN_INIT=5.0, ROPE_DIMS=16, ROPE_BASE=10000.0, ROPE_TRAIN_SEQ_LEN=0, LN_SCALE=1, LOGIT_SOFTCAP=30.0,
-    TIED_EMBED_INIT_STD=0.005, BIGRAM_VOCAB_SIZE=0, VE_ENABLED=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
-    ENABLE_LOOPING_AT=0.35, PARALLEL_START_LAYER=8, SMEAR_GATE_ENABLED=1, SMEAR_FIXED_ENABLED=0, GATE_WINDOW=12,
-    SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1, DOC_MASKED_ATTN=1,
-    TRAIN_BATCH_TOKENS=786432, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048, EVAL_STRIDE=2048, WARMUP_STEPS=20,
-    ITERATIONS=20000, MAX_WALLCLOCK_SECONDS=600.0, VAL_LOSS_EVERY=0, WARMDOWN_FRAC=0.85, MIN_LR=0.1,
-    MATRIX_LR=0.026, TIED_EMBED_LR=0.03, SCALAR_LR=0.02, MUON_MOMENTUM=0.97, MUON_MOMENTUM_WARMUP_START=0.92,
-    MUON_MOMENTUM_WARMUP_STEPS=1500, MUON_BACKEND_STEPS=5, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1,
-    MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA1=0.9, BETA2=0.99, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3,
-    EMA_ENABLED=1, EMA_DECAY=0.9965, SWA_ENABLED=0, LATE_QAT=0, EMBED_BITS=7, MATRIX_BITS=6, GPTQ_CALIB="train",
-    GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_SEQS=16 * 48, GPTQ_CALIB_LEN=2048, GPTQ_DAMP=0.01,
+    VOCAB_SIZE=8192,
+    NUM_LAYERS=11,
+    MODEL_DIM=512,
+    NUM_HEADS=8,
+    NUM_KV_HEADS=4,
+    MLP_MULT=4.0,
+    XSA_LAST_N=11,
+    QK_GAIN_INIT=5.0,
+    ROPE_DIMS=16,
+    ROPE_BASE=10000.0,
+    ROPE_TRAIN_SEQ_LEN=0,
+    LN_SCALE=1,
+    LOGIT_SOFTCAP=30.0,
+    TIED_EMBED_INIT_STD=0.005,
+    BIGRAM_VOCAB_SIZE=0,
+    VE_ENABLED=0,
+    NUM_LOOPS=2,
+    LOOP_START=3,
+    LOOP_END=5,
+    ENABLE_LOOPING_AT=0.35,
+    PARALLEL_START_LAYER=8,
+    SMEAR_GATE_ENABLED=1,
+    SMEAR_FIXED_ENABLED=0,
+    GATE_WINDOW=12,
+    SPARSE_ATTN_GATE_ENABLED=1,
+    SPARSE_ATTN_GATE_SCALE=0.5,
+    SKIP_GATES_ENABLED=1,
+    DOC_MASKED_ATTN=1,
+    TRAIN_BATCH_TOKENS=786432,
+    TRAIN_SEQ_LEN=2048,
+    EVAL_SEQ_LEN=2048,
+    EVAL_STRIDE=2048,
+    WARMUP_STEPS=20,
+    ITERATIONS=20000,
+    MAX_WALLCLOCK_SECONDS=600.0,
+    VAL_LOSS_EVERY=0,
+    WARMDOWN_FRAC=0.85,
+    MIN_LR=0.1,
+    MATRIX_LR=0.026,
+    TIED_EMBED_LR=0.03,
+    SCALAR_LR=0.02,
+    MUON_MOMENTUM=0.97,
+    MUON_MOMENTUM_WARMUP_START=0.92,
+    MUON_MOMENTUM_WARMUP_STEPS=1500,
+    MUON_BACKEND_STEPS=5,
+    MUON_ROW_NORMALIZE=1,
+    MUON_POLAR_EXPRESS=1,
+    MUON_WD=0.095,
+    EMBED_WD=0.085,
+    ADAM_WD=0.02,
+    BETA1=0.9,
+    BETA2=0.99,
+    ADAM_EPS=1e-8,
+    GRAD_CLIP_NORM=0.3,
+    EMA_ENABLED=1,
+    EMA_DECAY=0.9965,
+    SWA_ENABLED=0,
+    LATE_QAT=0,
+    EMBED_BITS=7,
+    MATRIX_BITS=6,
+    GPTQ_CALIB="train",
+    GPTQ_RESERVE_SECONDS=0.5,
+    GPTQ_CALIB_SEQS=16 * 48,
+    GPTQ_CALIB_LEN=2048,
+    GPTQ_DAMP=0.01,
     # its phased TTT (MODERN_STACK.md 8 and the reproduce command)
-    PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=2500, PHASED_TTT_NUM_PHASES=3, TTT_CHUNK_SIZE=48, TTT_EVAL_SEQ_LEN=2048,
-    TTT_BATCH_SIZE=64, TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0, TTT_LORA_LR=1e-4, TTT_BETA1=0.0, TTT_BETA2=0.99,
-    TTT_WEIGHT_DECAY=0.5, GLOBAL_TTT_LR=1e-3, GLOBAL_TTT_MOMENTUM=0.9, GLOBAL_TTT_EPOCHS=1, GLOBAL_TTT_CHUNK_TOKENS=32768,
-    GLOBAL_TTT_GRAD_CLIP=1.0, TTT_ENABLED=0, SLOT_ENABLED=0,
+    PHASED_TTT_ENABLED=1,
+    PHASED_TTT_PREFIX_DOCS=2500,
+    PHASED_TTT_NUM_PHASES=3,
+    TTT_CHUNK_SIZE=48,
+    TTT_EVAL_SEQ_LEN=2048,
+    TTT_BATCH_SIZE=64,
+    TTT_LORA_RANK=80,
+    TTT_LORA_ALPHA=144.0,
+    TTT_LORA_LR=1e-4,
+    TTT_BETA1=0.0,
+    TTT_BETA2=0.99,
+    TTT_WEIGHT_DECAY=0.5,
+    GLOBAL_TTT_LR=1e-3,
+    GLOBAL_TTT_MOMENTUM=0.9,
+    GLOBAL_TTT_EPOCHS=1,
+    GLOBAL_TTT_CHUNK_TOKENS=32768,
+    GLOBAL_TTT_GRAD_CLIP=1.0,
+    TTT_ENABLED=0,
+    SLOT_ENABLED=0,
 )
 
 # 11 layers as the record, at a width a CPU trains in a fraction of a second per step.
-TINY_PR = dict(STACK="pr1855", NUM_LAYERS=11, VOCAB_SIZE=1024, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=11,
-               MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32)
+TINY_PR = dict(
+    STACK="pr1855",
+    NUM_LAYERS=11,
+    VOCAB_SIZE=1024,
+    MODEL_DIM=64,
+    NUM_HEADS=4,
+    NUM_KV_HEADS=2,
+    XSA_LAST_N=11,
+    MLP_MULT=4,
+    BIGRAM_VOCAB_SIZE=0,
+    TRAIN_SEQ_LEN=32,
+    EVAL_SEQ_LEN=32,
+)
 
 
 def pr_settings(tiny_settings, **over):
@@ -65,24 +144,28 @@ def test_stack_pr1855_resolves_to_the_record_values():
 
 def test_stack_seed_keeps_every_default_and_the_seed_meaning_of_adam_wd():
     seed = tg.parse_settings({})
-    assert {k: v for k, v in seed.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")} == \
-        {k: v for k, v in tg.DEFAULTS.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")}
+    assert {k: v for k, v in seed.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")} == {
+        k: v for k, v in tg.DEFAULTS.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")
+    }
     assert seed["VE_LAYERS"] == [9, 10]
     # The seed's ADAM_WD decays every AdamW parameter, so the embeddings' decay follows it unless EMBED_WD is set.
     assert tg.parse_settings({"ADAM_WD": "0.1"})["EMBED_WD"] == 0.1
     assert tg.parse_settings({"ADAM_WD": "0.1", "EMBED_WD": "0.2"})["EMBED_WD"] == 0.2
 
 
-@pytest.mark.parametrize("env, words", [
-    (dict(STACK="pr1856"), ["STACK", "seed, pr1855"]),
-    (dict(STACK="pr1855", SMEAR_FIXED_ENABLED="1"), ["SMEAR_GATE_ENABLED=1", "SMEAR_FIXED_ENABLED=1"]),
-    (dict(NUM_LOOPS="1", LOOP_START="4", LOOP_END="2"), ["LOOP_START=4", "LOOP_END=2"]),
-    (dict(PARALLEL_START_LAYER="11"), ["PARALLEL_START_LAYER=11"]),
-    (dict(MUON_POLAR_EXPRESS="1", MUON_BACKEND_STEPS="6"), ["MUON_BACKEND_STEPS", "5"]),
-    (dict(STACK="pr1855", WARMDOWN_ITERS="100"), ["WARMDOWN_FRAC", "WARMDOWN_ITERS"]),
-    (dict(TTT_CHUNK_SIZE="64", TTT_EVAL_SEQ_LEN="32"), ["TTT_CHUNK_SIZE=64", "TTT_EVAL_SEQ_LEN=32"]),
-    (dict(PHASED_TTT_ENABLED="1", SLOT_MODE="batch"), ["SLOT_MODE=batch", "phased TTT", "causal"]),
-])
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        (dict(STACK="pr1856"), ["STACK", "seed, pr1855"]),
+        (dict(STACK="pr1855", SMEAR_FIXED_ENABLED="1"), ["SMEAR_GATE_ENABLED=1", "SMEAR_FIXED_ENABLED=1"]),
+        (dict(NUM_LOOPS="1", LOOP_START="4", LOOP_END="2"), ["LOOP_START=4", "LOOP_END=2"]),
+        (dict(PARALLEL_START_LAYER="11"), ["PARALLEL_START_LAYER=11"]),
+        (dict(MUON_POLAR_EXPRESS="1", MUON_BACKEND_STEPS="6"), ["MUON_BACKEND_STEPS", "5"]),
+        (dict(STACK="pr1855", WARMDOWN_ITERS="100"), ["WARMDOWN_FRAC", "WARMDOWN_ITERS"]),
+        (dict(TTT_CHUNK_SIZE="64", TTT_EVAL_SEQ_LEN="32"), ["TTT_CHUNK_SIZE=64", "TTT_EVAL_SEQ_LEN=32"]),
+        (dict(PHASED_TTT_ENABLED="1", SLOT_MODE="batch"), ["SLOT_MODE=batch", "phased TTT", "causal"]),
+    ],
+)
 def test_contradictory_stack_settings_are_one_error(env, words):
     with pytest.raises(tg.Fail) as e:
         tg.parse_settings(env)
@@ -93,8 +176,14 @@ def test_virtual_layers_are_the_logged_ones():
     s = tg.parse_settings({"STACK": "pr1855"})
     assert tg.layer_schedule(s, looped=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
     assert tg.layer_schedule(s, looped=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
-    assert tg.GPT(tg.parse_settings({"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1",
-                                     "VOCAB_SIZE": "32"})).skip_weights.shape[0] == 8  # 8 skip pairs looped, 5 not
+    assert (
+        tg.GPT(
+            tg.parse_settings(
+                {"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "32"}
+            )
+        ).skip_weights.shape[0]
+        == 8
+    )  # 8 skip pairs looped, 5 not
 
 
 def test_init_zero_projections_and_gate_values(tiny_settings):
@@ -138,7 +227,8 @@ def test_gates_compute_the_record_formulas(tiny_settings):
     a, b = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
     g, sw = torch.sigmoid(model.skip_gates[2].detach()), model.skip_weights[2].detach()
     torch.testing.assert_close(model.merge_skip(2, a, b, torch.float32), g * a + (1 - g) * sw * b)
-    # Parallel block: lane_j <- r_j * lane_j + P[0, j] * A + P[1, j] * M with A from lane 0 (mixed with x0), M from lane 1
+    # Parallel block: lane_j <- r_j * lane_j + P[0, j] * A + P[1, j] * M
+    # with A from lane 0 (mixed with x0), M from lane 1
     lanes, x0 = [torch.randn(1, 3, 64), torch.randn(1, 3, 64)], torch.randn(1, 3, 64)
     blk, ln = model.blocks[9], 1 / math.sqrt(10)
     with torch.no_grad():
@@ -146,8 +236,14 @@ def test_gates_compute_the_record_formulas(tiny_settings):
         A = blk.attn_scale * model.attn(9, F.rms_norm(mix[0] * lanes[0] + mix[1] * x0, (64,)) * ln, None, torch.float32)
         M = blk.mlp_scale * model.mlp(9, F.rms_norm(lanes[1], (64,)) * ln, torch.float32)
         r, P = model.parallel_resid_lambdas[9], model.parallel_post_lambdas[9]
-        got = model.parallel_block(9, lanes, x0, torch.float32, lambda i, h: model.attn(i, h, None, torch.float32),
-                                   lambda i, h: model.mlp(i, h, torch.float32))
+        got = model.parallel_block(
+            9,
+            lanes,
+            x0,
+            torch.float32,
+            lambda i, h: model.attn(i, h, None, torch.float32),
+            lambda i, h: model.mlp(i, h, torch.float32),
+        )
         for j in (0, 1):
             torch.testing.assert_close(got[j], r[j] * lanes[j] + P[0, j] * A + P[1, j] * M)
 
@@ -180,7 +276,7 @@ def test_document_masked_attention_backends_agree():
     for b in range(B):  # each segment alone through plain causal attention
         for sid in seg[b].unique():
             pos = (seg[b] == sid).nonzero().flatten()
-            want[b, pos] = tg.sdpa(q[b:b + 1, pos], k[b:b + 1, pos], v[b:b + 1, pos])[0]
+            want[b, pos] = tg.sdpa(q[b : b + 1, pos], k[b : b + 1, pos], v[b : b + 1, pos])[0]
     torch.testing.assert_close(tg.sdpa(q, k, v, seg), want)
     torch.testing.assert_close(tg.flex_attention_fn()(q, k, v, seg), want, atol=1e-5, rtol=1e-5)
 
@@ -191,6 +287,7 @@ def test_document_masked_attention_backends_agree():
             if e > a:
                 out[a:e] = tg.sdpa(qf[None, a:e], kf[None, a:e], vf[None, a:e])[0]
         return out
+
     torch.testing.assert_close(tg.varlen_attention_fn(fake_varlen)(q, k, v, seg), want)
 
 
@@ -230,7 +327,7 @@ def test_smear_gate_ignores_the_previous_document_at_a_bos(tiny_settings):
 def polar_scalar(sigma, steps):
     """The singular values Polar-Express NS should produce: the scalar polynomials applied to each."""
     for a, b, c in tg.POLAR_EXPRESS[:steps]:
-        sigma = a * sigma + b * sigma ** 3 + c * sigma ** 5
+        sigma = a * sigma + b * sigma**3 + c * sigma**5
     return sigma
 
 
@@ -275,6 +372,7 @@ def test_weight_decay_per_group(tiny_settings):
         emb, sc = adam.param_groups
         assert emb["params"][0] is model.tok_emb.weight
         return emb["weight_decay"], sc["weight_decay"], muon.param_groups[0]["weight_decay"]
+
     assert decays() == (0.04, 0.04, 0.04)
     assert decays(ADAM_WD=0.1) == (0.1, 0.1, 0.04)
     assert decays(**TINY_PR) == (0.085, 0.02, 0.095)
@@ -291,37 +389,59 @@ def test_warmdown_frac_and_min_lr(tiny_settings, frac):
 
 def test_seed_stack_digits_are_unchanged(tmp_path, script_env, run_script):
     ref = json.loads((ROOT / "tests" / "reference" / "seed_tiny.json").read_text())
-    env = {k: v for k, v in script_env(tmp_path).items() if k not in tg.DEFAULTS or k in ("DATA_PATH", "TOKENIZER_PATH",
-                                                                                          "OUTPUT_DIR", "RUN_ID")}
+    env = {
+        k: v
+        for k, v in script_env(tmp_path).items()
+        if k not in tg.DEFAULTS or k in ("DATA_PATH", "TOKENIZER_PATH", "OUTPUT_DIR", "RUN_ID")
+    }
     proc = run_script({**env, **ref["settings"]}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    keep = re.compile(r"(step:\d+/\d+ train_loss:|final_float_exact|final_int6_roundtrip_exact|legal_ttt_exact|"
-                      r"final_score_exact)")
+    keep = re.compile(
+        r"(step:\d+/\d+ train_loss:|final_float_exact|final_int6_roundtrip_exact|legal_ttt_exact|"
+        r"final_score_exact)"
+    )
     got = [re.sub(r" train_time:.*", "", ln) for ln in proc.stdout.splitlines() if keep.match(ln)]
     # the same lines and numbers; the numbers up to 1e-6 relative: CPUs with other vector units (AVX2, AVX-512, AMX)
     # take other kernels and move the 8th digit (seen: 6.91655270 vs 6.91655271), a numerics change moves far more
     number = re.compile(r"-?\d+\.\d+")
     assert [number.sub("#", ln) for ln in got] == [number.sub("#", ln) for ln in ref["lines"]]
     for mine, theirs in zip(got, ref["lines"]):
-        assert [float(v) for v in number.findall(mine)] == pytest.approx([float(v) for v in number.findall(theirs)],
-                                                                          rel=1e-6), (mine, theirs)
+        assert [float(v) for v in number.findall(mine)] == pytest.approx(
+            [float(v) for v in number.findall(theirs)], rel=1e-6
+        ), (mine, theirs)
 
 
 @pytest.mark.slow
 def test_pr1855_two_gloo_ranks_equal_one(tmp_path, script_env):
     from test_training import DRIVER
+
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     # GRAD_CLIP_LOCAL=0: the record clips each rank's gradient before averaging (its value under STACK=pr1855), which
     # by design depends on the number of ranks; the global clip does not.
-    kw = dict(TINY_PR, ITERATIONS=4, TRAIN_BATCH_TOKENS=1024, EMA_DECAY=0.9, ENABLE_LOOPING_AT=0.5, VAL_MAX_TOKENS=512,
-              GRAD_CLIP_LOCAL=0)
+    kw = dict(
+        TINY_PR,
+        ITERATIONS=4,
+        TRAIN_BATCH_TOKENS=1024,
+        EMA_DECAY=0.9,
+        ENABLE_LOOPING_AT=0.5,
+        VAL_MAX_TOKENS=512,
+        GRAD_CLIP_LOCAL=0,
+    )
     results = {}
-    for world, launcher in ((1, [sys.executable]),
-                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+    for world, launcher in (
+        (1, [sys.executable]),
+        (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    ):
         out = tmp_path / f"w{world}"
-        proc = subprocess.run([*launcher, str(driver), str(out), str(ROOT)], env=script_env(tmp_path, **kw),
-                              cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [*launcher, str(driver), str(out), str(ROOT)],
+            env=script_env(tmp_path, **kw),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
     one, two = results[1][0], results[2][0]

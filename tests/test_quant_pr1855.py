@@ -1,6 +1,7 @@
 """PR #1855's export as settings (STACK=pr1855): SDClip row scales, GPTQ on the tied embedding with the Hessian of the
 final-norm outputs, int8 per-row attention gates and LQER asymmetric factors, each against an independent
 computation; a tiny STACK=pr1855 train+export+eval run whose artifact loads; STACK=seed's export unchanged."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import re
 import numpy as np
 import pytest
 import torch
-
-import train_gpt as tg
 from test_export import cpu_run
 from test_pr1855 import TINY_PR, noised, pr_settings
+
+import train_gpt as tg
 
 
 def test_pr1855_stack_turns_the_scheme_on_and_seed_keeps_it_off():
@@ -21,10 +22,24 @@ def test_pr1855_stack_turns_the_scheme_on_and_seed_keeps_it_off():
     assert (pr["QUANT_SCALES"], pr["GPTQ_EMBED"], pr["GATE_INT8"], pr["LQER_ENABLED"]) == ("sdclip", 1, 1, 1)
     assert (seed["QUANT_SCALES"], seed["GPTQ_EMBED"], seed["GATE_INT8"], seed["LQER_ENABLED"]) == ("search", 0, 0, 0)
     # the record's logged values (MODERN_STACK.md 6.1, 6.2), typed from the document
-    assert {k: pr[k] for k in ("ATTN_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK", "LQER_TOP_K",
-                               "LQER_ASYM_GROUP")} == dict(ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5,
-                                                           EMBED_CLIP_SIGMAS=14.0, LQER_RANK=4, LQER_TOP_K=3,
-                                                           LQER_ASYM_GROUP=64)
+    assert {
+        k: pr[k]
+        for k in (
+            "ATTN_CLIP_SIGMAS",
+            "MLP_CLIP_SIGMAS",
+            "EMBED_CLIP_SIGMAS",
+            "LQER_RANK",
+            "LQER_TOP_K",
+            "LQER_ASYM_GROUP",
+        )
+    } == dict(
+        ATTN_CLIP_SIGMAS=13.0,
+        MLP_CLIP_SIGMAS=11.5,
+        EMBED_CLIP_SIGMAS=14.0,
+        LQER_RANK=4,
+        LQER_TOP_K=3,
+        LQER_ASYM_GROUP=64,
+    )
     with pytest.raises(tg.Fail, match="QUANT_SCALES"):
         tg.parse_settings({"QUANT_SCALES": "minmax"})
 
@@ -34,8 +49,11 @@ def test_sdclip_scales_are_k_row_std_over_qmax_in_fp16():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(48, 96, generator=g) * 0.02, torch.randn(256, 96, generator=g)
     H = x.T @ x
-    for name, k, max_q in (("blocks.0.attn.c_q.weight", 13.0, 31), ("blocks.0.mlp.fc.weight", 11.5, 31),
-                           ("tok_emb.weight", 14.0, 63)):
+    for name, k, max_q in (
+        ("blocks.0.attn.c_q.weight", 13.0, 31),
+        ("blocks.0.mlp.fc.weight", 11.5, 31),
+        ("tok_emb.weight", 14.0, 63),
+    ):
         assert tg.clip_sigmas(name, s) == k
         q, scale = tg.gptq_rows(w, H, max_q, s, tg.clip_sigmas(name, s))
         wn = w.numpy().astype(np.float64)
@@ -89,7 +107,10 @@ def test_int8_gate_rows_round_trip_within_half_a_step(tiny_settings):
 def test_lqer_reduces_the_error_as_its_svd_promises_and_packs_exactly():
     g = torch.Generator().manual_seed(1)
     # an error with a strong rank-4 part, as a quantization error with structure has
-    E = torch.randn(96, 4, generator=g) @ torch.randn(4, 80, generator=g) * 0.01 + torch.randn(96, 80, generator=g) * 1e-3
+    E = (
+        torch.randn(96, 4, generator=g) @ torch.randn(4, 80, generator=g) * 0.01
+        + torch.randn(96, 80, generator=g) * 1e-3
+    )
     f = tg.lqer_factors("w", E, 4, 64)
     assert f["w.lqa"].shape == (96, 4) and f["w.lqb"].shape == (5, 64) and f["w.lqb_s"].shape == (5,)
     assert f["w.lqa"].min() >= -2 and f["w.lqa"].max() <= 1 and f["w.lqb"].min() >= -8 and f["w.lqb"].max() <= 7
@@ -122,8 +143,10 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
     hessians = tg.collect_hessians(model, cpu_run(dict(s, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)))
     tensors, scheme = tg.quantize_state(state, s, hessians)
     flat = tg.unbank({k: v.float() for k, v in state.items()}, 11)
-    errs = {k: (flat[k] - tensors[k + ".q"].float() * tensors[k + ".scale"].float()[:, None]).norm().item()
-            for k in hessians}
+    errs = {
+        k: (flat[k] - tensors[k + ".q"].float() * tensors[k + ".scale"].float()[:, None]).norm().item()
+        for k in hessians
+    }
     top = sorted(errs, key=errs.get, reverse=True)[:3]
     assert sorted(k[:-4] for k in tensors if k.endswith(".lqa")) == sorted(top)
     blob = tg.pack(tensors, scheme, s)
@@ -140,12 +163,13 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
     # a declared rank past the matrix is refused before decoding
     n = int.from_bytes(blob[8:12], "little")
     from safetensors.torch import save as st_save
-    head, meta = tg.read_safetensors(lzma.decompress(blob[12:12 + n]))
-    for bad in ([65, 64], [4, 10 ** 9], [0, 64], [4, 0], [4, 32]):
+
+    head, meta = tg.read_safetensors(lzma.decompress(blob[12 : 12 + n]))
+    for bad in ([65, 64], [4, 10**9], [0, 64], [4, 0], [4, 32]):
         meta["lqer"][top[0]] = bad
         crafted = st_save(head, metadata={"pgolf": json.dumps(meta)})
         raw = lzma.compress(crafted)
-        path.write_bytes(blob[:8] + len(raw).to_bytes(4, "little") + raw + blob[12 + n:])
+        path.write_bytes(blob[:8] + len(raw).to_bytes(4, "little") + raw + blob[12 + n :])
         with pytest.raises(tg.Fail, match="not those of this model"):
             tg.load_artifact(path, s)
 
@@ -163,8 +187,16 @@ def test_seed_export_has_none_of_it(tiny_settings):
 
 def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings, script_env, run_script):
     # a cap far away and a long reserve: the calibration on training tokens ends inside it, and the log says nothing
-    env = script_env(tmp_path, **TINY_PR, ITERATIONS=2, VAL_MAX_TOKENS=512, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32,
-                     MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=300)
+    env = script_env(
+        tmp_path,
+        **TINY_PR,
+        ITERATIONS=2,
+        VAL_MAX_TOKENS=512,
+        GPTQ_CALIB_SEQS=2,
+        GPTQ_CALIB_LEN=32,
+        MAX_WALLCLOCK_SECONDS=600,
+        GPTQ_RESERVE_SECONDS=300,
+    )
     proc = run_script(env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -197,8 +229,17 @@ def calib_line(out, out_dir):
 def test_calibration_past_the_cap_is_said(tmp_path, script_env, run_script):
     """GPTQ_CALIB=train reads training tokens: with a reserve shorter than the calibration (and than a step), the
     training clock stops at cap - reserve and the calibration ends past the cap, which the log says loudly."""
-    env = script_env(tmp_path, **TINY_PR, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1.5, GPTQ_RESERVE_SECONDS=0.001,
-                     VAL_MAX_TOKENS=512, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32, VAL_LOSS_EVERY=0)
+    env = script_env(
+        tmp_path,
+        **TINY_PR,
+        ITERATIONS=100000,
+        MAX_WALLCLOCK_SECONDS=1.5,
+        GPTQ_RESERVE_SECONDS=0.001,
+        VAL_MAX_TOKENS=512,
+        GPTQ_CALIB_SEQS=2,
+        GPTQ_CALIB_LEN=32,
+        VAL_LOSS_EVERY=0,
+    )
     proc = run_script(env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     end, cap, loud = calib_line(proc.stdout, tmp_path)

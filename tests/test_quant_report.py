@@ -1,4 +1,5 @@
 """tools/quant_report.py: the record's scheme beside our default on one float file, and --many over several."""
+
 from __future__ import annotations
 
 import re
@@ -7,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import train_gpt as tg
 from conftest import ROOT, SAMPLE_DATA, SAMPLE_TOKENIZER, TINY
 from test_pr1855 import TINY_PR
+
+import train_gpt as tg
 
 sys.path.insert(0, str(ROOT / "tools"))
 import quant_report as qr  # noqa: E402
@@ -54,7 +55,7 @@ def table(out: str, first: str) -> dict:
     i = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first} |"))
     head = [c.strip() for c in lines[i].strip("|").split("|")]
     rows = {}
-    for ln in lines[i + 2:]:
+    for ln in lines[i + 2 :]:
         if not ln.startswith("|"):
             break
         cells = [c.strip() for c in ln.strip("|").split("|")]
@@ -79,8 +80,12 @@ def test_last_line_adds_default_and_record_gaps_and_brotli_bytes(floats, one_thr
     # Each gap on the last line is its row's (printed to 6 decimals there), and is its bpb minus the float's.
     float_bpb = float(re.search(r"^float val bpb: ([0-9.]+) on 512 val tokens$", out, re.M).group(1))
     assert abs(float(f["float_bpb"]) - float_bpb) < 1e-9
-    for key, row in (("gptq_lite_gap", "gptq_lite"), ("gptq_gap", "gptq (default)"),
-                     ("default_gap", "gptq (default)"), ("record_scheme_gap", "record_scheme")):
+    for key, row in (
+        ("gptq_lite_gap", "gptq_lite"),
+        ("gptq_gap", "gptq (default)"),
+        ("default_gap", "gptq (default)"),
+        ("record_scheme_gap", "record_scheme"),
+    ):
         r = rows[row]
         assert abs(float(f[key]) - num(r["gap"])) <= 5.1e-7, key
         assert abs(num(r["val bpb"]) - float_bpb - num(r["gap"])) <= 1.1e-6, key
@@ -97,7 +102,9 @@ def test_last_line_adds_default_and_record_gaps_and_brotli_bytes(floats, one_thr
     assert re.search(r"^record_scheme: .*; lqer (\S+,){2}\S+$", out, re.M)
 
 
-def test_record_scheme_gap_is_that_of_a_direct_export_with_those_settings(floats, one_thread, monkeypatch, capsys, tmp_path):
+def test_record_scheme_gap_is_that_of_a_direct_export_with_those_settings(
+    floats, one_thread, monkeypatch, capsys, tmp_path
+):
     path, log = floats["a"]  # the run exported with the record's settings at the end of its training
     direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", log, re.M).group(1))
     direct_float = float(re.search(r"^final_float_exact val_loss:\S+ val_bpb:([0-9.]+)$", log, re.M).group(1))
@@ -122,15 +129,16 @@ def test_many_prints_every_file_and_the_mean_of_the_gaps(floats, one_thread, mon
         mean = sum(gaps) / 2
         assert abs(num(rows["mean"][f"{c} gap"]) - mean) <= 2e-8, c  # inputs and output rounded to 8 decimals
         assert abs(float(last[f"{c}_mean_gap"]) - mean) <= 2e-8, c
-        assert abs(float(last[f"{c}_sd_gap"]) - abs(gaps[0] - gaps[1]) / 2 ** 0.5) <= 2e-8, c
+        assert abs(float(last[f"{c}_sd_gap"]) - abs(gaps[0] - gaps[1]) / 2**0.5) <= 2e-8, c
         assert num(rows["min"][f"{c} gap"]) == min(gaps) and num(rows["max"][f"{c} gap"]) == max(gaps)
     # The same numbers as the one-file report: file a's record_scheme gap is its direct export's.
     direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", floats["a"][1], re.M).group(1))
     assert abs(num(rows[str(a)]["record_scheme gap"]) - direct_gap) <= 1.01e-8
 
 
-def test_the_stack_comes_from_the_run_log_beside_the_file(tmp_path, one_thread, script_env, run_script, monkeypatch,
-                                                          capsys):
+def test_the_stack_comes_from_the_run_log_beside_the_file(
+    tmp_path, one_thread, script_env, run_script, monkeypatch, capsys
+):
     """STACK unset: a STACK=pr1855 file is measured at that stack's defaults (its log says so), which are the
     record's scheme; the seed files above at the seed's (asserted by the first test's default row)."""
     proc = run_script(script_env(tmp_path, **TINY_PR, **dict(SMALL, EVAL_STRIDE=32)), timeout=120)
@@ -164,8 +172,9 @@ def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thre
     assert table(out, "file | stack")[str(b)] == plain
     row = table(out, "file | default")[str(b)]
     assert row["default"].startswith("gptq@6 (")  # the stack's MATRIX_BITS joins the widths asked for
-    curve = lambda c: [tuple(num(v) for v in p.split(" / "))
-                       for p in row[f"{c}: bytes / gap at MATRIX_BITS 5, 6, 7"].split("; ")]
+    curve = lambda c: [
+        tuple(num(v) for v in p.split(" / ")) for p in row[f"{c}: bytes / gap at MATRIX_BITS 5, 6, 7"].split("; ")
+    ]
     default, n = curve("gptq"), 0
     assert num(re.search(r"\(([\d,]+) bytes", row["default"]).group(1)) == default[1][0]  # its own point
     for c in ("gptq", "record_scheme", "gptq_lite"):
@@ -185,17 +194,26 @@ def test_equal_bytes_mode_measures_each_candidate_at_each_width(floats, one_thre
 
 def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings):
     """The byte streams handed to the compressor: the record's seven roles in its order, layers concatenated, rows of
-    tok_emb, c_q and fc chained, each matrix transposed; and the total counts them plus brotli of the rest and orders."""
+    tok_emb, c_q and fc chained, each matrix transposed; and the total counts them plus brotli of the rest and
+    orders."""
     brotli = pytest.importorskip("brotli")
     from safetensors.torch import save
+
     torch.manual_seed(0)
     s = tiny_settings()
     tensors, scheme = tg.quantize_state(tg.GPT(s).state_dict(), s)
     seen = []
     total = len(qr.lrzip_pergroup(tensors, scheme, compress=lambda b: seen.append(b) or 1000 + len(seen)))
     L, want, orders, rest = s["NUM_LAYERS"], [], [], dict(tensors)
-    for role, chained in (("tok_emb.weight", 1), ("attn.c_k", 0), ("attn.c_q", 1), ("attn.c_v", 0),
-                          ("attn.proj", 0), ("mlp.fc", 1), ("mlp.proj", 0)):
+    for role, chained in (
+        ("tok_emb.weight", 1),
+        ("attn.c_k", 0),
+        ("attn.c_q", 1),
+        ("attn.c_v", 0),
+        ("attn.proj", 0),
+        ("mlp.fc", 1),
+        ("mlp.proj", 0),
+    ):
         names = ["tok_emb.weight"] if role == "tok_emb.weight" else [f"blocks.{i}.{role}.weight" for i in range(L)]
         parts = []
         for k in names:
@@ -211,8 +229,9 @@ def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings
             parts.append(np.ascontiguousarray(q.T).tobytes())
         want.append(b"".join(parts))
     assert seen == want
-    assert total == sum(1001 + i for i in range(len(want))) + len(brotli.compress(save(rest), quality=11, lgwin=24)) \
-        + len(brotli.compress(b"".join(orders), quality=11))
+    assert total == sum(1001 + i for i in range(len(want))) + len(
+        brotli.compress(save(rest), quality=11, lgwin=24)
+    ) + len(brotli.compress(b"".join(orders), quality=11))
 
 
 @pytest.mark.skipif(not qr.shutil.which("lrzip"), reason="the lrzip binary (Debian package lrzip) is not installed")

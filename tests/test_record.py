@@ -1,4 +1,5 @@
 """Tests of tools/record.py (seed statistics, record folders, plots) and tools/sweep.sh."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,44 +52,64 @@ def make_run(seed: int, rng: random.Random) -> dict:
     """Parameters of a made-up run; the tests derive every expected value from these."""
     steps = rng.randint(7000, 7200)
     step_avg = rng.uniform(82.0, 85.0)
-    return dict(seed=seed, steps=steps, iterations=9000, step_avg=step_avg, train_ms=round(steps * step_avg),
-                model_bytes=rng.randint(15_800_000, 15_950_000), code_bytes=rng.randint(60_000, 90_000),
-                ttt_loss=rng.uniform(1.885, 1.892), ttt_bpb=rng.uniform(1.116, 1.121),
-                ttt_ms=rng.randint(400_000, 420_000), rt_loss=rng.uniform(1.93, 1.94),
-                rt_bpb=rng.uniform(1.14, 1.15), sw_loss=rng.uniform(1.89, 1.90), sw_bpb=rng.uniform(1.12, 1.125))
+    return dict(
+        seed=seed,
+        steps=steps,
+        iterations=9000,
+        step_avg=step_avg,
+        train_ms=round(steps * step_avg),
+        model_bytes=rng.randint(15_800_000, 15_950_000),
+        code_bytes=rng.randint(60_000, 90_000),
+        ttt_loss=rng.uniform(1.885, 1.892),
+        ttt_bpb=rng.uniform(1.116, 1.121),
+        ttt_ms=rng.randint(400_000, 420_000),
+        rt_loss=rng.uniform(1.93, 1.94),
+        rt_bpb=rng.uniform(1.14, 1.15),
+        sw_loss=rng.uniform(1.89, 1.90),
+        sw_bpb=rng.uniform(1.12, 1.125),
+    )
 
 
 def reference_log(r: dict) -> str:
     """The reference's format: the code printed first, a nvidia-smi block, then the log lines."""
-    lines = [FAKE_CODE, NVIDIA_SMI, "logs/af2d01c8.txt", "model_params:26928220", f"seed:{r['seed']}",
-             "warmup_step:1/20", f"step:0/{r['iterations']} val_loss:6.9304 val_bpb:4.1046 train_time:0ms "
-             f"step_avg:0.01ms"]
+    lines = [
+        FAKE_CODE,
+        NVIDIA_SMI,
+        "logs/af2d01c8.txt",
+        "model_params:26928220",
+        f"seed:{r['seed']}",
+        "warmup_step:1/20",
+        f"step:0/{r['iterations']} val_loss:6.9304 val_bpb:4.1046 train_time:0ms step_avg:0.01ms",
+    ]
     for step in (1, 2, 500, 1000):
-        lines.append(f"step:{step}/{r['iterations']} train_loss:{7.0 - step / 500:.4f} "
-                     f"train_time:{step * r['step_avg']:.0f}ms step_avg:{r['step_avg']:.2f}ms")
-    lines += [f"step:4000/{r['iterations']} val_loss:2.0577 val_bpb:1.2187 train_time:{4000 * r['step_avg']:.0f}ms "
-              f"step_avg:{r['step_avg']:.2f}ms",
-              "swa:start step:6500",
-              f"step:{r['steps']}/{r['iterations']} val_loss:1.9214 val_bpb:1.1379 train_time:{r['train_ms']}ms "
-              f"step_avg:{r['step_avg']:.2f}ms",
-              f"stopping_early: wallclock_cap train_time:{r['train_ms']}ms step:{r['steps']}/{r['iterations']}",
-              "peak memory allocated: 21471 MiB reserved: 22002 MiB",
-              "DIAGNOSTIC post_ema val_loss:1.9196 val_bpb:1.1369 eval_time:1971ms",
-              "Serialized model: 106027446 bytes",
-              f"Code size: {r['code_bytes']} bytes",
-              "Total submission size: 106116904 bytes",
-              f"Serialized model int6+lzma: {r['model_bytes']} bytes",
-              f"Total submission size int6+lzma: {r['model_bytes'] + r['code_bytes']} bytes",
-              f"final_int6_roundtrip val_loss:{r['rt_loss']:.4f} val_bpb:{r['rt_bpb']:.4f} eval_time:6562ms",
-              f"final_int6_roundtrip_exact val_loss:{r['rt_loss']:.8f} val_bpb:{r['rt_bpb']:.8f}",
-              f"final_int6_sliding_window val_loss:{r['sw_loss']:.4f} val_bpb:{r['sw_bpb']:.4f} stride:64 "
-              f"eval_time:74066ms",
-              f"final_int6_sliding_window_exact val_loss:{r['sw_loss']:.8f} val_bpb:{r['sw_bpb']:.8f}",
-              "ttt_sliding:start chunks=1893 chunk_tokens=32768",
-              "  ttt_chunk [1/1893] bpb=1.159980 time=0.5s",
-              f"ttt_sliding:done val_loss={r['ttt_loss']:.6f} val_bpb={r['ttt_bpb']:.6f} elapsed=409.8s",
-              f"legal_ttt val_loss:{r['ttt_loss']:.4f} val_bpb:{r['ttt_bpb']:.4f} eval_time:{r['ttt_ms']}ms",
-              f"legal_ttt_exact val_loss:{r['ttt_loss']:.8f} val_bpb:{r['ttt_bpb']:.8f}"]
+        lines.append(
+            f"step:{step}/{r['iterations']} train_loss:{7.0 - step / 500:.4f} "
+            f"train_time:{step * r['step_avg']:.0f}ms step_avg:{r['step_avg']:.2f}ms"
+        )
+    lines += [
+        f"step:4000/{r['iterations']} val_loss:2.0577 val_bpb:1.2187 train_time:{4000 * r['step_avg']:.0f}ms "
+        f"step_avg:{r['step_avg']:.2f}ms",
+        "swa:start step:6500",
+        f"step:{r['steps']}/{r['iterations']} val_loss:1.9214 val_bpb:1.1379 train_time:{r['train_ms']}ms "
+        f"step_avg:{r['step_avg']:.2f}ms",
+        f"stopping_early: wallclock_cap train_time:{r['train_ms']}ms step:{r['steps']}/{r['iterations']}",
+        "peak memory allocated: 21471 MiB reserved: 22002 MiB",
+        "DIAGNOSTIC post_ema val_loss:1.9196 val_bpb:1.1369 eval_time:1971ms",
+        "Serialized model: 106027446 bytes",
+        f"Code size: {r['code_bytes']} bytes",
+        "Total submission size: 106116904 bytes",
+        f"Serialized model int6+lzma: {r['model_bytes']} bytes",
+        f"Total submission size int6+lzma: {r['model_bytes'] + r['code_bytes']} bytes",
+        f"final_int6_roundtrip val_loss:{r['rt_loss']:.4f} val_bpb:{r['rt_bpb']:.4f} eval_time:6562ms",
+        f"final_int6_roundtrip_exact val_loss:{r['rt_loss']:.8f} val_bpb:{r['rt_bpb']:.8f}",
+        f"final_int6_sliding_window val_loss:{r['sw_loss']:.4f} val_bpb:{r['sw_bpb']:.4f} stride:64 eval_time:74066ms",
+        f"final_int6_sliding_window_exact val_loss:{r['sw_loss']:.8f} val_bpb:{r['sw_bpb']:.8f}",
+        "ttt_sliding:start chunks=1893 chunk_tokens=32768",
+        "  ttt_chunk [1/1893] bpb=1.159980 time=0.5s",
+        f"ttt_sliding:done val_loss={r['ttt_loss']:.6f} val_bpb={r['ttt_bpb']:.6f} elapsed=409.8s",
+        f"legal_ttt val_loss:{r['ttt_loss']:.4f} val_bpb:{r['ttt_bpb']:.4f} eval_time:{r['ttt_ms']}ms",
+        f"legal_ttt_exact val_loss:{r['ttt_loss']:.8f} val_bpb:{r['ttt_bpb']:.8f}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -99,36 +120,52 @@ def run_command(seed: int) -> str:
 def our_text_log(r: dict) -> str:
     lines = [f"seed:{r['seed']}", f"run_command: {run_command(r['seed'])}"]
     for step in (1, 10, 20):
-        lines.append(f"step:{step}/{r['iterations']} train_loss:{6.0 - step / 10:.4f} "
-                     f"train_time:{step * r['step_avg']:.0f}ms step_avg:{r['step_avg']:.2f}ms")
-    lines += [f"step:{r['steps']}/{r['iterations']} val_loss:2.1000 val_bpb:1.2400 train_time:{r['train_ms']}ms "
-              f"step_avg:{r['step_avg']:.2f}ms",
-              f"Serialized model int6+zstd: {r['model_bytes']} bytes",
-              f"Code size: {r['code_bytes']} bytes",
-              f"Total submission size int6+zstd: {r['model_bytes'] + r['code_bytes']} bytes",
-              f"final_int6_roundtrip_exact val_loss:{r['rt_loss']:.8f} val_bpb:{r['rt_bpb']:.8f}",
-              f"legal_ttt_exact val_loss:{r['sw_loss']:.8f} val_bpb:{r['sw_bpb']:.8f}",
-              f"final_score_exact eval:ttt+slot_causal val_loss:{r['ttt_loss']:.8f} val_bpb:{r['ttt_bpb']:.8f} "
-              f"causal:yes"]
+        lines.append(
+            f"step:{step}/{r['iterations']} train_loss:{6.0 - step / 10:.4f} "
+            f"train_time:{step * r['step_avg']:.0f}ms step_avg:{r['step_avg']:.2f}ms"
+        )
+    lines += [
+        f"step:{r['steps']}/{r['iterations']} val_loss:2.1000 val_bpb:1.2400 train_time:{r['train_ms']}ms "
+        f"step_avg:{r['step_avg']:.2f}ms",
+        f"Serialized model int6+zstd: {r['model_bytes']} bytes",
+        f"Code size: {r['code_bytes']} bytes",
+        f"Total submission size int6+zstd: {r['model_bytes'] + r['code_bytes']} bytes",
+        f"final_int6_roundtrip_exact val_loss:{r['rt_loss']:.8f} val_bpb:{r['rt_bpb']:.8f}",
+        f"legal_ttt_exact val_loss:{r['sw_loss']:.8f} val_bpb:{r['sw_bpb']:.8f}",
+        f"final_score_exact eval:ttt+slot_causal val_loss:{r['ttt_loss']:.8f} val_bpb:{r['ttt_bpb']:.8f} causal:yes",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def our_json_log(r: dict) -> dict:
-    return {"run_id": f"run{r['seed']}", "seed": r["seed"],
-            "settings": {"SEED": r["seed"], "ITERATIONS": r["iterations"], "COMPRESSOR": "lzma"},
-            "run_command": run_command(r["seed"]), "steps": r["steps"], "train_time_ms": float(r["train_ms"]),
-            "step_avg_ms": r["train_ms"] / r["steps"], "eval_time_s": r["ttt_ms"] / 1000.0,
-            "bytes": {"model": r["model_bytes"], "code": r["code_bytes"],
-                      "total": r["model_bytes"] + r["code_bytes"], "limit": 16_000_000},
-            "over_limit": r["model_bytes"] + r["code_bytes"] > 16_000_000,
-            "metrics": {"final_int6_roundtrip_exact": {"val_loss": r["rt_loss"], "val_bpb": r["rt_bpb"]},
-                        "final_int6_sliding_window_exact": {"val_loss": r["sw_loss"], "val_bpb": r["sw_bpb"]},
-                        "legal_ttt_exact": {"val_loss": r["sw_loss"], "val_bpb": r["sw_bpb"]}},
-            "final": {"eval": "ttt+slot_causal", "val_loss": r["ttt_loss"], "val_bpb": r["ttt_bpb"], "causal": True},
-            "train_curve": [{"step": s, "train_loss": 6.0 - s / 10, "time_ms": s * r["step_avg"]}
-                            for s in range(1, 21)],
-            "val_curve": [{"step": s, "val_loss": 3.0 - s / 20, "val_bpb": 1.8 - s / 40, "time_ms": s * r["step_avg"]}
-                          for s in (0, 10, 20)]}
+    return {
+        "run_id": f"run{r['seed']}",
+        "seed": r["seed"],
+        "settings": {"SEED": r["seed"], "ITERATIONS": r["iterations"], "COMPRESSOR": "lzma"},
+        "run_command": run_command(r["seed"]),
+        "steps": r["steps"],
+        "train_time_ms": float(r["train_ms"]),
+        "step_avg_ms": r["train_ms"] / r["steps"],
+        "eval_time_s": r["ttt_ms"] / 1000.0,
+        "bytes": {
+            "model": r["model_bytes"],
+            "code": r["code_bytes"],
+            "total": r["model_bytes"] + r["code_bytes"],
+            "limit": 16_000_000,
+        },
+        "over_limit": r["model_bytes"] + r["code_bytes"] > 16_000_000,
+        "metrics": {
+            "final_int6_roundtrip_exact": {"val_loss": r["rt_loss"], "val_bpb": r["rt_bpb"]},
+            "final_int6_sliding_window_exact": {"val_loss": r["sw_loss"], "val_bpb": r["sw_bpb"]},
+            "legal_ttt_exact": {"val_loss": r["sw_loss"], "val_bpb": r["sw_bpb"]},
+        },
+        "final": {"eval": "ttt+slot_causal", "val_loss": r["ttt_loss"], "val_bpb": r["ttt_bpb"], "causal": True},
+        "train_curve": [{"step": s, "train_loss": 6.0 - s / 10, "time_ms": s * r["step_avg"]} for s in range(1, 21)],
+        "val_curve": [
+            {"step": s, "val_loss": 3.0 - s / 20, "val_bpb": 1.8 - s / 40, "time_ms": s * r["step_avg"]}
+            for s in (0, 10, 20)
+        ],
+    }
 
 
 @pytest.fixture
@@ -157,18 +194,22 @@ def last_line(text: str) -> dict:
 
 # ----------------------------------------------------------------------------- statistics
 
+
 def test_p_value_closed_form_df2():
     # n=3, df=2: the t CDF is 1/2 + t / (2 sqrt(2 + t^2)); t from the sample by hand
-    for values, threshold in (([1.8842, 1.8861, 1.8853], 1.8926), ([1.8950, 1.8930, 1.8945], 1.8926),
-                              ([1.0, 2.0, 4.0], 2.5)):
+    for values, threshold in (
+        ([1.8842, 1.8861, 1.8853], 1.8926),
+        ([1.8950, 1.8930, 1.8945], 1.8926),
+        ([1.0, 2.0, 4.0], 2.5),
+    ):
         mean = sum(values) / 3
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
         t_hand = (mean - threshold) / (sd / math.sqrt(3))
         t, p = record.one_sided_t_test(values, threshold)
         assert t == pytest.approx(t_hand, rel=1e-12)
         assert p == pytest.approx(0.5 + t_hand / (2 * math.sqrt(2 + t_hand * t_hand)), rel=1e-10)
-    assert record.one_sided_t_test([1.8842, 1.8861, 1.8853], 1.8926)[1] < 0.01   # a clear gain is significant
-    assert record.one_sided_t_test([1.8950, 1.8930, 1.8945], 1.8926)[1] > 0.5    # a mean above it is not
+    assert record.one_sided_t_test([1.8842, 1.8861, 1.8853], 1.8926)[1] < 0.01  # a clear gain is significant
+    assert record.one_sided_t_test([1.8950, 1.8930, 1.8945], 1.8926)[1] > 0.5  # a mean above it is not
 
 
 def test_p_value_hand_checked_n2():
@@ -190,6 +231,7 @@ def test_zero_spread_is_degenerate_not_a_crash():
 
 # ----------------------------------------------------------------------------- parsing
 
+
 def test_parse_reference_log_ignores_code_and_smi(tmp_path, runs):
     r = runs[0]
     (path,) = write_reference_logs(tmp_path, [r])
@@ -207,8 +249,10 @@ def test_parse_reference_log_ignores_code_and_smi(tmp_path, runs):
     assert log.stopped_early and log.train_time_ms == r["train_ms"]
     assert [p[0] for p in log.train_curve] == [1, 2, 500, 1000]
     assert [p[0] for p in log.val_curve] == [0, 4000, r["steps"]]
-    assert log.metrics["final_int6_roundtrip_exact"] == {"val_loss": rounded(r["rt_loss"]),
-                                                         "val_bpb": rounded(r["rt_bpb"])}
+    assert log.metrics["final_int6_roundtrip_exact"] == {
+        "val_loss": rounded(r["rt_loss"]),
+        "val_bpb": rounded(r["rt_bpb"]),
+    }
     assert log.metrics["final_int6_sliding_window"]["eval_time_ms"] == 74066
     assert "DIAGNOSTIC post_ema" not in log.metrics
 
@@ -224,9 +268,11 @@ def test_parse_code_only_gives_no_score(tmp_path):
 
 def test_diverged_run_counts_steps_but_has_no_score(tmp_path):
     path = tmp_path / "diverged.txt"
-    path.write_text("seed:7\nstep:1/10 train_loss:6.9000 train_time:10ms step_avg:10.00ms\n"
-                    "step:2/10 train_loss:nan train_time:20ms step_avg:10.00ms\n"
-                    "final_int6_roundtrip_exact val_loss:nan val_bpb:nan\n")
+    path.write_text(
+        "seed:7\nstep:1/10 train_loss:6.9000 train_time:10ms step_avg:10.00ms\n"
+        "step:2/10 train_loss:nan train_time:20ms step_avg:10.00ms\n"
+        "final_int6_roundtrip_exact val_loss:nan val_bpb:nan\n"
+    )
     log = record.parse_log(path)
     assert log.steps == 2 and log.train_curve == [(1, 6.9, 10.0)] and not log.has_score
     assert record.main(["stats", str(path), str(path)]) == 1
@@ -269,6 +315,7 @@ def test_json_without_final_has_no_score(tmp_path, runs):
 
 # ----------------------------------------------------------------------------- stats CLI
 
+
 def test_stats_mixed_formats(tmp_path, runs, capsys):
     stats = pytest.importorskip("scipy.stats")
     ref = write_reference_logs(tmp_path, runs[:1])[0]
@@ -277,8 +324,12 @@ def test_stats_mixed_formats(tmp_path, runs, capsys):
     ours_json = tmp_path / "ours.json"
     ours_json.write_text(json.dumps(our_json_log(runs[2])))
     sota, margin = 1.8976, 0.004
-    assert record.main(["stats", str(ref), str(ours_txt), str(ours_json), "--sota-val-loss", str(sota),
-                        "--margin", str(margin)]) == 0
+    assert (
+        record.main(
+            ["stats", str(ref), str(ours_txt), str(ours_json), "--sota-val-loss", str(sota), "--margin", str(margin)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     losses = [rounded(runs[0]["ttt_loss"]), rounded(runs[1]["ttt_loss"]), runs[2]["ttt_loss"]]
     bpbs = [rounded(runs[0]["ttt_bpb"]), rounded(runs[1]["ttt_bpb"]), runs[2]["ttt_bpb"]]
@@ -303,8 +354,9 @@ def test_stats_without_sota_has_no_p_value(tmp_path, runs, capsys):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(TOOLS / "record.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(TOOLS / "record.py"), *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_stats_errors(tmp_path, runs):
@@ -327,7 +379,7 @@ def test_stats_errors(tmp_path, runs):
 
 def test_stats_refuses_the_same_run_twice(tmp_path, runs):
     paths = write_reference_logs(tmp_path, runs[:2])
-    again = tmp_path / "again.json"            # the JSON summary of the run whose text log is paths[0]
+    again = tmp_path / "again.json"  # the JSON summary of the run whose text log is paths[0]
     again.write_text(json.dumps(our_json_log(runs[0])))
     r = run_cli("stats", *paths, again, "--sota-val-loss", "1.9")
     lines = r.stderr.strip().splitlines()
@@ -340,18 +392,28 @@ def test_stats_without_scipy_says_how_to_install_it(tmp_path, runs):
     fake = tmp_path / "no_scipy" / "scipy"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named scipy')\n")
-    r = subprocess.run([sys.executable, str(TOOLS / "record.py"), "stats", *map(str, paths), "--sota-val-loss",
-                        "1.9"], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(fake.parent)))
+    r = subprocess.run(
+        [sys.executable, str(TOOLS / "record.py"), "stats", *map(str, paths), "--sota-val-loss", "1.9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(fake.parent)),
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "pip install scipy" in lines[0], r.stderr
     assert r.stdout == ""
-    r = subprocess.run([sys.executable, str(TOOLS / "record.py"), "stats", *map(str, paths)], capture_output=True,
-                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(fake.parent)))
-    assert r.returncode == 0, r.stderr                 # no t-test asked for: no scipy needed
+    r = subprocess.run(
+        [sys.executable, str(TOOLS / "record.py"), "stats", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(fake.parent)),
+    )
+    assert r.returncode == 0, r.stderr  # no t-test asked for: no scipy needed
 
 
 # ----------------------------------------------------------------------------- new
+
 
 def test_new_creates_record_folder(tmp_path, runs, capsys):
     logs_dir = tmp_path / "logs"
@@ -362,14 +424,40 @@ def test_new_creates_record_folder(tmp_path, runs, capsys):
     code = tmp_path / "train_gpt.py"
     code.write_text("print('frozen code of the record')\n")
     root = tmp_path / "records"
-    rc = record.main(["new", "TestRecord", "--logs", *map(str, ref_paths), str(ours), "--records-dir", str(root),
-                      "--date", "2026-04-01", "--code", str(code), "--author", "Ada", "--github-id", "ada-gh",
-                      "--sota-val-loss", "1.8976"])
+    rc = record.main(
+        [
+            "new",
+            "TestRecord",
+            "--logs",
+            *map(str, ref_paths),
+            str(ours),
+            "--records-dir",
+            str(root),
+            "--date",
+            "2026-04-01",
+            "--code",
+            str(code),
+            "--author",
+            "Ada",
+            "--github-id",
+            "ada-gh",
+            "--sota-val-loss",
+            "1.8976",
+        ]
+    )
     assert rc == 0
     folder = root / "2026-04-01_TestRecord"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "submission.json", "train_gpt.py", "train_gpt.source.py", "train_seed1337.log",
-         "train_seed42.log", "run2025.json"])
+        [
+            "README.md",
+            "submission.json",
+            "train_gpt.py",
+            "train_gpt.source.py",
+            "train_seed1337.log",
+            "train_seed42.log",
+            "run2025.json",
+        ]
+    )
     # The counted file is the packed one and runs the frozen source's program; the readable source sits beside it.
     assert (folder / "train_gpt.source.py").read_bytes() == code.read_bytes()
     packed = (folder / "train_gpt.py").read_text()
@@ -404,8 +492,23 @@ def test_new_author_from_git_config_and_command_from_text_logs(tmp_path, runs, m
     code = tmp_path / "code.py"
     code.write_text("x = 1\n")
     monkeypatch.setattr(record, "git_config", {"user.name": "Grace", "github.user": "grace-h"}.get)
-    assert record.main(["new", "FromGit", "--logs", *map(str, paths), "--records-dir", str(tmp_path / "rec"),
-                        "--code", str(code), "--blurb", "A test blurb."]) == 0
+    assert (
+        record.main(
+            [
+                "new",
+                "FromGit",
+                "--logs",
+                *map(str, paths),
+                "--records-dir",
+                str(tmp_path / "rec"),
+                "--code",
+                str(code),
+                "--blurb",
+                "A test blurb.",
+            ]
+        )
+        == 0
+    )
     (folder,) = (tmp_path / "rec").iterdir()
     assert folder.name.endswith("_FromGit") and len(folder.name.split("_")[0]) == 10
     sub = json.loads((folder / "submission.json").read_text())
@@ -420,8 +523,18 @@ def test_new_refuses_bad_input(tmp_path, runs, capsys):
     paths = write_reference_logs(tmp_path, runs[:2])
     code = tmp_path / "code.py"
     code.write_text("x = 1\n")
-    common = ["--records-dir", str(tmp_path / "rec"), "--code", str(code), "--author", "a", "--github-id", "b",
-              "--date", "2026-01-02"]
+    common = [
+        "--records-dir",
+        str(tmp_path / "rec"),
+        "--code",
+        str(code),
+        "--author",
+        "a",
+        "--github-id",
+        "b",
+        "--date",
+        "2026-01-02",
+    ]
     assert record.main(["new", "Once", "--logs", *map(str, paths), *common]) == 0
     assert record.main(["new", "Once", "--logs", *map(str, paths), *common]) == 1  # folder exists
     assert "already exists" in capsys.readouterr().err
@@ -453,14 +566,17 @@ def test_verify_refuses_a_packed_file_that_is_not_its_source(tmp_path, capsys):
 
 def test_parse_packed_code_size_lines(tmp_path):
     path = tmp_path / "ours.txt"
-    path.write_text("seed:1\nSerialized model int6+rans: 15000000 bytes\nCode size: 31000 bytes (packed; source 90000 bytes)\n"
-                    "Total submission size int6+rans: 15031000 bytes (packed code 31000 + model 15000000)\n"
-                    "final_int6_roundtrip_exact val_loss:2.00000000 val_bpb:1.20000000\n")
+    path.write_text(
+        "seed:1\nSerialized model int6+rans: 15000000 bytes\nCode size: 31000 bytes (packed; source 90000 bytes)\n"
+        "Total submission size int6+rans: 15031000 bytes (packed code 31000 + model 15000000)\n"
+        "final_int6_roundtrip_exact val_loss:2.00000000 val_bpb:1.20000000\n"
+    )
     log = record.parse_log(path)
     assert (log.bytes_code, log.bytes_total, log.compressor) == (31000, 15031000, "int6+rans")
 
 
 # ----------------------------------------------------------------------------- plot
+
 
 def test_plot_writes_png(tmp_path, runs):
     mpimg = pytest.importorskip("matplotlib.image")
@@ -486,7 +602,7 @@ def test_plot_without_curves_fails(tmp_path):
 
 # ----------------------------------------------------------------------------- sweep.sh
 
-FAKE_RUN_SH = r'''
+FAKE_RUN_SH = r"""
 # stands in for the CPU demo: writes the JSON summary from the grid's environment
 python - <<'PY'
 import json, os, pathlib
@@ -498,7 +614,7 @@ bpb = 2.0 + lr + seed / 1e4
 (out / (os.environ["RUN_ID"] + ".json")).write_text(json.dumps(
     {"seed": seed, "steps": 30, "bytes": {"total": 1234}, "final": {"val_loss": bpb * 1.7, "val_bpb": bpb}}))
 PY
-'''
+"""
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -507,10 +623,12 @@ def test_sweep_table(tmp_path):
     shutil.copy(TOOLS / "sweep.sh", tmp_path / "tools" / "sweep.sh")
     shutil.copy(TOOLS / "record.py", tmp_path / "tools" / "record.py")
     (tmp_path / "run.sh").write_text(FAKE_RUN_SH.replace("python -", f"{sys.executable} -"))
-    env = dict(os.environ, SWEEP_VALUES="0.01 0.03", SWEEP_SEEDS="1 2", SWEEP_DIR=str(tmp_path / "sw"),
-               PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(tmp_path / "tools" / "sweep.sh")], capture_output=True, text=True,
-                         env=env, timeout=120)
+    env = dict(
+        os.environ, SWEEP_VALUES="0.01 0.03", SWEEP_SEEDS="1 2", SWEEP_DIR=str(tmp_path / "sw"), PYTHON=sys.executable
+    )
+    res = subprocess.run(
+        ["bash", str(tmp_path / "tools" / "sweep.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     rows = [line.split() for line in res.stdout.splitlines() if line[:1].isdigit()]
     assert len(rows) == 4

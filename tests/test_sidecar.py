@@ -1,4 +1,5 @@
 """bpb from the validation byte sidecar (CaseOps): every evaluation path counts each target's bytes from it."""
+
 from __future__ import annotations
 
 import math
@@ -7,18 +8,27 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import train_gpt as tg
-from conftest import ROOT
 
 CASEOPS = ROOT / "data" / "datasets" / "sample_sp8192_caseops"
 CASEOPS_TOK = ROOT / "data" / "tokenizers" / "sample_8192_bpe_caseops.model"
-TINY_8192 = dict(VOCAB_SIZE=8192, DATA_PATH=CASEOPS, TOKENIZER_PATH=CASEOPS_TOK, VAL_MAX_TOKENS=512, TTT_CHUNK_TOKENS=256,
-                 TTT_BATCH_SEQS=2, TTT_EPOCHS=1, EVAL_STRIDE=64)
+TINY_8192 = dict(
+    VOCAB_SIZE=8192,
+    DATA_PATH=CASEOPS,
+    TOKENIZER_PATH=CASEOPS_TOK,
+    VAL_MAX_TOKENS=512,
+    TTT_CHUNK_TOKENS=256,
+    TTT_BATCH_SEQS=2,
+    TTT_EPOCHS=1,
+    EVAL_STRIDE=64,
+)
 
 
-@pytest.mark.parametrize("kw", [dict(stride=128, ttt=False, slot=False), dict(stride=64, ttt=True, slot=True)],
-                         ids=["plain", "ttt+slot"])
+@pytest.mark.parametrize(
+    "kw", [dict(stride=128, ttt=False, slot=False), dict(stride=64, ttt=True, slot=True)], ids=["plain", "ttt+slot"]
+)
 def test_every_path_counts_the_sidecar_bytes(tiny_settings, tmp_path, kw, one_thread):
     s = tiny_settings(**TINY_8192, OUTPUT_DIR=tmp_path)
     run = tg.Run(s)
@@ -30,7 +40,7 @@ def test_every_path_counts_the_sidecar_bytes(tiny_settings, tmp_path, kw, one_th
     # bpb = sum(nll) / ln 2 / sum(bytes) with mean nll = loss over the n targets: the bytes counted, recovered
     n = val.numel() - 1
     counted = loss * n / math.log(2) / bpb
-    sidecar = tg.load_data_shard(CASEOPS / "fineweb_val_bytes_000000.bin")[1:n + 1]  # the bytes of targets 1..n
+    sidecar = tg.load_data_shard(CASEOPS / "fineweb_val_bytes_000000.bin")[1 : n + 1]  # the bytes of targets 1..n
     assert counted == pytest.approx(float(sidecar.sum()), rel=1e-9)
     lut = tg.build_sentencepiece_luts(tg.load_tokenizer(s), 8192, run.device)
     assert float(tg.target_bytes(val[:-1], val[1:], lut).sum()) != float(sidecar.sum())  # operators count 0 here

@@ -1,5 +1,6 @@
 """Training runs of train_gpt.py on the embedded sample: the whole script end to end, determinism, 2-process
 Parallel Muon against 1 process, the artifact limit, and every user error as one line on stderr."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,9 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
 import train_gpt as tg
-from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_GPT = ROOT / "train_gpt.py"
@@ -76,6 +77,7 @@ def assert_clean(proc):
 
 # ----------------------------------------------------------------------------- the whole script, end to end
 
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, script_env, run_script):
     out = tmp_path_factory.mktemp("e2e")
@@ -106,19 +108,24 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     source_bytes, code_bytes = TRAIN_GPT.stat().st_size, (out / tg.PACKED_NAME).stat().st_size
     assert tg.unpack_code((out / tg.PACKED_NAME).read_text()) == tg.strip_source(TRAIN_GPT.read_text())
     assert log_parts(out)[0] == TRAIN_GPT.read_text(encoding="utf-8")
-    assert [ln for ln in lines if ln.startswith("Code size:")] == \
-        [f"Code size: {code_bytes} bytes (packed; source {source_bytes} bytes)"]
+    assert [ln for ln in lines if ln.startswith("Code size:")] == [
+        f"Code size: {code_bytes} bytes (packed; source {source_bytes} bytes)"
+    ]
     artifact = out / tg.ARTIFACT_NAME
     model_bytes = artifact.stat().st_size
-    assert js["bytes"] == dict(model=model_bytes, code=code_bytes, code_source=source_bytes,
-                               total=model_bytes + code_bytes, limit=16_000_000)
+    assert js["bytes"] == dict(
+        model=model_bytes, code=code_bytes, code_source=source_bytes, total=model_bytes + code_bytes, limit=16_000_000
+    )
     assert f"Serialized model int6+rans: {model_bytes} bytes" in lines
-    assert (f"Total submission size int6+rans: {model_bytes + code_bytes} bytes "
-            f"(packed code {code_bytes} + model {model_bytes})") in lines
+    assert (
+        f"Total submission size int6+rans: {model_bytes + code_bytes} bytes "
+        f"(packed code {code_bytes} + model {model_bytes})"
+    ) in lines
     # The float weights are scored before the round trip, and the gap between the two is logged and summarized.
     float_loss, float_bpb = metric_line(lines, "final_float_exact")
-    assert lines.index(next(ln for ln in lines if ln.startswith("final_float_exact"))) < \
-        lines.index(next(ln for ln in lines if ln.startswith("final_int6_roundtrip ")))
+    assert lines.index(next(ln for ln in lines if ln.startswith("final_float_exact"))) < lines.index(
+        next(ln for ln in lines if ln.startswith("final_int6_roundtrip "))
+    )
     assert js["metrics"]["final_float_exact"]["val_bpb"] == pytest.approx(float_bpb, abs=6e-9)
     gap = js["metrics"]["final_int6_roundtrip_exact"]["val_bpb"] - js["metrics"]["final_float_exact"]["val_bpb"]
     assert js["quant_gap_bpb"] == pytest.approx(gap, abs=1e-12)
@@ -185,6 +192,7 @@ def test_reported_score_is_that_of_the_artifact(e2e, tiny_settings, one_thread):
 
 # ----------------------------------------------------------------------------- determinism (in process)
 
+
 def train_in_process(s: dict, monkeypatch):
     for name in tg.LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -193,7 +201,9 @@ def train_in_process(s: dict, monkeypatch):
     model = tg.GPT(s, run.attention)
     initial = copy.deepcopy(model)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-    val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    val = tg.load_validation_tokens(
+        os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"]
+    )
     return tg.train(model, run, val, luts), run.summary, initial
 
 
@@ -209,7 +219,7 @@ def test_same_seed_same_run(tiny_settings, tmp_path, monkeypatch, one_thread):
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3  # another seed, other weights
     # The first step's loss is the mean over 8 micro-batches of consecutive, non-overlapping 129-token windows
     # from the start of the train shard (SPEC §3), scored by the initial model.
-    tokens = torch.from_numpy(read_tokens(SAMPLE_TRAIN)[:8 * 129]).view(8, 129)
+    tokens = torch.from_numpy(read_tokens(SAMPLE_TRAIN)[: 8 * 129]).view(8, 129)
     with torch.no_grad():
         first = np.mean([init_a(w[None, :-1], w[None, 1:]).item() for w in tokens])
     assert sum_a["train_curve"][0]["train_loss"] == pytest.approx(first, rel=1e-5)
@@ -217,7 +227,7 @@ def test_same_seed_same_run(tiny_settings, tmp_path, monkeypatch, one_thread):
 
 # ----------------------------------------------------------------------------- 2 processes (gloo) = 1 process
 
-DRIVER = '''
+DRIVER = """
 import os, sys
 import torch
 sys.path.insert(0, sys.argv[2])
@@ -229,12 +239,13 @@ torch.manual_seed(s["SEED"])
 model = tg.GPT(s, run.attention)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+val_files = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
+val = tg.load_validation_tokens(val_files, s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
 state = tg.train(model, run, val, luts)
 torch.save(dict(state=state, initial=initial, world=run.world, val_curve=run.summary["val_curve"]),
            f"{sys.argv[1]}.rank{run.rank}.pt")
 tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
-'''
+"""
 
 
 @pytest.mark.slow
@@ -242,14 +253,30 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     # 3 layers: the MLP banks have 3 matrices, so the 2-rank reduce-scatter pads them to 4.
-    kw = dict(NUM_LAYERS=3, VE_LAYERS="1,2", XSA_LAST_N=2, ITERATIONS=6, WARMDOWN_ITERS=8, SWA_ENABLED=1, SWA_EVERY=1,
-              EMA_DECAY=0.9)
+    kw = dict(
+        NUM_LAYERS=3,
+        VE_LAYERS="1,2",
+        XSA_LAST_N=2,
+        ITERATIONS=6,
+        WARMDOWN_ITERS=8,
+        SWA_ENABLED=1,
+        SWA_EVERY=1,
+        EMA_DECAY=0.9,
+    )
     results = {}
-    for world, launcher in ((1, [sys.executable]),
-                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+    for world, launcher in (
+        (1, [sys.executable]),
+        (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    ):
         out = tmp_path / f"w{world}"
-        proc = subprocess.run([*launcher, str(driver), str(out), str(ROOT)], env=script_env(tmp_path, **kw), cwd=tmp_path,
-                              capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [*launcher, str(driver), str(out), str(ROOT)],
+            env=script_env(tmp_path, **kw),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[world] = [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
     one, two = results[1][0], results[2][0]
@@ -269,6 +296,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
 
 # ----------------------------------------------------------------------------- user errors: one line, exit 2
 
+
 def case_missing_data(tmp):
     where = tmp / "nowhere"
     return dict(DATA_PATH=where), [str(where), "python data/fineweb.py download"]
@@ -285,7 +313,7 @@ def case_truncated_shard(tmp):
     (ds / SAMPLE_VAL.name).write_bytes(SAMPLE_VAL.read_bytes())
     raw = SAMPLE_TRAIN.read_bytes()
     count = int(np.frombuffer(raw[:12], dtype="<i4")[2])
-    cut = raw[:len(raw) // 2 + 1]
+    cut = raw[: len(raw) // 2 + 1]
     (ds / SAMPLE_TRAIN.name).write_bytes(cut)
     return dict(DATA_PATH=ds), [str(ds / SAMPLE_TRAIN.name), str(count), str(len(cut))]
 
@@ -372,16 +400,37 @@ def case_truncated_artifact(tmp):
     torch.manual_seed(0)
     good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s))
     cut = tmp / "cut.bin"
-    cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     good.unlink()
     return dict(EVAL_ONLY=1, ARTIFACT_PATH=cut), [str(cut), "not an intact artifact"]
 
 
-SETTINGS_ONLY = [case_world_size_3, case_setting_typo, case_bad_int, case_bad_float, case_bad_choice, case_zero_heads,
-                 case_negative_width, case_zero_kv_heads, case_decay_above_one, case_negative_lr, case_bits,
-                 case_long_sequence, case_ve_layers, case_nan_setting, case_inf_setting]
-ERROR_CASES = [case_missing_data, case_vocab_mismatch, case_truncated_shard, case_short_validation, case_output_dir,
-               case_truncated_artifact, case_artifact_is_a_directory] + SETTINGS_ONLY
+SETTINGS_ONLY = [
+    case_world_size_3,
+    case_setting_typo,
+    case_bad_int,
+    case_bad_float,
+    case_bad_choice,
+    case_zero_heads,
+    case_negative_width,
+    case_zero_kv_heads,
+    case_decay_above_one,
+    case_negative_lr,
+    case_bits,
+    case_long_sequence,
+    case_ve_layers,
+    case_nan_setting,
+    case_inf_setting,
+]
+ERROR_CASES = [
+    case_missing_data,
+    case_vocab_mismatch,
+    case_truncated_shard,
+    case_short_validation,
+    case_output_dir,
+    case_truncated_artifact,
+    case_artifact_is_a_directory,
+] + SETTINGS_ONLY
 
 
 def assert_one_line_error(proc) -> str:
@@ -433,8 +482,9 @@ def children(pid):
 
 def interrupt_at_step_3(argv, env, sig, ranks=0):
     """Start argv, wait for its step-3 line, then send sig to it, or (ranks > 0) to each of the ranks it launched."""
-    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     for line in proc.stdout:
         if line.startswith("step:3/"):
             break
@@ -451,8 +501,9 @@ def interrupt_at_step_3(argv, env, sig, ranks=0):
 
 def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
     out = tmp_path / "out"
-    code, rest, err = interrupt_at_step_3([sys.executable, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000),
-                                          signal.SIGINT)
+    code, rest, err = interrupt_at_step_3(
+        [sys.executable, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000), signal.SIGINT
+    )
     assert code == 130, err[-3000:]
     assert "Traceback" not in err + rest
     said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
@@ -463,11 +514,16 @@ def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
 def test_sigterm_says_what_ctrl_c_says_and_exits_143(world, tmp_path, script_env):
     """SIGTERM (Slurm, pre-emption, torchrun passing on its own) to the process, or to each rank under torchrun."""
     out = tmp_path / "out"
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else [])
-    code, rest, err = interrupt_at_step_3([*launcher, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000), signal.SIGTERM,
-                                          ranks=world if world > 1 else 0)
+    launcher = [sys.executable] + (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if world > 1 else []
+    )
+    code, rest, err = interrupt_at_step_3(
+        [*launcher, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000), signal.SIGTERM, ranks=world if world > 1 else 0
+    )
     said = [ln for ln in rest.splitlines() if ln.startswith("interrupted during training step ")]
-    assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out), rest[-2000:] + err[-2000:]
+    assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out), (
+        rest[-2000:] + err[-2000:]
+    )
     if world == 1:
         assert code == 143 and "Traceback" not in err + rest, err[-3000:]
     else:  # each rank's own exit status, as torchrun reports it
@@ -512,7 +568,7 @@ def test_over_the_artifact_limit(tmp_path, script_env, run_script):
 
 # ----------------------------------------------------------------------------- a full disk
 
-PATCHED = '''
+PATCHED = """
 import errno, pathlib, runpy, shutil, sys
 what, script = sys.argv[1], sys.argv[2]
 if what == "small_disk":
@@ -527,14 +583,20 @@ else:  # the disk fills up halfway through writing the float weights
     pathlib.Path.write_bytes = full
 sys.argv = [script]
 runpy.run_path(script, run_name="__main__")
-'''
+"""
 
 
 def run_patched(tmp_path, what, env):
     driver = tmp_path / "patched.py"
     driver.write_text(PATCHED)
-    return subprocess.run([sys.executable, str(driver), what, str(TRAIN_GPT)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(driver), what, str(TRAIN_GPT)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_too_little_room_for_the_outputs_is_refused_at_start_up(tmp_path, script_env):
@@ -553,8 +615,11 @@ def test_a_full_disk_costs_the_float_weights_not_the_result(tmp_path, script_env
     warned = [ln for ln in proc.stdout.splitlines() if "could not write" in ln]
     assert warned == [f"warning: could not write {floats} (No space left on device); on disk: {artifact}"]
     assert warned[0] in log_lines(out)
-    assert artifact.is_file() and not floats.exists() and sorted(p.name for p in out.iterdir()) == \
-        sorted([tg.ARTIFACT_NAME, "logs", tg.PACKED_NAME])
+    assert (
+        artifact.is_file()
+        and not floats.exists()
+        and sorted(p.name for p in out.iterdir()) == sorted([tg.ARTIFACT_NAME, "logs", tg.PACKED_NAME])
+    )
     assert log_lines(out)[-1].startswith("final_score_exact ")  # the artifact was still evaluated
 
 
@@ -569,5 +634,8 @@ def test_a_failed_write_removes_its_partial_file_and_says_what_is_on_disk(tmp_pa
     monkeypatch.setitem(tg.PROGRESS, "on_disk", "nothing yet")
     with pytest.raises(tg.Fail) as err:
         tg.write_atomic(tmp_path / tg.ARTIFACT_NAME, b"123456")
-    assert str(err.value) == f"could not write {tmp_path / tg.ARTIFACT_NAME} (No space left on device); on disk: nothing yet"
+    assert (
+        str(err.value)
+        == f"could not write {tmp_path / tg.ARTIFACT_NAME} (No space left on device); on disk: nothing yet"
+    )
     assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,7 @@ can make it 5x slower) (SLOT_MODE=batch must FAIL; SLOT_ENABLED=0 and/or TTT_ENA
 default causal SLOT must PASS). Runs as one process (no torchrun). Exit status: 0 when every condition
 passes, 1 when one fails, 2 for bad settings (one line on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,9 @@ def run_pipeline(model, start_state, run, val, luts, label, kw):
 
 
 def audit(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--positions", type=int, default=6, help="number of perturbed token positions (default 6)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the random model and perturbations (default SEED)")
     ap.add_argument("--tol", type=float, default=1e-5, help="max abs change of a log-prob row counted as equal")
@@ -156,11 +158,16 @@ def audit(argv=None) -> int:
             desc += f", {n_chunks} TTT chunk{'s' * (n_chunks != 1)} of {s['TTT_CHUNK_TOKENS']}"
         if kw["slot"]:
             desc += f", SLOT {s['SLOT_MODE']} ({s['SLOT_STEPS']} steps, lr {s['SLOT_LR']})"
-        print(f"audit: eval:{name} ({label}: {desc}) on {n} val targets; model: {source}; device: {run.device.type}",
-              flush=True)
+        print(
+            f"audit: eval:{name} ({label}: {desc}) on {n} val targets; model: {source}; device: {run.device.type}",
+            flush=True,
+        )
         if kw["ttt"] and n_chunks < 2:
-            print("note: the slice is one TTT chunk, so TTT never trains here; lower TTT_CHUNK_TOKENS "
-                  "or raise VAL_MAX_TOKENS to audit the updates", flush=True)
+            print(
+                "note: the slice is one TTT chunk, so TTT never trains here; lower TTT_CHUNK_TOKENS "
+                "or raise VAL_MAX_TOKENS to audit the updates",
+                flush=True,
+            )
 
         base_idx, base_rows = run_pipeline(model, start_state, run, val, luts, label, kw)
         V = s["VOCAB_SIZE"]
@@ -174,19 +181,23 @@ def audit(argv=None) -> int:
             lse_max = lse.abs().max().item()
             bad = int((~(lse.abs() <= NORM_TOL)).sum())
             norm_ok = finite and bad == 0
-            norm_line = (f"{base_rows.size(0)} rows of {V}, max |logsumexp| {lse_max:.2e} (tol {NORM_TOL:g}), "
-                         f"{bad} off" + ("" if finite else ", NaN or +inf entries"))
+            norm_line = (
+                f"{base_rows.size(0)} rows of {V}, max |logsumexp| {lse_max:.2e} (tol {NORM_TOL:g}), "
+                f"{bad} off" + ("" if finite else ", NaN or +inf entries")
+            )
         else:
             norm_line = f"scored rows have shape {tuple(base_rows.shape)}, expected [*, {V}]"
 
         # 4. coverage
         counts = torch.bincount(base_idx.clamp(0, n + 1), minlength=n + 2)
         outside = int(((base_idx < 1) | (base_idx > n)).sum())
-        missing = int((counts[1:n + 1] == 0).sum())
-        duplicated = int((counts[1:n + 1] > 1).sum())
+        missing = int((counts[1 : n + 1] == 0).sum())
+        duplicated = int((counts[1 : n + 1] > 1).sum())
         cov_ok = outside == 0 and missing == 0 and duplicated == 0
-        cov_line = (f"{int((counts[1:n + 1] == 1).sum())}/{n} targets scored exactly once "
-                    f"(missing {missing}, more than once {duplicated}, outside 1..{n} {outside})")
+        cov_line = (
+            f"{int((counts[1 : n + 1] == 1).sum())}/{n} targets scored exactly once "
+            f"(missing {missing}, more than once {duplicated}, outside 1..{n} {outside})"
+        )
 
         # 1. causality (and 3, score before update)
         gen = torch.Generator().manual_seed(seed)
@@ -232,9 +243,11 @@ def audit(argv=None) -> int:
                 moved_next += 1  # the final token predicts nothing: nothing after it to move
         sensitive = moved_next == len(positions)
         caus_ok = changed == 0 and index_changes == 0 and noise_max <= tol and sensitive and checked > 0
-        caus_line = (f"{len(positions)} perturbed positions (u={','.join(f'{u}:{kind}' for u, kind in picked)}), "
-                     f"{checked} rows at t<=u compared, {changed} changed, max |diff| {worst:.3e} (tol {tol:g}); "
-                     f"unperturbed rerun max |diff| {noise_max:.3e}; target u+1 moved in {moved_next}/{len(positions)}")
+        caus_line = (
+            f"{len(positions)} perturbed positions (u={','.join(f'{u}:{kind}' for u, kind in picked)}), "
+            f"{checked} rows at t<=u compared, {changed} changed, max |diff| {worst:.3e} (tol {tol:g}); "
+            f"unperturbed rerun max |diff| {noise_max:.3e}; target u+1 moved in {moved_next}/{len(positions)}"
+        )
         if index_changes:
             caus_line += f"; the set of scored targets changed in {index_changes} reruns"
         if first_leak:

@@ -18,9 +18,22 @@ in this project are ratios measured side by side. The last line is for scripts:
   bench train_ms_per_step:X train_mfu:Y final_eval_tokens_per_s:Z final_eval_mfu:W slot_time_share:A
         slot_flop_share:B projected_8xh100_eval_s:P
 """
+
 from __future__ import annotations
 
-import argparse, copy, glob, importlib.util, json, math, os, resource, shutil, statistics, subprocess, sys, tempfile, time
+import argparse
+import copy
+import glob
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_VAL_TOKENS = 62_021_632  # the challenge's full validation split, in usable tokens (SPEC §3)
 RECORD_VAL_TOKENS_SP8192 = 47_851_520  # the same 50,000 documents tokenized by SP8192 CaseOps (MODERN_STACK §4.2)
-H100_MATMUL_TFLOPS = 800.0      # achieved dense bf16 matmul rate assumed for an H100 when none was measured on one
+H100_MATMUL_TFLOPS = 800.0  # achieved dense bf16 matmul rate assumed for an H100 when none was measured on one
 GPU_PEAK_N, CPU_PEAK_N = 8192, 1024
 
 
@@ -48,6 +61,7 @@ def load_train_gpt(path: Path):
 # ----------------------------------------------------------------------------- analytic FLOP count
 # Multiply-adds count 2 FLOPs. Only matmuls and attention are counted (norms, rotary, softcap, softmax, the
 # optimizer's Newton-Schulz are not): the usual "model FLOPs" of MFU. Padding is never counted.
+
 
 def dims(s: dict) -> dict:
     d, H = s["MODEL_DIM"], s["NUM_HEADS"]
@@ -82,7 +96,9 @@ def embed_flops(s: dict) -> int:
     """Per token: the BigramHash projection and the value embeddings' projection (once), each when on. (The smear
     gate's 2 x GATE_WINDOW is a matrix-vector product, which FlopCounterMode does not count either.)"""
     m = dims(s)
-    return (2 * s["BIGRAM_DIM"] * m["d"] if s["BIGRAM_VOCAB_SIZE"] else 0) + (2 * s["VE_DIM"] * m["kv"] if s["VE_LAYERS"] else 0)
+    return (2 * s["BIGRAM_DIM"] * m["d"] if s["BIGRAM_VOCAB_SIZE"] else 0) + (
+        2 * s["VE_DIM"] * m["kv"] if s["VE_LAYERS"] else 0
+    )
 
 
 def head_flops(s: dict) -> int:
@@ -148,16 +164,31 @@ def phased_flops(tg, s: dict, lengths: list[int], causal: bool = True) -> dict:
             score += len(b) * (hidden_flops(s, T, causal) + T * n_layers * layer_lora + C * (head_flops(s) + head_lora))
             learn += len(b) * chunk_backward_flops(s, T, causal) if b[-1] - 1 > (c + 1) * C else 0
     order = [n for b in batches for n in b]
-    prefix, P, chunk = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"], s["GLOBAL_TTT_CHUNK_TOKENS"]
+    prefix, P, chunk = (
+        min(s["PHASED_TTT_PREFIX_DOCS"], len(order)),
+        s["PHASED_TTT_NUM_PHASES"],
+        s["GLOBAL_TTT_CHUNK_TOKENS"],
+    )
     sgd = 0.0
     for m in (prefix * (p + 1) // P for p in range(P)):
         tokens = sum(n - 1 for n in order[:m])
         n_chunks = (tokens - 2) // chunk + 1 if tokens > 1 else 0
         seqs = sum((min(c * chunk + chunk, tokens - 1) - c * chunk) // s["EVAL_SEQ_LEN"] for c in range(n_chunks - 1))
-        sgd += seqs * s["GLOBAL_TTT_EPOCHS"] * 3 * (hidden_flops(s, s["EVAL_SEQ_LEN"], causal)
-                                                    + s["EVAL_SEQ_LEN"] * head_flops(s))
-    return dict(score=score, slot=0.0, ttt=learn + sgd, total=score + learn + sgd, windows=len(lengths),
-                positions=float(sum(lengths)), scored=sum(lengths) - len(lengths))
+        sgd += (
+            seqs
+            * s["GLOBAL_TTT_EPOCHS"]
+            * 3
+            * (hidden_flops(s, s["EVAL_SEQ_LEN"], causal) + s["EVAL_SEQ_LEN"] * head_flops(s))
+        )
+    return dict(
+        score=score,
+        slot=0.0,
+        ttt=learn + sgd,
+        total=score + learn + sgd,
+        windows=len(lengths),
+        positions=float(sum(lengths)),
+        scored=sum(lengths) - len(lengths),
+    )
 
 
 def chunk_backward_flops(s: dict, T: int, causal: bool = True) -> int:
@@ -169,8 +200,12 @@ def chunk_backward_flops(s: dict, T: int, causal: bool = True) -> int:
     layer_lora, head_lora = lora_flops(s)
     gate = 2 * s["GATE_WINDOW"] * s["NUM_HEADS"] if s.get("SPARSE_ATTN_GATE_ENABLED") else 0
     n = virtual_layers(s)
-    return (T * (n * layer_matmul_flops(s) - 2 * m["d"] * (m["d"] + 2 * m["kv"]) - gate) + 2 * n * attention_flops(s, T, causal)
-            + T * (2 * n * layer_lora - 8 * r * m["d"]) + C * (head_flops(s) + 2 * head_lora))
+    return (
+        T * (n * layer_matmul_flops(s) - 2 * m["d"] * (m["d"] + 2 * m["kv"]) - gate)
+        + 2 * n * attention_flops(s, T, causal)
+        + T * (2 * n * layer_lora - 8 * r * m["d"])
+        + C * (head_flops(s) + 2 * head_lora)
+    )
 
 
 def record_scale_docs(tg, s: dict, n: int) -> list[int]:
@@ -188,8 +223,9 @@ def record_scale_docs(tg, s: dict, n: int) -> list[int]:
     return out
 
 
-def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: bool = False,
-               docs: list[int] | None = None) -> dict:
+def pass_flops(
+    tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: bool = False, docs: list[int] | None = None
+) -> dict:
     """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training.
     Only the work the pass needs: forward_hidden over every window position, the head only where a target is
     scored (n positions) or, for SLOT, fitted. Phased TTT: over the documents docs (lengths)."""
@@ -203,11 +239,19 @@ def pass_flops(tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: 
     score += float(n) * head_flops(s)
     slot_f = float(sum(slot_fit_positions(s, w) for w in wins)) * slot_flops_per_position(s) if slot else 0.0
     ttt_f = float(sum(ttt_sequences(s, n))) * s["TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"]) if ttt else 0.0
-    return dict(score=score, slot=slot_f, ttt=ttt_f, total=score + slot_f + ttt_f, windows=len(lens),
-                positions=float(lens.sum()), scored=n)
+    return dict(
+        score=score,
+        slot=slot_f,
+        ttt=ttt_f,
+        total=score + slot_f + ttt_f,
+        windows=len(lens),
+        positions=float(lens.sum()),
+        scored=n,
+    )
 
 
 # ----------------------------------------------------------------------------- measurement helpers
+
 
 def matmul_peak(device: torch.device) -> tuple[float, str]:
     """Best achieved rate of a large square matmul: bf16 on GPU, fp32 on CPU (the model's compute dtypes)."""
@@ -227,7 +271,7 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
         if trial:  # the first one warms up
             best = min(best, time.perf_counter() - t0)
     del c
-    return 2 * n ** 3 * reps / best, f"{'bf16' if cuda else 'fp32'} {n}x{n} matmul"
+    return 2 * n**3 * reps / best, f"{'bf16' if cuda else 'fp32'} {n}x{n} matmul"
 
 
 def reset_peak_memory(device):
@@ -237,7 +281,7 @@ def reset_peak_memory(device):
 
 def peak_memory_mib(device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "allocated"
+        return torch.cuda.max_memory_allocated(device) / 2**20, "allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
 
 
@@ -249,6 +293,7 @@ class Timed:
 
     def __enter__(self):
         if self.fn is not None:
+
             def timed(*a, **k):
                 self.run.sync()
                 t0 = time.perf_counter()
@@ -256,6 +301,7 @@ class Timed:
                 self.run.sync()
                 self.seconds += time.perf_counter() - t0
                 return out
+
             setattr(self.tg, self.name, timed)
         return self
 
@@ -275,8 +321,14 @@ def load_data(tg, s: dict, run, n_val: int):
         have_tok = True
     except tg.Fail:
         ones = torch.ones(V, dtype=torch.int16, device=run.device)
-        luts, have_tok = (ones, torch.zeros(V, dtype=torch.bool, device=run.device),
-                          torch.zeros(V, dtype=torch.bool, device=run.device)), False
+        luts, have_tok = (
+            (
+                ones,
+                torch.zeros(V, dtype=torch.bool, device=run.device),
+                torch.zeros(V, dtype=torch.bool, device=run.device),
+            ),
+            False,
+        )
     gen = torch.Generator().manual_seed(s["SEED"])
     if have_tok and glob.glob(val_pattern):
         val, source = tg.load_validation_tokens(val_pattern, L, n_val), f"val {val_pattern}"
@@ -287,14 +339,17 @@ def load_data(tg, s: dict, run, n_val: int):
         loader = tg.DistributedTokenLoader(train_pattern, run.rank, run.world, run.device)
         batches, tsource = loader.next_batch, f"train {train_pattern}"
     else:
+
         def batches(local_tokens, seq_len):
             t = torch.randint(0, V, (local_tokens // seq_len, seq_len + 1), generator=gen).to(run.device)
             return t[:, :-1], t[:, 1:]
+
         tsource = f"train RANDOM tokens (no {train_pattern})"
     return val, luts, batches, f"{tsource}; {source}"
 
 
 # ----------------------------------------------------------------------------- phases
+
 
 def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> dict:
     muon, adam, others = tg.build_optimizers(model, s)
@@ -304,8 +359,10 @@ def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> di
     row = local_tokens if s.get("DOC_MASKED_ATTN") else seq_len  # as train(): documents packed into one row
     model.looping = bool(s.get("NUM_LOOPS"))  # the steady state after ENABLE_LOOPING_AT
     if local_tokens < seq_len or local_tokens % seq_len:
-        raise tg.Fail(f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
-                      f"TRAIN_SEQ_LEN={seq_len} sequences")
+        raise tg.Fail(
+            f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
+            f"TRAIN_SEQ_LEN={seq_len} sequences"
+        )
     train_model = run.compiled(model)
     averages = tg.WeightAverages(model, s) if hasattr(tg, "WeightAverages") else None
     for opt in (muon, adam):
@@ -334,9 +391,20 @@ def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> di
     flops = train_flops(s, seq_len) * (s["TRAIN_BATCH_TOKENS"] // seq_len)
     model.looping = False
     mem, mem_kind = peak_memory_mib(run.device)
-    return dict(name="train", kind="train", seconds=steady, first_s=times[0], all_s=times, steps=steps,
-                tokens=s["TRAIN_BATCH_TOKENS"], flops=flops, flops_parts=dict(train=flops),
-                peak_mem_mib=mem, peak_mem_kind=mem_kind, loss=loss_value)
+    return dict(
+        name="train",
+        kind="train",
+        seconds=steady,
+        first_s=times[0],
+        all_s=times,
+        steps=steps,
+        tokens=s["TRAIN_BATCH_TOKENS"],
+        flops=flops,
+        flops_parts=dict(train=flops),
+        peak_mem_mib=mem,
+        peak_mem_kind=mem_kind,
+        loss=loss_value,
+    )
 
 
 def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repeats: int, extra: bool) -> dict:
@@ -360,10 +428,24 @@ def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repe
     seconds_parts["score"] = max(times[mid] - seconds_parts["slot"] - seconds_parts["ttt"], 0.0)
     f = pass_flops(tg, s, n, **kw, docs=[d for _, d in tg.find_docs(val)])
     mem, mem_kind = peak_memory_mib(run.device)
-    return dict(name=name, kind="eval", extra=extra, config=kw, seconds=steady, first_s=times[0], all_s=times,
-                tokens=n, flops=f["total"], flops_parts=dict(score=f["score"], slot=f["slot"], ttt=f["ttt"]),
-                seconds_parts=seconds_parts, windows=f["windows"], positions=f["positions"],
-                peak_mem_mib=mem, peak_mem_kind=mem_kind, val_bpb=bpb)
+    return dict(
+        name=name,
+        kind="eval",
+        extra=extra,
+        config=kw,
+        seconds=steady,
+        first_s=times[0],
+        all_s=times,
+        tokens=n,
+        flops=f["total"],
+        flops_parts=dict(score=f["score"], slot=f["slot"], ttt=f["ttt"]),
+        seconds_parts=seconds_parts,
+        windows=f["windows"],
+        positions=f["positions"],
+        peak_mem_mib=mem,
+        peak_mem_kind=mem_kind,
+        val_bpb=bpb,
+    )
 
 
 def derive(p: dict, peak: float, world: int, compiling: bool) -> dict:
@@ -375,8 +457,14 @@ def derive(p: dict, peak: float, world: int, compiling: bool) -> dict:
     p["mfu"] = p["flops"] / p["seconds"] / (peak * world)
     p["compile_s"] = max(p["first_s"] - p["seconds"], 0.0) if compiling else None
     if p["kind"] == "eval":
-        p["mfu_parts"] = {k: (p["flops_parts"][k] / p["seconds_parts"][k] / (peak * world)
-                              if p["flops_parts"][k] and p["seconds_parts"][k] > 0 else None) for k in p["flops_parts"]}
+        p["mfu_parts"] = {
+            k: (
+                p["flops_parts"][k] / p["seconds_parts"][k] / (peak * world)
+                if p["flops_parts"][k] and p["seconds_parts"][k] > 0
+                else None
+            )
+            for k in p["flops_parts"]
+        }
     return p
 
 
@@ -400,23 +488,40 @@ def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: f
                 mfu = m["mfu_parts"].get(part) or m["mfu"]
             mfus[part] = mfu
             secs += f[part] / (mfu * h100 * gpus)
-        rows.append(dict(name=label, tokens=n, flops=f["total"], flops_parts={k: f[k] for k in ("score", "slot", "ttt")},
-                         mfu=mfus, seconds=secs))
+        rows.append(
+            dict(
+                name=label,
+                tokens=n,
+                flops=f["total"],
+                flops_parts={k: f[k] for k in ("score", "slot", "ttt")},
+                mfu=mfus,
+                seconds=secs,
+            )
+        )
     train = dict()
     steps = s["TRAIN_BATCH_TOKENS"] // s["TRAIN_SEQ_LEN"]
     mfu = evals["train"]["mfu"] if measured and "train" in evals else stated_mfu
     for looped in (False, True):
-        train["looped" if looped else "plain"] = 1000 * train_flops(s, s["TRAIN_SEQ_LEN"], looped) * steps / (
-            mfu * h100 * gpus)
+        train["looped" if looped else "plain"] = (
+            1000 * train_flops(s, s["TRAIN_SEQ_LEN"], looped) * steps / (mfu * h100 * gpus)
+        )
     on = s.get("ENABLE_LOOPING_AT", 0.0) if s.get("NUM_LOOPS") else 1.0  # share of the clock before looping
     train["mean"] = 1 / (on / train["plain"] + (1 - on) / train["looped"])  # time-weighted: steps / clock
     train["mfu"] = mfu
-    return dict(tokens=n, gpus=gpus, h100_tflops=h100 / 1e12, mfu_source="measured" if measured else "stated",
-                passes=rows, total_s=sum(r["seconds"] for r in rows), train_ms_per_step=train,
-                budget_s=float(s.get("EVAL_BUDGET_SECONDS", 600.0)))
+    return dict(
+        tokens=n,
+        gpus=gpus,
+        h100_tflops=h100 / 1e12,
+        mfu_source="measured" if measured else "stated",
+        passes=rows,
+        total_s=sum(r["seconds"] for r in rows),
+        train_ms_per_step=train,
+        budget_s=float(s.get("EVAL_BUDGET_SECONDS", 600.0)),
+    )
 
 
 # ----------------------------------------------------------------------------- one measurement
+
 
 def project_only(args) -> int:
     """The configured final evaluation's FLOPs and projected 8xH100 seconds at the stated MFU, nothing measured."""
@@ -425,9 +530,11 @@ def project_only(args) -> int:
     pr = project(tg, s, {}, False, args.mfu, args.h100_tflops * 1e12)
     pr["h100_rate_source"] = "assumed (--h100-tflops)"
     T = s["TRAIN_SEQ_LEN"]
-    print(f"model FLOPs per token: forward {forward_flops(s, s['EVAL_SEQ_LEN']) / s['EVAL_SEQ_LEN'] / 1e6:.2f} M at "
-          f"{s['EVAL_SEQ_LEN']} positions; training {train_flops(s, T) / T / 1e6:.2f} M at {T}; "
-          f"training step {train_flops(s, T) * (s['TRAIN_BATCH_TOKENS'] // T) / 1e12:.1f} TFLOP")
+    print(
+        f"model FLOPs per token: forward {forward_flops(s, s['EVAL_SEQ_LEN']) / s['EVAL_SEQ_LEN'] / 1e6:.2f} M at "
+        f"{s['EVAL_SEQ_LEN']} positions; training {train_flops(s, T) / T / 1e6:.2f} M at {T}; "
+        f"training step {train_flops(s, T) * (s['TRAIN_BATCH_TOKENS'] // T) / 1e12:.1f} TFLOP"
+    )
     print_report(dict(projection=pr), True, phases=False)
     return 0
 
@@ -463,8 +570,20 @@ def measure(args) -> dict:
         phases.append(bench_eval(tg, run, model, state, val, luts, label, kw, args.eval_repeats, extra=False))
     final_label, final_kw = paths[-1]
     if final_kw["slot"] and not args.no_extra:
-        phases.append(bench_eval(tg, run, model, state, val, luts, final_label + "_noslot",
-                                 dict(final_kw, slot=False), args.eval_repeats, extra=True))
+        phases.append(
+            bench_eval(
+                tg,
+                run,
+                model,
+                state,
+                val,
+                luts,
+                final_label + "_noslot",
+                dict(final_kw, slot=False),
+                args.eval_repeats,
+                extra=True,
+            )
+        )
     for p in phases:
         derive(p, peak, run.world, run.compile)
     on_gpu = run.device.type == "cuda"
@@ -473,28 +592,50 @@ def measure(args) -> dict:
     evals = {p["name"]: p for p in phases}
     projection = project(tg, s, evals, on_gpu, args.mfu, h100)
     projection["h100_rate_source"] = "measured on this Hopper GPU" if hopper else "assumed (--h100-tflops)"
-    hw = torch.cuda.get_device_name(run.device) if on_gpu else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    hw = (
+        torch.cuda.get_device_name(run.device)
+        if on_gpu
+        else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     changed = {k: os.environ[k] for k in tg.DEFAULTS if k in os.environ}
     shutil.rmtree(tmp, ignore_errors=True)
-    return dict(module=str(args.module), torch=torch.__version__, device=hw, world=run.world, attention=run.attn_name,
-                compile=bool(run.compile), peak_flops=peak, peak_what=peak_what, data=data_source, val_tokens=n,
-                settings_changed=changed, notes=notes, phases=phases, projection=projection, summary=summary(phases, projection),
-                master=run.master)
+    return dict(
+        module=str(args.module),
+        torch=torch.__version__,
+        device=hw,
+        world=run.world,
+        attention=run.attn_name,
+        compile=bool(run.compile),
+        peak_flops=peak,
+        peak_what=peak_what,
+        data=data_source,
+        val_tokens=n,
+        settings_changed=changed,
+        notes=notes,
+        phases=phases,
+        projection=projection,
+        summary=summary(phases, projection),
+        master=run.master,
+    )
 
 
 def summary(phases: list, projection: dict) -> dict:
     train = next((p for p in phases if p["kind"] == "train"), None)
     final = [p for p in phases if p["kind"] == "eval" and not p["extra"]][-1]
     flops = final["flops_parts"]
-    return dict(train_ms_per_step=1000 * train["seconds"] if train else float("nan"),
-                train_mfu=train["mfu"] if train else float("nan"),
-                final_eval_tokens_per_s=final["tokens_per_s"], final_eval_mfu=final["mfu"],
-                slot_time_share=final["seconds_parts"]["slot"] / final["seconds"],
-                slot_flop_share=flops["slot"] / final["flops"],
-                projected_8xh100_eval_s=projection["total_s"])
+    return dict(
+        train_ms_per_step=1000 * train["seconds"] if train else float("nan"),
+        train_mfu=train["mfu"] if train else float("nan"),
+        final_eval_tokens_per_s=final["tokens_per_s"],
+        final_eval_mfu=final["mfu"],
+        slot_time_share=final["seconds_parts"]["slot"] / final["seconds"],
+        slot_flop_share=flops["slot"] / final["flops"],
+        projected_8xh100_eval_s=projection["total_s"],
+    )
 
 
 # ----------------------------------------------------------------------------- printing
+
 
 def fmt_mem(p):
     return f"{p['peak_mem_mib']:.0f}"
@@ -508,9 +649,14 @@ def print_report(r: dict, show_projection: bool, phases: bool = True):
 
 
 def print_phases(r: dict):
-    print(f"bench: torch {r['torch']}, {r['device']}, world {r['world']}, attention {r['attention']}, "
-          f"compile {'on' if r['compile'] else 'off'}")
-    print(f"matmul peak: {r['peak_flops'] / 1e12:.3f} TFLOP/s per device ({r['peak_what']}); MFU = achieved / (peak x world)")
+    print(
+        f"bench: torch {r['torch']}, {r['device']}, world {r['world']}, attention {r['attention']}, "
+        f"compile {'on' if r['compile'] else 'off'}"
+    )
+    print(
+        f"matmul peak: {r['peak_flops'] / 1e12:.3f} TFLOP/s per device ({r['peak_what']}); "
+        "MFU = achieved / (peak x world)"
+    )
     print(f"data: {r['data']}; val slice {r['val_tokens']} tokens")
     if r["settings_changed"]:
         print("settings: " + " ".join(f"{k}={v}" for k, v in r["settings_changed"].items()))
@@ -518,14 +664,20 @@ def print_phases(r: dict):
         print(f"NOTE: {note}")
     mem_kind = r["phases"][0]["peak_mem_kind"]
     print()
-    print(f"| phase | time | tokens/s | s per 1M tokens | GFLOP/token | TFLOP/s | MFU | compile s | peak MiB ({mem_kind}) |")
+    print(
+        "| phase | time | tokens/s | s per 1M tokens | GFLOP/token | TFLOP/s | MFU | compile s "
+        f"| peak MiB ({mem_kind}) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for p in r["phases"]:
         t = f"{1000 * p['seconds']:.1f} ms/step" if p["kind"] == "train" else f"{p['seconds']:.3f} s"
         name = p["name"] + (" (extra)" if p.get("extra") else "")
         comp = f"{p['compile_s']:.1f}" if p["compile_s"] is not None else "-"
-        print(f"| {name} | {t} | {p['tokens_per_s']:,.0f} | {p['s_per_1m_tokens']:.2f} | {p['flops_per_token'] / 1e9:.4f} | "
-              f"{p['tflops']:.4f} | {100 * p['mfu']:.1f}% | {comp} | {fmt_mem(p)} |")
+        print(
+            f"| {name} | {t} | {p['tokens_per_s']:,.0f} | {p['s_per_1m_tokens']:.2f} "
+            f"| {p['flops_per_token'] / 1e9:.4f} | "
+            f"{p['tflops']:.4f} | {100 * p['mfu']:.1f}% | {comp} | {fmt_mem(p)} |"
+        )
     print()
     print("eval passes by part (seconds measured around slot_delta / ttt_train_chunk; scoring = the rest):")
     print("| pass | part | seconds | time share | GFLOP | FLOP share | MFU |")
@@ -538,32 +690,49 @@ def print_phases(r: dict):
             if not f and not sec:
                 continue
             mfu = p["mfu_parts"][part]
-            print(f"| {p['name']} | {part} | {sec:.3f} | {100 * sec / p['seconds']:.1f}% | {f / 1e9:.2f} | "
-                  f"{100 * f / p['flops']:.1f}% | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |")
+            print(
+                f"| {p['name']} | {part} | {sec:.3f} | {100 * sec / p['seconds']:.1f}% | {f / 1e9:.2f} | "
+                f"{100 * f / p['flops']:.1f}% | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
+            )
 
 
 def print_projection(pr: dict):
     print()
-    print(f"projection: {pr['gpus']}xH100 at {pr['tokens']:,} val tokens, H100 matmul rate {pr['h100_tflops']:.0f} "
-          f"TFLOP/s ({pr['h100_rate_source']}), MFU {pr['mfu_source']}, perfect scaling assumed")
+    print(
+        f"projection: {pr['gpus']}xH100 at {pr['tokens']:,} val tokens, H100 matmul rate {pr['h100_tflops']:.0f} "
+        f"TFLOP/s ({pr['h100_rate_source']}), MFU {pr['mfu_source']}, perfect scaling assumed"
+    )
     print("| pass | PFLOP | of which SLOT | of which TTT | MFU | projected s |")
     print("|---|---|---|---|---|---|")
     for row in pr["passes"]:
         mfu = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row["mfu"].items())
         fp = row["flops_parts"]
-        print(f"| {row['name']} | {row['flops'] / 1e15:.4g} | {100 * fp['slot'] / row['flops']:.1f}% | "
-              f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.3g} |")
+        print(
+            f"| {row['name']} | {row['flops'] / 1e15:.4g} | {100 * fp['slot'] / row['flops']:.1f}% | "
+            f"{100 * fp['ttt'] / row['flops']:.1f}% | {mfu} | {row['seconds']:.3g} |"
+        )
     t = pr["train_ms_per_step"]
-    print(f"training step at MFU {100 * t['mfu']:.0f}%: {t['plain']:.1f} ms before looping, {t['looped']:.1f} ms "
-          f"looped, {t['mean']:.1f} ms mean over the clock (PR #1855 logged ~96, ~141 and 121.7 ms on 8xH100)")
+    print(
+        f"training step at MFU {100 * t['mfu']:.0f}%: {t['plain']:.1f} ms before looping, {t['looped']:.1f} ms "
+        f"looped, {t['mean']:.1f} ms mean over the clock (PR #1855 logged ~96, ~141 and 121.7 ms on 8xH100)"
+    )
     verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
-    print(f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.4g} | | | | "
-          f"{pr['total_s']:.3g} ({verdict} the {pr['budget_s']:.0f} s budget) |")
+    print(
+        f"| total (configured final evaluation) | {sum(x['flops'] for x in pr['passes']) / 1e15:.4g} | | | | "
+        f"{pr['total_s']:.3g} ({verdict} the {pr['budget_s']:.0f} s budget) |"
+    )
 
 
 def last_line(summ: dict) -> str:
-    keys = ("train_ms_per_step", "train_mfu", "final_eval_tokens_per_s", "final_eval_mfu", "slot_time_share",
-            "slot_flop_share", "projected_8xh100_eval_s")
+    keys = (
+        "train_ms_per_step",
+        "train_mfu",
+        "final_eval_tokens_per_s",
+        "final_eval_mfu",
+        "slot_time_share",
+        "slot_flop_share",
+        "projected_8xh100_eval_s",
+    )
     return "bench " + " ".join(f"{k}:{summ[k]:.6g}" for k in keys)
 
 
@@ -583,32 +752,46 @@ def readme_block(bench_json: str, run_json: str | None = None) -> str:
         pr = r["projection"]
         proj = {row["name"]: row for row in pr["passes"]}
         comp = lambda p: f"{p['compile_s']:.0f} s" if p.get("compile_s") is not None else "not compiled"
-        lines += [f"GPU figures: `tools/gpu_check.sh` on {r['device']} (torch {r['torch']}, attention {r['attention']}, "
-                  f"compile {'on' if r['compile'] else 'off'}, matmul peak measured {r['peak_flops'] / 1e12:.0f} TFLOP/s "
-                  f"{r['peak_what']}); {r['data']}; eval slice {r['val_tokens']:,} tokens.", "",
-                  "| phase | time | tokens/s | TFLOP/s | MFU | compile + warm-up | peak memory | projected 8×H100 |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"GPU figures: `tools/gpu_check.sh` on {r['device']} (torch {r['torch']}, attention {r['attention']}, "
+            f"compile {'on' if r['compile'] else 'off'}, matmul peak measured {r['peak_flops'] / 1e12:.0f} TFLOP/s "
+            f"{r['peak_what']}); {r['data']}; eval slice {r['val_tokens']:,} tokens.",
+            "",
+            "| phase | time | tokens/s | TFLOP/s | MFU | compile + warm-up | peak memory | projected 8×H100 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         if train:
-            lines.append(f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step | "
-                         f"{train['tokens_per_s']:,.0f} | {train['tflops']:.1f} | {100 * train['mfu']:.1f}% | {comp(train)} | "
-                         f"{train['peak_mem_mib']:,.0f} MiB | - |")
+            lines.append(
+                f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step | "
+                f"{train['tokens_per_s']:,.0f} | {train['tflops']:.1f} | {100 * train['mfu']:.1f}% | {comp(train)} | "
+                f"{train['peak_mem_mib']:,.0f} MiB | - |"
+            )
         for p in evals:
             projected = f"{proj[p['name']]['seconds']:.0f} s" if p["name"] in proj else "-"
-            lines.append(f"| {p['name']}{' (extra)' if p.get('extra') else ''} | {p['seconds']:.2f} s | {p['tokens_per_s']:,.0f} | "
-                         f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |")
+            lines.append(
+                f"| {p['name']}{' (extra)' if p.get('extra') else ''} | {p['seconds']:.2f} s "
+                f"| {p['tokens_per_s']:,.0f} | "
+                f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |"
+            )
         verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
         s = r["summary"]
-        lines += ["", f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
-                      f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
-                      f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
-                      f"{100 * s['slot_time_share']:.1f}% of the final pass's time, {100 * s['slot_flop_share']:.1f}% of its FLOPs."]
+        lines += [
+            "",
+            f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
+            f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
+            f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
+            f"{100 * s['slot_time_share']:.1f}% of the final pass's time, "
+            f"{100 * s['slot_flop_share']:.1f}% of its FLOPs.",
+        ]
     if run_json:
         try:
             run = json.loads(Path(run_json).read_text())
             rt = run["metrics"].get("final_int6_roundtrip_exact", {})
-            lines.append(f"Short run: {run.get('steps', '?')} steps on the sample, {run.get('step_avg_ms', float('nan')):.1f} "
-                         f"ms/step, round trip val_bpb {rt.get('val_bpb', float('nan')):.4f}, artifact "
-                         f"{run.get('bytes', {}).get('total', '?'):,} bytes.")
+            lines.append(
+                f"Short run: {run.get('steps', '?')} steps on the sample, {run.get('step_avg_ms', float('nan')):.1f} "
+                f"ms/step, round trip val_bpb {rt.get('val_bpb', float('nan')):.4f}, artifact "
+                f"{run.get('bytes', {}).get('total', '?'):,} bytes."
+            )
         except (OSError, ValueError, KeyError, AttributeError):
             lines.append(f"Short run: no result ({run_json} missing or unreadable)")
     return "\n".join(lines)
@@ -616,10 +799,25 @@ def readme_block(bench_json: str, run_json: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- baseline comparison
 
+
 def worker_argv(args, module: Path, json_path: str) -> list[str]:
-    argv = [str(Path(__file__).resolve()), "--module", str(module), "--json", json_path,
-            "--train-steps", str(args.train_steps), "--train-warmup", str(args.train_warmup),
-            "--eval-repeats", str(args.eval_repeats), "--mfu", str(args.mfu), "--h100-tflops", str(args.h100_tflops)]
+    argv = [
+        str(Path(__file__).resolve()),
+        "--module",
+        str(module),
+        "--json",
+        json_path,
+        "--train-steps",
+        str(args.train_steps),
+        "--train-warmup",
+        str(args.train_warmup),
+        "--eval-repeats",
+        str(args.eval_repeats),
+        "--mfu",
+        str(args.mfu),
+        "--h100-tflops",
+        str(args.h100_tflops),
+    ]
     if args.val_tokens:
         argv += ["--val-tokens", str(args.val_tokens)]
     if args.peak_tflops:
@@ -639,8 +837,9 @@ def phase_times(result: dict) -> dict:
 
 
 def compare(args) -> dict:
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", args.baseline + "^{commit}"],
-                         capture_output=True, text=True)
+    rev = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", args.baseline + "^{commit}"], capture_output=True, text=True
+    )
     if rev.returncode:
         raise SystemExit(f"error: --baseline {args.baseline!r} is not a revision of {ROOT}")
     sha = rev.stdout.strip()
@@ -667,8 +866,10 @@ def compare(args) -> dict:
     names = list(dict.fromkeys([k for t in times["current"][:1] + times["baseline"][:1] for k in t]))
     ratios = {}
     print()
-    print(f"current ({sides['current']}) vs baseline {args.baseline} ({sha[:10]}), {args.rounds} interleaved rounds, "
-          f"median seconds; ratio = current / baseline time (< 1: current is faster). Noisy on a shared machine.")
+    print(
+        f"current ({sides['current']}) vs baseline {args.baseline} ({sha[:10]}), {args.rounds} interleaved rounds, "
+        f"median seconds; ratio = current / baseline time (< 1: current is faster). Noisy on a shared machine."
+    )
     print("| phase | current s | baseline s | ratio | current rounds | baseline rounds |")
     print("|---|---|---|---|---|---|")
     for name in names:
@@ -677,43 +878,75 @@ def compare(args) -> dict:
         if cur and base:
             ratios[name] = statistics.median(cur) / statistics.median(base)
         med = lambda xs: f"{statistics.median(xs):.4f}" if xs else "-"
-        print(f"| {name} | {med(cur)} | {med(base)} | {ratios[name]:.3f} | " if name in ratios else
-              f"| {name} | {med(cur)} | {med(base)} | - | ", end="")
+        print(
+            f"| {name} | {med(cur)} | {med(base)} | {ratios[name]:.3f} | "
+            if name in ratios
+            else f"| {name} | {med(cur)} | {med(base)} | - | ",
+            end="",
+        )
         print(f"{' '.join(f'{x:.4f}' for x in cur)} | {' '.join(f'{x:.4f}' for x in base)} |")
     cur_p = statistics.median(x["projection"]["total_s"] for x in runs["current"])
     base_p = statistics.median(x["projection"]["total_s"] for x in runs["baseline"])
-    print(f"projected 8xH100 final evaluation: current {cur_p:.3g} s, baseline {base_p:.3g} s, ratio {cur_p / base_p:.3f}")
+    print(
+        f"projected 8xH100 final evaluation: current {cur_p:.3g} s, baseline {base_p:.3g} s, ratio {cur_p / base_p:.3f}"
+    )
     for name in names:
         if name in ratios:
             print(f"ratio {name} current/baseline:{ratios[name]:.4f}")
-    return dict(baseline=args.baseline, baseline_sha=sha, rounds=args.rounds, ratios=ratios, runs=runs,
-                projected_ratio=cur_p / base_p)
+    return dict(
+        baseline=args.baseline,
+        baseline_sha=sha,
+        rounds=args.rounds,
+        ratios=ratios,
+        runs=runs,
+        projected_ratio=cur_p / base_p,
+    )
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Settings come from the environment, as for train_gpt.py.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Settings come from the environment, as for train_gpt.py."
+    )
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5; 0 = no training phase)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
-    p.add_argument("--val-tokens", type=int, default=0,
-                   help="val slice for the eval passes (default: 2 TTT chunks, at least 4 EVAL_SEQ_LEN)")
+    p.add_argument(
+        "--val-tokens",
+        type=int,
+        default=0,
+        help="val slice for the eval passes (default: 2 TTT chunks, at least 4 EVAL_SEQ_LEN)",
+    )
     p.add_argument("--eval-repeats", type=int, default=1, help="timed passes after the warm-up pass (default 1)")
     p.add_argument("--no-extra", action="store_true", help="skip the final pass without SLOT")
     p.add_argument("--project-8xh100", action="store_true", help="print the projected 8xH100 eval seconds per pass")
-    p.add_argument("--project-only", action="store_true",
-                   help="measure nothing: print the FLOP count and projection of the configured evaluation at --mfu")
+    p.add_argument(
+        "--project-only",
+        action="store_true",
+        help="measure nothing: print the FLOP count and projection of the configured evaluation at --mfu",
+    )
     p.add_argument("--mfu", type=float, default=0.35, help="MFU assumed for the projection off a GPU (default 0.35)")
-    p.add_argument("--h100-tflops", type=float, default=H100_MATMUL_TFLOPS,
-                   help=f"H100 bf16 matmul rate for the projection unless measured on a Hopper GPU (default {H100_MATMUL_TFLOPS:.0f})")
+    p.add_argument(
+        "--h100-tflops",
+        type=float,
+        default=H100_MATMUL_TFLOPS,
+        help="H100 bf16 matmul rate for the projection unless measured on a Hopper GPU "
+        f"(default {H100_MATMUL_TFLOPS:.0f})",
+    )
     p.add_argument("--peak-tflops", type=float, default=0, help="use this matmul peak instead of measuring it")
     p.add_argument("--baseline", help="also measure this git revision, interleaved, and print ratios")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per side with --baseline (default 2)")
-    p.add_argument("--nproc", type=int, default=1, help="with --baseline: run each side under torchrun with N processes")
-    p.add_argument("--summary", nargs="+", metavar="JSON",
-                   help="print tools/gpu_check.sh's README block from a --json file and a train_gpt.py summary JSON")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="with --baseline: run each side under torchrun with N processes"
+    )
+    p.add_argument(
+        "--summary",
+        nargs="+",
+        metavar="JSON",
+        help="print tools/gpu_check.sh's README block from a --json file and a train_gpt.py summary JSON",
+    )
     p.add_argument("--module", default=str(ROOT / "train_gpt.py"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.eval_repeats < 1 or args.train_steps < 0 or args.train_warmup < 0 or args.rounds < 1:

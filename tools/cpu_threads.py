@@ -13,9 +13,16 @@ the two-at-once/alone ratio and the alone time against `default` (OpenMP as torc
 Run it on an otherwise idle machine: any other job changes the two-at-once figures. Settings (NUM_LAYERS,
 TRAIN_BATCH_TOKENS, ...) come from the environment as for train_gpt.py, on top of a small default shape.
 """
+
 from __future__ import annotations
 
-import argparse, json, os, statistics, subprocess, sys, time
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,15 +38,29 @@ OPTIONS = {  # name -> environment (None: removed)
     "active": dict(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS=None, GOMP_SPINCOUNT=None),
     "one_thread": dict(OMP_WAIT_POLICY=None, OMP_NUM_THREADS="1", GOMP_SPINCOUNT=None),
 }
-SHAPE = dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", VE_LAYERS="2,3",
-             XSA_LAST_N="2", BIGRAM_VOCAB_SIZE="256", BIGRAM_DIM="16", VE_DIM="16", TRAIN_SEQ_LEN="128",
-             TRAIN_BATCH_TOKENS="4096", RUN_ID="threads")
+SHAPE = dict(
+    NUM_LAYERS="4",
+    MODEL_DIM="128",
+    NUM_HEADS="4",
+    NUM_KV_HEADS="2",
+    MLP_MULT="2",
+    VE_LAYERS="2,3",
+    XSA_LAST_N="2",
+    BIGRAM_VOCAB_SIZE="256",
+    BIGRAM_DIM="16",
+    VE_DIM="16",
+    TRAIN_SEQ_LEN="128",
+    TRAIN_BATCH_TOKENS="4096",
+    RUN_ID="threads",
+)
 
 
 def worker(steps: int, warmup: int) -> None:
     import torch  # first: the environment above is what OpenMP sees
+
     sys.path.insert(0, str(ROOT))
     import train_gpt as tg
+
     s = tg.parse_settings({**SHAPE, **{k: v for k, v in os.environ.items() if k in tg.DEFAULTS}})
     torch.manual_seed(0)
     model = tg.GPT(s)
@@ -95,8 +116,10 @@ def main() -> int:
             pair[n].append(statistics.mean(w["step_s"] for w in two))
             threads[n] = one["threads"]
             both = " ".join(f"{w['step_s'] * 1000:.0f}" for w in two)
-            print(f"repeat {r + 1}/{args.repeats} {n}: alone {one['step_s'] * 1000:.0f} ms, two at once {both} ms",
-                  flush=True)
+            print(
+                f"repeat {r + 1}/{args.repeats} {n}: alone {one['step_s'] * 1000:.0f} ms, two at once {both} ms",
+                flush=True,
+            )
     med = statistics.median
     base = med(alone["default"]) if "default" in alone else None
     print(f"\n{CORES} usable cores; median step ms over {args.repeats} repeats [min-max]; ratio = two at once / alone")
@@ -106,7 +129,10 @@ def main() -> int:
         env = " ".join(f"{k}={v}" for k, v in OPTIONS[n].items() if v is not None) or "(none set)"
         rng = lambda xs: f"{med(xs) * 1000:.0f} [{min(xs) * 1000:.0f}-{max(xs) * 1000:.0f}]"  # noqa: E731
         vs = f"{med(alone[n]) / base:.3f}" if base else "-"
-        print(f"| {n} | {env} | {threads[n]} | {rng(alone[n])} | {rng(pair[n])} | {med(pair[n]) / med(alone[n]):.2f} | {vs} |")
+        print(
+            f"| {n} | {env} | {threads[n]} | {rng(alone[n])} | {rng(pair[n])} "
+            f"| {med(pair[n]) / med(alone[n]):.2f} | {vs} |"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ torch comes first, because a bare `torch` requirement makes pip take PyPI's Linu
 Then `pip install -r requirements.txt` (or -dev), skipped when every package listed there is already installed.
 The decision is decide_torch(), a pure function (tests/test_install.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_TORCH = (2, 11)
-CPU_TORCH = "torch==2.13.0+cpu"          # the version the CPU tests run on
+CPU_TORCH = "torch==2.13.0+cpu"  # the version the CPU tests run on
 WHEEL_INDEX = "https://download.pytorch.org/whl"
 # PyTorch's CUDA builds (index name, lowest driver CUDA version that runs it), newest first.
 CUDA_BUILDS = (("cu130", (13, 0)), ("cu128", (12, 8)), ("cu126", (12, 6)))
@@ -41,17 +42,18 @@ PROBE_TIMEOUT_S = 4
 
 @dataclass
 class Plan:
-    pip_args: list[str] = field(default_factory=list)   # arguments after `pip install`; empty: nothing to install
+    pip_args: list[str] = field(default_factory=list)  # arguments after `pip install`; empty: nothing to install
     why: str = ""
-    uninstall_first: bool = False                         # a torch build of the wrong kind is in the way
+    uninstall_first: bool = False  # a torch build of the wrong kind is in the way
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
-def decide_torch(installed: str | None, installed_is_cuda: bool, driver_cuda: tuple[int, int] | None,
-                 reachable) -> Plan:
+def decide_torch(
+    installed: str | None, installed_is_cuda: bool, driver_cuda: tuple[int, int] | None, reachable
+) -> Plan:
     """What to install for torch. installed: the installed torch version (None: none); installed_is_cuda: it is a
     CUDA build; driver_cuda: the CUDA version the NVIDIA driver supports (None: no working NVIDIA GPU);
     reachable(url) -> bool: whether a wheel index answers."""
@@ -64,25 +66,37 @@ def decide_torch(installed: str | None, installed_is_cuda: bool, driver_cuda: tu
             return Plan([CPU_TORCH, "--extra-index-url", index], f"no NVIDIA GPU: the CPU build from {index}")
         return Plan([CPU_TORCH], f"no NVIDIA GPU and {index} does not answer: the CPU build from pip's own sources")
     if recent and installed_is_cuda:
-        return Plan(why=f"torch {installed} (a CUDA build) is installed; the driver supports CUDA "
-                        f"{driver_cuda[0]}.{driver_cuda[1]}")
+        return Plan(
+            why=f"torch {installed} (a CUDA build) is installed; the driver supports CUDA "
+            f"{driver_cuda[0]}.{driver_cuda[1]}"
+        )
     build = next((name for name, lowest in CUDA_BUILDS if driver_cuda >= lowest), None)
     wanted = f"torch>={'.'.join(map(str, MIN_TORCH))}"
-    replace = installed is not None   # an old torch, or a CPU build on a GPU machine
+    replace = installed is not None  # an old torch, or a CPU build on a GPU machine
     if build is None:
         oldest = CUDA_BUILDS[-1]
-        raise SystemExit(f"error: the NVIDIA driver supports CUDA {driver_cuda[0]}.{driver_cuda[1]}; the oldest "
-                         f"CUDA build of torch known here ({oldest[0]}) needs {oldest[1][0]}.{oldest[1][1]}: "
-                         f"update the driver, or install torch yourself and run this again")
+        raise SystemExit(
+            f"error: the NVIDIA driver supports CUDA {driver_cuda[0]}.{driver_cuda[1]}; the oldest "
+            f"CUDA build of torch known here ({oldest[0]}) needs {oldest[1][0]}.{oldest[1][1]}: "
+            f"update the driver, or install torch yourself and run this again"
+        )
     index = f"{WHEEL_INDEX}/{build}"
     if reachable(index):
-        return Plan([wanted, "--index-url", index],
-                    f"driver CUDA {driver_cuda[0]}.{driver_cuda[1]}: the {build} build from {index}", replace)
-    return Plan([wanted], f"driver CUDA {driver_cuda[0]}.{driver_cuda[1]} but {index} does not answer: torch from "
-                          f"pip's own sources (PyPI's Linux wheels are CUDA builds)", replace)
+        return Plan(
+            [wanted, "--index-url", index],
+            f"driver CUDA {driver_cuda[0]}.{driver_cuda[1]}: the {build} build from {index}",
+            replace,
+        )
+    return Plan(
+        [wanted],
+        f"driver CUDA {driver_cuda[0]}.{driver_cuda[1]} but {index} does not answer: torch from "
+        f"pip's own sources (PyPI's Linux wheels are CUDA builds)",
+        replace,
+    )
 
 
 # ----------------------------------------------------------------------------- what the machine has
+
 
 def installed_torch() -> tuple[str | None, bool]:
     """(version, is a CUDA build) from the package metadata, without importing torch."""
@@ -139,7 +153,9 @@ def pip(*args: str, dry_run: bool) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dev", action="store_true", help="requirements-dev.txt (tests, plots) instead of requirements.txt")
+    ap.add_argument(
+        "--dev", action="store_true", help="requirements-dev.txt (tests, plots) instead of requirements.txt"
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the decisions and commands, install nothing")
     args = ap.parse_args(argv)
     version, is_cuda = installed_torch()
@@ -147,7 +163,7 @@ def main(argv=None) -> int:
     requirements = REPO_ROOT / ("requirements-dev.txt" if args.dev else "requirements.txt")
     missing = missing_requirements(requirements)
     if not (plan.pip_args or missing or args.dry_run):
-        return 0                  # everything is there: say nothing (run.sh calls this on every run)
+        return 0  # everything is there: say nothing (run.sh calls this on every run)
     print(f"torch: {plan.why}", flush=True)
     if plan.uninstall_first:
         pip("uninstall", "-y", "torch", dry_run=args.dry_run)

@@ -5,9 +5,10 @@
 
 Model settings come from the file itself; export settings (MATRIX_BITS, EMBED_BITS, GPTQ_*) and DATA_PATH /
 TOKENIZER_PATH from the environment, as for train_gpt.py. STACK: the environment's if set, else the one the run log
-beside the file (OUTPUT_DIR/logs/RUN_ID.json of the run with the file's model settings) names, else seed. Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's
-settings with that QUANT) and record_scheme (PR #1855's: QUANT=gptq QUANT_SCALES=sdclip GPTQ_EMBED=1 GATE_INT8=1
-LQER_ENABLED=1 on top of the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor
+beside the file (OUTPUT_DIR/logs/RUN_ID.json of the run with the file's model settings) names, else seed.
+Candidates, each quantized and packed from the same weights: gptq_lite and gptq (the stack's settings with that
+QUANT) and record_scheme (PR #1855's: QUANT=gptq QUANT_SCALES=sdclip GPTQ_EMBED=1 GATE_INT8=1 LQER_ENABLED=1 on top of
+the stack's settings); the default is the one of the stack's QUANT. Prints, per tensor
 (--per-tensor): shape, precision, order-0 entropy of its symbols, bytes under each packer and weight MSE; then the
 bytes of every candidate x packer, the order-0 bound, and (with the data) the val bpb of the float model and of each
 candidate's round trip on a val slice. The last line is
@@ -17,18 +18,28 @@ for scripts:
 (gaps in val bpb, round trip minus float; bytes of the whole packed model; L, K, E, Z, P of the default candidate;
 E = order-0 bound of the symbols + the unquantized tensors' bytes; Z = brotli_shuffle, -1 without the package;
 P = PR #1855's per-group lrzip packing of the same tensors, only where the lrzip binary is installed).
---many: every candidate on each file, a table of gap and bytes (train_gpt.py's artifact) per file, then mean, sample standard
-deviation and range of each candidate's gap over the files; last line
+--many: every candidate on each file, a table of gap and bytes (train_gpt.py's artifact) per file, then mean, sample
+standard deviation and range of each candidate's gap over the files; last line
     quant_report_many files:N default_mean_gap:D default_sd_gap:d record_scheme_mean_gap:R ... gptq_lite_sd_gap:g
 --bits B1,B2,...: every candidate at each MATRIX_BITS (and the stack's own), so that gaps compare at equal bytes: the
---many table at the stack's MATRIX_BITS, then per file each candidate's (bytes, gap) curve and, at each of its points inside the default curve's byte range, the
-default's gap there over the candidate's; last line
+--many table at the stack's MATRIX_BITS, then per file each candidate's (bytes, gap) curve and, at each of its
+points inside the default curve's byte range, the default's gap there over the candidate's; last line
     quant_report_equal_bytes files:N default_over_gptq_mean:X gptq_points:n default_over_record_scheme_mean:Y ...
 Packers that only this report tries (brotli with byte shuffling, zstd, 6-bit packing + LZMA) need their packages.
 """
+
 from __future__ import annotations
 
-import argparse, json, lzma, math, os, shutil, subprocess, sys, tempfile, time
+import argparse
+import json
+import lzma
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +56,7 @@ def file_stack(path: Path, env=os.environ) -> tuple:
     if "STACK" in env:
         return env["STACK"], "environment"
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["pgolf"])["config"]
     runs = []
@@ -64,6 +76,7 @@ def file_stack(path: Path, env=os.environ) -> tuple:
 def settings_for(path: Path, env=os.environ) -> dict:
     """parse_settings of the environment, with the model settings the float file was trained with."""
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         config = json.loads(f.metadata()["pgolf"])["config"]
     env = dict(env)
@@ -83,7 +96,7 @@ def shuffled(raw: np.ndarray, width: int) -> bytes:
 def bitpacked(q: np.ndarray, bits: int) -> bytes:
     """The symbols (q + max_q) in exactly `bits` bits each."""
     sym = (q.astype(np.int64).ravel() + 2 ** (bits - 1) - 1).astype(np.uint8)
-    return np.packbits(np.unpackbits(sym[:, None], axis=1)[:, 8 - bits:].ravel()).tobytes()
+    return np.packbits(np.unpackbits(sym[:, None], axis=1)[:, 8 - bits :].ravel()).tobytes()
 
 
 def extra_packers() -> dict:
@@ -91,20 +104,27 @@ def extra_packers() -> dict:
     out = {}
     try:
         import brotli
-        out["brotli_shuffle"] = lambda tensors, scheme: brotli.compress(b"".join(
-            shuffled(t.numpy(), t.element_size()) for _, t in sorted(tensors.items())), quality=11)
+
+        out["brotli_shuffle"] = lambda tensors, scheme: brotli.compress(
+            b"".join(shuffled(t.numpy(), t.element_size()) for _, t in sorted(tensors.items())), quality=11
+        )
         if shutil.which("lrzip"):  # a report column only: no artifact needs it
             out["lrzip_pergroup"] = lrzip_pergroup
     except ImportError:
         pass
     try:
         import zstandard
+
         out["zstd"] = lambda tensors, scheme: zstandard.ZstdCompressor(level=22).compress(save_tensors(tensors))
     except ImportError:
         pass
-    out["bitpack_lzma"] = lambda tensors, scheme: lzma.compress(b"".join(
-        bitpacked(t.numpy(), int(scheme[k[:-2]][3:])) if k.endswith(".q") else t.numpy().tobytes()
-        for k, t in sorted(tensors.items())), preset=9)
+    out["bitpack_lzma"] = lambda tensors, scheme: lzma.compress(
+        b"".join(
+            bitpacked(t.numpy(), int(scheme[k[:-2]][3:])) if k.endswith(".q") else t.numpy().tobytes()
+            for k, t in sorted(tensors.items())
+        ),
+        preset=9,
+    )
     return out
 
 
@@ -119,8 +139,11 @@ def lrzip(data: bytes) -> int:
         Path(d, "x").write_bytes(data)
         sizes = []
         for extra in ([], ["-T"]):
-            subprocess.run(["lrzip", "-q", "-f", "-z", "-L", "9", *extra, "-o", f"{d}/y", f"{d}/x"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["lrzip", "-q", "-f", "-z", "-L", "9", *extra, "-o", f"{d}/y", f"{d}/x"],
+                check=True,
+                capture_output=True,
+            )
             sizes.append(Path(d, "y").stat().st_size)
     return min(sizes)
 
@@ -143,6 +166,7 @@ def lrzip_pergroup(tensors: dict, scheme: dict, compress=None) -> bytes:
     tensors, LQER factors) through brotli q11 of safetensors, and the row orders as uint16 through brotli.
     Returns a placeholder of that many bytes (only its length is reported)."""
     import brotli
+
     groups, rest, orders = {g: [] for g in RECORD_GROUPS}, dict(tensors), []
     for k in tg.coded_names(scheme):
         role = next((g for g in RECORD_GROUPS if g in "." + k), None)
@@ -172,8 +196,10 @@ def tensor_rows(tensors: dict, scheme: dict, flat: dict) -> list[dict]:
             # rANS: this tensor's words and lane states alone (the shared head is not split per tensor).
             sym = q.numpy().astype(np.int64).ravel() + 127
             states, _, words = tg.rans_encode(sym, tg.rans_tables(np.bincount(sym, minlength=255)[None]), 64)
-            row["bytes"] = dict(rans=2 * len(words) + 4 * len(states) + 2 * scale.numel(),
-                                lzma=len(lzma.compress(q.numpy().tobytes() + scale.numpy().tobytes(), preset=9)))
+            row["bytes"] = dict(
+                rans=2 * len(words) + 4 * len(states) + 2 * scale.numel(),
+                lzma=len(lzma.compress(q.numpy().tobytes() + scale.numpy().tobytes(), preset=9)),
+            )
             back = tg.dequantize(tensors, name)  # with LQER's A B where the tensor has factors
         else:
             t = tensors[name]
@@ -193,7 +219,6 @@ def entropy_bound(tensors: dict, scheme: dict) -> float:
         else:
             total += t.numel() * t.element_size()
     return total
-
 
 
 RECORD_SCHEME = dict(QUANT="gptq", QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1)
@@ -227,8 +252,9 @@ def eval_model(run, weights):
     return model
 
 
-def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool,
-            bits: list | None = None) -> dict:
+def measure(
+    path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool, per_tensor: bool, bits: list | None = None
+) -> dict:
     """Every candidate on one float file: bytes by packer, order-0 bound, times, and (with the data) val bpb."""
     stack, stack_source = file_stack(path)
     s = settings_for(path, dict(os.environ, STACK=stack))
@@ -252,7 +278,9 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
     if not no_eval:
         val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], val_tokens)
         luts = tg.byte_counter(s, tg.load_tokenizer(s), val.numel(), run.device)[0]
-        bpb["float"] = tg.evaluate(eval_model(run, state), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False)[1]
+        bpb["float"] = tg.evaluate(
+            eval_model(run, state), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False
+        )[1]
     results = {}
     for label, c in cands.items():
         h = None
@@ -265,23 +293,37 @@ def measure(path: Path, val_tokens: int, no_eval: bool, quant: str, extras: bool
         blob = tg.pack(tensors, scheme, c)
         t1 = time.perf_counter()
         tg.unpack(blob)
-        sizes = dict(rans=dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1),
-                     lzma=dict(bytes=len(lzma.compress(save_tensors(tensors), preset=9))))  # a baseline: safetensors + xz
+        sizes = dict(
+            rans=dict(bytes=len(blob), pack_s=t1 - t0, unpack_s=time.perf_counter() - t1),
+            lzma=dict(bytes=len(lzma.compress(save_tensors(tensors), preset=9))),
+        )  # a baseline: safetensors + xz
         if extras:
             for comp, fn in extra_packers().items():
                 sizes[comp] = dict(bytes=len(fn(tensors, scheme)))
-        results[label] = dict(quantize_s=quant_s, packers=sizes, bytes=len(blob), entropy_bytes=entropy_bound(tensors, scheme),
-                              lqer=[k for k in scheme if k + ".lqa" in tensors])
+        results[label] = dict(
+            quantize_s=quant_s,
+            packers=sizes,
+            bytes=len(blob),
+            entropy_bytes=entropy_bound(tensors, scheme),
+            lqer=[k for k in scheme if k + ".lqa" in tensors],
+        )
         if per_tensor:
             results[label]["tensors"] = tensor_rows(tensors, scheme, flat)
         if not no_eval:
             weights = tg.dequantize_state(tensors, scheme, s["NUM_LAYERS"])
-            bpb[label] = tg.evaluate(eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False,
-                                     slot=False)[1]
+            bpb[label] = tg.evaluate(
+                eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False
+            )[1]
         results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
     default = s["QUANT"] if any(k.split("@")[0] == s["QUANT"] for k in results) else "gptq_lite"
-    return dict(settings=s, stack_source=stack_source, results=results, val_bpb=bpb, calibration_s=calib_s,
-                default=default + (f"@{s['MATRIX_BITS']}" if bits else ""))
+    return dict(
+        settings=s,
+        stack_source=stack_source,
+        results=results,
+        val_bpb=bpb,
+        calibration_s=calib_s,
+        default=default + (f"@{s['MATRIX_BITS']}" if bits else ""),
+    )
 
 
 def print_one(m: dict, args) -> None:
@@ -292,13 +334,17 @@ def print_one(m: dict, args) -> None:
         print(f"{'tensor':34s} {'shape':>12s} {'prec':>5s} {'H bits':>6s} {'rans':>9s} {'lzma':>9s} {'mse':>10s}")
         for r in results[last]["tensors"]:
             b = r["bytes"]
-            print(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
-                  f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
-                  f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}")
+            print(
+                f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>12s} {r['precision']:>5s} "
+                f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
+                f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}"
+            )
     print(f"stack:{s['STACK']} from {m['stack_source']} (its settings are the candidates' base)")
     if m["calibration_s"]:
-        print(f"calibration: {m['calibration_s']:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, "
-              f"source {s['GPTQ_CALIB']})")
+        print(
+            f"calibration: {m['calibration_s']:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, "
+            f"source {s['GPTQ_CALIB']})"
+        )
     packers = list(results["gptq_lite"]["packers"])
     print("| candidate | " + " | ".join(packers) + " | order-0 bound | val bpb | gap |")
     print("|---|" + "---:|" * (len(packers) + 3))
@@ -306,24 +352,34 @@ def print_one(m: dict, args) -> None:
         cells = [f"{r['packers'][p]['bytes']:,}" for p in packers]
         gap = f"{r['gap']:+.6f}" if bpb else "-"
         name = label + (" (default)" if label == m["default"] else "")
-        print(f"| {name} | " + " | ".join(cells) + f" | {r['entropy_bytes']:,.0f} | "
-              f"{bpb.get(label, float('nan')):.6f} | {gap} |")
+        print(
+            f"| {name} | " + " | ".join(cells) + f" | {r['entropy_bytes']:,.0f} | "
+            f"{bpb.get(label, float('nan')):.6f} | {gap} |"
+        )
     if bpb:
         print(f"float val bpb: {bpb['float']:.6f} on {args.val_tokens} val tokens")
     for label, r in results.items():
-        print(f"{label}: quantize {r['quantize_s']:.1f}s; " + "; ".join(
-            f"{p} pack {v['pack_s']:.1f}s unpack {v['unpack_s']:.1f}s" for p, v in r["packers"].items() if "pack_s" in v)
-              + (f"; lqer {','.join(r['lqer'])}" if r["lqer"] else ""))
+        print(
+            f"{label}: quantize {r['quantize_s']:.1f}s; "
+            + "; ".join(
+                f"{p} pack {v['pack_s']:.1f}s unpack {v['unpack_s']:.1f}s"
+                for p, v in r["packers"].items()
+                if "pack_s" in v
+            )
+            + (f"; lqer {','.join(r['lqer'])}" if r["lqer"] else "")
+        )
     default = results[m["default"]]
     best = min(default["packers"], key=lambda p: default["packers"][p]["bytes"])
     gap = lambda k: results[k]["gap"] if k in results else float("nan")
     brotli = default["packers"].get("brotli_shuffle", dict(bytes=-1))["bytes"]
     lrzip_bytes = default["packers"].get("lrzip_pergroup", dict(bytes=None))["bytes"]
-    print(f"quant_report float_bpb:{bpb.get('float', float('nan')):.6f} gptq_lite_gap:{gap('gptq_lite'):.6f} "
-          f"gptq_gap:{gap('gptq'):.6f} lzma_bytes:{default['packers']['lzma']['bytes']} "
-          f"best_bytes:{default['packers'][best]['bytes']} entropy_bytes:{default['entropy_bytes']:.0f} "
-          f"best_compressor:{best} default_gap:{default['gap']:.8f} record_scheme_gap:{gap('record_scheme'):.8f} "
-          f"brotli_bytes:{brotli}" + (f" lrzip_pergroup_bytes:{lrzip_bytes}" if lrzip_bytes else ""))
+    print(
+        f"quant_report float_bpb:{bpb.get('float', float('nan')):.6f} gptq_lite_gap:{gap('gptq_lite'):.6f} "
+        f"gptq_gap:{gap('gptq'):.6f} lzma_bytes:{default['packers']['lzma']['bytes']} "
+        f"best_bytes:{default['packers'][best]['bytes']} entropy_bytes:{default['entropy_bytes']:.0f} "
+        f"best_compressor:{best} default_gap:{default['gap']:.8f} record_scheme_gap:{gap('record_scheme'):.8f} "
+        f"brotli_bytes:{brotli}" + (f" lrzip_pergroup_bytes:{lrzip_bytes}" if lrzip_bytes else "")
+    )
 
 
 def spread(values: list) -> tuple:
@@ -334,8 +390,10 @@ def spread(values: list) -> tuple:
 
 def print_many(ms: dict, args) -> None:
     """One row per file: gap and bytes of each candidate of MANY; then mean, sd and range of each gap."""
+
     def cell(m, c):
         return m["results"][m["default"] if c == "default" else c] if (c == "default" or c in m["results"]) else None
+
     print("| file | stack | " + " | ".join(f"{c} gap | {c} bytes" for c in MANY) + " |")
     print("|---|---|" + "---:|" * (2 * len(MANY)))
     for path, m in ms.items():
@@ -350,15 +408,20 @@ def print_many(ms: dict, args) -> None:
         stats[c] = spread(gaps) if gaps else (float("nan"),) * 4
     for i, row in enumerate(("mean", "sd", "min", "max")):
         print(f"| {row} | | " + " | ".join(f"{stats[c][i]:{'.8f' if row == 'sd' else '+.8f'}} | " for c in MANY) + "|")
-    print("quant_report_many files:%d " % len(ms) + " ".join(
-        f"{c}_mean_gap:{stats[c][0]:.8f} {c}_sd_gap:{stats[c][1]:.8f}" for c in MANY))
+    print(
+        "quant_report_many files:%d " % len(ms)
+        + " ".join(f"{c}_mean_gap:{stats[c][0]:.8f} {c}_sd_gap:{stats[c][1]:.8f}" for c in MANY)
+    )
 
 
 def at_own_bits(m: dict) -> dict:
     """A --bits measurement seen as a plain one: the candidates at the stack's MATRIX_BITS, labelled without @bits."""
     own = f"@{m['settings']['MATRIX_BITS']}"
-    return dict(m, results={k[:-len(own)]: r for k, r in m["results"].items() if k.endswith(own)},
-                default=m["default"][:-len(own)])
+    return dict(
+        m,
+        results={k[: -len(own)]: r for k, r in m["results"].items() if k.endswith(own)},
+        default=m["default"][: -len(own)],
+    )
 
 
 def print_equal_bytes(ms: dict, bits: list) -> None:
@@ -367,13 +430,22 @@ def print_equal_bytes(ms: dict, bits: list) -> None:
     the gap ratio at equal bytes (< 1: the default loses less). Last line: the mean ratio per candidate."""
     bits = sorted(set(bits) | {m["settings"]["MATRIX_BITS"] for m in ms.values()})
     labels = ("gptq", "record_scheme", "gptq_lite")
-    print("| file | default | " + " | ".join(f"{c}: bytes / gap at MATRIX_BITS {', '.join(map(str, bits))} | default "
-                                            f"gap / {c} gap, at equal bytes" for c in labels) + " |")
+    print(
+        "| file | default | "
+        + " | ".join(
+            f"{c}: bytes / gap at MATRIX_BITS {', '.join(map(str, bits))} | default gap / {c} gap, at equal bytes"
+            for c in labels
+        )
+        + " |"
+    )
     print("|---|---|" + "---|---|" * len(labels))
     ratios = {c: [] for c in labels}
     for path, m in ms.items():
-        curve = lambda c: [(m["results"][f"{c}@{b}"]["bytes"], m["results"][f"{c}@{b}"]["gap"]) for b in bits
-                           if f"{c}@{b}" in m["results"]]
+        curve = lambda c: [
+            (m["results"][f"{c}@{b}"]["bytes"], m["results"][f"{c}@{b}"]["gap"])
+            for b in bits
+            if f"{c}@{b}" in m["results"]
+        ]
         default = curve(m["default"].split("@")[0])
         cells = []
         for c in labels:
@@ -383,27 +455,49 @@ def print_equal_bytes(ms: dict, bits: list) -> None:
                 if d == d and gap > 0:
                     here.append(d / gap)
                     ratios[c].append(d / gap)
-            cells += ["; ".join(f"{b:,} / {gap:+.8f}" for b, gap in pts),
-                      ", ".join(f"{r:.2f}" for r in here) or "no common bytes"]
+            cells += [
+                "; ".join(f"{b:,} / {gap:+.8f}" for b, gap in pts),
+                ", ".join(f"{r:.2f}" for r in here) or "no common bytes",
+            ]
         ref = m["results"][m["default"]]
-        print(f"| {path} | {m['default']} ({ref['bytes']:,} bytes, gap {ref['gap']:+.8f}) | " + " | ".join(cells) + " |")
-    print("quant_report_equal_bytes files:%d " % len(ms) + " ".join(
-        f"default_over_{c}_mean:{np.mean(r) if r else float('nan'):.3f} {c}_points:{len(r)}" for c, r in ratios.items()))
+        print(
+            f"| {path} | {m['default']} ({ref['bytes']:,} bytes, gap {ref['gap']:+.8f}) | " + " | ".join(cells) + " |"
+        )
+    print(
+        "quant_report_equal_bytes files:%d " % len(ms)
+        + " ".join(
+            f"default_over_{c}_mean:{np.mean(r) if r else float('nan'):.3f} {c}_points:{len(r)}"
+            for c, r in ratios.items()
+        )
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("float_path", type=Path, nargs="?")
-    ap.add_argument("--many", type=Path, nargs="+", metavar="FLOAT_FILE",
-                    help="every candidate on each file: table of gap and bytes, then mean and spread of each gap")
+    ap.add_argument(
+        "--many",
+        type=Path,
+        nargs="+",
+        metavar="FLOAT_FILE",
+        help="every candidate on each file: table of gap and bytes, then mean and spread of each gap",
+    )
     ap.add_argument("--val-tokens", type=int, default=65536, help="val slice for the bpb columns")
     ap.add_argument("--no-eval", action="store_true", help="bytes only (no data needed)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--per-tensor", action="store_true", help="print the per-tensor table")
-    ap.add_argument("--bits", type=lambda v: sorted({int(b) for b in v.split(",")}), metavar="B1,B2,...",
-                    help="with --many: every candidate at each MATRIX_BITS, their gaps compared at equal bytes")
-    ap.add_argument("--quant", choices=("both", "gptq_lite"), default="both",
-                    help="gptq_lite: skip GPTQ and its calibration (e.g. bytes of a large model on a CPU)")
+    ap.add_argument(
+        "--bits",
+        type=lambda v: sorted({int(b) for b in v.split(",")}),
+        metavar="B1,B2,...",
+        help="with --many: every candidate at each MATRIX_BITS, their gaps compared at equal bytes",
+    )
+    ap.add_argument(
+        "--quant",
+        choices=("both", "gptq_lite"),
+        default="both",
+        help="gptq_lite: skip GPTQ and its calibration (e.g. bytes of a large model on a CPU)",
+    )
     args = ap.parse_args()
     paths = args.many or ([args.float_path] if args.float_path else [])
     if not paths or (args.many and args.float_path):
@@ -413,8 +507,18 @@ def main() -> int:
             print(f"error: {p} not found; train_gpt.py writes it to OUTPUT_DIR/{tg.FLOAT_NAME}", file=sys.stderr)
             return 2
     try:
-        ms = {str(p): measure(p, args.val_tokens, args.no_eval, args.quant, extras=not args.many,
-                              per_tensor=args.per_tensor and not args.many, bits=args.bits) for p in paths}
+        ms = {
+            str(p): measure(
+                p,
+                args.val_tokens,
+                args.no_eval,
+                args.quant,
+                extras=not args.many,
+                per_tensor=args.per_tensor and not args.many,
+                bits=args.bits,
+            )
+            for p in paths
+        }
     except tg.Fail as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ A LOG is either a text log (ours, logs/<RUN_ID>.txt, or the reference's train_se
 JSON summary (logs/<RUN_ID>.json). Only the standard library is needed, plus scipy for the t-test
 (`--sota-val-loss`) and matplotlib for `plot`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ def warn(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- t-test
 
+
 def one_sided_t_test(values: list[float], threshold: float) -> tuple[float, float]:
     """t statistic and p-value for H0: mean >= threshold against H1: mean < threshold (scipy.stats.ttest_1samp)."""
     if len(values) < 2:
@@ -77,9 +79,13 @@ VAL_RE = re.compile(rf"step:(\d+)/(\d+) val_loss:({LOSS}) val_bpb:({LOSS}) train
 STOP_RE = re.compile(rf"stopping_early: wallclock_cap train_time:({NUM})ms step:(\d+)/(\d+)")
 MODEL_BYTES_RE = re.compile(r"Serialized model ([\w+.\-]+): (\d+) bytes")
 CODE_BYTES_RE = re.compile(r"Code size: (\d+) bytes(?: \(packed; source \d+ bytes\))?")
-TOTAL_BYTES_RE = re.compile(r"Total submission size(?: ([\w+.\-]+))?: (\d+) bytes(?: \(packed code \d+ \+ model \d+\))?")
-EVAL_RE = re.compile(rf"(?P<name>(?:final|legal)_[a-z0-9_]+)(?: eval:(?P<eval>[\w+.\-]+))?"
-                     rf" val_loss:(?P<loss>{LOSS}) val_bpb:(?P<bpb>{LOSS})(?P<extra>(?: [a-z_]+:[\w+.\-]+)*)")
+TOTAL_BYTES_RE = re.compile(
+    r"Total submission size(?: ([\w+.\-]+))?: (\d+) bytes(?: \(packed code \d+ \+ model \d+\))?"
+)
+EVAL_RE = re.compile(
+    rf"(?P<name>(?:final|legal)_[a-z0-9_]+)(?: eval:(?P<eval>[\w+.\-]+))?"
+    rf" val_loss:(?P<loss>{LOSS}) val_bpb:(?P<bpb>{LOSS})(?P<extra>(?: [a-z_]+:[\w+.\-]+)*)"
+)
 EVAL_TIME_RE = re.compile(rf"({NUM})ms")
 SEED_RE = re.compile(r"seed:(\d+)")
 COMMAND_RE = re.compile(r"run_command: (\S.*)")
@@ -263,8 +269,9 @@ def parse_log(path) -> RunLog:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             if path.suffix.lower() == ".json":
-                raise RecordError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); "
-                                  f"is the run still writing it?") from None
+                raise RecordError(
+                    f"{path}: invalid JSON ({e.msg} at line {e.lineno}); is the run still writing it?"
+                ) from None
         else:
             return parse_json_log(path, data)
     return parse_text_log(path, text)
@@ -276,21 +283,24 @@ def parse_scored_logs(paths, minimum: int) -> list[RunLog]:
     logs = [parse_log(p) for p in paths]
     for log in logs:
         if not log.has_score:
-            what = ("no `final` val_loss/val_bpb" if log.fmt == "json"
-                    else "no `..._exact val_loss:X val_bpb:Y` line")
-            raise RecordError(f"{log.path}: {what} with finite numbers; the run did not finish its evaluation "
-                              f"(or diverged)")
+            what = "no `final` val_loss/val_bpb" if log.fmt == "json" else "no `..._exact val_loss:X val_bpb:Y` line"
+            raise RecordError(
+                f"{log.path}: {what} with finite numbers; the run did not finish its evaluation (or diverged)"
+            )
     seen: dict[int, Path] = {}
     for log in logs:
         if log.seed is not None and log.seed in seen:
-            raise UsageError(f"seed {log.seed} appears in both {seen[log.seed]} and {log.path}: the same run given "
-                             f"twice (its .txt and .json?) would fake the statistics; give each run once")
+            raise UsageError(
+                f"seed {log.seed} appears in both {seen[log.seed]} and {log.path}: the same run given "
+                f"twice (its .txt and .json?) would fake the statistics; give each run once"
+            )
         if log.seed is not None:
             seen[log.seed] = log.path
     return logs
 
 
 # ----------------------------------------------------------------------------- stats
+
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
@@ -302,10 +312,19 @@ def results_rows(logs: list[RunLog]) -> list[list[str]]:
         size = _fmt(log.bytes_total, ",d")
         if log.over_limit:
             size += " OVER"
-        rows.append([log.path.name, _fmt(log.seed, "d"), _fmt(log.val_loss, ".8f"), _fmt(log.val_bpb, ".8f"),
-                     size, _fmt(log.steps, "d"),
-                     _fmt(None if log.train_time_ms is None else log.train_time_ms / 1000, ".1f"),
-                     _fmt(log.eval_time_s, ".1f"), log.score_name or "-"])
+        rows.append(
+            [
+                log.path.name,
+                _fmt(log.seed, "d"),
+                _fmt(log.val_loss, ".8f"),
+                _fmt(log.val_bpb, ".8f"),
+                size,
+                _fmt(log.steps, "d"),
+                _fmt(None if log.train_time_ms is None else log.train_time_ms / 1000, ".1f"),
+                _fmt(log.eval_time_s, ".1f"),
+                log.score_name or "-",
+            ]
+        )
     return rows
 
 
@@ -321,8 +340,13 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 def summarize(logs: list[RunLog], sota_val_loss: float | None, margin: float) -> dict:
     losses = [log.val_loss for log in logs]
     bpbs = [log.val_bpb for log in logs]
-    out = dict(n=len(logs), mean_val_loss=sum(losses) / len(losses), std_val_loss=sample_std(losses),
-               mean_val_bpb=sum(bpbs) / len(bpbs), std_val_bpb=sample_std(bpbs))
+    out = dict(
+        n=len(logs),
+        mean_val_loss=sum(losses) / len(losses),
+        std_val_loss=sample_std(losses),
+        mean_val_bpb=sum(bpbs) / len(bpbs),
+        std_val_bpb=sample_std(bpbs),
+    )
     if sota_val_loss is not None:
         out["threshold"] = sota_val_loss - margin
         out["t"], out["p_value"] = one_sided_t_test(losses, out["threshold"])
@@ -330,8 +354,10 @@ def summarize(logs: list[RunLog], sota_val_loss: float | None, margin: float) ->
 
 
 def summary_line(s: dict) -> str:
-    line = (f"mean_val_loss:{s['mean_val_loss']:.8f} std_val_loss:{s['std_val_loss']:.8f} "
-            f"mean_val_bpb:{s['mean_val_bpb']:.8f}")
+    line = (
+        f"mean_val_loss:{s['mean_val_loss']:.8f} std_val_loss:{s['std_val_loss']:.8f} "
+        f"mean_val_bpb:{s['mean_val_bpb']:.8f}"
+    )
     if "p_value" in s:
         line += f" p_value:{s['p_value']:.6g}"
     return line + f" n:{s['n']}"
@@ -339,7 +365,7 @@ def summary_line(s: dict) -> str:
 
 def cmd_stats(args) -> int:
     if args.sota_val_loss is not None:
-        one_sided_t_test([0.0, 1.0], 0.0)   # scipy missing: say so before reading any log
+        one_sided_t_test([0.0, 1.0], 0.0)  # scipy missing: say so before reading any log
     logs = parse_scored_logs(args.logs, minimum=2)
     print(text_table(RESULT_HEADER, results_rows(logs)))
     for log in logs:
@@ -348,8 +374,10 @@ def cmd_stats(args) -> int:
     s = summarize(logs, args.sota_val_loss, args.margin)
     print(f"std_val_bpb:{s['std_val_bpb']:.8f}")
     if "p_value" in s:
-        print(f"t_test: H0 mean_val_loss >= {args.sota_val_loss} - {args.margin} = {s['threshold']:.8f}; "
-              f"t={s['t']:.4f} df={s['n'] - 1}; significant at p<0.01: {'yes' if s['p_value'] < 0.01 else 'no'}")
+        print(
+            f"t_test: H0 mean_val_loss >= {args.sota_val_loss} - {args.margin} = {s['threshold']:.8f}; "
+            f"t={s['t']:.4f} df={s['n'] - 1}; significant at p<0.01: {'yes' if s['p_value'] < 0.01 else 'no'}"
+        )
     print(summary_line(s))
     return 0
 
@@ -362,8 +390,9 @@ SEED_ASSIGN_RE = re.compile(r"(?<!\S)SEED=\S+")
 
 def git_config(key: str) -> str | None:
     try:
-        r = subprocess.run(["git", "-C", str(REPO_ROOT), "config", "--get", key],
-                           capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "config", "--get", key], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     value = r.stdout.strip()
@@ -377,9 +406,15 @@ def run_command_section(logs: list[RunLog]) -> list[str]:
     if known:
         generic = {SEED_ASSIGN_RE.sub("SEED=<seed>", log.run_command) for log in known}
         if len(generic) == 1:
-            lines += ["Recovered from the logs (identical up to the seed):", "", "```bash",
-                      generic.pop(), "```", "", "with seeds " +
-                      ", ".join(str(log.seed) if log.seed is not None else "?" for log in known) + "."]
+            lines += [
+                "Recovered from the logs (identical up to the seed):",
+                "",
+                "```bash",
+                generic.pop(),
+                "```",
+                "",
+                "with seeds " + ", ".join(str(log.seed) if log.seed is not None else "?" for log in known) + ".",
+            ]
         else:
             lines += ["The logs record different commands:", ""]
             for log in known:
@@ -388,47 +423,86 @@ def run_command_section(logs: list[RunLog]) -> list[str]:
         if lines:
             lines.append("")
         names = ", ".join(f"`{log.path.name}`" for log in missing)
-        lines += [f"The run command is not recorded in {names} (reference-format logs do not print it). "
-                  "TODO: fill in the exact command, e.g.", "", "```bash",
-                  "SEED=<seed> <settings...> torchrun --standalone --nproc_per_node=8 train_gpt.py", "```"]
+        lines += [
+            f"The run command is not recorded in {names} (reference-format logs do not print it). "
+            "TODO: fill in the exact command, e.g.",
+            "",
+            "```bash",
+            "SEED=<seed> <settings...> torchrun --standalone --nproc_per_node=8 train_gpt.py",
+            "```",
+        ]
     return lines
 
 
-def readme_text(name: str, date: str, author: str, logs: list[RunLog], s: dict, blurb: str,
-                sota: float | None, margin: float) -> str:
+def readme_text(
+    name: str, date: str, author: str, logs: list[RunLog], s: dict, blurb: str, sota: float | None, margin: float
+) -> str:
     rows = results_rows(logs)
     header = ["seed", "val_loss", "val_bpb", "bytes_total", "steps", "train_s", "eval_s", "score", "log"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for log, r in zip(logs, rows):
         table.append("| " + " | ".join(r[1:] + [f"`{log.path.name}`"]) + " |")
     max_bytes = max((log.bytes_total for log in logs if log.bytes_total is not None), default=None)
-    lines = [f"# {name}", "", f"Date: {date}. Author: {author or 'TODO'}.", "", blurb, "", "## Results", "",
-             *table, "",
-             "train_s: training wallclock (cap 600 s); eval_s: total of the timed evaluation passes "
-             "(cap 600 s); score: the line or field the val_loss/val_bpb come from.", "",
-             f"Mean over {s['n']} run(s): val_loss {s['mean_val_loss']:.8f} (std {s['std_val_loss']:.8f}), "
-             f"val_bpb **{s['mean_val_bpb']:.8f}** (std {s['std_val_bpb']:.8f}). "
-             f"Largest artifact: {_fmt(max_bytes, ',d')} bytes (cap {ARTIFACT_LIMIT:,}).", "",
-             "## Significance", ""]
+    lines = [
+        f"# {name}",
+        "",
+        f"Date: {date}. Author: {author or 'TODO'}.",
+        "",
+        blurb,
+        "",
+        "## Results",
+        "",
+        *table,
+        "",
+        "train_s: training wallclock (cap 600 s); eval_s: total of the timed evaluation passes "
+        "(cap 600 s); score: the line or field the val_loss/val_bpb come from.",
+        "",
+        f"Mean over {s['n']} run(s): val_loss {s['mean_val_loss']:.8f} (std {s['std_val_loss']:.8f}), "
+        f"val_bpb **{s['mean_val_bpb']:.8f}** (std {s['std_val_bpb']:.8f}). "
+        f"Largest artifact: {_fmt(max_bytes, ',d')} bytes (cap {ARTIFACT_LIMIT:,}).",
+        "",
+        "## Significance",
+        "",
+    ]
     if "p_value" in s:
-        lines += [f"One-sided one-sample t-test of H0: mean val_loss >= {sota} - {margin} = "
-                  f"{s['threshold']:.8f}: t = {s['t']:.4f}, df = {s['n'] - 1}, p = {s['p_value']:.6g} "
-                  f"({'significant' if s['p_value'] < 0.01 else 'NOT significant'} at p < 0.01)."]
+        lines += [
+            f"One-sided one-sample t-test of H0: mean val_loss >= {sota} - {margin} = "
+            f"{s['threshold']:.8f}: t = {s['t']:.4f}, df = {s['n'] - 1}, p = {s['p_value']:.6g} "
+            f"({'significant' if s['p_value'] < 0.01 else 'NOT significant'} at p < 0.01)."
+        ]
     else:
-        lines += ["TODO: against the current record's val_loss L, run",
-                  "", "```bash", "python tools/record.py stats " + " ".join(log.path.name for log in logs) +
-                  " --sota-val-loss L", "```", "",
-                  "in this folder; a record needs p < 0.01 for a gain of at least 0.005 nats."]
-    lines += ["", "## Run command", "", *run_command_section(logs), "",
-              "## What changed", "", "TODO: what this submission changes against the previous record, and why.",
-              "", "## Files", "",
-              "- `train_gpt.py`: the exact code of these runs, packed (self-extracting; its bytes are the counted "
-              "code size).",
-              "- `train_gpt.source.py`: the same program as readable source (`python tools/record.py verify` "
-              "checks that they agree).",
-              "- `submission.json`: name, author, github_id, val_bpb (mean), bytes_total (largest), blurb, date.",
-              *[f"- `{log.path.name}`: run log" + (f" (seed {log.seed})" if log.seed is not None else "") + "."
-                for log in logs], ""]
+        lines += [
+            "TODO: against the current record's val_loss L, run",
+            "",
+            "```bash",
+            "python tools/record.py stats " + " ".join(log.path.name for log in logs) + " --sota-val-loss L",
+            "```",
+            "",
+            "in this folder; a record needs p < 0.01 for a gain of at least 0.005 nats.",
+        ]
+    lines += [
+        "",
+        "## Run command",
+        "",
+        *run_command_section(logs),
+        "",
+        "## What changed",
+        "",
+        "TODO: what this submission changes against the previous record, and why.",
+        "",
+        "## Files",
+        "",
+        "- `train_gpt.py`: the exact code of these runs, packed (self-extracting; its bytes are the counted "
+        "code size).",
+        "- `train_gpt.source.py`: the same program as readable source (`python tools/record.py verify` "
+        "checks that they agree).",
+        "- `submission.json`: name, author, github_id, val_bpb (mean), bytes_total (largest), blurb, date.",
+        *[
+            f"- `{log.path.name}`: run log" + (f" (seed {log.seed})" if log.seed is not None else "") + "."
+            for log in logs
+        ],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -457,8 +531,10 @@ def cmd_new(args) -> int:
     code_bytes = len(packed.encode())
     for log in logs:
         if log.bytes_code is not None and log.bytes_code != code_bytes:
-            warn(f"{code} packs to {code_bytes} bytes but {log.path.name} reports Code size: {log.bytes_code} bytes; "
-                 f"is it the code these runs used? (pass it with --code)")
+            warn(
+                f"{code} packs to {code_bytes} bytes but {log.path.name} reports Code size: {log.bytes_code} bytes; "
+                f"is it the code these runs used? (pass it with --code)"
+            )
     sized = [log.bytes_total for log in logs if log.bytes_total is not None]
     if not sized:
         raise RecordError("no log reports its total submission size (`Total submission size ...: N bytes`)")
@@ -477,8 +553,10 @@ def cmd_new(args) -> int:
     if s is None:
         warn("one log only: no t-test possible")
         s = summarize(logs, None, args.margin)
-    blurb = args.blurb or (f"TODO: one paragraph on what this submission does. Mean val_bpb "
-                           f"{s['mean_val_bpb']:.4f} (std {s['std_val_bpb']:.4f}) over {s['n']} seed(s).")
+    blurb = args.blurb or (
+        f"TODO: one paragraph on what this submission does. Mean val_bpb "
+        f"{s['mean_val_bpb']:.4f} (std {s['std_val_bpb']:.4f}) over {s['n']} seed(s)."
+    )
 
     root = Path(args.records_dir) if args.records_dir else REPO_ROOT / "records"
     folder = root / f"{date}_{args.name}"
@@ -490,10 +568,18 @@ def cmd_new(args) -> int:
     verify_code(folder)
     for log in logs:
         shutil.copyfile(log.path, folder / log.path.name)
-    submission = dict(name=args.name, author=author, github_id=github_id, val_bpb=round(s["mean_val_bpb"], 8),
-                      bytes_total=max(sized), blurb=blurb, date=date)
-    (folder / "submission.json").write_text(json.dumps(submission, indent=2, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
+    submission = dict(
+        name=args.name,
+        author=author,
+        github_id=github_id,
+        val_bpb=round(s["mean_val_bpb"], 8),
+        bytes_total=max(sized),
+        blurb=blurb,
+        date=date,
+    )
+    (folder / "submission.json").write_text(
+        json.dumps(submission, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     readme = readme_text(args.name, date, author, logs, s, blurb, args.sota_val_loss, args.margin)
     (folder / "README.md").write_text(readme, encoding="utf-8")
     print(f"created {folder}")
@@ -508,6 +594,7 @@ def train_gpt():
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     import train_gpt as module
+
     return module
 
 
@@ -521,10 +608,14 @@ def verify_code(folder: Path) -> None:
     try:
         program = tg.unpack_code(packed_path.read_text(encoding="utf-8"))
     except (ValueError, LookupError) as e:
-        raise RecordError(f"{packed_path} is not a packed train_gpt.py ({e}); make it with tools/record.py new") from None
+        raise RecordError(
+            f"{packed_path} is not a packed train_gpt.py ({e}); make it with tools/record.py new"
+        ) from None
     if program != tg.strip_source(source_path.read_text(encoding="utf-8")):
-        raise RecordError(f"{packed_path} does not run the program of {source_path.name}: pack the source again "
-                          "(tools/record.py new) rather than editing either by hand")
+        raise RecordError(
+            f"{packed_path} does not run the program of {source_path.name}: pack the source again "
+            "(tools/record.py new) rather than editing either by hand"
+        )
 
 
 def cmd_verify(args) -> int:
@@ -534,6 +625,7 @@ def cmd_verify(args) -> int:
 
 
 # ----------------------------------------------------------------------------- plot
+
 
 def cmd_plot(args) -> int:
     logs = [parse_log(p) for p in args.logs]
@@ -552,8 +644,12 @@ def cmd_plot(args) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    panels = [(axes[0][0], "train", "step"), (axes[0][1], "train", "time"),
-              (axes[1][0], "val", "step"), (axes[1][1], "val", "time")]
+    panels = [
+        (axes[0][0], "train", "step"),
+        (axes[0][1], "train", "time"),
+        (axes[1][0], "val", "step"),
+        (axes[1][1], "val", "time"),
+    ]
     for ax, curve, xkind in panels:
         for i, log in enumerate(logs):
             if curve == "train":
@@ -565,12 +661,19 @@ def cmd_plot(args) -> int:
             else:
                 pts = [(s, y) for s, y, _ in pts]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                        markersize=3, label=log.label, color=f"C{i % 10}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o" if len(pts) < 30 else None,
+                    markersize=3,
+                    label=log.label,
+                    color=f"C{i % 10}",
+                )
         ax.set_xlabel("step" if xkind == "step" else "train wallclock (s)")
         ax.set_ylabel("train loss (nats)" if curve == "train" else "val bpb")
-        ax.set_title(f"{'train loss' if curve == 'train' else 'val bpb'} vs "
-                     f"{'step' if xkind == 'step' else 'wallclock'}")
+        ax.set_title(
+            f"{'train loss' if curve == 'train' else 'val bpb'} vs {'step' if xkind == 'step' else 'wallclock'}"
+        )
         ax.grid(True, alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=7)
@@ -585,14 +688,20 @@ def cmd_plot(args) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="record.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     st = sub.add_parser("stats", help="per-seed table, mean, std and the one-sided t-test against the record")
     st.add_argument("logs", nargs="+", help="text logs or JSON summaries, one per seed")
-    st.add_argument("--sota-val-loss", type=float, default=None, metavar="L",
-                    help="val_loss of the current record; tests H0: mean >= L - margin")
+    st.add_argument(
+        "--sota-val-loss",
+        type=float,
+        default=None,
+        metavar="L",
+        help="val_loss of the current record; tests H0: mean >= L - margin",
+    )
     st.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="required gain in nats (default 0.005)")
     st.set_defaults(func=cmd_stats)
 
