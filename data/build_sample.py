@@ -32,7 +32,8 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fineweb import DATA_DIR, write_shard  # noqa: E402
+from fineweb import DATA_DIR  # noqa: E402
+from shards import BOS_ID, write_shard  # noqa: E402
 
 PACKAGE = "python3.11-doc"
 SOURCES_MARKER = "/html/_sources/"
@@ -54,7 +55,6 @@ INCLUDE_FILES = ("glossary.rst.txt",)
 EXCLUDE_FILES = ("whatsnew/changelog.rst.txt", "whatsnew/index.rst.txt")
 
 VOCAB_SIZE = 1024
-BOS_ID = 1
 MIN_DOC_CHARS = 2500  # sections are merged until a document has at least this many characters
 MIN_KEEP_CHARS = 300  # shorter documents (stubs, index pages) are dropped
 VAL_FRACTION = 0.10  # share of the text (by characters) whose source files go to the val split

@@ -30,7 +30,8 @@ import sentencepiece as spm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_sample  # noqa: E402
 import caseops  # noqa: E402
-from fineweb import DATA_DIR, write_shard  # noqa: E402
+from fineweb import DATA_DIR  # noqa: E402
+from shards import write_shard  # noqa: E402
 
 VOCAB_SIZE = 8192
 MAX_TRAIN_TOKENS = 1_600_000  # keeps each sample (shards + tokenizer) under 5 MB

@@ -31,11 +31,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from shards import BOS_ID, shard_name, write_shard
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 OPERATOR_SET = frozenset(OPERATORS)
-BOS_ID = 1
 CANONICAL_VAL_DOCS = 50_000  # the challenge's split: the first 50,000 documents are validation
 SHARD_TOKENS = 100_000_000  # tokens per shard, as the challenge's export
 
@@ -265,16 +265,12 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from fineweb import write_shard
-
         if not self.tokens:
             return
-        self.written.append(
-            write_shard(self.out / f"fineweb_{self.split}_{self.index:06d}.bin", np.concatenate(self.tokens))
-        )
+        self.written.append(write_shard(self.out / shard_name(self.split, self.index), np.concatenate(self.tokens)))
         if self.sidecar:
             self.written.append(
-                write_shard(self.out / f"fineweb_{self.split}_bytes_{self.index:06d}.bin", np.concatenate(self.bytes))
+                write_shard(self.out / shard_name(self.split, self.index, sidecar=True), np.concatenate(self.bytes))
             )
         self.tokens, self.bytes, self.pending = [], [], 0
         self.index += 1
@@ -407,7 +403,6 @@ def main(argv=None) -> int:
         return 0
     import sentencepiece as spm
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
     except Exception:

@@ -3,8 +3,8 @@
     python data/fineweb.py download --variant sp1024 --train-shards 10
     python data/fineweb.py inspect data/datasets/sample_sp1024/fineweb_val_000000.bin
 
-The shard *reader* is train_gpt.load_data_shard (one implementation, shared with training); this file adds the
-writer (write_shard), the downloader and the inspector. See data/README.md.
+Shards are read, written and named through data/shards.py (the reader is training's own, train_gpt.load_data_shard);
+this file adds the downloader, the inspector and the bits-per-byte audit. See data/README.md.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import caseops
 import numpy as np
+from shards import BOS_ID, SIDECAR_TAG, load_data_shard, read_header, shard_name, sidecar_name
 
 DATA_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DATA_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from train_gpt import SHARD_HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION, Fail, load_data_shard  # noqa: E402
+from train_gpt import Fail  # noqa: E402
 
-HEADER_BYTES = SHARD_HEADER_WORDS * 4
-BOS_ID = 1
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_DIR = "datasets"
 # Environment overrides (first one set wins); the second names are those of the challenge's own downloader.
@@ -44,43 +44,10 @@ VARIANTS = {
     "sp8192": dict(repo_id="kevclark/parameter-golf", remote_dir="datasets"),
     CASEOPS_VARIANT: dict(repo_id="romeerp/parameter-golf-caseops-v1", remote_dir="datasets", sidecar=True),
 }
-SIDECAR_TAG = "_bytes_"  # fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin
-
-
-def sidecar_name(val_name: str) -> str:
-    return val_name.replace("fineweb_val_", "fineweb_val" + SIDECAR_TAG, 1)
 
 
 def has_sidecar(variant: str) -> bool:
     return bool(VARIANTS.get(variant, {}).get("sidecar")) or "caseops" in variant
-
-
-# ----------------------------------------------------------------------------- writer
-
-
-def shard_header(num_tokens: int) -> bytes:
-    header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, num_tokens
-    return header.tobytes()
-
-
-def write_shard(path, tokens) -> Path:
-    """Write tokens (any integer array-like, values 0..65535) as one shard; the file appears atomically."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
-        raise ValueError(f"{path}: tokens must be a 1-D integer array, got shape {tokens.shape} {tokens.dtype}")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 0xFFFF):
-        raise ValueError(f"{path}: token ids must fit in uint16, got range {tokens.min()}..{tokens.max()}")
-    if tokens.size >= 2**31:
-        raise ValueError(f"{path}: {tokens.size} tokens do not fit the int32 count of the header")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(shard_header(int(tokens.size)))
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -185,7 +152,7 @@ def shard_artifacts(entry: dict, split: str, root: Path, vocab: int | None, want
             )
         if count is None:
             count = FULL_TRAIN_SHARDS if wanted is None else wanted
-        items = [f"fineweb_{split}_{i:06d}.bin" for i in range(count)]
+        items = [shard_name(split, i) for i in range(count)]
     out = []
     for item in items:
         meta = item if isinstance(item, dict) else {}
@@ -567,7 +534,7 @@ def inspect_one(path: Path, tokenizer: Path | None, chars: int) -> None:
     if not path.is_file():
         raise Fail(f"{path}: no such file")
     tokens = load_data_shard(path)
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    header = read_header(path)
     extra = int(np.count_nonzero(header[3:]))
     docs = int(np.count_nonzero(tokens == BOS_ID))
     print(path)
@@ -691,8 +658,6 @@ def audit_tokens(
     text = the decoded tokens. CaseOps (sidecar given): counted by the sidecar, text = the inverse transform of the
     decoded tokens, or, with originals (an iterable of the original documents), the original text. Raises
     AuditFailure naming the first document and piece that disagree; returns counts."""
-    import caseops
-
     if sidecar is not None:
         problem = sidecar_problem(tokens, sidecar)
         if problem:
@@ -740,7 +705,6 @@ def audit_tokens(
 
 
 def audit_paths(paths: list[Path], tokenizer: Path | None, docs: Path | None) -> int:
-    import caseops
     import sentencepiece as spm
 
     shards = []

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import caseops  # noqa: E402
 import fineweb  # noqa: E402
-from fineweb import AuditFailure, audit_tokens, lut_arrays, write_shard  # noqa: E402
+from fineweb import AuditFailure, audit_tokens, lut_arrays  # noqa: E402
+from shards import write_shard  # noqa: E402
 from test_data import COMMIT, FakeHub, proto_fields  # noqa: E402
 
 from train_gpt import load_data_shard  # noqa: E402

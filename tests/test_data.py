@@ -5,6 +5,7 @@ The downloader runs against a stand-in for the Hugging Face Hub on loopback addr
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import http.server
 import json
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 
 import caseops  # noqa: E402
-from fineweb import shard_header, write_shard  # noqa: E402
+from shards import shard_header, write_shard  # noqa: E402
 
 from train_gpt import (  # noqa: E402
     SHARD_HEADER_WORDS,
@@ -97,6 +98,51 @@ def test_damaged_shards_are_rejected_naming_the_file(tmp_path, damage):
     with pytest.raises(Fail) as err:
         load_data_shard(path)
     assert str(path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the data/ modules
+
+
+def data_modules_imported(path: Path, modules: set[str]) -> set[str]:
+    """The data/ modules that the file at path imports anywhere: at top level or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update([node.module] if node.module else [alias.name for alias in node.names])
+    return {name.split(".")[0] for name in names} & modules
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (module -> the modules it imports) as [a, b, ..., a], or None when it has none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        for imported in sorted(graph[module]):
+            if cycle := visit(imported, path + [module]):
+                return cycle
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module, []))), None)
+
+
+def test_import_cycle_finds_a_cycle_and_only_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_data_modules_import_each_other_without_a_cycle():
+    files = {path.stem: path for path in (REPO / "data").glob("*.py")}
+    graph = {name: data_modules_imported(path, set(files)) for name, path in files.items()}
+    assert {"caseops", "fineweb"} <= set(graph)
+    cycle = import_cycle(graph)
+    assert cycle is None, "data/ modules import each other in a cycle: " + " -> ".join(cycle)
 
 
 # ----------------------------------------------------------------------------- the embedded sample
