@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,248 +33,303 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # -------------------- settings
+# Every setting is an environment variable: the field's name in capitals (MATRIX_LR sets matrix_lr). Numbers must be
+# >= 0 unless their bound says otherwise. `python3 train_gpt.py --help` lists them all; docs/settings.md is the same
+# table, generated from these classes (tools/settings_doc.py).
 
-DEFAULTS = dict(
-    DATA_PATH="./data/datasets/fineweb10B_sp1024",
-    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
-    RUN_ID="",
-    SEED=1337,
-    OUTPUT_DIR=".",
-    DEVICE="auto",
-    ATTN_BACKEND="auto",
-    COMPILE="auto",
-    ITERATIONS=9000,
-    WARMUP_STEPS=20,
-    WARMDOWN_ITERS=3500,
-    MAX_WALLCLOCK_SECONDS=600.0,
-    TRAIN_BATCH_TOKENS=786432,
-    TRAIN_SEQ_LEN=2048,
-    TRAIN_LOG_EVERY=500,
-    VAL_LOSS_EVERY=4000,
-    VAL_MAX_TOKENS=0,
-    EVAL_SEQ_LEN=2048,
-    EVAL_STRIDE=64,
-    EVAL_BATCH_SEQS=32,
-    VOCAB_SIZE=1024,
-    NUM_LAYERS=11,
-    MODEL_DIM=512,
-    NUM_HEADS=8,
-    NUM_KV_HEADS=4,
-    MLP_MULT=3.0,
-    TIED_EMBED_INIT_STD=0.005,
-    LOGIT_SOFTCAP=30.0,
-    ROPE_BASE=10000.0,
-    ROPE_DIMS=16,
-    ROPE_TRAIN_SEQ_LEN=0,
-    QK_GAIN_INIT=1.5,
-    LN_SCALE=1,
-    XSA_LAST_N=4,
-    BIGRAM_VOCAB_SIZE=1536,
-    BIGRAM_DIM=128,
-    VE_ENABLED=1,
-    VE_DIM=128,
-    VE_LAYERS="9,10",
-    MATRIX_LR=0.025,
-    SCALAR_LR=0.025,
-    TIED_EMBED_LR=0.035,
-    MUON_MOMENTUM=0.99,
-    MUON_MOMENTUM_WARMUP_START=0.92,
-    MUON_MOMENTUM_WARMUP_STEPS=1500,
-    MUON_BACKEND_STEPS=5,
-    MUON_WD=0.04,
-    ADAM_WD=0.04,
-    BETA1=0.9,
-    BETA2=0.95,
-    ADAM_EPS=1e-8,
-    GRAD_CLIP_NORM=0.3,
-    GRAD_CLIP_LOCAL=0,
-    EMA_ENABLED=1,
-    EMA_DECAY=0.997,
-    SWA_ENABLED=0,
-    SWA_EVERY=50,
-    SWA_THRESHOLD=0.2,
-    LATE_QAT=1,
-    LATE_QAT_THRESHOLD=0.15,
-    LATE_QAT_BANKS=1,
-    QUANT="gptq",
-    MATRIX_BITS=6,
-    EMBED_BITS=8,
-    GPTQ_CALIB="self",
-    GPTQ_CALIB_SEQS=64,
-    GPTQ_CALIB_LEN=2048,
-    GPTQ_CALIB_TEMP=0.8,
-    GPTQ_RESERVE_SECONDS=0.0,
-    GPTQ_DAMP=0.001,
-    GPTQ_BLOCK=128,
-    GPTQ_ACTORDER=1,
-    FIT_TO_LIMIT=1,
-    ARTIFACT_LIMIT_BYTES=16_000_000,
-    EVAL_ONLY=0,
-    ARTIFACT_PATH="",
-    TTT_ENABLED=1,
-    TTT_LR=0.002,
-    TTT_EPOCHS=3,
-    TTT_CHUNK_TOKENS=32768,
-    TTT_FREEZE_BLOCKS=0,
-    TTT_MOMENTUM=0.9,
-    TTT_BATCH_SEQS=32,
-    TTT_GRAD_CLIP=1.0,
-    EVAL_SLIDING_PASS=0,
-    EVAL_BUDGET_SECONDS=600.0,
-    SLOT_ENABLED=1,
-    SLOT_LR=0.003,
-    SLOT_STEPS=5,
-    SLOT_MODE="causal",
-    # PR #1855's components, under its names (README: STACK=pr1855); every one off under STACK=seed
-    STACK="seed",
-    SMEAR_FIXED_ENABLED=1,
-    SMEAR_GATE_ENABLED=0,
-    GATE_WINDOW=12,
-    SPARSE_ATTN_GATE_ENABLED=0,
-    SPARSE_ATTN_GATE_SCALE=1.0,
-    SKIP_GATES_ENABLED=0,
-    PARALLEL_START_LAYER=0,
-    NUM_LOOPS=0,
-    LOOP_START=0,
-    LOOP_END=0,
-    ENABLE_LOOPING_AT=0.0,
-    DOC_MASKED_ATTN=0,
-    MUON_ROW_NORMALIZE=0,
-    MUON_POLAR_EXPRESS=0,
-    MIN_LR=0.0,
-    WARMDOWN_FRAC=0.0,
-    EMBED_WD=0.04,
-    # its export (README: Export, PR #1855's scheme): SDClip scales, GPTQ'd tied embedding, int8 gates, LQER
-    QUANT_SCALES="search",
-    ATTN_CLIP_SIGMAS=13.0,
-    MLP_CLIP_SIGMAS=11.5,
-    EMBED_CLIP_SIGMAS=14.0,
-    GPTQ_EMBED=0,
-    GATE_INT8=0,
-    LQER_ENABLED=0,
-    LQER_RANK=4,
-    LQER_TOP_K=3,
-    LQER_ASYM_GROUP=64,
-    # its evaluation (README: Phased TTT): score-first LoRA TTT per document, with global SGD phases between
-    PHASED_TTT_ENABLED=0,
-    TTT_LORA_RANK=80,
-    TTT_LORA_ALPHA=144.0,
-    TTT_LORA_LR=1e-4,
-    TTT_CHUNK_SIZE=48,
-    TTT_EVAL_SEQ_LEN=2048,
-    TTT_BATCH_SIZE=64,
-    TTT_WEIGHT_DECAY=0.5,
-    TTT_BETA1=0.0,
-    TTT_BETA2=0.99,
-    PHASED_TTT_PREFIX_DOCS=2500,
-    PHASED_TTT_NUM_PHASES=3,
-    GLOBAL_TTT_LR=1e-3,
-    GLOBAL_TTT_MOMENTUM=0.9,
-    GLOBAL_TTT_EPOCHS=1,
-    GLOBAL_TTT_CHUNK_TOKENS=32768,
-    GLOBAL_TTT_BATCH_SEQS=32,
-    GLOBAL_TTT_GRAD_CLIP=1.0,
+FLAG, UNIT, POSITIVE, NON_NEGATIVE = "0 or 1", "in [0, 1]", "> 0", ">= 0"
+BOUNDS = {
+    FLAG: lambda v: v in (0, 1),
+    UNIT: lambda v: 0 <= v <= 1,
+    POSITIVE: lambda v: v > 0,
+    NON_NEGATIVE: lambda v: v >= 0,
+}
+
+
+def setting(default, doc, bound=NON_NEGATIVE, choices=None):
+    """A settings field: its default, what it does (one line), and the values it accepts."""
+    meta = dict(doc=doc, bound=bound, choices=choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSettings:
+    """Where the run reads and writes, on what device, from what seed."""
+
+    stack: str = setting("seed", "seed | pr1855: which record's values the other settings default to (STACKS)")
+    run_id: str = setting("", "name of the log files (default: time + random suffix)")
+    seed: int = setting(1337, "torch/numpy seed")
+    output_dir: str = setting(".", "where the artifact and logs/ go")
+    device: str = setting("auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu"))
+    attn_backend: str = setting("auto", "auto | fa3 | fa2 | sdpa", choices=("auto", "fa3", "fa2", "sdpa"))
+    compile: str = setting("auto", "auto (on for CUDA) | 0 | 1: torch.compile the model", choices=("auto", "0", "1"))
+    eval_only: int = setting(0, "1 = no training: evaluate ARTIFACT_PATH", FLAG)
+    artifact_path: str = setting("", "for EVAL_ONLY: a final_model.int6.ptz, or a final_model.float.safetensors")
+
+
+@dataclass
+class DataSettings:
+    """The token shards, the tokenizer, and how training reads them."""
+
+    data_path: str = setting("./data/datasets/fineweb10B_sp1024", "folder of fineweb_train_*.bin, fineweb_val_*.bin")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of VOCAB_SIZE")
+    train_batch_tokens: int = setting(786432, "global batch in tokens (8 micro-batches split over the ranks)", POSITIVE)
+    train_seq_len: int = setting(2048, "training sequence length", POSITIVE)
+    val_max_tokens: int = setting(0, "0 = the whole val split, else only its first N tokens (quick runs)")
+
+
+@dataclass
+class ModelSettings:
+    """The architecture (MODEL_KEYS: what an artifact records and is checked against)."""
+
+    vocab_size: int = setting(1024, "tokenizer vocabulary", POSITIVE)
+    num_layers: int = setting(11, "transformer blocks", POSITIVE)
+    model_dim: int = setting(512, "width", POSITIVE)
+    num_heads: int = setting(8, "query heads", POSITIVE)
+    num_kv_heads: int = setting(4, "key/value heads (GQA)", POSITIVE)
+    mlp_mult: float = setting(3.0, "MLP hidden = MLP_MULT x MODEL_DIM", POSITIVE)
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's init")
+    logit_softcap: float = setting(30.0, "logits = c tanh(z / c)", POSITIVE)
+    rope_base: float = setting(10000.0, "rotary base", POSITIVE)
+    rope_dims: int = setting(16, "head dims rotated (partial RoPE)")
+    rope_train_seq_len: int = setting(0, "base raised by (len/this)^(d/(d-2)) past this length; 0 = never")
+    qk_gain_init: float = setting(1.5, "init of the per-head query gain")
+    ln_scale: int = setting(1, "1 = scale block i's normed inputs by 1/sqrt(i+1)", FLAG)
+    xsa_last_n: int = setting(4, "exclusive self-attention in the last N layers")
+    bigram_vocab_size: int = setting(1536, "BigramHash table rows (0 = no BigramHash)")
+    bigram_dim: int = setting(128, "BigramHash table width", POSITIVE)
+    ve_enabled: int = setting(1, "value embeddings on/off", FLAG)
+    ve_dim: int = setting(128, "value-embedding table width", POSITIVE)
+    ve_layers: list = setting([9, 10], "layers that add the value embedding (comma list)")
+    smear_fixed_enabled: int = setting(1, "the seed's SmearGate: (1-s(g)) x_t + s(g) x_t-1 after the first norm", FLAG)
+    smear_gate_enabled: int = setting(0, "PR #1855's: e_t + l s(w.e_t[:GATE_WINDOW]) e_t-1, never at a BOS", FLAG)
+    gate_window: int = setting(12, "input channels of PR #1855's smear and sparse attention gates", POSITIVE)
+    sparse_attn_gate_enabled: int = setting(0, "per-head gate s(SCALE W x[:GATE_WINDOW]) on the attention out", FLAG)
+    sparse_attn_gate_scale: float = setting(1.0, "the sparse attention gate's SCALE")
+    skip_gates_enabled: int = setting(0, "U-Net skips merged as s(g) x + (1-s(g)) w skip instead of x + w skip", FLAG)
+    parallel_start_layer: int = setting(0, "decoder layers from this index on run two lanes; 0 = none")
+    num_loops: int = setting(0, "depth recurrence: LOOP_START..LOOP_END run this many extra times once looping")
+    loop_start: int = setting(0, "first looped layer")
+    loop_end: int = setting(0, "last looped layer")
+    doc_masked_attn: int = setting(0, "attention only within a document (and TRAIN_SEQ_LEN pieces of a long one)", FLAG)
+
+
+@dataclass
+class OptimizerSettings:
+    """Muon on the four matrix banks, AdamW on the rest."""
+
+    matrix_lr: float = setting(0.025, "Muon LR (the four banks)")
+    scalar_lr: float = setting(0.025, "AdamW LR of scalars and control vectors")
+    tied_embed_lr: float = setting(0.035, "AdamW LR of the embedding, bigram and VE tables")
+    muon_momentum: float = setting(0.99, "Muon Nesterov momentum after warm-up", UNIT)
+    muon_momentum_warmup_start: float = setting(0.92, "momentum at step 0", UNIT)
+    muon_momentum_warmup_steps: int = setting(1500, "steps of the linear momentum warm-up")
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations", POSITIVE)
+    muon_wd: float = setting(0.04, "Muon decoupled weight decay")
+    muon_row_normalize: int = setting(0, "MuonEq-R: each update row to unit norm before Newton-Schulz", FLAG)
+    muon_polar_express: int = setting(0, "Polar Express: per-iteration Newton-Schulz coefficients (<= 5 steps)", FLAG)
+    adam_wd: float = setting(0.04, "AdamW weight decay of the scalars and control vectors")
+    embed_wd: float = setting(0.04, "AdamW weight decay of the embedding tables (STACK=seed: ADAM_WD unless set)")
+    beta1: float = setting(0.9, "AdamW beta1", UNIT)
+    beta2: float = setting(0.95, "AdamW beta2", UNIT)
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip_norm: float = setting(0.3, "global grad-norm clip (0 = off)")
+    grad_clip_local: int = setting(0, "1 = clip each rank's local gradients before averaging (the reference's)", FLAG)
+
+
+@dataclass
+class ScheduleSettings:
+    """How long training runs, the LR schedule, weight averaging and late QAT."""
+
+    iterations: int = setting(9000, "training steps at most", POSITIVE)
+    warmup_steps: int = setting(20, "steps run only to compile and warm kernels; model and optimizer restored after")
+    max_wallclock_seconds: float = setting(600.0, "training time cap, all ranks stop at the same step; 0 = none")
+    warmdown_iters: int = setting(3500, "length of the linear LR warmdown (time-based under a wallclock cap)")
+    warmdown_frac: float = setting(0.0, "> 0: warmdown over this last fraction of training instead", UNIT)
+    min_lr: float = setting(0.0, "floor of the LR multiplier", UNIT)
+    enable_looping_at: float = setting(0.0, "training fraction at which looping switches on", UNIT)
+    train_log_every: int = setting(500, "step: train-loss line every N steps (and the first 10)")
+    val_loss_every: int = setting(4000, "plain validation every N steps during training (0 = only at the end)")
+    ema_enabled: int = setting(1, "EMA of all weights every step", FLAG)
+    ema_decay: float = setting(0.997, "EMA decay", UNIT)
+    swa_enabled: int = setting(0, "1 = final weights are the average of the SWA snapshots", FLAG)
+    swa_every: int = setting(50, "SWA snapshot every N steps ...", POSITIVE)
+    swa_threshold: float = setting(0.2, "... once the LR multiplier is below this", UNIT)
+    late_qat: int = setting(1, "fake quantization at MATRIX_BITS once the LR multiplier is below the threshold", FLAG)
+    late_qat_threshold: float = setting(0.15, "LR multiplier that starts late QAT", UNIT)
+    late_qat_banks: int = setting(1, "1 = late QAT reaches the banked matrices; 0 = plain linears only", FLAG)
+
+
+@dataclass
+class ExportSettings:
+    """Quantization, calibration and packing of the artifact."""
+
+    quant: str = setting("gptq", "gptq (calibrated) | gptq_lite (per-row clip search)", choices=("gptq", "gptq_lite"))
+    matrix_bits: int = setting(6, "bits of every attention/MLP matrix", choices=(5, 6, 7, 8))
+    embed_bits: int = setting(8, "bits of the embedding tables", choices=(6, 7, 8))
+    quant_scales: str = setting("search", "search (output-error clip search) | sdclip", choices=("search", "sdclip"))
+    attn_clip_sigmas: float = setting(13.0, "SDClip's k for the attention matrices", POSITIVE)
+    mlp_clip_sigmas: float = setting(11.5, "SDClip's k for the MLP matrices", POSITIVE)
+    embed_clip_sigmas: float = setting(14.0, "SDClip's k for the GPTQ'd tied embedding", POSITIVE)
+    gptq_calib: str = setting(
+        "self", "self (own samples from BOS) | train (training tokens)", choices=("self", "train")
+    )
+    gptq_calib_seqs: int = setting(64, "calibration sequences ...", POSITIVE)
+    gptq_calib_len: int = setting(2048, "... of this many tokens", POSITIVE)
+    gptq_calib_temp: float = setting(0.8, "sampling temperature of the self-generated calibration text", POSITIVE)
+    gptq_reserve_seconds: float = setting(0.0, "GPTQ_CALIB=train: seconds of MAX_WALLCLOCK_SECONDS kept for it")
+    gptq_damp: float = setting(0.001, "damping added to H's diagonal, relative to its mean (x10 until positive)")
+    gptq_block: int = setting(128, "columns per GPTQ block (lazy batch updates)", POSITIVE)
+    gptq_actorder: int = setting(1, "quantize the columns with the largest H diagonal first", FLAG)
+    gptq_embed: int = setting(0, "1 = GPTQ on the tied embedding with the final-norm outputs' Hessian", FLAG)
+    gate_int8: int = setting(0, "1 = the attention gates as int8 rows with an fp16 scale", FLAG)
+    lqer_enabled: int = setting(0, "1 = LQER low-rank correction of the largest-error GPTQ'd tensors", FLAG)
+    lqer_rank: int = setting(4, "rank of each LQER correction", POSITIVE)
+    lqer_top_k: int = setting(3, "how many tensors get one")
+    lqer_asym_group: int = setting(64, "elements of flattened B per 4-bit scale group", POSITIVE)
+    fit_to_limit: int = setting(1, "over the limit: zero the cheapest +-1 values until code + model fit", FLAG)
+    artifact_limit_bytes: int = setting(16_000_000, "code + model bytes allowed", POSITIVE)
+
+
+@dataclass
+class EvalSettings:
+    """The final evaluation: sliding windows, the seed's TTT and SLOT, PR #1855's phased LoRA TTT."""
+
+    eval_seq_len: int = setting(2048, "evaluation window length", POSITIVE)
+    eval_stride: int = setting(64, "sliding-window stride; equal to EVAL_SEQ_LEN = no sliding pass", POSITIVE)
+    eval_batch_seqs: int = setting(32, "windows scored per batch (also the SLOT batch of SLOT_MODE=batch)", POSITIVE)
+    eval_sliding_pass: int = setting(0, "1 = also the standalone sliding-window pass before TTT/SLOT", FLAG)
+    eval_budget_seconds: float = setting(600.0, "evaluation budget: each pass's projected end is logged against it")
+    ttt_enabled: int = setting(1, "the seed's score-first test-time training", FLAG)
+    ttt_lr: float = setting(0.002, "TTT SGD LR (cosine-decayed over chunks)")
+    ttt_epochs: int = setting(3, "epochs over each chunk", POSITIVE)
+    ttt_chunk_tokens: int = setting(32768, "TTT chunk length", POSITIVE)
+    ttt_freeze_blocks: int = setting(0, "blocks 0..N-1 (bank rows included) not adapted")
+    ttt_momentum: float = setting(0.9, "TTT SGD momentum", UNIT)
+    ttt_batch_seqs: int = setting(32, "global TTT batch in sequences", POSITIVE)
+    ttt_grad_clip: float = setting(1.0, "TTT grad-norm clip")
+    slot_enabled: int = setting(1, "SLOT: a hidden-state offset fitted while scoring", FLAG)
+    slot_lr: float = setting(0.003, "SLOT AdamW LR")
+    slot_steps: int = setting(5, "SLOT AdamW steps per batch")
+    slot_mode: str = setting(
+        "causal", "causal (legal: context only) | batch (the seed's, illegal)", choices=("causal", "batch")
+    )
+    phased_ttt_enabled: int = setting(0, "phased score-first LoRA TTT per document as the final pass", FLAG)
+    ttt_lora_rank: int = setting(80, "rank r of every phased-TTT adapter", POSITIVE)
+    ttt_lora_alpha: float = setting(144.0, "adapter scale alpha (delta = x A^T B^T alpha / r)")
+    ttt_lora_lr: float = setting(1e-4, "AdamW LR of the adapters")
+    ttt_chunk_size: int = setting(48, "targets per chunk: scored, then one adapter step", POSITIVE)
+    ttt_eval_seq_len: int = setting(
+        2048, "at most this many tokens of a document's prefix as a chunk's context", POSITIVE
+    )
+    ttt_batch_size: int = setting(64, "documents per batch (one per row; adapters reset per batch)", POSITIVE)
+    ttt_weight_decay: float = setting(0.5, "AdamW weight decay of the adapters")
+    ttt_beta1: float = setting(0.0, "AdamW beta1 of the adapters", UNIT)
+    ttt_beta2: float = setting(0.99, "AdamW beta2 of the adapters", UNIT)
+    phased_ttt_prefix_docs: int = setting(2500, "documents (in scoring order) the global SGD phases train on in all")
+    phased_ttt_num_phases: int = setting(3, "global SGD phases, at equal shares of the prefix documents", POSITIVE)
+    global_ttt_lr: float = setting(1e-3, "SGD LR of a phase (cosine to 0 over its chunks)")
+    global_ttt_momentum: float = setting(0.9, "SGD momentum of a phase", UNIT)
+    global_ttt_epochs: int = setting(1, "epochs over each chunk in a phase")
+    global_ttt_chunk_tokens: int = setting(32768, "tokens per global SGD chunk (the last one skipped)", POSITIVE)
+    global_ttt_batch_seqs: int = setting(32, "sequences of EVAL_SEQ_LEN per global SGD step, across ranks", POSITIVE)
+    global_ttt_grad_clip: float = setting(1.0, "gradient-norm clip of a phase's SGD (0 = none)")
+
+
+SETTING_GROUPS = (
+    RunSettings,
+    DataSettings,
+    ModelSettings,
+    OptimizerSettings,
+    ScheduleSettings,
+    ExportSettings,
+    EvalSettings,
 )
-# STACK=pr1855: the values PR #1855's runs logged (MODERN_STACK.md 0.3, 10), not its script's defaults. Its eval is
-# a plain document-masked pass here until phased LoRA TTT lands; its data is the SP8192 CaseOps export. A value that
-# names another setting follows it unless set: the seed's ADAM_WD decays every AdamW parameter, the record's only
-# the scalars (EMBED_WD the embeddings), and the record scores whole windows (no sliding pass).
+
+
+@dataclass
+class Settings(
+    EvalSettings, ExportSettings, ScheduleSettings, OptimizerSettings, ModelSettings, DataSettings, RunSettings
+):
+    """Every setting of a run, as one flat namespace (s.matrix_lr); the groups above only order and document them."""
+
+    def by_env_name(self):
+        """{ENV_NAME: value}, group by group: the log's settings line and the JSON log's settings."""
+        return {f.name.upper(): getattr(self, f.name) for f in fields(self)}
+
+
+SETTING_NAMES = tuple(f.name.upper() for f in fields(Settings))
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A stack's value that follows another setting unless this one is set explicitly."""
+
+    name: str
+
+
+# Each stack: the values that differ from the classes' defaults (the seed's record run, PR #1128 on PR #549).
+# pr1855: the values PR #1855's runs logged (not its script's defaults), on the SP8192 CaseOps export. Under the seed
+# ADAM_WD decays every AdamW parameter (EMBED_WD follows it); PR #1855 scores whole windows (no sliding pass).
 STACKS = dict(
-    seed=dict(EMBED_WD="ADAM_WD"),
+    seed=dict(embed_wd=SameAs("adam_wd")),
     pr1855=dict(
-        EVAL_STRIDE="EVAL_SEQ_LEN",
-        DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-        VOCAB_SIZE=8192,
-        MLP_MULT=4.0,
-        XSA_LAST_N=11,
-        QK_GAIN_INIT=5.0,
-        BIGRAM_VOCAB_SIZE=0,
-        VE_ENABLED=0,
-        ITERATIONS=20000,
-        VAL_LOSS_EVERY=0,
-        WARMDOWN_FRAC=0.85,
-        MIN_LR=0.1,
-        MATRIX_LR=0.026,
-        TIED_EMBED_LR=0.03,
-        SCALAR_LR=0.02,
-        MUON_MOMENTUM=0.97,
-        MUON_WD=0.095,
-        EMBED_WD=0.085,
-        ADAM_WD=0.02,
-        BETA2=0.99,
-        EMA_DECAY=0.9965,
-        GRAD_CLIP_LOCAL=1,
-        LATE_QAT=0,
-        SMEAR_FIXED_ENABLED=0,
-        SMEAR_GATE_ENABLED=1,
-        SPARSE_ATTN_GATE_ENABLED=1,
-        SPARSE_ATTN_GATE_SCALE=0.5,
-        SKIP_GATES_ENABLED=1,
-        PARALLEL_START_LAYER=8,
-        NUM_LOOPS=2,
-        LOOP_START=3,
-        LOOP_END=5,
-        ENABLE_LOOPING_AT=0.35,
-        DOC_MASKED_ATTN=1,
-        MUON_ROW_NORMALIZE=1,
-        MUON_POLAR_EXPRESS=1,
-        EMBED_BITS=7,
-        GPTQ_CALIB="train",
-        GPTQ_RESERVE_SECONDS=0.5,
-        GPTQ_CALIB_SEQS=768,
-        GPTQ_DAMP=0.01,
-        TTT_ENABLED=0,
-        SLOT_ENABLED=0,
-        QUANT_SCALES="sdclip",
-        GPTQ_EMBED=1,
-        GATE_INT8=1,
-        LQER_ENABLED=1,
-        PHASED_TTT_ENABLED=1,
+        eval_stride=SameAs("eval_seq_len"),
+        data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        vocab_size=8192,
+        mlp_mult=4.0,
+        xsa_last_n=11,
+        qk_gain_init=5.0,
+        bigram_vocab_size=0,
+        ve_enabled=0,
+        iterations=20000,
+        val_loss_every=0,
+        warmdown_frac=0.85,
+        min_lr=0.1,
+        matrix_lr=0.026,
+        tied_embed_lr=0.03,
+        scalar_lr=0.02,
+        muon_momentum=0.97,
+        muon_wd=0.095,
+        embed_wd=0.085,
+        adam_wd=0.02,
+        beta2=0.99,
+        ema_decay=0.9965,
+        grad_clip_local=1,
+        late_qat=0,
+        smear_fixed_enabled=0,
+        smear_gate_enabled=1,
+        sparse_attn_gate_enabled=1,
+        sparse_attn_gate_scale=0.5,
+        skip_gates_enabled=1,
+        parallel_start_layer=8,
+        num_loops=2,
+        loop_start=3,
+        loop_end=5,
+        enable_looping_at=0.35,
+        doc_masked_attn=1,
+        muon_row_normalize=1,
+        muon_polar_express=1,
+        embed_bits=7,
+        gptq_calib="train",
+        gptq_reserve_seconds=0.5,
+        gptq_calib_seqs=768,
+        gptq_damp=0.01,
+        ttt_enabled=0,
+        slot_enabled=0,
+        quant_scales="sdclip",
+        gptq_embed=1,
+        gate_int8=1,
+        lqer_enabled=1,
+        phased_ttt_enabled=1,
     ),
 )
-CHOICES = dict(
-    DEVICE=("auto", "cuda", "cpu"),
-    ATTN_BACKEND=("auto", "fa3", "fa2", "sdpa"),
-    COMPILE=("auto", "0", "1"),
-    SLOT_MODE=("causal", "batch"),
-    QUANT=("gptq", "gptq_lite"),
-    GPTQ_CALIB=("self", "train"),
-    MATRIX_BITS=(5, 6, 7, 8),
-    EMBED_BITS=(6, 7, 8),
-    QUANT_SCALES=("search", "sdclip"),
-    STACK=tuple(STACKS),
-)
-POSITIVE = set(
-    (
-        "ITERATIONS TRAIN_BATCH_TOKENS TRAIN_SEQ_LEN EVAL_SEQ_LEN EVAL_STRIDE EVAL_BATCH_SEQS VOCAB_SIZE "
-        "NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT LOGIT_SOFTCAP ROPE_BASE BIGRAM_DIM VE_DIM "
-        "MUON_BACKEND_STEPS SWA_EVERY TTT_EPOCHS TTT_CHUNK_TOKENS TTT_BATCH_SEQS GPTQ_CALIB_SEQS "
-        "GPTQ_CALIB_LEN GPTQ_CALIB_TEMP GPTQ_BLOCK ARTIFACT_LIMIT_BYTES GATE_WINDOW LQER_RANK "
-        "LQER_ASYM_GROUP ATTN_CLIP_SIGMAS MLP_CLIP_SIGMAS EMBED_CLIP_SIGMAS TTT_LORA_RANK TTT_CHUNK_SIZE "
-        "TTT_EVAL_SEQ_LEN TTT_BATCH_SIZE PHASED_TTT_NUM_PHASES GLOBAL_TTT_CHUNK_TOKENS "
-        "GLOBAL_TTT_BATCH_SEQS"
-    ).split()
-)
-UNIT = set(
-    (
-        "EMA_DECAY MUON_MOMENTUM MUON_MOMENTUM_WARMUP_START BETA1 BETA2 TTT_MOMENTUM SWA_THRESHOLD "
-        "LATE_QAT_THRESHOLD ENABLE_LOOPING_AT MIN_LR WARMDOWN_FRAC TTT_BETA1 TTT_BETA2 GLOBAL_TTT_MOMENTUM"
-    ).split()
-)
-FLAGS = set(
-    (
-        "LN_SCALE VE_ENABLED GRAD_CLIP_LOCAL EMA_ENABLED SWA_ENABLED LATE_QAT LATE_QAT_BANKS GPTQ_ACTORDER "
-        "FIT_TO_LIMIT EVAL_ONLY TTT_ENABLED SLOT_ENABLED EVAL_SLIDING_PASS SMEAR_FIXED_ENABLED "
-        "SMEAR_GATE_ENABLED SPARSE_ATTN_GATE_ENABLED SKIP_GATES_ENABLED DOC_MASKED_ATTN MUON_ROW_NORMALIZE "
-        "MUON_POLAR_EXPRESS GPTQ_EMBED GATE_INT8 LQER_ENABLED PHASED_TTT_ENABLED"
-    ).split()
-)
 LAUNCHER_VARS = set(
-    (
-        "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
-        "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE"
-    ).split()
+    "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
+    "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE".split()
 )
 
 
@@ -284,102 +340,162 @@ class Fail(Exception):
 PROGRESS = dict(stage="start-up", on_disk="nothing yet", run=None)  # what a Ctrl-C reports
 
 
+def parse_layers(raw):
+    """A comma list of layer numbers ("9,10" -> [9, 10]); ValueError otherwise."""
+    if not all(i.strip().isdigit() for i in raw.split(",") if i.strip()):
+        raise ValueError(raw)
+    return [int(i) for i in raw.split(",") if i.strip()]
+
+
+def shown(value):
+    """A setting's value as the environment writes it (lists as comma lists)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def parse_value(f, raw):
+    """Setting f's value from its environment string, checked against its type, choices and bound."""
+    name, meta, default = f.name.upper(), f.metadata, getattr(DEFAULT_SETTINGS, f.name)
+    if isinstance(default, list):
+        try:
+            return parse_layers(raw)
+        except ValueError:
+            raise Fail(f"{name}={raw!r} must be layer numbers separated by commas") from None
+    try:
+        value = type(default)(raw)
+    except ValueError:
+        raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Fail(f"{name}={raw!r} must be a finite number")
+    if meta["choices"] and value not in meta["choices"]:
+        raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, (int, float)) and not BOUNDS[meta["bound"]](value):
+        raise Fail(f"{name}={raw!r} must be {meta['bound']}")
+    return value
+
+
 def parse_settings(env=os.environ):
+    """The settings of a run: the stack's values over the defaults, then every variable set in env; Fail on an
+    unknown name close to a setting's, a bad value, or settings that contradict each other."""
     for name in env:
-        known = name in DEFAULTS or name in LAUNCHER_VARS or name.startswith(("TORCHELASTIC_", "NCCL_", "TORCH_"))
-        if not known and (close := difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.85)):
+        known = name in SETTING_NAMES or name in LAUNCHER_VARS or name.startswith(("TORCHELASTIC_", "NCCL_", "TORCH_"))
+        if not known and (close := difflib.get_close_matches(name, SETTING_NAMES, n=1, cutoff=0.85)):
             raise Fail(f"unknown setting {name}: did you mean {close[0]}?")
     stack = env.get("STACK", "seed")
     if stack not in STACKS:
         raise Fail(f"STACK={stack!r} must be one of {', '.join(STACKS)}")
-    s = dict(DEFAULTS, **STACKS[stack])
-    for name, default in DEFAULTS.items():
-        if (raw := env.get(name)) is None:
-            continue
-        try:
-            v = s[name] = type(default)(raw)
-        except ValueError:
-            raise Fail(f"{name}={raw!r} is not a valid {type(default).__name__} (default {default!r})") from None
-        if isinstance(v, float) and not math.isfinite(v):
-            raise Fail(f"{name}={raw!r} must be a finite number")
-        if name in CHOICES and v not in CHOICES[name]:
-            raise Fail(f"{name}={raw!r} must be one of {', '.join(map(str, CHOICES[name]))}")
-        # every number >= 0; sizes, steps and lengths > 0; decays and momenta in [0, 1]; flags 0 or 1
-        if isinstance(v, (int, float)) and (v < 0 or (name in POSITIVE and v == 0) or (name in UNIT | FLAGS and v > 1)):
-            need = "0 or 1" if name in FLAGS else "in [0, 1]" if name in UNIT else "> 0" if name in POSITIVE else ">= 0"
-            raise Fail(f"{name}={raw!r} must be {need}")
-    for name, value in STACKS[stack].items():
-        if name not in env and value in DEFAULTS:
-            s[name] = s[value]
-    s["RUN_ID"] = s["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
-    if not all(i.strip().isdigit() for i in s["VE_LAYERS"].split(",") if i.strip()):
-        raise Fail(f"VE_LAYERS={s['VE_LAYERS']!r} must be layer numbers separated by commas")
-    s["VE_LAYERS"] = [int(i) for i in s["VE_LAYERS"].split(",") if i.strip()] if s["VE_ENABLED"] else []
-    head_dim, eval_len = s["MODEL_DIM"] // s["NUM_HEADS"], s["EVAL_SEQ_LEN"]
-    batch, seq, stride, chunk = s["TRAIN_BATCH_TOKENS"], s["TRAIN_SEQ_LEN"], s["EVAL_STRIDE"], s["TTT_CHUNK_TOKENS"]
-    L = s["NUM_LAYERS"]
+    preset = STACKS[stack]
+    s = Settings(stack=stack, **{k: v for k, v in preset.items() if not isinstance(v, SameAs)})
+    for f in fields(s):
+        if (raw := env.get(f.name.upper())) is not None:
+            setattr(s, f.name, parse_value(f, raw))
+    for name, value in preset.items():
+        if isinstance(value, SameAs) and name.upper() not in env:
+            setattr(s, name, getattr(s, value.name))
+    s.run_id = s.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    check_settings(s, env)
+    if not s.ve_enabled:
+        s.ve_layers = []
+    return s
+
+
+def check_settings(s, env):
+    """Fail on the first pair of settings that contradict each other."""
+    head_dim, L = s.model_dim // s.num_heads, s.num_layers
     for bad, msg in (
         (
-            s["NUM_LOOPS"] and not 0 <= s["LOOP_START"] <= s["LOOP_END"] < L,
-            f"LOOP_START={s['LOOP_START']}..LOOP_END={s['LOOP_END']} must be layers with "
-            f"0 <= start <= end < NUM_LAYERS={L}",
+            s.num_loops and not 0 <= s.loop_start <= s.loop_end < L,
+            f"LOOP_START={s.loop_start}..LOOP_END={s.loop_end} must be layers with 0 <= start <= end < NUM_LAYERS={L}",
         ),
-        (s["PARALLEL_START_LAYER"] >= L, f"PARALLEL_START_LAYER={s['PARALLEL_START_LAYER']} must be < NUM_LAYERS={L}"),
+        (s.parallel_start_layer >= L, f"PARALLEL_START_LAYER={s.parallel_start_layer} must be < NUM_LAYERS={L}"),
         (
-            s["SMEAR_GATE_ENABLED"] and s["SMEAR_FIXED_ENABLED"],
+            s.smear_gate_enabled and s.smear_fixed_enabled,
             "SMEAR_GATE_ENABLED=1 and SMEAR_FIXED_ENABLED=1 exclude each other: set one to 0",
         ),
-        (s["GATE_WINDOW"] > s["MODEL_DIM"], f"GATE_WINDOW={s['GATE_WINDOW']} must be at most MODEL_DIM"),
+        (s.gate_window > s.model_dim, f"GATE_WINDOW={s.gate_window} must be at most MODEL_DIM={s.model_dim}"),
         (
-            s["MUON_POLAR_EXPRESS"] and s["MUON_BACKEND_STEPS"] > len(POLAR_EXPRESS),
+            s.muon_polar_express and s.muon_backend_steps > len(POLAR_EXPRESS),
             f"MUON_POLAR_EXPRESS=1 needs MUON_BACKEND_STEPS <= {len(POLAR_EXPRESS)}",
         ),
         (
-            s["WARMDOWN_FRAC"] and "WARMDOWN_ITERS" in env and s["WARMDOWN_ITERS"] > 0,
+            s.warmdown_frac and "WARMDOWN_ITERS" in env and s.warmdown_iters > 0,
             "WARMDOWN_FRAC and WARMDOWN_ITERS both set: keep one",
         ),
         (
-            any(not 0 <= i < s["NUM_LAYERS"] for i in s["VE_LAYERS"]),
-            f"VE_LAYERS={env.get('VE_LAYERS')!r} names a layer outside 0..NUM_LAYERS-1",
+            s.ve_enabled and any(not 0 <= i < L for i in s.ve_layers),
+            f"VE_LAYERS={shown(s.ve_layers)} names a layer outside 0..{L - 1} (NUM_LAYERS={L}): set VE_LAYERS to "
+            "layers of this model, or VE_ENABLED=0",
         ),
         (
-            s["MODEL_DIM"] % s["NUM_HEADS"] or s["NUM_HEADS"] % s["NUM_KV_HEADS"],
-            "MODEL_DIM must divide by NUM_HEADS, and NUM_HEADS by NUM_KV_HEADS",
+            s.model_dim % s.num_heads or s.num_heads % s.num_kv_heads,
+            f"MODEL_DIM={s.model_dim} must divide by NUM_HEADS={s.num_heads}, and NUM_HEADS by "
+            f"NUM_KV_HEADS={s.num_kv_heads}",
         ),
         (
-            s["ROPE_DIMS"] % 2 or s["ROPE_DIMS"] > head_dim,
-            f"ROPE_DIMS={s['ROPE_DIMS']} must be even and at most the head dim {head_dim}",
+            s.rope_dims % 2 or s.rope_dims > head_dim,
+            f"ROPE_DIMS={s.rope_dims} must be even and at most the head dim {head_dim}",
         ),
         (
-            batch < 8 * seq or batch // 8 % seq,
-            f"TRAIN_BATCH_TOKENS={batch} must split into 8 micro-batches of whole TRAIN_SEQ_LEN={seq} sequences",
+            s.train_batch_tokens < 8 * s.train_seq_len or s.train_batch_tokens // 8 % s.train_seq_len,
+            f"TRAIN_BATCH_TOKENS={s.train_batch_tokens} must split into 8 micro-batches of whole "
+            f"TRAIN_SEQ_LEN={s.train_seq_len} sequences",
         ),
-        (stride > eval_len, f"EVAL_STRIDE={stride} must be at most EVAL_SEQ_LEN={eval_len}"),
         (
-            s["PHASED_TTT_ENABLED"] and s["SLOT_ENABLED"] and s["SLOT_MODE"] == "batch",
+            s.eval_stride > s.eval_seq_len,
+            f"EVAL_STRIDE={s.eval_stride} must be at most EVAL_SEQ_LEN={s.eval_seq_len}",
+        ),
+        (
+            s.phased_ttt_enabled and s.slot_enabled and s.slot_mode == "batch",
             "SLOT_MODE=batch has no phased TTT form: use causal",
         ),
         (
-            s["TTT_CHUNK_SIZE"] > s["TTT_EVAL_SEQ_LEN"],
-            f"TTT_CHUNK_SIZE={s['TTT_CHUNK_SIZE']} must be at most TTT_EVAL_SEQ_LEN={s['TTT_EVAL_SEQ_LEN']}",
+            s.ttt_chunk_size > s.ttt_eval_seq_len,
+            f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be at most TTT_EVAL_SEQ_LEN={s.ttt_eval_seq_len}",
         ),
         (
-            s["TTT_ENABLED"] and chunk % eval_len,
-            f"TTT_CHUNK_TOKENS={chunk} must be a multiple of EVAL_SEQ_LEN={eval_len}",
+            s.ttt_enabled and s.ttt_chunk_tokens % s.eval_seq_len,
+            f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must be a multiple of EVAL_SEQ_LEN={s.eval_seq_len}",
         ),
         (
-            s["GPTQ_CALIB"] == "train" and s["MAX_WALLCLOCK_SECONDS"] > 0 and s["GPTQ_RESERVE_SECONDS"] <= 0,
+            s.gptq_calib == "train" and s.max_wallclock_seconds > 0 and s.gptq_reserve_seconds <= 0,
             "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
             "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self",
         ),
         (
-            s["EVAL_ONLY"] and not s["ARTIFACT_PATH"],
+            s.eval_only and not s.artifact_path,
             f"EVAL_ONLY=1 needs ARTIFACT_PATH=<a {ARTIFACT_NAME}, or a {FLOAT_NAME} to export again>",
         ),
     ):
         if bad:
             raise Fail(msg)
-    return s
+
+
+def help_text():
+    """`python3 train_gpt.py --help`: every setting by group, its value under STACK=seed, what it does, and its value
+    under each other stack that sets it."""
+    lines = [
+        "usage: [SETTING=value ...] torchrun --standalone --nproc_per_node=8 train_gpt.py  (or python3 train_gpt.py)",
+        "Every setting is an environment variable. STACK picks the record whose values the others default to",
+        "(seed unless set); a variable set explicitly wins. Below: SETTING=its value under STACK=seed, what it does,",
+        "and [stack=value] for each other stack that sets it. docs/settings.md has the same table.",
+    ]
+    for group in SETTING_GROUPS:
+        lines += ["", f"{group.__name__.removesuffix('Settings')}: {group.__doc__}"]
+        for f in fields(group):
+            others = " ".join(f"{k}={stack_value(k, f.name)}" for k in STACKS if k != "seed" and f.name in STACKS[k])
+            lines.append(f"  {f.name.upper()}={stack_value('seed', f.name)}")
+            lines.append(f"      {f.metadata['doc']}" + (f"  [{others}]" if others else ""))
+    return "\n".join(lines)
+
+
+def stack_value(stack, name):
+    """A stack's value of a setting as the environment writes it; the other setting's name where it follows one."""
+    if name == "stack":
+        return stack
+    value = STACKS[stack].get(name, getattr(DEFAULT_SETTINGS, name))
+    return value.name.upper() if isinstance(value, SameAs) else shown(value) or '""'
+
+
+DEFAULT_SETTINGS = Settings()
 
 
 # -------------------- data
@@ -493,14 +609,14 @@ def target_bytes(prev, tgt, luts, pos=None):
 def byte_counter(s, sp, n_val, device):
     """(how bpb counts bytes, what it is): the validation byte sidecar when DATA_PATH has one, else the tokenizer's
     look-up tables. A sidecar must hold one count per token of its val shard."""
-    files = sorted(glob.glob(os.path.join(s["DATA_PATH"], VAL_BYTES)))
+    files = sorted(glob.glob(os.path.join(s.data_path, VAL_BYTES)))
     if not files:
-        return build_sentencepiece_luts(sp, s["VOCAB_SIZE"], device), "tokenizer LUT"
-    shards = shard_files(os.path.join(s["DATA_PATH"], VAL_SHARDS))
+        return build_sentencepiece_luts(sp, s.vocab_size, device), "tokenizer LUT"
+    shards = shard_files(os.path.join(s.data_path, VAL_SHARDS))
     counts = [load_data_shard(f) for f in files]
     if len(files) != len(shards) or any(len(c) != len(load_data_shard(t)) for c, t in zip(counts, shards)):
         raise Fail(
-            f"the byte sidecars {VAL_BYTES} in {s['DATA_PATH']} are not parallel to its val shards ({len(files)} "
+            f"the byte sidecars {VAL_BYTES} in {s.data_path} are not parallel to its val shards ({len(files)} "
             f"files for {len(shards)}, or a count differs); rebuild them with data/caseops.py prep"
         )
     return (torch.from_numpy(np.concatenate(counts)[:n_val].astype(np.int64)).to(device),), f"sidecar {VAL_BYTES}"
@@ -508,12 +624,12 @@ def byte_counter(s, sp, n_val, device):
 
 def load_tokenizer(s):
     """The SentencePiece model at TOKENIZER_PATH, checked against VOCAB_SIZE."""
-    path = s["TOKENIZER_PATH"]
+    path = s.tokenizer_path
     if not os.path.isfile(path):
         raise Fail(f"tokenizer {path} not found; {FETCH} or set TOKENIZER_PATH")
     sp = spm.SentencePieceProcessor(model_file=path)
-    if sp.vocab_size() != s["VOCAB_SIZE"]:
-        raise Fail(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={s['VOCAB_SIZE']}")
+    if sp.vocab_size() != s.vocab_size:
+        raise Fail(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={s.vocab_size}")
     return sp
 
 
@@ -544,8 +660,8 @@ def apply_partial_rope(x, rope_dims, base, past=0):
 
 def rope_base(s, seq_len):
     # ROPE_TRAIN_SEQ_LEN=1024 as the reference: the base rises for sequences past 1024
-    ref, base = s["ROPE_TRAIN_SEQ_LEN"], s["ROPE_BASE"]
-    return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (s["ROPE_DIMS"] / (s["ROPE_DIMS"] - 2))
+    ref, base = s.rope_train_seq_len, s.rope_base
+    return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (s.rope_dims / (s.rope_dims - 2))
 
 
 def doc_segments(idx, max_len):
@@ -647,18 +763,18 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.q_gain = nn.Parameter(torch.full((num_heads,), s["QK_GAIN_INIT"]))
-        if s["SPARSE_ATTN_GATE_ENABLED"]:  # per-head output gate from the first GATE_WINDOW input channels
-            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, s["GATE_WINDOW"]))
+        self.q_gain = nn.Parameter(torch.full((num_heads,), s.qk_gain_init))
+        if s.sparse_attn_gate_enabled:  # per-head output gate from the first GATE_WINDOW input channels
+            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, s.gate_window))
 
 
 def layer_schedule(s, looped):
     """Physical layer of each virtual layer, split into encoder and decoder halves. Looped, layers
     LOOP_START..LOOP_END run NUM_LOOPS extra times (PR #1855: [0,1,2,3,4,5,3,4] and [5,3,4,5,6,7,8,9,10])."""
-    L, a, b = s["NUM_LAYERS"], s["LOOP_START"], s["LOOP_END"]
+    L, a, b = s.num_layers, s.loop_start, s.loop_end
     order = list(range(L))
-    if looped and s["NUM_LOOPS"]:
-        order = order[:a] + order[a : b + 1] * (s["NUM_LOOPS"] + 1) + order[b + 1 :]
+    if looped and s.num_loops:
+        order = order[:a] + order[a : b + 1] * (s.num_loops + 1) + order[b + 1 :]
     return order[: len(order) // 2], order[len(order) // 2 :]
 
 
@@ -669,22 +785,22 @@ class GPT(nn.Module):
     def __init__(self, s, attention=None, doc_attention=None):
         super().__init__()
         self.s, self.attention, self.doc_attention = s, attention or sdpa, doc_attention or sdpa
-        V, d, L = s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"]
-        self.num_heads, self.num_kv_heads, self.head_dim = s["NUM_HEADS"], s["NUM_KV_HEADS"], d // s["NUM_HEADS"]
-        kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s["MLP_MULT"] * d)
+        V, d, L = s.vocab_size, s.model_dim, s.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, d // s.num_heads
+        kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s.mlp_mult * d)
         self.qat = self.looping = False  # late QAT; depth recurrence (on from ENABLE_LOOPING_AT; evaluation always)
         self.hessians = None  # GPTQ calibration: name -> sum of x^T x
         self.tok_emb = nn.Embedding(V, d)
-        nn.init.normal_(self.tok_emb.weight, std=s["TIED_EMBED_INIT_STD"])
-        if s["BIGRAM_VOCAB_SIZE"]:
-            self.bigram_emb = nn.Parameter(torch.zeros(s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"]))
+        nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
+        if s.bigram_vocab_size:
+            self.bigram_emb = nn.Parameter(torch.zeros(s.bigram_vocab_size, s.bigram_dim))
             # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
-            self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s["BIGRAM_DIM"])))
+            self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s.bigram_dim)))
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        if s["SMEAR_FIXED_ENABLED"]:  # the seed's: a learned per-channel mix with the previous position
+        if s.smear_fixed_enabled:  # the seed's: a learned per-channel mix with the previous position
             self.smear_gate = nn.Parameter(torch.zeros(d))
-        if s["SMEAR_GATE_ENABLED"]:  # the record's: lambda * sigmoid(w . e_t[:GATE_WINDOW]), identity at init
-            self.smear_w = nn.Parameter(torch.zeros(s["GATE_WINDOW"]))
+        if s.smear_gate_enabled:  # the record's: lambda * sigmoid(w . e_t[:GATE_WINDOW]), identity at init
+            self.smear_w = nn.Parameter(torch.zeros(s.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
@@ -698,20 +814,20 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(s, d, self.num_heads) for _ in range(L))
         self.num_skips = min(map(len, layer_schedule(s, looped=True)))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
-        if s["SKIP_GATES_ENABLED"]:  # sigmoid(0) = 1/2: the skip merge starts as an even blend
+        if s.skip_gates_enabled:  # sigmoid(0) = 1/2: the skip merge starts as an even blend
             self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
-        if s["PARALLEL_START_LAYER"]:  # two-lane decoder: residual and routing weights of each lane
+        if s.parallel_start_layer:  # two-lane decoder: residual and routing weights of each lane
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
-        self.ve_layers = list(s["VE_LAYERS"])
+        self.ve_layers = list(s.ve_layers)
         if self.ve_layers:
-            self.ve_emb = nn.Parameter(torch.randn(V, s["VE_DIM"]) * 0.01)
-            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s["VE_DIM"])))
+            self.ve_emb = nn.Parameter(torch.randn(V, s.ve_dim) * 0.01)
+            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s.ve_dim)))
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
 
     def weight(self, w, dtype, bank=False):
-        qat = self.qat and (self.s["LATE_QAT_BANKS"] or not bank)
+        qat = self.qat and (self.s.late_qat_banks or not bank)
         return (fake_quant_int6(w) if qat else w).to(dtype)
 
     def bank_linear(self, x, bank, j, dtype):
@@ -721,22 +837,22 @@ class GPT(nn.Module):
         return F.linear(x, self.weight(getattr(self, bank)[j], dtype, bank=True))
 
     def bigram_hash(self, idx):
-        mod = self.s["BIGRAM_VOCAB_SIZE"] - 1
+        mod = self.s.bigram_vocab_size - 1
         h = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % mod
         return torch.cat((torch.full_like(idx[:, :1], mod), h), dim=1)
 
     def embed(self, idx, dtype):
         """x0: token embedding (+ bigram hash), the record's smear gate, RMSNorm, the seed's smear gate."""
         x = self.tok_emb.weight.to(dtype)[idx]
-        if self.s["BIGRAM_VOCAB_SIZE"]:
+        if self.s.bigram_vocab_size:
             big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
             x = x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
-        if self.s["SMEAR_GATE_ENABLED"]:  # never across a BOS: the previous document must not reach this one
-            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, : self.s["GATE_WINDOW"]] @ self.smear_w.to(dtype))
+        if self.s.smear_gate_enabled:  # never across a BOS: the previous document must not reach this one
+            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, : self.s.gate_window] @ self.smear_w.to(dtype))
             keep = (idx[:, 1:] != BOS_ID).to(dtype)
             x = torch.cat((x[:, :1], x[:, 1:] + (g * keep)[..., None] * x[:, :-1]), dim=1)
         x = rms_norm(x)
-        if self.s["SMEAR_FIXED_ENABLED"]:
+        if self.s.smear_fixed_enabled:
             g = torch.sigmoid(self.smear_gate.to(dtype))
             x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return x
@@ -747,7 +863,7 @@ class GPT(nn.Module):
         if lora is None:
             return y
         A, B = (t.to(x.dtype) for t in lora[name])
-        return y + (x @ A.mT) @ B.mT * (self.s["TTT_LORA_ALPHA"] / self.s["TTT_LORA_RANK"])
+        return y + (x @ A.mT) @ B.mT * (self.s.ttt_lora_alpha / self.s.ttt_lora_rank)
 
     def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0, lora=None):
         """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry, its LoRA
@@ -761,7 +877,7 @@ class GPT(nn.Module):
             v = v + ve * self.ve_layer_scales[self.ve_layers.index(i)].to(dtype)
         v = v.view(B, T, Hkv, D)
         past = cache["len"] if cache else 0
-        base, rd = rope_base(self.s, past + T), self.s["ROPE_DIMS"]
+        base, rd = rope_base(self.s, past + T), self.s.rope_dims
         q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
         if cache is not None:  # generation: this call's keys and values after the cached ones
@@ -772,14 +888,14 @@ class GPT(nn.Module):
             y = self.doc_attention(q, k, v, seg)
         else:
             y = self.attention(q, k, v)
-        if i >= L - self.s["XSA_LAST_N"]:  # XSA: remove each head's component along its own value vector
+        if i >= L - self.s.xsa_last_n:  # XSA: remove each head's component along its own value vector
             y = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-        if self.s["SPARSE_ATTN_GATE_ENABLED"]:
+        if self.s.sparse_attn_gate_enabled:
             gate = torch.sigmoid(
-                self.s["SPARSE_ATTN_GATE_SCALE"]
-                * F.linear(x[..., : self.s["GATE_WINDOW"]], self.blocks[i].attn_gate_w.to(dtype))
+                self.s.sparse_attn_gate_scale
+                * F.linear(x[..., : self.s.gate_window], self.blocks[i].attn_gate_w.to(dtype))
             )
             y = y * gate[..., None]
         return self.adapted(lora, f"o{slot}", x, self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype))
@@ -789,27 +905,27 @@ class GPT(nn.Module):
         return self.bank_linear(h.square(), "mlp_down_bank", i, dtype)
 
     def block(self, i, x, x0, dtype, sub, ffn):
-        """One sequential block: attention then MLP, each added back scaled. sub(i, x) runs layer i's attention,
-        ffn(i, x) its MLP."""
-        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
+        """One sequential block: attention then MLP, each added back scaled. sub(x) runs layer i's attention, ffn(x)
+        its MLP."""
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s.ln_scale else 1.0
         mix = blk.resid_mix.to(dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + blk.attn_scale.to(dtype) * sub(i, rms_norm(x) * ln)
-        return x + blk.mlp_scale.to(dtype) * ffn(i, rms_norm(x) * ln)
+        x = x + blk.attn_scale.to(dtype) * sub(rms_norm(x) * ln)
+        return x + blk.mlp_scale.to(dtype) * ffn(rms_norm(x) * ln)
 
     def parallel_block(self, i, lanes, x0, dtype, sub, ffn):
         """Two-lane block: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both lanes."""
-        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s["LN_SCALE"] else 1.0
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s.ln_scale else 1.0
         mix = blk.resid_mix.to(dtype)
-        a = blk.attn_scale.to(dtype) * sub(i, rms_norm(mix[0] * lanes[0] + mix[1] * x0) * ln)
-        m = blk.mlp_scale.to(dtype) * ffn(i, rms_norm(lanes[1]) * ln)
+        a = blk.attn_scale.to(dtype) * sub(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * ln)
+        m = blk.mlp_scale.to(dtype) * ffn(rms_norm(lanes[1]) * ln)
         r, post = self.parallel_resid_lambdas[i].to(dtype), self.parallel_post_lambdas[i].to(dtype)
         return [r[j] * lanes[j] + post[0, j] * a + post[1, j] * m for j in (0, 1)]
 
     def merge_skip(self, j, x, skip, dtype):
         """Decoder layer j's U-Net skip: added, or with skip gates a sigmoid interpolation between x and it."""
         skip = self.skip_weights[j].to(dtype) * skip
-        if not self.s["SKIP_GATES_ENABLED"]:
+        if not self.s.skip_gates_enabled:
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(dtype)))
 
@@ -826,22 +942,24 @@ class GPT(nn.Module):
             ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(
                 dtype
             )
-        seg = doc_segments(idx, self.s["TRAIN_SEQ_LEN"]) if self.s["DOC_MASKED_ATTN"] and cache is None else None
+        seg = doc_segments(idx, self.s.train_seq_len) if self.s.doc_masked_attn and cache is None else None
         encoder, decoder = layer_schedule(self.s, self.looping)
-        slot = [-1]  # the virtual layer running: its attention moves it on, its MLP follows
 
-        def sub(i, h):
-            slot[0] += 1
-            return self.attn(i, h, ve if i in self.ve_layers else None, dtype, cache, seg, slot[0], lora)
+        def layer(i, slot):
+            """Physical layer i's attention and MLP as its virtual layer slot runs them (slot picks the generation
+            cache entry and the LoRA adapters; the MLP adds phased TTT's bypass from the same normed input)."""
+            ve_i = ve if i in self.ve_layers else None
+            return (
+                lambda h: self.attn(i, h, ve_i, dtype, cache, seg, slot, lora),
+                lambda h: self.adapted(lora, f"mlp{slot}", h, self.mlp(i, h, dtype)),
+            )
 
-        def ffn(i, h):  # the MLP, plus phased TTT's MLP bypass from the same normed input
-            return self.adapted(lora, f"mlp{slot[0]}", h, self.mlp(i, h, dtype))
-
-        skips, lanes, start = [], None, self.s["PARALLEL_START_LAYER"]
-        for i in encoder:
-            x = self.block(i, x, x0, dtype, sub, ffn)
+        skips, lanes, start = [], None, self.s.parallel_start_layer
+        for slot, i in enumerate(encoder):
+            x = self.block(i, x, x0, dtype, *layer(i, slot))
             skips.append(x)
         for j, i in enumerate(decoder):
+            sub, ffn = layer(i, len(encoder) + j)
             if start and i >= start and lanes is None:
                 lanes = [x, x]
             if j < self.num_skips and skips:  # into lane 0 once there are two
@@ -861,7 +979,7 @@ class GPT(nn.Module):
         """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32."""
         n = rms_norm(h)
         z = self.adapted(lora, "head", n, F.linear(n, self.tok_emb.weight.to(h.dtype))).float()
-        return self.s["LOGIT_SOFTCAP"] * torch.tanh(z / self.s["LOGIT_SOFTCAP"])
+        return self.s.logit_softcap * torch.tanh(z / self.s.logit_softcap)
 
     def forward(self, idx, targets):
         """Mean cross-entropy: the training loss (and TTT's)."""
@@ -972,20 +1090,20 @@ def build_optimizers(model, s):
     scalars = [p for p in model.parameters() if id(p) not in ids]
     adam = torch.optim.AdamW(
         [
-            dict(params=embeds, lr=s["TIED_EMBED_LR"], weight_decay=s["EMBED_WD"]),
-            dict(params=scalars, lr=s["SCALAR_LR"], weight_decay=s["ADAM_WD"]),
+            dict(params=embeds, lr=s.tied_embed_lr, weight_decay=s.embed_wd),
+            dict(params=scalars, lr=s.scalar_lr, weight_decay=s.adam_wd),
         ],
-        betas=(s["BETA1"], s["BETA2"]),
-        eps=s["ADAM_EPS"],
+        betas=(s.beta1, s.beta2),
+        eps=s.adam_eps,
     )
     muon = ParallelMuon(
         banks,
-        s["MATRIX_LR"],
-        s["MUON_MOMENTUM"],
-        s["MUON_BACKEND_STEPS"],
-        s["MUON_WD"],
-        s["MUON_ROW_NORMALIZE"],
-        s["MUON_POLAR_EXPRESS"],
+        s.matrix_lr,
+        s.muon_momentum,
+        s.muon_backend_steps,
+        s.muon_wd,
+        s.muon_row_normalize,
+        s.muon_polar_express,
     )
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
@@ -1017,14 +1135,14 @@ def clip_coefficient(grads, bank_shards, max_norm):
 def optimizer_step(muon, adam, others, s):
     """One step: the banks' reduce-scatter in flight while the other gradients are averaged in one all-reduce,
     the global (or per-rank) clip, AdamW, then Muon on this rank's shard of each bank."""
-    clip = s["GRAD_CLIP_NORM"]
-    if clip > 0 and s["GRAD_CLIP_LOCAL"]:  # the reference: each rank clips its own gradients before averaging
+    clip = s.grad_clip_norm
+    if clip > 0 and s.grad_clip_local:  # the reference: each rank clips its own gradients before averaging
         torch.nn.utils.clip_grad_norm_(others + muon.param_groups[0]["params"], clip)
     muon.launch_reduce_scatter()
     grads = [p.grad for p in others]
     all_reduce_(grads, mean=True)
     shards = muon.wait_shards()
-    if clip > 0 and not s["GRAD_CLIP_LOCAL"]:
+    if clip > 0 and not s.grad_clip_local:
         torch._foreach_mul_(grads + shards, clip_coefficient(grads, shards, clip))
     adam.step()
     muon.step(shards)
@@ -1040,7 +1158,7 @@ class Run:  # settings, rank, device, log file
         if 8 % self.world:
             raise Fail(f"WORLD_SIZE={self.world} does not divide 8 (the micro-batches); use 1, 2, 4 or 8")
         cuda = torch.cuda.is_available()
-        use_cuda = s["DEVICE"] == "cuda" or (s["DEVICE"] == "auto" and cuda)
+        use_cuda = s.device == "cuda" or (s.device == "auto" and cuda)
         if use_cuda and not cuda:
             raise Fail("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or auto")
         self.cuda = use_cuda
@@ -1051,18 +1169,18 @@ class Run:  # settings, rank, device, log file
         if "RANK" in os.environ and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
         self.master = self.rank == 0
-        self.compile = s["COMPILE"] == "1" or (s["COMPILE"] == "auto" and use_cuda)
+        self.compile = s.compile == "1" or (s.compile == "auto" and use_cuda)
         self.compiled_fns = {}
-        self.attn_name, self.attention, self.doc_attention = pick_attention(s["ATTN_BACKEND"], self.device)
-        self.out = Path(s["OUTPUT_DIR"])
-        self.logfile = self.out / "logs" / f"{s['RUN_ID']}.txt"
+        self.attn_name, self.attention, self.doc_attention = pick_attention(s.attn_backend, self.device)
+        self.out = Path(s.output_dir)
+        self.logfile = self.out / "logs" / f"{s.run_id}.txt"
         try:
             self.logfile.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise Fail(
-                f"OUTPUT_DIR={s['OUTPUT_DIR']} cannot be created ({e.strerror}); set it to a writable folder"
+                f"OUTPUT_DIR={s.output_dir} cannot be created ({e.strerror}); set it to a writable folder"
             ) from None
-        self.summary = dict(run_id=s["RUN_ID"], seed=s["SEED"], metrics={}, train_curve=[], val_curve=[])
+        self.summary = dict(run_id=s.run_id, seed=s.seed, metrics={}, train_curve=[], val_curve=[])
 
     def log(self, msg, console=True):
         if self.master:
@@ -1102,29 +1220,29 @@ def build_model(run, state=None):
 
 def train_cap_ms(s):
     """The wallclock cap less the GPTQ_CALIB=train reserve."""
-    reserve = s["GPTQ_RESERVE_SECONDS"] if s["QUANT"] == "gptq" and s["GPTQ_CALIB"] == "train" else 0.0
-    return 1000 * (s["MAX_WALLCLOCK_SECONDS"] - reserve) if s["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
+    reserve = s.gptq_reserve_seconds if s.quant == "gptq" and s.gptq_calib == "train" else 0.0
+    return 1000 * (s.max_wallclock_seconds - reserve) if s.max_wallclock_seconds > 0 else 0.0
 
 
 def training_fraction(s, step, elapsed_ms):
     """How far training is: of the wallclock cap when there is one, else of ITERATIONS."""
     cap_ms = train_cap_ms(s)
-    return elapsed_ms / cap_ms if cap_ms > 0 else step / s["ITERATIONS"]
+    return elapsed_ms / cap_ms if cap_ms > 0 else step / s.iterations
 
 
 def lr_multiplier(s, step, elapsed_ms):
     """1, then a linear warmdown: over the last WARMDOWN_FRAC of training (the record's), or the last
     WARMDOWN_ITERS steps (the seed's; by projected step time under a cap); never below MIN_LR."""
-    warmdown, cap_ms = s["WARMDOWN_ITERS"], train_cap_ms(s)
-    if s["WARMDOWN_FRAC"] > 0:
-        mult = min((1 - training_fraction(s, step, elapsed_ms)) / s["WARMDOWN_FRAC"], 1.0)
+    warmdown, cap_ms = s.warmdown_iters, train_cap_ms(s)
+    if s.warmdown_frac > 0:
+        mult = min((1 - training_fraction(s, step, elapsed_ms)) / s.warmdown_frac, 1.0)
     elif warmdown <= 0:
         mult = 1.0
     elif cap_ms <= 0:
-        mult = min(max((s["ITERATIONS"] - step) / warmdown, 0.0), 1.0)
+        mult = min(max((s.iterations - step) / warmdown, 0.0), 1.0)
     else:
         mult = min(max(cap_ms - elapsed_ms, 0.0) / max(warmdown * elapsed_ms / max(step, 1), 1e-9), 1.0)
-    return max(mult, s["MIN_LR"])
+    return max(mult, s.min_lr)
 
 
 class WeightAverages:
@@ -1132,16 +1250,14 @@ class WeightAverages:
 
     def __init__(self, model, s):
         self.s, self.swa, self.swa_count = s, None, 0
-        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if s["EMA_ENABLED"] else None
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if s.ema_enabled else None
 
     @torch.no_grad()
     def update(self, model, step, lr_mul):
         current = model.state_dict()
         if self.ema is not None:
-            torch._foreach_lerp_(
-                list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s["EMA_DECAY"]
-            )
-        if self.s["SWA_ENABLED"] and lr_mul < self.s["SWA_THRESHOLD"] and step % self.s["SWA_EVERY"] == 0:
+            torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s.ema_decay)
+        if self.s.swa_enabled and lr_mul < self.s.swa_threshold and step % self.s.swa_every == 0:
             src = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
             if self.swa is None:
                 self.swa = {k: v.clone() for k, v in src.items()}
@@ -1155,57 +1271,61 @@ class WeightAverages:
         return (self.ema, "ema") if self.ema is not None else (model.state_dict(), "raw")
 
 
+def train_step(run, model, optimizers, next_batch, step, lr_mul):
+    """One optimizer step: the global batch as 8 micro-batches (8 // world of them on each rank) forward and backward
+    through the compiled model; Muon's momentum on its warm-up ramp and every group's LR at lr_mul; optimizer_step.
+    Returns the mean loss as a tensor (no sync). tools/bench.py times this same function."""
+    s, (muon, adam, others) = run.s, optimizers
+    grad_accum, local_tokens = 8 // run.world, s.train_batch_tokens // 8
+    row = local_tokens if s.doc_masked_attn else s.train_seq_len  # documents packed into one masked row
+    train_model = run.compiled(model)
+    total = torch.zeros((), device=run.device)
+    for _ in range(grad_accum):
+        x, y = next_batch(local_tokens, row)
+        with run.autocast():
+            loss = train_model(x, y)
+        (loss / grad_accum).backward()
+        total += loss.detach()
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    muon.param_groups[0]["momentum"] = (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+    for group in muon.param_groups + adam.param_groups:
+        group["lr"] = group["base_lr"] * lr_mul
+    optimizer_step(muon, adam, others, s)
+    model.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
 def train(model, run, val, luts):
     """Warm-up (compiles every graph, then restores the initial state), then steps until ITERATIONS or the wallclock
     cap, with validation every VAL_LOSS_EVERY; returns the final weights (EMA, SWA or raw)."""
-    s, world = run.s, run.world
-    muon, adam, others = build_optimizers(model, s)
-    grad_accum, local_tokens = 8 // world, s["TRAIN_BATCH_TOKENS"] // 8
-    pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
-    loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
-    train_model = run.compiled(model)
-
-    row = local_tokens if s["DOC_MASKED_ATTN"] else s["TRAIN_SEQ_LEN"]  # documents packed into one masked row
-
-    def train_step(step, lr_mul):
-        total = torch.zeros((), device=run.device)
-        for _ in range(grad_accum):
-            x, y = loader.next_batch(local_tokens, row)
-            with run.autocast():
-                loss = train_model(x, y)
-            (loss / grad_accum).backward()
-            total += loss.detach()
-        frac = min(step / s["MUON_MOMENTUM_WARMUP_STEPS"], 1.0) if s["MUON_MOMENTUM_WARMUP_STEPS"] > 0 else 1.0
-        muon.param_groups[0]["momentum"] = (1 - frac) * s["MUON_MOMENTUM_WARMUP_START"] + frac * s["MUON_MOMENTUM"]
-        for group in muon.param_groups + adam.param_groups:
-            group["lr"] = group["base_lr"] * lr_mul
-        optimizer_step(muon, adam, others, s)
-        model.zero_grad(set_to_none=True)
-        return total / grad_accum
-
-    if s["WARMUP_STEPS"] > 0:  # compile and warm the kernels, then start again from the initial state
+    s = run.s
+    optimizers = build_optimizers(model, s)
+    muon, adam, _ = optimizers
+    pattern = os.path.join(s.data_path, "fineweb_train_*.bin")
+    loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
+    if s.warmup_steps > 0:  # compile and warm the kernels, then start again from the initial state
         initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
-        for i in range(s["WARMUP_STEPS"]):  # the late-QAT and looped graphs are compiled now, too
-            model.qat = bool(s["LATE_QAT"]) and 2 * i >= s["WARMUP_STEPS"]
-            model.looping = bool(s["NUM_LOOPS"]) and 2 * i >= s["WARMUP_STEPS"]
-            train_step(0, 1.0)
-            run.log(f"warmup_step:{i + 1}/{s['WARMUP_STEPS']}")
+        for i in range(s.warmup_steps):  # the late-QAT and looped graphs are compiled now, too
+            model.qat = bool(s.late_qat) and 2 * i >= s.warmup_steps
+            model.looping = bool(s.num_loops) and 2 * i >= s.warmup_steps
+            train_step(run, model, optimizers, loader.next_batch, 0, 1.0)
+            run.log(f"warmup_step:{i + 1}/{s.warmup_steps}")
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
         model.qat = model.looping = False
-        loader = DistributedTokenLoader(pattern, run.rank, world, run.device)
+        loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
     train_ms, step, stopping = 0.0, 0, False
     run.sync()
     t0 = time.perf_counter()
     while True:
-        last = step == s["ITERATIONS"] or stopping
-        if last or (s["VAL_LOSS_EVERY"] > 0 and step % s["VAL_LOSS_EVERY"] == 0):
+        last = step == s.iterations or stopping
+        if last or (s.val_loss_every > 0 and step % s.val_loss_every == 0):
             run.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
             val_loss, val_bpb = evaluate(model, run, val, luts)
             run.log(
-                f"step:{step}/{s['ITERATIONS']} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
             )
             run.summary["val_curve"].append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb, time_ms=train_ms))
@@ -1215,17 +1335,17 @@ def train(model, run, val, luts):
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         lr_mul = lr_multiplier(s, step, elapsed)
-        if s["NUM_LOOPS"] and not model.looping and training_fraction(s, step, elapsed) >= s["ENABLE_LOOPING_AT"]:
+        if s.num_loops and not model.looping and training_fraction(s, step, elapsed) >= s.enable_looping_at:
             model.looping = True
             run.log(
                 f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
                 f"encoder:{layer_schedule(s, True)[0]} decoder:{layer_schedule(s, True)[1]}"
             )
-        if s["LATE_QAT"] and not model.qat and lr_mul < s["LATE_QAT_THRESHOLD"]:
+        if s.late_qat and not model.qat and lr_mul < s.late_qat_threshold:
             model.qat = True
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
         PROGRESS["stage"] = f"training step {step + 1}"
-        loss = train_step(step, lr_mul)
+        loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul)
         step += 1
         averages.update(model, step, lr_mul)
         loss_value = loss.item()
@@ -1239,14 +1359,14 @@ def train(model, run, val, luts):
         stopping, nonfinite = flags.tolist()
         if nonfinite:
             raise Fail(f"non-finite train loss at step {step}; lower the learning rates or check the data")
-        if s["TRAIN_LOG_EVERY"] > 0 and (step <= 10 or step % s["TRAIN_LOG_EVERY"] == 0):
+        if s.train_log_every > 0 and (step <= 10 or step % s.train_log_every == 0):
             run.log(
-                f"step:{step}/{s['ITERATIONS']} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
+                f"step:{step}/{s.iterations} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms"
             )
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
         if stopping:
-            run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s['ITERATIONS']}")
+            run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s.iterations}")
     weights, source = averages.final_weights(model)
     run.log(f"final_weights:{source}")
     run.summary.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
@@ -1266,6 +1386,13 @@ MODEL_KEYS = tuple(
         "DOC_MASKED_ATTN"
     ).split()
 )
+
+
+def model_config(s):
+    """The model settings by their environment names, as an artifact records them."""
+    return {k: getattr(s, k.lower()) for k in MODEL_KEYS}
+
+
 MATRIX_PERCENTILES, EMBED_PERCENTILES = (99.9, 99.95, 99.99, 99.999, 100), (99.99984,)
 GPTQ_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # row clip as a fraction of the row's max |w|
 
@@ -1302,35 +1429,35 @@ def add_on_disk(path):
 
 def check_room(s, out):  # room in OUTPUT_DIR for what the run writes, from the model's size
     n = sum(map(math.prod, model_shapes(s).values()))
-    export = not s["EVAL_ONLY"] or s["ARTIFACT_PATH"].endswith(".safetensors")
-    need = (0 if s["EVAL_ONLY"] else 4 * n + 2**16) + (2 * n + 2**20 if export else 0) + 2**21
+    export = not s.eval_only or s.artifact_path.endswith(".safetensors")
+    need = (0 if s.eval_only else 4 * n + 2**16) + (2 * n + 2**20 if export else 0) + 2**21
     if (free := shutil.disk_usage(out).free) < need:
         raise Fail(
-            f"OUTPUT_DIR={s['OUTPUT_DIR']} has {free / 1e6:.1f} MB free but this run writes about "
+            f"OUTPUT_DIR={s.output_dir} has {free / 1e6:.1f} MB free but this run writes about "
             f"{need / 1e6:.1f} MB (float weights, artifact, logs); free some space or set OUTPUT_DIR elsewhere"
         )
 
 
 def save_float_weights(state, s, path):
     """For re-exporting without retraining."""
-    meta = json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in MODEL_KEYS}))
+    meta = json.dumps(dict(format="pgolf-float-v1", config=model_config(s)))
     write_atomic(path, st.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, {"pgolf": meta}))
 
 
 @torch.no_grad()
 def calibration_tokens(model, run):
     """GPTQ calibration text: the model's own samples from BOS, or (GPTQ_CALIB=train) training tokens."""
-    s, dev, n, T = run.s, run.device, run.s["GPTQ_CALIB_SEQS"], run.s["GPTQ_CALIB_LEN"]
-    if s["GPTQ_CALIB"] == "train":
-        tokens = TokenStream(os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")).take(n * T)
+    s, dev, n, T = run.s, run.device, run.s.gptq_calib_seqs, run.s.gptq_calib_len
+    if s.gptq_calib == "train":
+        tokens = TokenStream(os.path.join(s.data_path, "fineweb_train_*.bin")).take(n * T)
         return torch.from_numpy(tokens.astype(np.int64)).view(n, T).to(dev)
-    gen = torch.Generator(dev).manual_seed(s["SEED"])
+    gen = torch.Generator(dev).manual_seed(s.seed)
     idx = torch.full((n, 1), BOS_ID, dtype=torch.int64, device=dev)
     cache = dict(len=0)
     for _ in range(T - 1):
         with run.autocast():
             logits = model.compute_logits(model.forward_hidden(idx, cache)[:, -1:])[:, -1]
-        probs = torch.softmax(logits.float() / s["GPTQ_CALIB_TEMP"], dim=-1)
+        probs = torch.softmax(logits.float() / s.gptq_calib_temp, dim=-1)
         idx = torch.cat((idx, torch.multinomial(probs, 1, generator=gen)), dim=1)
     return idx
 
@@ -1345,7 +1472,7 @@ def collect_hessians(model, run):
     for b in range(0, len(tokens), 8):
         with run.autocast():
             h = model.forward_hidden(tokens[b : b + 8])
-        if run.s["GPTQ_EMBED"]:
+        if run.s.gptq_embed:
             x = rms_norm(h).flatten(0, 1).float()
             hessians["tok_emb.weight"] = hessians.get("tok_emb.weight", 0) + x.T @ x
     model.hessians = None
@@ -1384,11 +1511,11 @@ def sdclip_scales(w, k, max_q):
     return (k * w.float().std(dim=1) / max_q).clamp_min(1e-7).half().float()
 
 
-def clip_sigmas(name, s):  # SDClip's k by role under QUANT_SCALES=sdclip; else 0 (the scale search)
-    return (
-        s["QUANT_SCALES"] == "sdclip"
-        and s["ATTN_CLIP_SIGMAS" if ".attn." in name else "MLP_CLIP_SIGMAS" if ".mlp." in name else "EMBED_CLIP_SIGMAS"]
-    )
+def clip_sigmas(name, s):
+    """SDClip's k of a tensor by its role under QUANT_SCALES=sdclip; else 0 (the scale search)."""
+    if s.quant_scales != "sdclip":
+        return 0
+    return s.attn_clip_sigmas if ".attn." in name else s.mlp_clip_sigmas if ".mlp." in name else s.embed_clip_sigmas
 
 
 def gptq_rows(w, H, max_q, s, k=0):
@@ -1400,8 +1527,8 @@ def gptq_rows(w, H, max_q, s, k=0):
     H[dead, dead] = 1
     W[:, dead] = 0
     scale = sdclip_scales(w, k, max_q) if k else best_scales(W, [W.abs().amax(dim=1) * f for f in GPTQ_CLIPS], max_q, H)
-    perm = torch.argsort(H.diagonal(), descending=True) if s["GPTQ_ACTORDER"] else torch.arange(cols)
-    W, H, damp = W[:, perm], H[perm][:, perm], s["GPTQ_DAMP"]
+    perm = torch.argsort(H.diagonal(), descending=True) if s.gptq_actorder else torch.arange(cols)
+    W, H, damp = W[:, perm], H[perm][:, perm], s.gptq_damp
     while True:  # damping until H is safely positive definite
         chol, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * torch.eye(cols))
         if info == 0 and chol.diagonal().min() > 1e-6 * chol.diagonal().max():
@@ -1409,8 +1536,8 @@ def gptq_rows(w, H, max_q, s, k=0):
         damp *= 10
     U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     Q = torch.zeros_like(W)
-    for a in range(0, cols, s["GPTQ_BLOCK"]):
-        b = min(a + s["GPTQ_BLOCK"], cols)
+    for a in range(0, cols, s.gptq_block):
+        b = min(a + s.gptq_block, cols)
         Wb, E = W[:, a:b].clone(), torch.zeros(rows, b - a)
         for j in range(b - a):
             Q[:, a + j] = q = round_q(Wb[:, j], scale, max_q)
@@ -1424,11 +1551,11 @@ def precision_of(name, t, s):
     """Attention and MLP matrices at MATRIX_BITS, embedding tables at EMBED_BITS, the rest fp16."""
     if not t.is_floating_point():
         return "raw"
-    if name.endswith("attn_gate_w") and s["GATE_INT8"]:
+    if name.endswith("attn_gate_w") and s.gate_int8:
         return "int8"
     if ".attn." in name or ".mlp." in name:
-        return f"int{s['MATRIX_BITS']}"
-    return f"int{s['EMBED_BITS']}" if name in EMBED_TABLES else "fp16"
+        return f"int{s.matrix_bits}"
+    return f"int{s.embed_bits}" if name in EMBED_TABLES else "fp16"
 
 
 def max_q_of(kind):
@@ -1442,7 +1569,7 @@ def coded_names(scheme):
 def quantize_state(state, s, hessians=None):
     """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision; with LQER_ENABLED
     the LQER factors of the LQER_TOP_K GPTQ'd tensors of largest error (lqer_factors)."""
-    tensors, scheme, flat, hessians = {}, {}, unbank(state, s["NUM_LAYERS"]), hessians or {}
+    tensors, scheme, flat, hessians = {}, {}, unbank(state, s.num_layers), hessians or {}
     for name, t in flat.items():
         t = t.detach().cpu()
         kind = scheme[name] = precision_of(name, t, s)
@@ -1455,16 +1582,16 @@ def quantize_state(state, s, hessians=None):
         else:  # QUANT=gptq_lite: the seed's single clip for embeddings; gates max|row| / 127; else a per-row search
             pcts = (
                 EMBED_PERCENTILES
-                if name in EMBED_TABLES and s["QUANT"] == "gptq_lite"
+                if name in EMBED_TABLES and s.quant == "gptq_lite"
                 else (100,)
                 if name.endswith("attn_gate_w")
                 else MATRIX_PERCENTILES
             )
             tensors[name + ".q"], tensors[name + ".scale"] = quantize_rows(t, max_q_of(kind), pcts)
-    if s["LQER_ENABLED"]:  # the LQER_TOP_K GPTQ'd tensors of largest ||W - Q s||_F
+    if s.lqer_enabled:  # the LQER_TOP_K GPTQ'd tensors of largest ||W - Q s||_F
         err = {k: flat[k].detach().cpu().float() - dequantize(tensors, k) for k in hessians if k + ".q" in tensors}
-        for k in sorted(err, key=lambda k: -err[k].norm())[: s["LQER_TOP_K"]]:
-            tensors.update(lqer_factors(k, err[k], s["LQER_RANK"], s["LQER_ASYM_GROUP"]))
+        for k in sorted(err, key=lambda k: -err[k].norm())[: s.lqer_top_k]:
+            tensors.update(lqer_factors(k, err[k], s.lqer_rank, s.lqer_asym_group))
     return tensors, scheme
 
 
@@ -1572,7 +1699,7 @@ def rans_decode(tables, freq, states, counts, words):
         ptr[read] += 1
         x, out[t] = nx, sym
     if not ((x == RANS_LOW).all() and (ptr == end).all()):
-        raise ValueError
+        raise ValueError("its rANS stream does not decode to its declared end: corrupt")
     return out.ravel()[:n]
 
 
@@ -1668,13 +1795,14 @@ def code_group(qs, max_q):
     orders), fitted then on all."""
     qs = [q.T if len(q) < q.shape[1] else q for q in qs]
     rows, L, m, best = len(qs[0]), len(qs), min(len(qs), 2), (math.inf,)
-    for chain in (False, True)[: 1 + (rows <= CHAIN_MAX_ROWS)]:
+    for chain in (False, True) if rows <= CHAIN_MAX_ROWS else (False,):
         order = np.stack([chain_order(q) for q in qs]) if chain else None
         G = np.concatenate([q[o] for q, o in zip(qs, order)] if chain else qs, axis=1)
         for K in {min(k, rows * L // 64 + 1) for k in CTX_MODES}:
             _, w, _, est = fit_modes(G[:, : G.shape[1] // L * m], m, max_q, K)
             # a chain's cost at log2(rows) bits a row: an upper bound, its Lehmer digits pack smaller
-            est = est * L / m + TABLE_BYTES * len(w) + chain * rows * L * math.log2(rows) / 8
+            chain_bytes = rows * L * math.log2(rows) / 8 if chain else 0
+            est = est * L / m + TABLE_BYTES * len(w) + chain_bytes
             best = min(best, (est, K, order, G), key=lambda b: b[0])
     return best[2], *fit_modes(best[3], L, max_q, best[1])[:3]
 
@@ -1686,7 +1814,7 @@ def pack(tensors, scheme, s):
     meta = dict(
         format="pgolf-int-v3",
         scheme=scheme,
-        config={k: s[k] for k in MODEL_KEYS},
+        config=model_config(s),
         shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)},
     )
     if lqer := {
@@ -1730,7 +1858,7 @@ def read_safetensors(raw, shapes=None):
 def model_shapes(s, flat=False):  # built on the meta device: nothing allocated
     with torch.device("meta"):
         state = GPT(s).state_dict()
-    return {k: tuple(v.shape) for k, v in (unbank(state, s["NUM_LAYERS"]) if flat else state).items()}
+    return {k: tuple(v.shape) for k, v in (unbank(state, s.num_layers) if flat else state).items()}
 
 
 def artifact_bound(s):  # more bytes than any artifact of these settings holds, packed or not
@@ -1741,10 +1869,10 @@ def inflate(data, limit):
     """LZMA stopped at limit bytes: an xz bomb costs no more memory than a real artifact."""
     d = lzma.LZMADecompressor()
     out = d.decompress(data, max_length=limit)
+    if not d.eof and len(out) == limit:
+        raise ValueError(f"it inflates past {limit} bytes, more than any artifact of these settings")
     if not d.eof:
-        raise ValueError(
-            f"it inflates past {limit} bytes, more than any artifact of these settings" * (len(out) == limit)
-        )
+        raise ValueError("its compressed head ends early: the file is truncated")
     return out
 
 
@@ -1754,7 +1882,8 @@ def unpack(blob, s=None, check=None):
     flat, limit = (model_shapes(s, True), artifact_bound(s)) if s else ({}, -1)
 
     def declared(header, head):  # the tensors the safetensors part must hold, by the header's scheme
-        check and check(header)
+        if check:
+            check(header)
         scheme = header["scheme"]
         if set(scheme) != set(flat) or {k: tuple(v) for k, v in header["shapes"].items()} != {
             k: flat[k] for k in coded_names(scheme)
@@ -1772,8 +1901,10 @@ def unpack(blob, s=None, check=None):
         return out
 
     n = int.from_bytes(blob[8:12], "little")
-    if blob[:8] != RANS_MAGIC or 12 + n > len(blob) or (len(blob) - n) % 2:
-        raise ValueError
+    if blob[:8] != RANS_MAGIC:
+        raise ValueError(f"it does not start with {RANS_MAGIC!r}: not an artifact of this version of the script")
+    if 12 + n > len(blob) or (len(blob) - n) % 2:
+        raise ValueError(f"its head length {n} does not fit its {len(blob)} bytes: truncated or corrupt")
     tensors, header = read_safetensors(inflate(blob[12 : 12 + n], limit), s and declared)
     freq, states, counts = (tensors.pop(f"rans.{k}").numpy().astype(np.int64) for k in RANS_HEAD)
     words, scheme, shapes = np.frombuffer(blob[12 + n :], "<u2"), header["scheme"], header["shapes"]
@@ -1784,7 +1915,8 @@ def unpack(blob, s=None, check=None):
     ]  # as coded: the longer side as rows
     for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
         if modes.shape != (rows, len(names)) or order is not None and order.shape != modes.T.shape:
-            raise ValueError  # before anything their size sets is allocated
+            # checked before anything their size sets is allocated
+            raise ValueError("its coder's modes or row orders do not match the declared shapes")
         tables.append((n_tables + np.repeat(modes.numpy().astype(np.int64), cols, axis=1)).ravel())
         n_tables += len(w)
     if (
@@ -1796,7 +1928,7 @@ def unpack(blob, s=None, check=None):
         or counts.sum() != len(words)
         or not ((RANS_LOW <= states) & (states < 1 << 32)).all()
     ):
-        raise ValueError
+        raise ValueError("its rANS tables, states or word counts are inconsistent")
     sym, at = rans_decode(np.concatenate(tables), freq, states, counts, words) - RANS_ALPHABET // 2, 0
     for names, ((rows, cols), modes, w, order) in zip(groups, ctx):
         max_q, E = max_q_of(scheme[names[0]]), sym[at : at + rows * cols * len(names)].reshape(rows, -1)
@@ -1815,8 +1947,9 @@ def unpack(blob, s=None, check=None):
 
 
 def check_config(path, config, s, what="the artifact"):
-    config = {k: config.get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # a key it predates: the seed's value
-    if wrong := [f"{k}={config[k]!r} in {what} but {s[k]!r} here" for k in MODEL_KEYS if config[k] != s[k]]:
+    ours = model_config(s)
+    theirs = {k: config.get(k, getattr(DEFAULT_SETTINGS, k.lower())) for k in MODEL_KEYS}  # a key it predates: seed's
+    if wrong := [f"{k}={theirs[k]!r} in {what} but {ours[k]!r} here" for k in MODEL_KEYS if theirs[k] != ours[k]]:
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
 
 
@@ -1837,8 +1970,8 @@ def load_artifact(path, s):
             raise ValueError("it is larger than any artifact of these settings")
         tensors, header = unpack(path.read_bytes(), s, lambda h: check_config(path, h["config"], s))
         if not set(header["scheme"].values()) <= {"raw", "fp16", "int5", "int6", "int7", "int8"}:
-            raise ValueError
-        return dequantize_state(tensors, header["scheme"], s["NUM_LAYERS"])
+            raise ValueError("it names a precision this script does not know")
+        return dequantize_state(tensors, header["scheme"], s.num_layers)
     except (
         SafetensorError,
         lzma.LZMAError,
@@ -1879,7 +2012,7 @@ def entropy_bytes(counts):
 def fit_to_limit(run, tensors, scheme, hessians, budget):
     """Pack; over budget, zero the +-1 values that cost least (scale^2 x normalized H diagonal) to fit."""
     blob = pack(tensors, scheme, run.s)
-    if len(blob) <= budget or not run.s["FIT_TO_LIMIT"]:
+    if len(blob) <= budget or not run.s.fit_to_limit:
         return blob
     names = coded_names(scheme)
     original, cost, cells = {k: tensors[k + ".q"] for k in names}, [], []
@@ -1918,28 +2051,27 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
 def export_artifact(run, state, path, code_bytes):
     """Calibrate (GPTQ), quantize by role, pack within the limit left by the packed code, write the artifact."""
     s, hessians, t0 = run.s, None, time.perf_counter()
-    if s["QUANT"] == "gptq":
+    if s.quant == "gptq":
         calib_model = build_model(run, state)
-        calib_model.looping = bool(s["NUM_LOOPS"])
+        calib_model.looping = bool(s.num_loops)
         hessians = collect_hessians(calib_model, run)
-        calib_s, cap = time.perf_counter() - t0, s["MAX_WALLCLOCK_SECONDS"]
+        calib_s, cap = time.perf_counter() - t0, s.max_wallclock_seconds
         ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
         run.log(
-            f"gptq_calibration source:{s['GPTQ_CALIB']} seqs:{s['GPTQ_CALIB_SEQS']} len:{s['GPTQ_CALIB_LEN']} "
+            f"gptq_calibration source:{s.gptq_calib} seqs:{s.gptq_calib_seqs} len:{s.gptq_calib_len} "
             f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s"
         )
-        if s["GPTQ_CALIB"] == "train" and 0 < cap < ended:
+        if s.gptq_calib == "train" and 0 < cap < ended:
             run.log(
-                f"!!! GPTQ_RESERVE_SECONDS={s['GPTQ_RESERVE_SECONDS']} too short: "
-                "training tokens read after the cap !!!"
+                f"!!! GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds} too short: training tokens read after the cap !!!"
             )
     t1 = time.perf_counter()
     tensors, scheme = quantize_state(state, s, hessians)
-    run.log(f"quantize:{s['QUANT']} time:{time.perf_counter() - t1:.1f}s")
+    run.log(f"quantize:{s.quant} time:{time.perf_counter() - t1:.1f}s")
     if lqer := [k for k in scheme if k + ".lqa" in tensors]:
-        run.log(f"lqer rank:{s['LQER_RANK']} group:{s['LQER_ASYM_GROUP']} tensors:{','.join(lqer)}")
+        run.log(f"lqer rank:{s.lqer_rank} group:{s.lqer_asym_group} tensors:{','.join(lqer)}")
     t2 = time.perf_counter()
-    blob = fit_to_limit(run, tensors, scheme, hessians, s["ARTIFACT_LIMIT_BYTES"] - code_bytes)
+    blob = fit_to_limit(run, tensors, scheme, hessians, s.artifact_limit_bytes - code_bytes)
     run.log(f"pack:rans time:{time.perf_counter() - t2:.1f}s")
     write_atomic(path, blob)
     return len(blob)
@@ -1965,7 +2097,7 @@ def strip_source(source):
     text = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), ast.unparse(tree)) + "\n"
     out = re.sub(
         r"""([rbuf]*'(?:\\.|[^'\\])*'|[rbuf]*"(?:\\.|[^"\\])*")|(?<=\S) +(?=\S)""",
-        lambda m: m[1] or " " * bool(re.match(r"\w\w", text[m.start() - 1] + text[m.end()])),
+        lambda m: m[1] or (" " if re.match(r"\w\w", text[m.start() - 1] + text[m.end()]) else ""),
         text,
     )
     try:  # the same program, or (a Python whose unparse writes strings this cannot read) the unminified one
@@ -2032,10 +2164,10 @@ def slot_delta(model, H, y, fit, s, shared, lora=None):
             * weight[at].reshape(-1)
         ).sum()
 
-    lr, b1, b2 = s["SLOT_LR"], 0.9, 0.999
+    lr, b1, b2 = s.slot_lr, 0.9, 0.999
     delta = H.new_zeros(1 if shared else B, 1, d, dtype=torch.float32)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    for t in range(1, s["SLOT_STEPS"] + 1):
+    for t in range(1, s.slot_steps + 1):
         g = torch.func.grad(loss)(delta)
         m, v = m.lerp(g, 1 - b1), v * b2 + (1 - b2) * g * g
         delta = delta * (1 - lr * 1e-8) - lr / (1 - b1**t) * m / (v.sqrt() / math.sqrt(1 - b2**t) + 1e-5)
@@ -2045,21 +2177,21 @@ def slot_delta(model, H, y, fit, s, shared, lora=None):
 @torch.no_grad()
 def score_windows(model, run, val, wins, luts, slot, hidden_fn):
     """Sums of NLL, tokens and bytes scored in windows, compiled padded to a fixed shape (nothing recompiles)."""
-    pad = run.s["EVAL_BATCH_SEQS"] - len(wins) if run.compile else 0  # eager: no padding
+    pad = run.s.eval_batch_seqs - len(wins) if run.compile else 0  # eager: no padding
     w = torch.tensor(list(wins) + [(0, 0, 0)] * pad)
     starts, lens, first = w[:, 0], w[:, 1] - w[:, 0], w[:, 2] - w[:, 0]
-    pos = torch.arange(run.s["EVAL_SEQ_LEN"])
+    pos = torch.arange(run.s.eval_seq_len)
     idx = (starts[:, None] + pos).clamp_max(val.numel() - 2)  # padding is never scored
     x, y = val[idx].to(run.device), val[idx + 1].to(run.device)
     scored = ((pos >= first[:, None]) & (pos < lens[:, None])).to(run.device)
     with run.autocast():
-        if run.s["DOC_MASKED_ATTN"] and not first.any():  # consecutive whole windows: one packed row, as the record
+        if run.s.doc_masked_attn and not first.any():  # consecutive whole windows: one packed row, as the record
             H = hidden_fn(x.reshape(1, -1)).view(*x.shape, -1)
         else:
             H = hidden_fn(x)
         delta = 0.0
         if slot:
-            batch = run.s["SLOT_MODE"] == "batch"
+            batch = run.s.slot_mode == "batch"
             fit = (pos < (lens if batch else first)[:, None]).to(run.device)
             delta = run.compiled(slot_delta)(model, H, y, fit, run.s, batch)
         logits = model.compute_logits((H + delta)[scored])  # the head only where a target is scored
@@ -2072,17 +2204,39 @@ def score_windows(model, run, val, wins, luts, slot, hidden_fn):
     return torch.stack((nll.double().sum(), nll.new_tensor(tgt.numel(), dtype=torch.float64), nbytes.double().sum()))
 
 
-def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, key="TTT_"):
-    """Score-first TTT: train on chunk c (already scored), its sequences split across ranks. Settings key+CHUNK_TOKENS,
-    LR (cosine over the chunks), EPOCHS, BATCH_SEQS, GRAD_CLIP: TTT_ (the seed's) or GLOBAL_TTT_ (phased TTT's)."""
-    s, L = run.s, run.s["EVAL_SEQ_LEN"]
-    start, batch = c * s[key + "CHUNK_TOKENS"], s[key + "BATCH_SEQS"]
-    n_seqs = (min(start + s[key + "CHUNK_TOKENS"], val.numel() - 1) - start) // L
+@dataclass(frozen=True)
+class ChunkSGD:
+    """The SGD that score-first TTT runs on each chunk once it is scored: the seed's TTT (TTT_*) or a phase of phased
+    TTT (GLOBAL_TTT_*)."""
+
+    chunk_tokens: int
+    lr: float  # cosine-decayed over the chunks
+    epochs: int
+    batch_seqs: int  # global, split across ranks
+    grad_clip: float  # 0 = none
+    freeze_blocks: int = 0  # blocks 0..N-1 (bank rows included) not adapted
+
+
+def seed_ttt_sgd(s):
+    return ChunkSGD(s.ttt_chunk_tokens, s.ttt_lr, s.ttt_epochs, s.ttt_batch_seqs, s.ttt_grad_clip, s.ttt_freeze_blocks)
+
+
+def global_ttt_sgd(s):
+    return ChunkSGD(
+        s.global_ttt_chunk_tokens, s.global_ttt_lr, s.global_ttt_epochs, s.global_ttt_batch_seqs, s.global_ttt_grad_clip
+    )
+
+
+def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, sgd):
+    """Score-first TTT: train on chunk c (already scored) by the ChunkSGD sgd, its sequences split across ranks."""
+    L = run.s.eval_seq_len
+    start, batch = c * sgd.chunk_tokens, sgd.batch_seqs
+    n_seqs = (min(start + sgd.chunk_tokens, val.numel() - 1) - start) // L
     for group in opt.param_groups:
-        group["lr"] = s[key + "LR"] * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        group["lr"] = sgd.lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
     params = [p for g in opt.param_groups for p in g["params"]]
-    frozen = s.get(key + "FREEZE_BLOCKS", 0)
-    for _ in range(s[key + "EPOCHS"]):
+    frozen = sgd.freeze_blocks
+    for _ in range(sgd.epochs):
         for bs in range(0, n_seqs, batch):
             be = min(bs + batch, n_seqs)
             lo, hi = bs + (be - bs) * run.rank // run.world, bs + (be - bs) * (run.rank + 1) // run.world
@@ -2100,8 +2254,8 @@ def ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, key="TTT_"):
                 for bank in BANK_ROWS:
                     g = getattr(model, bank).grad
                     g.view(-1, len(model.blocks), *g.shape[1:])[:, :frozen].zero_()
-            if s[key + "GRAD_CLIP"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, s[key + "GRAD_CLIP"])
+            if sgd.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, sgd.grad_clip)
             opt.step()
 
 
@@ -2111,18 +2265,18 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", pha
     s = run.s
     if phased:
         return evaluate_phased(model, run, val, luts, tag, slot)
-    wins = sliding_windows(val.numel() - 1, s["EVAL_SEQ_LEN"], stride or s["EVAL_SEQ_LEN"])
-    chunk = s["TTT_CHUNK_TOKENS"] if ttt else val.numel()
+    wins = sliding_windows(val.numel() - 1, s.eval_seq_len, stride or s.eval_seq_len)
+    chunk = s.ttt_chunk_tokens if ttt else val.numel()
     n_chunks = (val.numel() - 2) // chunk + 1
     groups = [[] for _ in range(n_chunks)]
     for w in wins:
         groups[w[2] // chunk].append(w)
     hidden_fn = run.compiled(model.forward_hidden)
     if ttt:
-        opt = torch.optim.SGD(list(model.parameters()), lr=s["TTT_LR"], momentum=s["TTT_MOMENTUM"])
+        opt = torch.optim.SGD(list(model.parameters()), lr=s.ttt_lr, momentum=s.ttt_momentum)
         loss_fn = run.compiled(model)
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
-    bs = s["EVAL_BATCH_SEQS"]
+    bs = s.eval_batch_seqs
     mine = [g[len(g) * run.rank // run.world : len(g) * (run.rank + 1) // run.world] for g in groups]
     n_batches, done = sum(-(-len(m) // bs) for m in mine), 0
     t0 = time.perf_counter()
@@ -2134,7 +2288,7 @@ def evaluate(model, run, val, luts, stride=0, ttt=False, slot=False, tag="", pha
                 project_pass(run, tag, done / n_batches, t0)
         if ttt:
             if c < n_chunks - 1:
-                ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn)
+                ttt_train_chunk(model, run, val, c, n_chunks, opt, loss_fn, seed_ttt_sgd(s))
             if tag and c + 1 == min(3, n_chunks):
                 project_pass(run, tag, (c + 1) / n_chunks, t0)
             run.log(
@@ -2175,11 +2329,9 @@ def lora_shapes(model):
 
 def fresh_lane(model, run, lane, phase):
     """A lane's first LoRA A of a phase, U(+-1/sqrt(in)) per row, seeded by (SEED, phase, lane): rank-independent."""
-    g = torch.Generator().manual_seed(run.s["SEED"] * 1000 + phase * TTT_LANES + lane)
+    g = torch.Generator().manual_seed(run.s.seed * 1000 + phase * TTT_LANES + lane)
     return {
-        name: ((torch.rand(run.s["TTT_BATCH_SIZE"], run.s["TTT_LORA_RANK"], i, generator=g) * 2 - 1) / i**0.5).to(
-            run.device
-        )
+        name: ((torch.rand(run.s.ttt_batch_size, run.s.ttt_lora_rank, i, generator=g) * 2 - 1) / i**0.5).to(run.device)
         for name, i, _ in lora_shapes(model)
     }
 
@@ -2202,20 +2354,20 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
     before the chunk), then the documents that go on take one AdamW step (beta1 0) on it. Adapters start from the
     lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
-    C, Lt = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"]
+    C, Lt = s.ttt_chunk_size, s.ttt_eval_seq_len
     lora = {
         k: (
             warm_a[k][:n].clone().requires_grad_(),
-            torch.zeros(n, o, s["TTT_LORA_RANK"], device=dev, requires_grad=True),
+            torch.zeros(n, o, s.ttt_lora_rank, device=dev, requires_grad=True),
         )
         for k, _, o in lora_shapes(model)
     }
     opt = torch.optim.AdamW(
         [t for ab in lora.values() for t in ab],
-        lr=s["TTT_LORA_LR"],
+        lr=s.ttt_lora_lr,
         eps=1e-10,
-        betas=(s["TTT_BETA1"], s["TTT_BETA2"]),
-        weight_decay=s["TTT_WEIGHT_DECAY"],
+        betas=(s.ttt_beta1, s.ttt_beta2),
+        weight_decay=s.ttt_weight_decay,
     )
     starts, preds = torch.tensor([d[0] for d in batch]), torch.tensor([d[1] - 1 for d in batch])
     fn = run.compiled(chunk_nll, dynamic=True)
@@ -2255,10 +2407,10 @@ def global_sgd(model, run, tokens, docs):
     GLOBAL_TTT_CHUNK_TOKENS chunks with cosine LR, the last chunk skipped, as the seed's TTT trains (PR #1855)."""
     docs_tokens = torch.cat([tokens[a : a + n - 1] for a, n in docs])
     model.requires_grad_(True)
-    opt = torch.optim.SGD(model.parameters(), lr=run.s["GLOBAL_TTT_LR"], momentum=run.s["GLOBAL_TTT_MOMENTUM"])
-    n_chunks = (docs_tokens.numel() - 2) // run.s["GLOBAL_TTT_CHUNK_TOKENS"] + 1
+    opt = torch.optim.SGD(model.parameters(), lr=run.s.global_ttt_lr, momentum=run.s.global_ttt_momentum)
+    n_chunks = (docs_tokens.numel() - 2) // run.s.global_ttt_chunk_tokens + 1
     for c in range(n_chunks - 1):
-        ttt_train_chunk(model, run, docs_tokens, c, n_chunks, opt, run.compiled(model), "GLOBAL_TTT_")
+        ttt_train_chunk(model, run, docs_tokens, c, n_chunks, opt, run.compiled(model), global_ttt_sgd(run.s))
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
 
@@ -2269,10 +2421,10 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     after the batch that scores the last of them, and a fresh A follows. Which documents, batches and A a score
     sees depends on indices only: 1, 2 or 8 ranks give the same score up to float summation order."""
     s = run.s
-    batches = phased_batches(find_docs(tokens), s["TTT_BATCH_SIZE"])
+    batches = phased_batches(find_docs(tokens), s.ttt_batch_size)
     order = [d for b in batches for d in b]
     cum = np.cumsum([len(b) for b in batches])
-    prefix, P = min(s["PHASED_TTT_PREFIX_DOCS"], len(order)), s["PHASED_TTT_NUM_PHASES"]
+    prefix, P = min(s.phased_ttt_prefix_docs, len(order)), s.phased_ttt_num_phases
     phases = [(bisect.bisect_left(cum, m), m) for m in (prefix * (p + 1) // P for p in range(P)) if m]
     run.log(
         f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "
@@ -2280,7 +2432,8 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     )
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     model.requires_grad_(False)
-    mine = [sum(n for _, n in b) * (q % run.world == run.rank) for q, b in enumerate(batches)]  # tokens to score
+    # tokens this rank scores, per batch
+    mine = [sum(n for _, n in b) if q % run.world == run.rank else 0 for q, b in enumerate(batches)]
     t0, done, lanes = time.perf_counter(), 0, {}
     for phase, (last, m) in enumerate(phases + [(len(batches) - 1, 0)]):
         for q in range(done, last + 1):
@@ -2304,7 +2457,7 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
 def project_pass(run, tag, fraction, t0):
     """A pass's projected seconds; loud if the evaluation would exceed its budget."""
     run.sync()
-    pass_s, budget = (time.perf_counter() - t0) / fraction, run.s["EVAL_BUDGET_SECONDS"]
+    pass_s, budget = (time.perf_counter() - t0) / fraction, run.s.eval_budget_seconds
     total = run.summary.get("eval_time_s", 0) + pass_s
     run.log(f"{tag}_projected_seconds:{pass_s:.1f} eval_total_projected:{total:.1f} budget:{budget:.0f}")
     if total > budget:
@@ -2321,11 +2474,11 @@ def bpb_of(stats):
 
 def eval_paths(s):
     """The evaluations of a finished model; the last one is the final score."""
-    L, stride, ttt, slot = s["EVAL_SEQ_LEN"], s["EVAL_STRIDE"], bool(s["TTT_ENABLED"]), bool(s["SLOT_ENABLED"])
-    phased = bool(s["PHASED_TTT_ENABLED"])
+    L, stride, ttt, slot = s.eval_seq_len, s.eval_stride, bool(s.ttt_enabled), bool(s.slot_enabled)
+    phased = bool(s.phased_ttt_enabled)
     adaptive = ttt or slot and not phased  # with phased TTT, SLOT runs inside it
     paths = [("final_int6_roundtrip", dict(stride=L, ttt=False, slot=False))]
-    if stride < L and (s["EVAL_SLIDING_PASS"] or not adaptive):  # an adaptive pass scores these windows itself
+    if stride < L and (s.eval_sliding_pass or not adaptive):  # an adaptive pass scores these windows itself
         paths.append(("final_int6_sliding_window", dict(stride=stride, ttt=False, slot=False)))
     if adaptive:
         paths.append(("legal_ttt" if ttt else "slot_sliding_window", dict(stride=stride, ttt=ttt, slot=slot)))
@@ -2336,8 +2489,8 @@ def eval_paths(s):
 
 def eval_name(s, stride, ttt, slot, phased=False):
     """The final score's eval: name (roundtrip, sliding, ttt, phased_ttt; +slot_MODE)."""
-    base = "phased_ttt" if phased else "ttt" if ttt else "sliding" if stride < s["EVAL_SEQ_LEN"] else "roundtrip"
-    return base + (f"+slot_{s['SLOT_MODE']}" if slot else "")
+    base = "phased_ttt" if phased else "ttt" if ttt else "sliding" if stride < s.eval_seq_len else "roundtrip"
+    return base + (f"+slot_{s.slot_mode}" if slot else "")
 
 
 def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
@@ -2362,7 +2515,7 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
         run.summary["eval_time_s"] = run.summary.get("eval_time_s", 0) + ms / 1000
     run.summary["final_eval_seconds"] = ms / 1000
     run.log(f"final_eval_seconds:{ms / 1000:.1f} eval_total_seconds:{run.summary['eval_time_s']:.1f}")
-    name, causal = eval_name(s, **kw), not (kw["slot"] and s["SLOT_MODE"] == "batch")
+    name, causal = eval_name(s, **kw), not (kw["slot"] and s.slot_mode == "batch")
     run.log(f"final_score_exact eval:{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} causal:{'yes' if causal else 'no'}")
     run.summary["final"] = dict(eval=name, val_loss=loss, val_bpb=bpb, causal=causal)
 
@@ -2379,14 +2532,14 @@ def log_header(run, code, packed):
         f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
         f"attention:{run.attn_name} compile:{int(run.compile)}"
     )
-    run.log("settings: " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in s.items()))
+    run.log("settings: " + " ".join(f"{k}={shown(v)}" for k, v in s.by_env_name().items()))
     changed = " ".join(
-        f"{k}={os.environ[k]}" for k in DEFAULTS if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR")
+        f"{k}={os.environ[k]}" for k in SETTING_NAMES if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR")
     )
     launcher = f"torchrun --standalone --nproc_per_node={run.world}" if "RANK" in os.environ else "python"
-    run.summary.update(settings=s, run_command=f"{changed} {launcher} train_gpt.py".strip())
+    run.summary.update(settings=s.by_env_name(), run_command=f"{changed} {launcher} train_gpt.py".strip())
     run.log(f"run_command: {run.summary['run_command']}")
-    run.log(f"seed:{s['SEED']}")
+    run.log(f"seed:{s.seed}")
     run.log(f"Code size: {len(packed.encode())} bytes (packed; source {len(code.encode())} bytes)")
 
 
@@ -2398,28 +2551,28 @@ def main():
     log_header(run, code, packed)
     if run.master:  # what the byte count counts, on disk beside the artifact
         write_atomic(run.out / PACKED_NAME, packed.encode())
-    torch.manual_seed(s["SEED"])
-    np.random.seed(s["SEED"])
-    val = load_validation_tokens(os.path.join(s["DATA_PATH"], VAL_SHARDS), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    val = load_validation_tokens(os.path.join(s.data_path, VAL_SHARDS), s.eval_seq_len, s.val_max_tokens)
     luts, counted = byte_counter(s, load_tokenizer(s), val.numel(), run.device)
     run.log(f"val_tokens:{val.numel() - 1} bpb_bytes:{counted}")
     state, float_bpb, code_bytes = None, None, len(packed.encode())
     model = build_model(run)  # trained here, then every evaluation loads its weights: one model, compiled once
-    if s["EVAL_ONLY"]:
-        artifact = Path(s["ARTIFACT_PATH"])
+    if s.eval_only:
+        artifact = Path(s.artifact_path)
         if artifact.name.endswith(".safetensors"):
             state = load_float_weights(artifact, s)
     else:
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
-    model.qat, model.looping = False, bool(s["NUM_LOOPS"])  # every evaluation runs the looped model, as the record
+    model.qat, model.looping = False, bool(s.num_loops)  # every evaluation runs the looped model, as the record
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
         PROGRESS["stage"] = "export"
         if run.master:  # the artifact (the counted result) first, then the optional float weights
             export_artifact(run, state, artifact, code_bytes)
         add_on_disk(artifact)
-        if run.master and not s["EVAL_ONLY"]:
+        if run.master and not s.eval_only:
             try:
                 save_float_weights(state, s, run.out / FLOAT_NAME)
                 add_on_disk(run.out / FLOAT_NAME)
@@ -2435,7 +2588,7 @@ def main():
     t_load = time.perf_counter()
     model.load_state_dict(load_artifact(artifact, s))
     load_s = time.perf_counter() - t_load
-    model_bytes, limit = artifact.stat().st_size, s["ARTIFACT_LIMIT_BYTES"]
+    model_bytes, limit = artifact.stat().st_size, s.artifact_limit_bytes
     total = model_bytes + code_bytes
     run.log(f"Serialized model int6+rans: {model_bytes} bytes")
     run.log(f"Total submission size int6+rans: {total} bytes (packed code {code_bytes} + model {model_bytes})")
@@ -2472,10 +2625,13 @@ def on_sigterm(signum, frame):  # torchrun, Slurm, pre-emption: said as a Ctrl-C
     # A repeat (torchrun terminates the other ranks once one has exited) must not kill the shutdown under way
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     PROGRESS["exit"] = 128 + signum
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(help_text())
+        sys.exit(0)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     signal.signal(signal.SIGTERM, on_sigterm)
     try:

@@ -80,7 +80,9 @@ def script_env():
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in train_gpt.DEFAULTS and k not in train_gpt.LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
+            if k not in train_gpt.SETTING_NAMES
+            and k not in train_gpt.LAUNCHER_VARS
+            and not k.startswith("TORCHELASTIC_")
         }
         env.update(
             TINY,

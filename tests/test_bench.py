@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_one_layer_flops_match_flop_counter(tiny_settings, one_thread):
 
 def test_forward_training_and_slot_flops_match_flop_counter(tiny_settings, one_thread):
     s, model = model_of(tiny_settings, SLOT_STEPS=3)
-    B, T = 3, s["EVAL_SEQ_LEN"]
+    B, T = 3, s.eval_seq_len
     x, y = torch.randint(0, 1024, (B, T)), torch.randint(0, 1024, (B, T))
     full_hidden = bench.hidden_flops(s, T, causal=False)
     assert counted(lambda: model.forward_hidden(x)) == B * full_hidden
@@ -78,8 +79,8 @@ def test_eager_evaluation_does_only_the_counted_work(tiny_settings, one_thread):
     """Eager (the CPU default), the SLOT fit runs the head at its fitted positions only, as the FLOP count says, and a
     batch of fewer than EVAL_BATCH_SEQS windows is not padded; compiled, both keep their static shapes."""
     s, model = model_of(tiny_settings, SLOT_STEPS=2)
-    B, T = 3, s["EVAL_SEQ_LEN"]
-    H, y = torch.randn(B, T, s["MODEL_DIM"]), torch.randint(0, 1024, (B, T))
+    B, T = 3, s.eval_seq_len
+    H, y = torch.randn(B, T, s.model_dim), torch.randint(0, 1024, (B, T))
     fit = torch.rand(B, T) < 0.4
     for shared in (False, True):
         assert counted(lambda: tg.slot_delta(model, H, y, fit, s, shared)) == int(
@@ -104,13 +105,13 @@ def test_eager_evaluation_does_only_the_counted_work(tiny_settings, one_thread):
         tg.score_windows(
             model, run, val, wins, luts, True, lambda x: shapes.append(tuple(x.shape)) or model.forward_hidden(x)
         )
-    assert shapes == [(3, T), (s["EVAL_BATCH_SEQS"], T)]
+    assert shapes == [(3, T), (s.eval_batch_seqs, T)]
 
 
 @pytest.mark.parametrize("chunk", [256, 384])  # 640 tokens: chunks of 256, 256, 128 / 384, 256 (the last never trains)
 def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thread, chunk):
     s = tiny_settings(TTT_ENABLED=1, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=chunk, TTT_BATCH_SEQS=2, EVAL_STRIDE=64)
-    run = tg.Run(dict(s, OUTPUT_DIR=str(ROOT / "out" / "test_bench")))
+    run = tg.Run(replace(s, output_dir=str(ROOT / "out" / "test_bench")))
     run.log = lambda *a, **k: None
     model = tg.GPT(s, run.attention)
     trained = []
@@ -122,15 +123,15 @@ def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thr
         torch.zeros(1024, dtype=torch.bool),
     )
     tg.evaluate(model, run, val, luts, stride=64, ttt=True, slot=False)
-    assert sum(trained) == s["TTT_EPOCHS"] * sum(bench.ttt_sequences(s, 640)) > 0
+    assert sum(trained) == s.ttt_epochs * sum(bench.ttt_sequences(s, 640)) > 0
     f = bench.pass_flops(tg, s, 640, stride=64, ttt=True, slot=False)
     assert f["ttt"] == sum(trained) * bench.train_flops(s, 128)
     windows = tg.sliding_windows(640, 128, 64)
     # every window position through forward_hidden, the head only at the 640 scored positions
     assert f["score"] == sum(bench.hidden_flops(s, e - b) for b, e, _ in windows) + 640 * bench.head_flops(s)
     # a causal SLOT fit needs the head on each window's context, the seed's batch SLOT on all its positions
-    causal = bench.pass_flops(tg, dict(s, SLOT_MODE="causal"), 640, stride=64, ttt=False, slot=True)["slot"]
-    batch = bench.pass_flops(tg, dict(s, SLOT_MODE="batch"), 640, stride=64, ttt=False, slot=True)["slot"]
+    causal = bench.pass_flops(tg, replace(s, slot_mode="causal"), 640, stride=64, ttt=False, slot=True)["slot"]
+    batch = bench.pass_flops(tg, replace(s, slot_mode="batch"), 640, stride=64, ttt=False, slot=True)["slot"]
     assert causal == (len(windows) - 1) * 64 * bench.slot_flops_per_position(s)
     assert batch == sum(e - b for b, e, _ in windows) * bench.slot_flops_per_position(s)
 
@@ -150,7 +151,7 @@ def test_record_shape_counts(one_thread):
 
 def tiny_env(monkeypatch, **overrides):
     for name in list(os.environ):
-        if name in tg.DEFAULTS or name in tg.LAUNCHER_VARS:
+        if name in tg.SETTING_NAMES or name in tg.LAUNCHER_VARS:
             monkeypatch.delenv(name)
     for k, v in dict(TINY, TTT_ENABLED="1", SLOT_ENABLED="1", TTT_CHUNK_TOKENS="256", **overrides).items():
         monkeypatch.setenv(k, str(v))
@@ -195,7 +196,7 @@ def test_report_json_and_last_line_on_random_tokens(monkeypatch, capsys, tmp_pat
 
 
 def test_baseline_head_reports_ratios_near_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in tg.DEFAULTS and k not in tg.LAUNCHER_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in tg.SETTING_NAMES and k not in tg.LAUNCHER_VARS}
     env.update(
         TINY,
         TTT_ENABLED="1",
@@ -262,7 +263,7 @@ def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
     s = tiny_settings(**TINY_PR)
     torch.manual_seed(0)
     model = tg.GPT(s, explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v))  # the mask costs no FLOP
-    B, T = 2, s["EVAL_SEQ_LEN"]
+    B, T = 2, s.eval_seq_len
     x = torch.randint(0, 1024, (B, T))
     assert bench.virtual_layers(s) == 17 and bench.virtual_layers(s, looped=False) == 11
     for looped in (False, True):

@@ -81,12 +81,12 @@ def test_evaluation_compiles_once_and_never_again(tmp_path, eager_compile, one_t
         tiny_env(OUTPUT_DIR=tmp_path, COMPILE=1, VAL_MAX_TOKENS=1100, TTT_CHUNK_TOKENS=512, TTT_BATCH_SEQS=3)
     )
     run = tg.Run(s)
-    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-    val = tg.load_validation_tokens(s["DATA_PATH"] + "/fineweb_val_*.bin", s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+    val = tg.load_validation_tokens(s.data_path + "/fineweb_val_*.bin", s.eval_seq_len, s.val_max_tokens)
     model = noised_model(s)
     # 1,100 tokens in 512-token chunks: batches of windows of every size from 1 to 8, and TTT batches of 3 and 1
     # sequences (4 per chunk): warm-up sees every shape the evaluation has.
-    kw = dict(stride=s["EVAL_STRIDE"], ttt=True, slot=True)
+    kw = dict(stride=s.eval_stride, ttt=True, slot=True)
     first = tg.evaluate(model, run, val, luts, **kw)
     graphs = counters["stats"]["unique_graphs"]
     # One graph for the scoring batches ([EVAL_BATCH_SEQS, EVAL_SEQ_LEN], padded), one for the SLOT fit, and one per
@@ -127,8 +127,8 @@ def test_default_passes_leave_out_the_standalone_sliding_pass(tiny_settings):
 def test_budget_overrun_is_said_early_in_the_pass(tmp_path, monkeypatch, one_thread):
     s = tg.parse_settings(tiny_env(OUTPUT_DIR=tmp_path, EVAL_BUDGET_SECONDS=0.001, VAL_MAX_TOKENS=1024))
     run = tg.Run(s)
-    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-    val = tg.load_validation_tokens(s["DATA_PATH"] + "/fineweb_val_*.bin", s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+    val = tg.load_validation_tokens(s.data_path + "/fineweb_val_*.bin", s.eval_seq_len, s.val_max_tokens)
     lines, chunks = [], []
     monkeypatch.setattr(run, "log", lambda msg, console=True: lines.append(msg))
     train_chunk = tg.ttt_train_chunk

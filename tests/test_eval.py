@@ -72,7 +72,7 @@ def tiny_env(**over) -> dict:
 
 def subprocess_env(**over) -> dict:
     """The parent environment without stray train_gpt settings or launcher variables, plus the tiny ones."""
-    env = {k: v for k, v in os.environ.items() if k not in tg.DEFAULTS and k not in tg.LAUNCHER_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in tg.SETTING_NAMES and k not in tg.LAUNCHER_VARS}
     env.update(tiny_env(**over), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
 
@@ -100,7 +100,7 @@ def base(eval_threads, tmp_path_factory):
     """Output folder, luts, a 1024-target val slice and the starting weights of the tiny model."""
     out = tmp_path_factory.mktemp("eval_out")
     s = tg.parse_settings(tiny_env(OUTPUT_DIR=out))
-    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], torch.device("cpu"))
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, torch.device("cpu"))
     val = tg.load_validation_tokens(str(DATA / "fineweb_val_*.bin"), L, 1024)
     return dict(out=out, luts=luts, val=val, state=noised_model(s).state_dict())
 
@@ -212,7 +212,7 @@ def test_ttt_trains_on_a_chunk_only_after_scoring_it(base, monkeypatch, chunk, e
 
     original_train = tg.ttt_train_chunk
 
-    def train_chunk(model_, run_, val_, c, n_chunks, opt, loss_fn):
+    def train_chunk(model_, run_, val_, c, n_chunks, opt, loss_fn, sgd):
         def recording_loss(x, y):
             state["batch"] += locate(x, y)
             return loss_fn(x, y)
@@ -220,7 +220,7 @@ def test_ttt_trains_on_a_chunk_only_after_scoring_it(base, monkeypatch, chunk, e
         scored = torch.nonzero(counts[1 : n + 1]).flatten() + 1
         events.append(("train", c, n_chunks, scored.tolist()))
         state["chunk"] = c
-        original_train(model_, run_, val_, c, n_chunks, opt, recording_loss)
+        original_train(model_, run_, val_, c, n_chunks, opt, recording_loss, sgd)
         state["chunk"] = None
 
     class RecordingSGD(torch.optim.SGD):
@@ -287,8 +287,8 @@ def slot_by_hand(model, s, val, mode: str) -> dict[int, Tensor]:
     wins = my_windows(n, L, STRIDE)
     per = [(val[a:b], val[a + 1 : b + 1], model.forward_hidden(val[None, a:b])[0], f - a, b) for a, b, f in wins]
     rows = {}
-    for i in range(0, len(per), s["EVAL_BATCH_SEQS"]):
-        batch = per[i : i + s["EVAL_BATCH_SEQS"]]
+    for i in range(0, len(per), s.eval_batch_seqs):
+        batch = per[i : i + s.eval_batch_seqs]
         if mode == "batch":  # one delta for the batch, on the mean CE of every position of every window
 
             def loss(delta):
@@ -297,7 +297,7 @@ def slot_by_hand(model, s, val, mode: str) -> dict[int, Tensor]:
                 ]
                 return sum(nll) / sum(len(y) for _, y, _, _, _ in batch)
 
-            deltas = [adamw_by_hand(loss, (1, 1, s["MODEL_DIM"]), s["SLOT_LR"], s["SLOT_STEPS"])[0, 0]] * len(batch)
+            deltas = [adamw_by_hand(loss, (1, 1, s.model_dim), s.slot_lr, s.slot_steps)[0, 0]] * len(batch)
         else:  # one delta per window, on the mean CE of its positions before its first scored one
             deltas = []
             for _, y, H, first, _ in batch:
@@ -306,9 +306,7 @@ def slot_by_hand(model, s, val, mode: str) -> dict[int, Tensor]:
                     return F.cross_entropy(model.compute_logits(H[:first] + delta), y[:first])
 
                 deltas.append(
-                    adamw_by_hand(loss, (H.size(-1),), s["SLOT_LR"], s["SLOT_STEPS"])
-                    if first
-                    else torch.zeros(H.size(-1))
+                    adamw_by_hand(loss, (H.size(-1),), s.slot_lr, s.slot_steps) if first else torch.zeros(H.size(-1))
                 )
         for (x, y, H, first, end), delta in zip(batch, deltas):
             logp = F.log_softmax(model.compute_logits(H + delta), dim=-1)
@@ -387,13 +385,13 @@ model = tg.GPT(s, run.attention)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))
-luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-val_files = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
-val = tg.load_validation_tokens(val_files, s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+val_files = os.path.join(s.data_path, "fineweb_val_*.bin")
+val = tg.load_validation_tokens(val_files, s.eval_seq_len, s.val_max_tokens)
 start = {k: v.clone() for k, v in model.state_dict().items()}
-no_ttt, _ = tg.evaluate(model, run, val, luts, s["EVAL_STRIDE"], ttt=False, slot=True)
+no_ttt, _ = tg.evaluate(model, run, val, luts, s.eval_stride, ttt=False, slot=True)
 model.load_state_dict(start)
-loss, bpb = tg.evaluate(model, run, val, luts, s["EVAL_STRIDE"], ttt=True, slot=True, tag="t")
+loss, bpb = tg.evaluate(model, run, val, luts, s.eval_stride, ttt=True, slot=True, tag="t")
 if run.master:
     with open(sys.argv[2], "w") as f:
         json.dump(dict(loss=loss, bpb=bpb, no_ttt=no_ttt, world=run.world), f)
@@ -606,8 +604,8 @@ def test_audit_catches_a_planted_leak(base, monkeypatch, capsys, leak):
     if leak == "ttt_trains_before_scoring":
         original_train = tg.ttt_train_chunk
 
-        def peeking(model, run, val, c, n_chunks, opt, loss_fn):
-            original_train(model, run, val, c + 1, n_chunks, opt, loss_fn)
+        def peeking(model, run, val, c, n_chunks, opt, loss_fn, sgd):
+            original_train(model, run, val, c + 1, n_chunks, opt, loss_fn, sgd)
 
         monkeypatch.setattr(tg, "ttt_train_chunk", peeking)
         name = "ttt"
@@ -635,8 +633,8 @@ def test_ttt_grad_clip_zero_means_no_clipping(base):
     for clip in (1.0, 0.0):
         s, run, model = make_run(base, TTT_GRAD_CLIP=clip)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = torch.optim.SGD(list(model.parameters()), lr=s["TTT_LR"], momentum=s["TTT_MOMENTUM"])
-        tg.ttt_train_chunk(model, run, base["val"], 0, 2, opt, model)
+        opt = torch.optim.SGD(list(model.parameters()), lr=s.ttt_lr, momentum=s.ttt_momentum)
+        tg.ttt_train_chunk(model, run, base["val"], 0, 2, opt, model, tg.seed_ttt_sgd(s))
         changed[clip] = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
     assert changed[1.0] > 0
     assert changed[0.0] > 0, "TTT_GRAD_CLIP=0 froze the model"

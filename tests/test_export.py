@@ -7,6 +7,7 @@ import lzma
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def cpu_run(s):
 def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small_matrices():
     s = tg.parse_settings({})
     with torch.device("meta"):
-        flat = tg.unbank(tg.GPT(s).state_dict(), s["NUM_LAYERS"])
+        flat = tg.unbank(tg.GPT(s).state_dict(), s.num_layers)
     for name, t in flat.items():  # the seed's rule: by size, then attention/MLP int6, other large tensors int8
         seed = "fp16" if t.numel() <= 65536 else "int6" if (".attn." in name or ".mlp." in name) else "int8"
         assert tg.precision_of(name, t, s) == seed, name
@@ -96,7 +97,7 @@ def test_gptq_scales_minimize_output_error_over_the_clip_grid():
 def test_gptq_matches_the_obs_reference_and_beats_round_to_nearest():
     W, X = correlated_layer()
     H = X.T @ X
-    s = dict(GPTQ_DAMP=0.01, GPTQ_BLOCK=32, GPTQ_ACTORDER=0)
+    s = replace(tg.Settings(), gptq_damp=0.01, gptq_block=32, gptq_actorder=0)
     q, scale = tg.gptq_rows(W, H, 31, s)
     ref = obs_reference(W, H, scale.float(), 31, 0.01)
     assert (q.double() == ref).float().mean() > 0.99  # float32 vs float64: a few ties may round differently
@@ -107,7 +108,7 @@ def test_gptq_matches_the_obs_reference_and_beats_round_to_nearest():
     lite = output_error(*tg.quantize_rows(W, 31, tg.MATRIX_PERCENTILES))
     rtn_same_scales = output_error(torch.clamp(torch.round(W / scale.float()[:, None]), -31, 31), scale)
     for actorder in (0, 1):
-        err = output_error(*tg.gptq_rows(W, H, 31, dict(s, GPTQ_ACTORDER=actorder)))
+        err = output_error(*tg.gptq_rows(W, H, 31, replace(s, gptq_actorder=actorder)))
         assert err < 0.75 * lite and err < 0.75 * rtn_same_scales, (err, lite, rtn_same_scales)
     assert q.abs().max() <= 31 and q.dtype == torch.int8 and scale.dtype == torch.float16
 
@@ -158,7 +159,7 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
     assert read and all(SAMPLE_TRAIN_GLOB in p for p in read)
     first = real(read[0])[:100].astype(np.int64)
     assert np.array_equal(train_tokens.numpy().ravel(), first)
-    assert tg.train_cap_ms(dict(t, MAX_WALLCLOCK_SECONDS=600.0)) == 595_000
+    assert tg.train_cap_ms(replace(t, max_wallclock_seconds=600.0)) == 595_000
 
 
 def test_train_calibration_without_a_reserve_is_refused(tiny_settings):
@@ -503,7 +504,7 @@ def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp
     state = tg.GPT(s).state_dict()
     tg.save_float_weights(state, s, tmp_path / "good.safetensors")
     assert set(tg.load_float_weights(tmp_path / "good.safetensors", s)) == set(state)
-    meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config={k: s[k] for k in tg.MODEL_KEYS}))}
+    meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config=tg.model_config(s)))}
     for name, edit in (
         ("bigger", dict(state, **{"tok_emb.weight": torch.zeros(2048, 64)})),
         ("extra", dict(state, extra=torch.zeros(3))),

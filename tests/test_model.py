@@ -94,8 +94,8 @@ def test_record_configuration_size_and_one_training_step():
     # SPEC §5: the record run's architecture, restated.
     V, d, L, H, Hkv, hd, hidden = 1024, 512, 11, 8, 4, 64, 1536
     bigram_rows, bigram_dim, ve_dim, ve_layers = 1536, 128, 128, [9, 10]
-    assert (s["VOCAB_SIZE"], s["MODEL_DIM"], s["NUM_LAYERS"], s["NUM_HEADS"], s["NUM_KV_HEADS"]) == (V, d, L, H, Hkv)
-    assert (s["BIGRAM_VOCAB_SIZE"], s["BIGRAM_DIM"], s["VE_DIM"], s["VE_LAYERS"]) == (
+    assert (s.vocab_size, s.model_dim, s.num_layers, s.num_heads, s.num_kv_heads) == (V, d, L, H, Hkv)
+    assert (s.bigram_vocab_size, s.bigram_dim, s.ve_dim, s.ve_layers) == (
         bigram_rows,
         bigram_dim,
         ve_dim,
@@ -237,16 +237,16 @@ def test_attention_and_xsa_remove_the_value_direction(tiny_settings):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(B, T, d, generator=gen)
     ve = torch.randn(B, T, Hkv * D, generator=gen)
-    xsa_layers = {i for i in range(L) if i >= L - s["XSA_LAST_N"]}
+    xsa_layers = {i for i in range(L) if i >= L - s.xsa_last_n}
     assert xsa_layers == {2, 3}
     for i in range(L):
-        ve_i = ve if i in s["VE_LAYERS"] else None
+        ve_i = ve if i in s.ve_layers else None
         xd = x.double()
         q = (xd @ model.qo_bank[i].detach().double().T).view(B, T, H, D)
         k = (xd @ model.kv_bank[i].detach().double().T).view(B, T, Hkv, D)
         v = xd @ model.kv_bank[L + i].detach().double().T
         if ve_i is not None:
-            v = v + ve_i.double() * model.ve_layer_scales[s["VE_LAYERS"].index(i)].item()
+            v = v + ve_i.double() * model.ve_layer_scales[s.ve_layers.index(i)].item()
         v = v.view(B, T, Hkv, D)
         q = rope_reference(rms(q), 16, 10000.0, -1) * model.blocks[i].q_gain.detach().double()[None, None, :, None]
         k = rope_reference(rms(k), 16, 10000.0, -1)

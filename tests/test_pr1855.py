@@ -135,22 +135,23 @@ def noised(model, seed=0):
 
 
 def test_stack_pr1855_resolves_to_the_record_values():
-    s = tg.parse_settings({"STACK": "pr1855"})
+    s = tg.parse_settings({"STACK": "pr1855"}).by_env_name()
     assert {k: s[k] for k in RECORD} == RECORD
     # An explicit variable still wins; the stack's name-following values follow the explicit one.
     s = tg.parse_settings({"STACK": "pr1855", "EVAL_SEQ_LEN": "1024", "MATRIX_LR": "0.03"})
-    assert (s["EVAL_STRIDE"], s["MATRIX_LR"]) == (1024, 0.03)
+    assert (s.eval_stride, s.matrix_lr) == (1024, 0.03)
 
 
 def test_stack_seed_keeps_every_default_and_the_seed_meaning_of_adam_wd():
-    seed = tg.parse_settings({})
-    assert {k: v for k, v in seed.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")} == {
-        k: v for k, v in tg.DEFAULTS.items() if k not in ("RUN_ID", "VE_LAYERS", "EMBED_WD")
+    seed = tg.parse_settings({}).by_env_name()
+    defaults = tg.Settings().by_env_name()
+    assert {k: v for k, v in seed.items() if k not in ("RUN_ID", "EMBED_WD")} == {
+        k: v for k, v in defaults.items() if k not in ("RUN_ID", "EMBED_WD")
     }
     assert seed["VE_LAYERS"] == [9, 10]
     # The seed's ADAM_WD decays every AdamW parameter, so the embeddings' decay follows it unless EMBED_WD is set.
-    assert tg.parse_settings({"ADAM_WD": "0.1"})["EMBED_WD"] == 0.1
-    assert tg.parse_settings({"ADAM_WD": "0.1", "EMBED_WD": "0.2"})["EMBED_WD"] == 0.2
+    assert tg.parse_settings({"ADAM_WD": "0.1"}).embed_wd == 0.1
+    assert tg.parse_settings({"ADAM_WD": "0.1", "EMBED_WD": "0.2"}).embed_wd == 0.2
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_init_zero_projections_and_gate_values(tiny_settings):
     s = pr_settings(tiny_settings)
     torch.manual_seed(0)
     model = tg.GPT(s)
-    L = s["NUM_LAYERS"]
+    L = s.num_layers
     assert model.qo_bank[L:].abs().max() == 0 and model.mlp_down_bank.abs().max() == 0
     assert model.skip_weights.shape == (8, 64) and (model.skip_gates == 0).all()
     assert (model.parallel_resid_lambdas == 1.1).all() and (model.parallel_post_lambdas == 1).all()
@@ -241,8 +242,8 @@ def test_gates_compute_the_record_formulas(tiny_settings):
             lanes,
             x0,
             torch.float32,
-            lambda i, h: model.attn(i, h, None, torch.float32),
-            lambda i, h: model.mlp(i, h, torch.float32),
+            lambda h: model.attn(9, h, None, torch.float32),
+            lambda h: model.mlp(9, h, torch.float32),
         )
         for j in (0, 1):
             torch.testing.assert_close(got[j], r[j] * lanes[j] + P[0, j] * A + P[1, j] * M)
@@ -392,7 +393,7 @@ def test_seed_stack_digits_are_unchanged(tmp_path, script_env, run_script):
     env = {
         k: v
         for k, v in script_env(tmp_path).items()
-        if k not in tg.DEFAULTS or k in ("DATA_PATH", "TOKENIZER_PATH", "OUTPUT_DIR", "RUN_ID")
+        if k not in tg.SETTING_NAMES or k in ("DATA_PATH", "TOKENIZER_PATH", "OUTPUT_DIR", "RUN_ID")
     }
     proc = run_script({**env, **ref["settings"]}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import lzma
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,11 +20,11 @@ import train_gpt as tg
 
 def test_pr1855_stack_turns_the_scheme_on_and_seed_keeps_it_off():
     pr, seed = tg.parse_settings({"STACK": "pr1855"}), tg.parse_settings({})
-    assert (pr["QUANT_SCALES"], pr["GPTQ_EMBED"], pr["GATE_INT8"], pr["LQER_ENABLED"]) == ("sdclip", 1, 1, 1)
-    assert (seed["QUANT_SCALES"], seed["GPTQ_EMBED"], seed["GATE_INT8"], seed["LQER_ENABLED"]) == ("search", 0, 0, 0)
+    assert (pr.quant_scales, pr.gptq_embed, pr.gate_int8, pr.lqer_enabled) == ("sdclip", 1, 1, 1)
+    assert (seed.quant_scales, seed.gptq_embed, seed.gate_int8, seed.lqer_enabled) == ("search", 0, 0, 0)
     # the record's logged values (MODERN_STACK.md 6.1, 6.2), typed from the document
     assert {
-        k: pr[k]
+        k: pr.by_env_name()[k]
         for k in (
             "ATTN_CLIP_SIGMAS",
             "MLP_CLIP_SIGMAS",
@@ -60,7 +61,7 @@ def test_sdclip_scales_are_k_row_std_over_qmax_in_fp16():
         want = (k * wn.std(axis=1, ddof=1) / max_q).astype(np.float16)
         assert scale.dtype == torch.float16 and np.array_equal(scale.numpy(), want), name
         assert q.abs().max() <= max_q
-    assert tg.clip_sigmas("blocks.0.attn.c_q.weight", tg.parse_settings({})) is False  # seed: the scale search
+    assert tg.clip_sigmas("blocks.0.attn.c_q.weight", tg.parse_settings({})) == 0  # seed: the scale search
 
 
 def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
@@ -78,7 +79,7 @@ def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     # not the embedding's own inputs (one-hot rows) nor the first block's: the head's
     assert not torch.allclose(got, hessians["blocks.0.attn.c_q.weight"].double(), rtol=1e-2)
-    assert "tok_emb.weight" not in tg.collect_hessians(model, cpu_run(dict(s, GPTQ_EMBED=0)))
+    assert "tok_emb.weight" not in tg.collect_hessians(model, cpu_run(replace(s, gptq_embed=0)))
     # and it is what GPTQ quantizes the embedding with: int7 under STACK=pr1855, SDClip k = 14
     tensors, scheme = tg.quantize_state(model.state_dict(), s, hessians)
     assert scheme["tok_emb.weight"] == "int7"
@@ -101,7 +102,7 @@ def test_int8_gate_rows_round_trip_within_half_a_step(tiny_settings):
         want = (w.abs().amax(dim=1).numpy() / 127).astype(np.float16)
         assert np.array_equal(scale.numpy(), want)
         assert ((back[k] - w).abs() <= scale.float()[:, None] / 2 + 1e-7).all()
-    assert tg.precision_of(gates[0], model.state_dict()[gates[0]], dict(s, GATE_INT8=0)) == "fp16"
+    assert tg.precision_of(gates[0], model.state_dict()[gates[0]], replace(s, gate_int8=0)) == "fp16"
 
 
 def test_lqer_reduces_the_error_as_its_svd_promises_and_packs_exactly():
@@ -140,7 +141,7 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
     torch.manual_seed(0)
     model = noised(tg.GPT(s))
     state = model.state_dict()
-    hessians = tg.collect_hessians(model, cpu_run(dict(s, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)))
+    hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib="self", gptq_calib_seqs=2, gptq_calib_len=16)))
     tensors, scheme = tg.quantize_state(state, s, hessians)
     flat = tg.unbank({k: v.float() for k, v in state.items()}, 11)
     errs = {
@@ -178,7 +179,7 @@ def test_seed_export_has_none_of_it(tiny_settings):
     s = tiny_settings()
     torch.manual_seed(0)
     model = tg.GPT(s)
-    hessians = tg.collect_hessians(model, cpu_run(dict(s, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)))
+    hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib_seqs=2, gptq_calib_len=16)))
     assert "tok_emb.weight" not in hessians
     tensors, scheme = tg.quantize_state(model.state_dict(), s, hessians)
     assert not any(".lq" in k for k in tensors) and scheme["tok_emb.weight"] == "int8"

@@ -35,7 +35,7 @@ def floats(tmp_path_factory, script_env, run_script):
 def report(monkeypatch, capsys, tmp_path, *args, **settings):
     """quant_report.main in this process (one thread, as the runs' OMP_NUM_THREADS=1) with the tiny settings of the
     runs above; its stdout."""
-    for k in tg.DEFAULTS:
+    for k in tg.SETTING_NAMES:
         monkeypatch.delenv(k, raising=False)
     env = dict(TINY, **SMALL, DATA_PATH=SAMPLE_DATA, TOKENIZER_PATH=SAMPLE_TOKENIZER, OUTPUT_DIR=tmp_path)
     for k, v in dict(env, **settings).items():
@@ -204,7 +204,7 @@ def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings
     tensors, scheme = tg.quantize_state(tg.GPT(s).state_dict(), s)
     seen = []
     total = len(qr.lrzip_pergroup(tensors, scheme, compress=lambda b: seen.append(b) or 1000 + len(seen)))
-    L, want, orders, rest = s["NUM_LAYERS"], [], [], dict(tensors)
+    L, want, orders, rest = s.num_layers, [], [], dict(tensors)
     for role, chained in (
         ("tok_emb.weight", 1),
         ("attn.c_k", 0),

@@ -32,7 +32,7 @@ TINY_8192 = dict(
 def test_every_path_counts_the_sidecar_bytes(tiny_settings, tmp_path, kw, one_thread):
     s = tiny_settings(**TINY_8192, OUTPUT_DIR=tmp_path)
     run = tg.Run(s)
-    val = tg.load_validation_tokens(str(CASEOPS / tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+    val = tg.load_validation_tokens(str(CASEOPS / tg.VAL_SHARDS), s.eval_seq_len, s.val_max_tokens)
     luts, what = tg.byte_counter(s, tg.load_tokenizer(s), val.numel(), run.device)
     assert what.startswith("sidecar") and len(luts) == 1
     torch.manual_seed(0)

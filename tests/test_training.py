@@ -197,13 +197,11 @@ def train_in_process(s: dict, monkeypatch):
     for name in tg.LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
     run = tg.Run(s)
-    torch.manual_seed(s["SEED"])
+    torch.manual_seed(s.seed)
     model = tg.GPT(s, run.attention)
     initial = copy.deepcopy(model)
-    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-    val = tg.load_validation_tokens(
-        os.path.join(s["DATA_PATH"], "fineweb_val_*.bin"), s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"]
-    )
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+    val = tg.load_validation_tokens(os.path.join(s.data_path, "fineweb_val_*.bin"), s.eval_seq_len, s.val_max_tokens)
     return tg.train(model, run, val, luts), run.summary, initial
 
 
@@ -235,12 +233,12 @@ import train_gpt as tg
 
 s = tg.parse_settings()
 run = tg.Run(s)
-torch.manual_seed(s["SEED"])
+torch.manual_seed(s.seed)
 model = tg.GPT(s, run.attention)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
-luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-val_files = os.path.join(s["DATA_PATH"], "fineweb_val_*.bin")
-val = tg.load_validation_tokens(val_files, s["EVAL_SEQ_LEN"], s["VAL_MAX_TOKENS"])
+luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+val_files = os.path.join(s.data_path, "fineweb_val_*.bin")
+val = tg.load_validation_tokens(val_files, s.eval_seq_len, s.val_max_tokens)
 state = tg.train(model, run, val, luts)
 torch.save(dict(state=state, initial=initial, world=run.world, val_curve=run.summary["val_curve"]),
            f"{sys.argv[1]}.rank{run.rank}.pt")

@@ -128,24 +128,24 @@ def audit(argv=None) -> int:
     if "RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise tg.Fail("run the audit as one process: python tools/audit_causality.py (not under torchrun)")
     s = tg.parse_settings()
-    L = s["EVAL_SEQ_LEN"]  # parse_settings has checked the stride, the TTT chunk and every other range
-    seed = s["SEED"] if args.seed is None else args.seed
+    L = s.eval_seq_len  # parse_settings has checked the stride, the TTT chunk and every other range
+    seed = s.seed if args.seed is None else args.seed
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="audit_causality_") as tmp:
-        s["OUTPUT_DIR"] = tmp  # Run() makes a logs/ folder there; the audit writes no log
+        s.output_dir = tmp  # Run() makes a logs/ folder there; the audit writes no log
         run = tg.Run(s)
         run.log = lambda msg, console=True: None
         if run.device.type == "cuda":  # a nondeterministic kernel would read as a leak
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s["VOCAB_SIZE"], run.device)
-        max_tokens = s["VAL_MAX_TOKENS"] if s["VAL_MAX_TOKENS"] > 0 else 4 * L
-        val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), L, max_tokens)
+        luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+        max_tokens = s.val_max_tokens if s.val_max_tokens > 0 else 4 * L
+        val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), L, max_tokens)
         n = val.numel() - 1
-        if s["ARTIFACT_PATH"]:
+        if s.artifact_path:
             model = tg.GPT(s, run.attention).to(run.device)
-            model.load_state_dict(tg.load_artifact(s["ARTIFACT_PATH"], s))
-            source = f"artifact {s['ARTIFACT_PATH']}"
+            model.load_state_dict(tg.load_artifact(s.artifact_path, s))
+            source = f"artifact {s.artifact_path}"
         else:
             model = noised_random_model(s, run, seed)
             source = f"random init + noise (seed {seed})"
@@ -154,10 +154,10 @@ def audit(argv=None) -> int:
         name = tg.eval_name(s, **kw)
         desc = f"stride {kw['stride']}"
         if kw["ttt"]:
-            n_chunks = (val.numel() - 2) // s["TTT_CHUNK_TOKENS"] + 1
-            desc += f", {n_chunks} TTT chunk{'s' * (n_chunks != 1)} of {s['TTT_CHUNK_TOKENS']}"
+            n_chunks = (val.numel() - 2) // s.ttt_chunk_tokens + 1
+            desc += f", {n_chunks} TTT chunk{'s' * (n_chunks != 1)} of {s.ttt_chunk_tokens}"
         if kw["slot"]:
-            desc += f", SLOT {s['SLOT_MODE']} ({s['SLOT_STEPS']} steps, lr {s['SLOT_LR']})"
+            desc += f", SLOT {s.slot_mode} ({s.slot_steps} steps, lr {s.slot_lr})"
         print(
             f"audit: eval:{name} ({label}: {desc}) on {n} val targets; model: {source}; device: {run.device.type}",
             flush=True,
@@ -170,7 +170,7 @@ def audit(argv=None) -> int:
             )
 
         base_idx, base_rows = run_pipeline(model, start_state, run, val, luts, label, kw)
-        V = s["VOCAB_SIZE"]
+        V = s.vocab_size
 
         # 2. normalization
         norm_ok = base_rows.dim() == 2 and base_rows.size(1) == V and base_rows.size(0) > 0
@@ -216,7 +216,7 @@ def audit(argv=None) -> int:
         # target after each TTT chunk boundary (the first one the training on the chunk before must not see)
         edges = dict(window=sorted({w[2] + 1 for w in tg.sliding_windows(n, L, kw["stride"])[1:]}))
         if kw["ttt"]:
-            edges["chunk"] = list(range(s["TTT_CHUNK_TOKENS"] + 1, n, s["TTT_CHUNK_TOKENS"]))
+            edges["chunk"] = list(range(s.ttt_chunk_tokens + 1, n, s.ttt_chunk_tokens))
         picked = perturbed_positions(n, args.positions, edges, gen)
         positions = [u for u, _ in picked]
         for u in positions:

@@ -63,97 +63,95 @@ def load_train_gpt(path: Path):
 # optimizer's Newton-Schulz are not): the usual "model FLOPs" of MFU. Padding is never counted.
 
 
-def dims(s: dict) -> dict:
-    d, H = s["MODEL_DIM"], s["NUM_HEADS"]
-    kv = s["NUM_KV_HEADS"] * (d // H)
-    return dict(d=d, kv=kv, hidden=int(s["MLP_MULT"] * d), L=s["NUM_LAYERS"], V=s["VOCAB_SIZE"])
+def dims(s) -> dict:
+    d, H = s.model_dim, s.num_heads
+    kv = s.num_kv_heads * (d // H)
+    return dict(d=d, kv=kv, hidden=int(s.mlp_mult * d), L=s.num_layers, V=s.vocab_size)
 
 
-def virtual_layers(s: dict, looped: bool = True) -> int:
+def virtual_layers(s, looped: bool = True) -> int:
     """Layers one forward runs: NUM_LAYERS, and once looping is on NUM_LOOPS more passes of LOOP_START..LOOP_END
     (STACK=pr1855: 11 + 2 x 3 = 17). Settings of a revision without depth recurrence count NUM_LAYERS."""
-    extra = s.get("NUM_LOOPS", 0) * (s.get("LOOP_END", 0) - s.get("LOOP_START", 0) + 1) if looped else 0
-    return s["NUM_LAYERS"] + extra
+    extra = s.num_loops * (s.loop_end - s.loop_start + 1) if looped else 0
+    return s.num_layers + extra
 
 
-def layer_matmul_flops(s: dict) -> int:
+def layer_matmul_flops(s) -> int:
     """Per token and layer: q (d->d), k and v (d->kv), out (d->d), MLP up (d->hidden) and down (hidden->d), and the
     sparse attention gate (GATE_WINDOW -> heads) when on."""
     m = dims(s)
     d, kv, h = m["d"], m["kv"], m["hidden"]
-    gate = 2 * s["GATE_WINDOW"] * s["NUM_HEADS"] if s.get("SPARSE_ATTN_GATE_ENABLED") else 0
+    gate = 2 * s.gate_window * s.num_heads if s.sparse_attn_gate_enabled else 0
     return 2 * d * (d + kv + kv + d + h) + 2 * h * d + gate
 
 
-def attention_flops(s: dict, T: int, causal: bool = True) -> int:
+def attention_flops(s, T: int, causal: bool = True) -> int:
     """Per layer, for one sequence of T positions: QK^T and AV, each 2*d FLOPs per (query, key) pair over all
     heads (d = heads x head dim); causal attention has T(T+1)/2 pairs, full attention T^2."""
     pairs = T * (T + 1) // 2 if causal else T * T
-    return 2 * (2 * s["MODEL_DIM"] * pairs)
+    return 2 * (2 * s.model_dim * pairs)
 
 
-def embed_flops(s: dict) -> int:
+def embed_flops(s) -> int:
     """Per token: the BigramHash projection and the value embeddings' projection (once), each when on. (The smear
     gate's 2 x GATE_WINDOW is a matrix-vector product, which FlopCounterMode does not count either.)"""
     m = dims(s)
-    return (2 * s["BIGRAM_DIM"] * m["d"] if s["BIGRAM_VOCAB_SIZE"] else 0) + (
-        2 * s["VE_DIM"] * m["kv"] if s["VE_LAYERS"] else 0
-    )
+    return (2 * s.bigram_dim * m["d"] if s.bigram_vocab_size else 0) + (2 * s.ve_dim * m["kv"] if s.ve_layers else 0)
 
 
-def head_flops(s: dict) -> int:
+def head_flops(s) -> int:
     """Per token: the tied output head, d -> vocab."""
-    return 2 * s["MODEL_DIM"] * s["VOCAB_SIZE"]
+    return 2 * s.model_dim * s.vocab_size
 
 
-def hidden_flops(s: dict, T: int, causal: bool = True, looped: bool = True) -> int:
+def hidden_flops(s, T: int, causal: bool = True, looped: bool = True) -> int:
     """forward_hidden on one sequence of T positions (document-masked: an upper bound, as if one document)."""
     n = virtual_layers(s, looped)
     return T * (embed_flops(s) + n * layer_matmul_flops(s)) + n * attention_flops(s, T, causal)
 
 
-def forward_flops(s: dict, T: int, looped: bool = True) -> int:
+def forward_flops(s, T: int, looped: bool = True) -> int:
     return hidden_flops(s, T, looped=looped) + T * head_flops(s)
 
 
-def train_flops(s: dict, T: int, looped: bool = True) -> int:
+def train_flops(s, T: int, looped: bool = True) -> int:
     """Forward + backward (input and weight gradients, each as costly as the forward) = 3x forward."""
     return 3 * forward_flops(s, T, looped)
 
 
-def slot_flops_per_position(s: dict) -> int:
+def slot_flops_per_position(s) -> int:
     """Per fitted position: SLOT_STEPS x (head forward + backward to the hidden state only, no weight gradient)
     = 2 head forwards a step."""
-    return s["SLOT_STEPS"] * 2 * head_flops(s)
+    return s.slot_steps * 2 * head_flops(s)
 
 
-def slot_fit_positions(s: dict, window: tuple[int, int, int]) -> int:
+def slot_fit_positions(s, window: tuple[int, int, int]) -> int:
     """Positions a SLOT fit needs logits at: causal fits on the window's context (before its first scored
     position), batch on every position."""
     start, end, first = window
-    return first - start if s["SLOT_MODE"] == "causal" else end - start
+    return first - start if s.slot_mode == "causal" else end - start
 
 
-def ttt_sequences(s: dict, n: int) -> list[int]:
+def ttt_sequences(s, n: int) -> list[int]:
     """Sequences of EVAL_SEQ_LEN trained on after each chunk but the last, as train_gpt.ttt_train_chunk does."""
-    chunk, L = s["TTT_CHUNK_TOKENS"], s["EVAL_SEQ_LEN"]
+    chunk, L = s.ttt_chunk_tokens, s.eval_seq_len
     n_chunks = (n - 1) // chunk + 1
     return [(min(c * chunk + chunk, n) - c * chunk) // L for c in range(n_chunks - 1)]
 
 
-def lora_flops(s: dict) -> tuple[int, int]:
+def lora_flops(s) -> tuple[int, int]:
     """Per token: phased TTT's adapters of one virtual layer (Q d->d, K and V d->kv, the O and MLP bypasses d->d, each
     x A^T then B^T, 2 FLOPs a multiply-add) and the head adapter's (d -> vocab)."""
-    d, r, kv = s["MODEL_DIM"], s["TTT_LORA_RANK"], dims(s)["kv"]
-    return 2 * r * (3 * 2 * d + 2 * (d + kv)), 2 * r * (d + s["VOCAB_SIZE"])
+    d, r, kv = s.model_dim, s.ttt_lora_rank, dims(s)["kv"]
+    return 2 * r * (3 * 2 * d + 2 * (d + kv)), 2 * r * (d + s.vocab_size)
 
 
-def phased_flops(tg, s: dict, lengths: list[int], causal: bool = True) -> dict:
+def phased_flops(tg, s, lengths: list[int], causal: bool = True) -> dict:
     """Phased TTT over documents of these lengths, as train_gpt.evaluate_phased runs it: for every batch (in its
     order) and chunk, each row a forward over its padded context T = min((c+1) C, TTT_EVAL_SEQ_LEN) with the adapters,
     the head at the C chunk positions; where a document goes on, the backward (chunk_backward_flops); then each
     phase's global SGD on its prefix documents (3x forward a sequence)."""
-    C, Lt, B = s["TTT_CHUNK_SIZE"], s["TTT_EVAL_SEQ_LEN"], s["TTT_BATCH_SIZE"]
+    C, Lt, B = s.ttt_chunk_size, s.ttt_eval_seq_len, s.ttt_batch_size
     layer_lora, head_lora = lora_flops(s)
     n_layers = virtual_layers(s)
     batches = [[n for _, n in b] for b in tg.phased_batches(list(enumerate(lengths)), B)]  # train_gpt's own order
@@ -165,20 +163,17 @@ def phased_flops(tg, s: dict, lengths: list[int], causal: bool = True) -> dict:
             learn += len(b) * chunk_backward_flops(s, T, causal) if b[-1] - 1 > (c + 1) * C else 0
     order = [n for b in batches for n in b]
     prefix, P, chunk = (
-        min(s["PHASED_TTT_PREFIX_DOCS"], len(order)),
-        s["PHASED_TTT_NUM_PHASES"],
-        s["GLOBAL_TTT_CHUNK_TOKENS"],
+        min(s.phased_ttt_prefix_docs, len(order)),
+        s.phased_ttt_num_phases,
+        s.global_ttt_chunk_tokens,
     )
     sgd = 0.0
     for m in (prefix * (p + 1) // P for p in range(P)):
         tokens = sum(n - 1 for n in order[:m])
         n_chunks = (tokens - 2) // chunk + 1 if tokens > 1 else 0
-        seqs = sum((min(c * chunk + chunk, tokens - 1) - c * chunk) // s["EVAL_SEQ_LEN"] for c in range(n_chunks - 1))
+        seqs = sum((min(c * chunk + chunk, tokens - 1) - c * chunk) // s.eval_seq_len for c in range(n_chunks - 1))
         sgd += (
-            seqs
-            * s["GLOBAL_TTT_EPOCHS"]
-            * 3
-            * (hidden_flops(s, s["EVAL_SEQ_LEN"], causal) + s["EVAL_SEQ_LEN"] * head_flops(s))
+            seqs * s.global_ttt_epochs * 3 * (hidden_flops(s, s.eval_seq_len, causal) + s.eval_seq_len * head_flops(s))
         )
     return dict(
         score=score,
@@ -191,14 +186,14 @@ def phased_flops(tg, s: dict, lengths: list[int], causal: bool = True) -> dict:
     )
 
 
-def chunk_backward_flops(s: dict, T: int, causal: bool = True) -> int:
+def chunk_backward_flops(s, T: int, causal: bool = True) -> int:
     """One row's backward of a phased-TTT chunk, the base model frozen: every matrix's input gradient but the first
     virtual layer's Q, K, V and gate (their input, the embedding, needs none); attention's two products twice
     (both operands); every adapter's two gradients per product, but the input one of the first layer's Q, K, V and O;
     the head's input gradient at the C chunk positions and its adapter's two."""
-    m, r, C = dims(s), s["TTT_LORA_RANK"], s["TTT_CHUNK_SIZE"]
+    m, r, C = dims(s), s.ttt_lora_rank, s.ttt_chunk_size
     layer_lora, head_lora = lora_flops(s)
-    gate = 2 * s["GATE_WINDOW"] * s["NUM_HEADS"] if s.get("SPARSE_ATTN_GATE_ENABLED") else 0
+    gate = 2 * s.gate_window * s.num_heads if s.sparse_attn_gate_enabled else 0
     n = virtual_layers(s)
     return (
         T * (n * layer_matmul_flops(s) - 2 * m["d"] * (m["d"] + 2 * m["kv"]) - gate)
@@ -208,10 +203,10 @@ def chunk_backward_flops(s: dict, T: int, causal: bool = True) -> int:
     )
 
 
-def record_scale_docs(tg, s: dict, n: int) -> list[int]:
+def record_scale_docs(tg, s, n: int) -> list[int]:
     """Document lengths for n validation tokens: the configured val split's own (its first n tokens) when it holds
     that many, else its length distribution repeated up to n tokens (a projection's assumption, said in its output)."""
-    val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], n)
+    val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), s.eval_seq_len, n)
     lengths = [d for _, d in tg.find_docs(val)]
     out, total = [], 0
     while total < n and lengths:
@@ -224,21 +219,21 @@ def record_scale_docs(tg, s: dict, n: int) -> list[int]:
 
 
 def pass_flops(
-    tg, s: dict, n: int, stride: int, ttt: bool, slot: bool, phased: bool = False, docs: list[int] | None = None
+    tg, s, n: int, stride: int, ttt: bool, slot: bool, phased: bool = False, docs: list[int] | None = None
 ) -> dict:
     """Model FLOPs of one evaluation pass over n scored positions, split into scoring, SLOT fit and TTT training.
     Only the work the pass needs: forward_hidden over every window position, the head only where a target is
     scored (n positions) or, for SLOT, fitted. Phased TTT: over the documents docs (lengths)."""
     if phased:
         return phased_flops(tg, s, docs if docs is not None else record_scale_docs(tg, s, n))
-    wins = tg.sliding_windows(n, s["EVAL_SEQ_LEN"], stride)
+    wins = tg.sliding_windows(n, s.eval_seq_len, stride)
     lens = np.array([e - b for b, e, _ in wins], dtype=np.float64)
     n_layers = virtual_layers(s)  # evaluation always runs the looped model
     per_tok = embed_flops(s) + n_layers * layer_matmul_flops(s)
-    score = float((lens * per_tok).sum() + n_layers * (4 * s["MODEL_DIM"] * lens * (lens + 1) / 2).sum())
+    score = float((lens * per_tok).sum() + n_layers * (4 * s.model_dim * lens * (lens + 1) / 2).sum())
     score += float(n) * head_flops(s)
     slot_f = float(sum(slot_fit_positions(s, w) for w in wins)) * slot_flops_per_position(s) if slot else 0.0
-    ttt_f = float(sum(ttt_sequences(s, n))) * s["TTT_EPOCHS"] * train_flops(s, s["EVAL_SEQ_LEN"]) if ttt else 0.0
+    ttt_f = float(sum(ttt_sequences(s, n))) * s.ttt_epochs * train_flops(s, s.eval_seq_len) if ttt else 0.0
     return dict(
         score=score,
         slot=slot_f,
@@ -310,12 +305,12 @@ class Timed:
             setattr(self.tg, self.name, self.fn)
 
 
-def load_data(tg, s: dict, run, n_val: int):
+def load_data(tg, s, run, n_val: int):
     """Val slice, bpb tables, a training batch source and a description: the real data when DATA_PATH holds it,
     else random tokens (throughput only; scores meaningless)."""
-    val_pattern = os.path.join(s["DATA_PATH"], getattr(tg, "VAL_SHARDS", "fineweb_val_*.bin"))  # older revisions
-    train_pattern = os.path.join(s["DATA_PATH"], "fineweb_train_*.bin")
-    L, V = s["EVAL_SEQ_LEN"], s["VOCAB_SIZE"]
+    val_pattern = os.path.join(s.data_path, getattr(tg, "VAL_SHARDS", "fineweb_val_*.bin"))  # older revisions
+    train_pattern = os.path.join(s.data_path, "fineweb_train_*.bin")
+    L, V = s.eval_seq_len, s.vocab_size
     try:
         luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), V, run.device)
         have_tok = True
@@ -329,7 +324,7 @@ def load_data(tg, s: dict, run, n_val: int):
             ),
             False,
         )
-    gen = torch.Generator().manual_seed(s["SEED"])
+    gen = torch.Generator().manual_seed(s.seed)
     if have_tok and glob.glob(val_pattern):
         val, source = tg.load_validation_tokens(val_pattern, L, n_val), f"val {val_pattern}"
     else:
@@ -351,44 +346,23 @@ def load_data(tg, s: dict, run, n_val: int):
 # ----------------------------------------------------------------------------- phases
 
 
-def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> dict:
-    muon, adam, others = tg.build_optimizers(model, s)
-    grad_accum = 8 // run.world
-    seq_len = s["TRAIN_SEQ_LEN"]
-    local_tokens = s["TRAIN_BATCH_TOKENS"] // (run.world * grad_accum)
-    row = local_tokens if s.get("DOC_MASKED_ATTN") else seq_len  # as train(): documents packed into one row
-    model.looping = bool(s.get("NUM_LOOPS"))  # the steady state after ENABLE_LOOPING_AT
-    if local_tokens < seq_len or local_tokens % seq_len:
-        raise tg.Fail(
-            f"TRAIN_BATCH_TOKENS={s['TRAIN_BATCH_TOKENS']} must split into 8 micro-batches of whole "
-            f"TRAIN_SEQ_LEN={seq_len} sequences"
-        )
-    train_model = run.compiled(model)
-    averages = tg.WeightAverages(model, s) if hasattr(tg, "WeightAverages") else None
-    for opt in (muon, adam):
-        for group in opt.param_groups:
-            group["lr"] = group.get("base_lr", group["lr"])
+def bench_train(tg, run, model, s, batches, steps: int, warmup: int) -> dict:
+    """train_gpt.train_step itself, timed: warm-up steps, then the median of the steps (LR multiplier 1, looping on)."""
+    optimizers = tg.build_optimizers(model, s)
+    seq_len = s.train_seq_len
+    model.looping = bool(s.num_loops)  # the steady state after ENABLE_LOOPING_AT
+    averages = tg.WeightAverages(model, s)
     times = []
     reset_peak_memory(run.device)
     for i in range(warmup + steps):
         run.sync()
         t0 = time.perf_counter()
-        total = torch.zeros((), device=run.device)
-        for _ in range(grad_accum):
-            x, y = batches(local_tokens, row)
-            with run.autocast():
-                loss = train_model(x, y)
-            (loss / grad_accum).backward()
-            total += loss.detach()
-        tg.optimizer_step(muon, adam, others, s)
-        model.zero_grad(set_to_none=True)
-        if averages is not None:
-            averages.update(model, i + 1, 1.0)
-        loss_value = (total / grad_accum).item()
+        loss_value = tg.train_step(run, model, optimizers, batches, i, 1.0).item()
+        averages.update(model, i + 1, 1.0)
         run.sync()
         times.append(time.perf_counter() - t0)
     steady = statistics.median(times[warmup:])
-    flops = train_flops(s, seq_len) * (s["TRAIN_BATCH_TOKENS"] // seq_len)
+    flops = train_flops(s, seq_len) * (s.train_batch_tokens // seq_len)
     model.looping = False
     mem, mem_kind = peak_memory_mib(run.device)
     return dict(
@@ -398,7 +372,7 @@ def bench_train(tg, run, model, s: dict, batches, steps: int, warmup: int) -> di
         first_s=times[0],
         all_s=times,
         steps=steps,
-        tokens=s["TRAIN_BATCH_TOKENS"],
+        tokens=s.train_batch_tokens,
         flops=flops,
         flops_parts=dict(train=flops),
         peak_mem_mib=mem,
@@ -468,12 +442,12 @@ def derive(p: dict, peak: float, world: int, compiling: bool) -> dict:
     return p
 
 
-def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: float, gpus: int = 8) -> dict:
+def project(tg, s, evals: dict, measured: bool, stated_mfu: float, h100: float, gpus: int = 8) -> dict:
     """Seconds of each configured final-evaluation pass on `gpus` H100s at the full validation size: its FLOP
     count (scoring, SLOT, TTT apart) divided by MFU x H100 matmul rate x gpus. MFU: this run's, per part, on a
     GPU; the stated one elsewhere. Assumes perfect scaling over the GPUs."""
-    L = s["EVAL_SEQ_LEN"]
-    n = (s["VAL_MAX_TOKENS"] or (RECORD_VAL_TOKENS_SP8192 if s["VOCAB_SIZE"] == 8192 else RECORD_VAL_TOKENS)) // L * L
+    L = s.eval_seq_len
+    n = (s.val_max_tokens or (RECORD_VAL_TOKENS_SP8192 if s.vocab_size == 8192 else RECORD_VAL_TOKENS)) // L * L
     rows = []
     for label, kw in tg.eval_paths(s):
         f = pass_flops(tg, s, n, **kw)
@@ -499,13 +473,13 @@ def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: f
             )
         )
     train = dict()
-    steps = s["TRAIN_BATCH_TOKENS"] // s["TRAIN_SEQ_LEN"]
+    steps = s.train_batch_tokens // s.train_seq_len
     mfu = evals["train"]["mfu"] if measured and "train" in evals else stated_mfu
     for looped in (False, True):
         train["looped" if looped else "plain"] = (
-            1000 * train_flops(s, s["TRAIN_SEQ_LEN"], looped) * steps / (mfu * h100 * gpus)
+            1000 * train_flops(s, s.train_seq_len, looped) * steps / (mfu * h100 * gpus)
         )
-    on = s.get("ENABLE_LOOPING_AT", 0.0) if s.get("NUM_LOOPS") else 1.0  # share of the clock before looping
+    on = s.enable_looping_at if s.num_loops else 1.0  # share of the clock before looping
     train["mean"] = 1 / (on / train["plain"] + (1 - on) / train["looped"])  # time-weighted: steps / clock
     train["mfu"] = mfu
     return dict(
@@ -516,7 +490,7 @@ def project(tg, s: dict, evals: dict, measured: bool, stated_mfu: float, h100: f
         passes=rows,
         total_s=sum(r["seconds"] for r in rows),
         train_ms_per_step=train,
-        budget_s=float(s.get("EVAL_BUDGET_SECONDS", 600.0)),
+        budget_s=float(s.eval_budget_seconds),
     )
 
 
@@ -529,11 +503,11 @@ def project_only(args) -> int:
     s = tg.parse_settings()
     pr = project(tg, s, {}, False, args.mfu, args.h100_tflops * 1e12)
     pr["h100_rate_source"] = "assumed (--h100-tflops)"
-    T = s["TRAIN_SEQ_LEN"]
+    T = s.train_seq_len
     print(
-        f"model FLOPs per token: forward {forward_flops(s, s['EVAL_SEQ_LEN']) / s['EVAL_SEQ_LEN'] / 1e6:.2f} M at "
-        f"{s['EVAL_SEQ_LEN']} positions; training {train_flops(s, T) / T / 1e6:.2f} M at {T}; "
-        f"training step {train_flops(s, T) * (s['TRAIN_BATCH_TOKENS'] // T) / 1e12:.1f} TFLOP"
+        f"model FLOPs per token: forward {forward_flops(s, s.eval_seq_len) / s.eval_seq_len / 1e6:.2f} M at "
+        f"{s.eval_seq_len} positions; training {train_flops(s, T) / T / 1e6:.2f} M at {T}; "
+        f"training step {train_flops(s, T) * (s.train_batch_tokens // T) / 1e12:.1f} TFLOP"
     )
     print_report(dict(projection=pr), True, phases=False)
     return 0
@@ -542,25 +516,25 @@ def project_only(args) -> int:
 def measure(args) -> dict:
     tg = load_train_gpt(Path(args.module))
     s = tg.parse_settings()
-    if not 0 < s["EVAL_STRIDE"] <= s["EVAL_SEQ_LEN"]:
-        raise tg.Fail(f"EVAL_STRIDE={s['EVAL_STRIDE']} must be between 1 and EVAL_SEQ_LEN={s['EVAL_SEQ_LEN']}")
+    if not 0 < s.eval_stride <= s.eval_seq_len:
+        raise tg.Fail(f"EVAL_STRIDE={s.eval_stride} must be between 1 and EVAL_SEQ_LEN={s.eval_seq_len}")
     tmp = tempfile.mkdtemp(prefix="bench_")
-    s.update(OUTPUT_DIR=tmp, RUN_ID="bench")
+    s.output_dir, s.run_id = tmp, "bench"
     run = tg.Run(s)
     run.log = lambda *a, **k: None  # evaluate's per-chunk lines are not part of the benchmark's output
-    torch.manual_seed(s["SEED"])
-    L = s["EVAL_SEQ_LEN"]
-    n_default = max(4 * L, 2 * s["TTT_CHUNK_TOKENS"] if s["TTT_ENABLED"] else 0)
+    torch.manual_seed(s.seed)
+    L = s.eval_seq_len
+    n_default = max(4 * L, 2 * s.ttt_chunk_tokens if s.ttt_enabled else 0)
     n_val = args.val_tokens or n_default
-    if s["VAL_MAX_TOKENS"]:
-        n_val = min(n_val, s["VAL_MAX_TOKENS"])
+    if s.val_max_tokens:
+        n_val = min(n_val, s.val_max_tokens)
     val, luts, batches, data_source = load_data(tg, s, run, n_val)
     n = val.numel() - 1
     notes = []
-    if s["TTT_ENABLED"] and n <= s["TTT_CHUNK_TOKENS"]:
+    if s.ttt_enabled and n <= s.ttt_chunk_tokens:
         notes.append(f"the val slice ({n} tokens) is one TTT chunk: TTT never trains in it; raise --val-tokens")
     peak, peak_what = (args.peak_tflops * 1e12, "given") if args.peak_tflops else matmul_peak(run.device)
-    model = tg.GPT(s, run.attention, getattr(run, "doc_attention", None)).to(run.device)
+    model = tg.build_model(run)
     phases = []
     if args.train_steps > 0:
         phases.append(bench_train(tg, run, model, s, batches, args.train_steps, args.train_warmup))
@@ -597,7 +571,7 @@ def measure(args) -> dict:
         if on_gpu
         else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
-    changed = {k: os.environ[k] for k in tg.DEFAULTS if k in os.environ}
+    changed = {k: os.environ[k] for k in tg.SETTING_NAMES if k in os.environ}
     shutil.rmtree(tmp, ignore_errors=True)
     return dict(
         module=str(args.module),

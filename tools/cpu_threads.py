@@ -61,11 +61,11 @@ def worker(steps: int, warmup: int) -> None:
     sys.path.insert(0, str(ROOT))
     import train_gpt as tg
 
-    s = tg.parse_settings({**SHAPE, **{k: v for k, v in os.environ.items() if k in tg.DEFAULTS}})
+    s = tg.parse_settings({**SHAPE, **{k: v for k, v in os.environ.items() if k in tg.SETTING_NAMES}})
     torch.manual_seed(0)
     model = tg.GPT(s)
     muon, adam, others = tg.build_optimizers(model, s)
-    local, T, V = s["TRAIN_BATCH_TOKENS"] // 8, s["TRAIN_SEQ_LEN"], s["VOCAB_SIZE"]
+    local, T, V = s.train_batch_tokens // 8, s.train_seq_len, s.vocab_size
     times = []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def settings_for(path: Path, env=os.environ) -> dict:
     env.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="quant_report_"))
     env.setdefault("COMPILE", "0")
     env.setdefault("RUN_ID", "quant_report")
-    return tg.parse_settings({k: v for k, v in env.items() if k in tg.DEFAULTS or k.startswith(("TORCH", "NCCL"))})
+    return tg.parse_settings({k: v for k, v in env.items() if k in tg.SETTING_NAMES or k.startswith(("TORCH", "NCCL"))})
 
 
 def shuffled(raw: np.ndarray, width: int) -> bytes:
@@ -221,18 +222,18 @@ def entropy_bound(tensors: dict, scheme: dict) -> float:
     return total
 
 
-RECORD_SCHEME = dict(QUANT="gptq", QUANT_SCALES="sdclip", GPTQ_EMBED=1, GATE_INT8=1, LQER_ENABLED=1)
+RECORD_SCHEME = dict(quant="gptq", quant_scales="sdclip", gptq_embed=1, gate_int8=1, lqer_enabled=1)
 MANY = ("default", "record_scheme", "gptq_lite")  # the columns of --many
 
 
-def candidates(s: dict, quant: str, bits: list | None = None) -> dict:
+def candidates(s, quant: str, bits: list | None = None) -> dict:
     """label -> export settings; --quant gptq_lite leaves out the two that need calibration; with bits, each
     candidate once per MATRIX_BITS, labelled candidate@bits."""
-    out = dict(gptq_lite=dict(s, QUANT="gptq_lite"))
+    out = dict(gptq_lite=replace(s, quant="gptq_lite"))
     if quant == "both":
-        out.update(gptq=dict(s, QUANT="gptq"), record_scheme=dict(s, **RECORD_SCHEME))
+        out.update(gptq=replace(s, quant="gptq"), record_scheme=replace(s, **RECORD_SCHEME))
     if bits:
-        out = {f"{label}@{b}": dict(c, MATRIX_BITS=b) for label, c in out.items() for b in bits}
+        out = {f"{label}@{b}": replace(c, matrix_bits=b) for label, c in out.items() for b in bits}
     return out
 
 
@@ -248,7 +249,7 @@ def at_bytes(points: list, target: float) -> float:
 def eval_model(run, weights):
     """The model train_gpt.py evaluates: its attention backends, looped when the stack loops."""
     model = tg.build_model(run, weights)
-    model.looping = bool(run.s["NUM_LOOPS"])
+    model.looping = bool(run.s.num_loops)
     return model
 
 
@@ -262,30 +263,30 @@ def measure(
     with torch.device("meta"):  # the model's own order (the file's is sorted), as train_gpt.py packs after training
         state = {k: state[k] for k in tg.GPT(s).state_dict()}
     if bits:  # the stack's own MATRIX_BITS always: the default's point
-        bits = sorted(set(bits) | {s["MATRIX_BITS"]})
+        bits = sorted(set(bits) | {s.matrix_bits})
     cands = candidates(s, quant, bits)
     run = tg.Run(s)
     hessians, calib_s = None, 0.0
     if quant == "both":  # one calibration for all: GPTQ_EMBED only adds the embedding's sum to the same pass
-        run.s = dict(s, GPTQ_EMBED=1)
+        run.s = replace(s, gptq_embed=1)
         t0 = time.perf_counter()
         hessians = tg.collect_hessians(eval_model(run, state), run)
         calib_s = time.perf_counter() - t0
         run.s = s
-    flat = tg.unbank(state, s["NUM_LAYERS"])
+    flat = tg.unbank(state, s.num_layers)
     val = luts = None
     bpb = {}
     if not no_eval:
-        val = tg.load_validation_tokens(os.path.join(s["DATA_PATH"], tg.VAL_SHARDS), s["EVAL_SEQ_LEN"], val_tokens)
+        val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), s.eval_seq_len, val_tokens)
         luts = tg.byte_counter(s, tg.load_tokenizer(s), val.numel(), run.device)[0]
         bpb["float"] = tg.evaluate(
-            eval_model(run, state), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False
+            eval_model(run, state), run, val, luts, stride=s.eval_seq_len, ttt=False, slot=False
         )[1]
     results = {}
     for label, c in cands.items():
         h = None
-        if c["QUANT"] == "gptq":
-            h = {k: v for k, v in hessians.items() if c["GPTQ_EMBED"] or k != "tok_emb.weight"}
+        if c.quant == "gptq":
+            h = {k: v for k, v in hessians.items() if c.gptq_embed or k != "tok_emb.weight"}
         t0 = time.perf_counter()
         tensors, scheme = tg.quantize_state(state, c, h)
         quant_s = time.perf_counter() - t0
@@ -310,19 +311,19 @@ def measure(
         if per_tensor:
             results[label]["tensors"] = tensor_rows(tensors, scheme, flat)
         if not no_eval:
-            weights = tg.dequantize_state(tensors, scheme, s["NUM_LAYERS"])
+            weights = tg.dequantize_state(tensors, scheme, s.num_layers)
             bpb[label] = tg.evaluate(
-                eval_model(run, weights), run, val, luts, stride=s["EVAL_SEQ_LEN"], ttt=False, slot=False
+                eval_model(run, weights), run, val, luts, stride=s.eval_seq_len, ttt=False, slot=False
             )[1]
         results[label]["gap"] = bpb[label] - bpb["float"] if bpb else float("nan")
-    default = s["QUANT"] if any(k.split("@")[0] == s["QUANT"] for k in results) else "gptq_lite"
+    default = s.quant if any(k.split("@")[0] == s.quant for k in results) else "gptq_lite"
     return dict(
         settings=s,
         stack_source=stack_source,
         results=results,
         val_bpb=bpb,
         calibration_s=calib_s,
-        default=default + (f"@{s['MATRIX_BITS']}" if bits else ""),
+        default=default + (f"@{s.matrix_bits}" if bits else ""),
     )
 
 
@@ -339,11 +340,11 @@ def print_one(m: dict, args) -> None:
                 f"{r.get('entropy_bits', float('nan')):6.3f} {b.get('rans', b.get('raw')):9d} "
                 f"{b.get('lzma', b.get('raw')):9d} {r['mse']:10.3e}"
             )
-    print(f"stack:{s['STACK']} from {m['stack_source']} (its settings are the candidates' base)")
+    print(f"stack:{s.stack} from {m['stack_source']} (its settings are the candidates' base)")
     if m["calibration_s"]:
         print(
-            f"calibration: {m['calibration_s']:.1f}s ({s['GPTQ_CALIB_SEQS']} x {s['GPTQ_CALIB_LEN']} tokens, "
-            f"source {s['GPTQ_CALIB']})"
+            f"calibration: {m['calibration_s']:.1f}s ({s.gptq_calib_seqs} x {s.gptq_calib_len} tokens, "
+            f"source {s.gptq_calib})"
         )
     packers = list(results["gptq_lite"]["packers"])
     print("| candidate | " + " | ".join(packers) + " | order-0 bound | val bpb | gap |")
@@ -401,7 +402,7 @@ def print_many(ms: dict, args) -> None:
         for c in MANY:
             r = cell(m, c)
             cells += [f"{r['gap']:+.8f}", f"{r['bytes']:,}"] if r else ["-", "-"]
-        print(f"| {path} | {m['settings']['STACK']} | " + " | ".join(cells) + " |")
+        print(f"| {path} | {m['settings'].stack} | " + " | ".join(cells) + " |")
     stats = {}
     for c in MANY:
         gaps = [cell(m, c)["gap"] for m in ms.values() if cell(m, c)]
@@ -416,7 +417,7 @@ def print_many(ms: dict, args) -> None:
 
 def at_own_bits(m: dict) -> dict:
     """A --bits measurement seen as a plain one: the candidates at the stack's MATRIX_BITS, labelled without @bits."""
-    own = f"@{m['settings']['MATRIX_BITS']}"
+    own = f"@{m['settings'].matrix_bits}"
     return dict(
         m,
         results={k[: -len(own)]: r for k, r in m["results"].items() if k.endswith(own)},
@@ -428,7 +429,7 @@ def print_equal_bytes(ms: dict, bits: list) -> None:
     """--bits: per file, each candidate's (bytes, gap) at every MATRIX_BITS; then, at each of its points that lies
     inside the byte range of the default's curve, the default's gap there (read off its curve) over the candidate's:
     the gap ratio at equal bytes (< 1: the default loses less). Last line: the mean ratio per candidate."""
-    bits = sorted(set(bits) | {m["settings"]["MATRIX_BITS"] for m in ms.values()})
+    bits = sorted(set(bits) | {m["settings"].matrix_bits for m in ms.values()})
     labels = ("gptq", "record_scheme", "gptq_lite")
     print(
         "| file | default | "
@@ -523,7 +524,9 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:  # one file: its report (as before); --many: the reports by path
-        data = {p: dict(m, settings={k: m["settings"][k] for k in tg.MODEL_KEYS + ("STACK",)}) for p, m in ms.items()}
+        data = {
+            p: dict(m, settings=dict(tg.model_config(m["settings"]), STACK=m["settings"].stack)) for p, m in ms.items()
+        }
         args.json.write_text(json.dumps(data if args.many else data[str(paths[0])], indent=1))
     if args.bits:  # the --many table from the points at each stack's own MATRIX_BITS, then the curves
         print_many({p: at_own_bits(m) for p, m in ms.items()}, args)
