@@ -1,7 +1,7 @@
 """Parameter Golf record stack: SLOT + LeakyReLU^2 + legal score-first TTT + Parallel Muon.
 
-Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python train_gpt.py).
-Every hyperparameter is an environment variable (README.md has the table).
+Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py (or python3 train_gpt.py).
+Every hyperparameter is an environment variable: `python3 train_gpt.py --help` lists them (docs/settings.md).
 """
 
 import ast
@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import time
 import uuid
@@ -398,8 +399,29 @@ def parse_settings(env=os.environ):
     return s
 
 
+MAX_RUN_ID_BYTES = 200  # the log files are logs/<RUN_ID>.txt and .json (+ .tmp while written): under 255 bytes
+MAX_PATH_BYTES = 4000  # under Linux's PATH_MAX (4096), with room for the longest file name the run writes
+
+
+def check_output_names(s):
+    """Fail unless every file the run writes can be named: RUN_ID as one file name, OUTPUT_DIR's path short enough."""
+    run_id = s.run_id.encode()
+    if len(run_id) > MAX_RUN_ID_BYTES or "/" in s.run_id or "\0" in s.run_id or s.run_id in (".", ".."):
+        raise Fail(
+            f"RUN_ID ({len(run_id)} bytes) names the log files: it must be at most {MAX_RUN_ID_BYTES} bytes, "
+            "without '/'; choose a shorter name"
+        )
+    longest = Path(s.output_dir).absolute() / "logs" / f"{s.run_id}.json.tmp"
+    if any(len(part.encode()) > 255 for part in longest.parts) or len(str(longest).encode()) > MAX_PATH_BYTES:
+        raise Fail(
+            f"OUTPUT_DIR={s.output_dir[:80]}... gives file paths over {MAX_PATH_BYTES} bytes or a folder name over "
+            "255 bytes; choose a shorter OUTPUT_DIR"
+        )
+
+
 def check_settings(s, env):
     """Fail on the first pair of settings that contradict each other."""
+    check_output_names(s)
     head_dim, L = s.model_dim // s.num_heads, s.num_layers
     for bad, msg in (
         (
@@ -641,10 +663,12 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def fake_quant_int6(w):
-    """Late QAT: per-row int6 fake quantization (scale = row max / 31), straight-through gradient."""
-    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 31
-    q = torch.clamp(torch.round(w / scale), -32, 31) * scale
+def fake_quantize(w, bits):
+    """Late QAT: per-row fake quantization to `bits` bits (scale = row max / q_max, q_max = 2^(bits-1) - 1; the
+    integers -q_max-1..q_max), straight-through gradient."""
+    max_q = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / max_q
+    q = torch.clamp(torch.round(w / scale), -max_q - 1, max_q) * scale
     return w + (q - w).detach()
 
 
@@ -828,7 +852,7 @@ class GPT(nn.Module):
 
     def weight(self, w, dtype, bank=False):
         qat = self.qat and (self.s.late_qat_banks or not bank)
-        return (fake_quant_int6(w) if qat else w).to(dtype)
+        return (fake_quantize(w, self.s.matrix_bits) if qat else w).to(dtype)
 
     def bank_linear(self, x, bank, j, dtype):
         if self.hessians is not None:  # GPTQ calibration: per physical matrix, summed over its virtual uses
@@ -1374,7 +1398,7 @@ def train(model, run, val, luts):
     return {k: v.to(dtypes[k]) for k, v in weights.items()}
 
 
-# -------------------- export (GPTQ int6 + rANS)
+# -------------------- export (GPTQ at MATRIX_BITS, context-coded rANS)
 
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
 MODEL_KEYS = tuple(
@@ -1954,12 +1978,26 @@ def check_config(path, config, s, what="the artifact"):
 
 
 def check_file(path, what):
+    """ARTIFACT_PATH as a regular file, or Fail saying what it is instead."""
     path = Path(path)
     if path.is_dir():
         raise Fail(f"ARTIFACT_PATH={path} is a directory; set it to {what} file")
-    if not path.is_file():
+    if not path.exists():
         raise Fail(f"artifact {path} not found; set ARTIFACT_PATH to {what} file")
+    if not path.is_file():
+        kind = next(
+            (name for test, name in FILE_KINDS if getattr(stat, test)(path.stat().st_mode)), "not a regular file"
+        )
+        raise Fail(f"ARTIFACT_PATH={path} is {kind}, not a regular file; set it to {what} file")
     return path
+
+
+FILE_KINDS = (
+    ("S_ISCHR", "a character device"),
+    ("S_ISBLK", "a block device"),
+    ("S_ISFIFO", "a FIFO (named pipe)"),
+    ("S_ISSOCK", "a socket"),
+)
 
 
 def load_artifact(path, s):
@@ -2425,6 +2463,11 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     order = [d for b in batches for d in b]
     cum = np.cumsum([len(b) for b in batches])
     prefix, P = min(s.phased_ttt_prefix_docs, len(order)), s.phased_ttt_num_phases
+    if prefix < s.phased_ttt_prefix_docs:
+        run.log(
+            f"ttt_phased: PHASED_TTT_PREFIX_DOCS={s.phased_ttt_prefix_docs} is more than the {len(order)} "
+            f"validation documents: every document is in the phases (prefix_docs:{prefix})"
+        )
     phases = [(bisect.bisect_left(cum, m), m) for m in (prefix * (p + 1) // P for p in range(P)) if m]
     run.log(
         f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "

@@ -381,16 +381,31 @@ def test_newton_schulz_is_close_to_orthogonal(shape):
     assert ((X.double() - polar).norm() / polar.norm()).item() < 0.3
 
 
-def test_fake_quant_int6_grid_and_straight_through_gradient():
+@pytest.mark.parametrize("bits, max_q", [(5, 15), (6, 31), (8, 127)])
+def test_fake_quantize_grid_and_straight_through_gradient(bits, max_q):
     w = torch.randn(6, 40, generator=torch.Generator().manual_seed(12), requires_grad=True)
-    out = tg.fake_quant_int6(w)
-    scale = w.detach().abs().amax(dim=1, keepdim=True) / 31
+    out = tg.fake_quantize(w, bits)
+    scale = w.detach().abs().amax(dim=1, keepdim=True) / max_q
     k = out.detach() / scale
     torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-4)
-    assert k.round().min() >= -32 and k.round().max() <= 31
+    assert k.round().min() >= -max_q - 1 and k.round().max() <= max_q
+    assert k.round().abs().max() == max_q  # each row's largest |w| sits on the grid's end
     assert ((out.detach() - w.detach()).abs() <= scale / 2 + 1e-6).all()
     (out * torch.arange(40.0)).sum().backward()
     torch.testing.assert_close(w.grad, torch.arange(40.0).expand(6, 40))
+
+
+def test_late_qat_follows_matrix_bits(tiny_settings):
+    """With late QAT on, a bank matrix enters the forward pass on the MATRIX_BITS grid of its rows."""
+    for bits in (5, 7):
+        model = tg.GPT(tiny_settings(MATRIX_BITS=bits))
+        model.qat = True
+        w = model.qo_bank[0]
+        torch.testing.assert_close(model.weight(w, torch.float32, bank=True), tg.fake_quantize(w, bits))
+        k = model.weight(w, torch.float32, bank=True).detach() / (
+            w.detach().abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        )
+        torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-4)
 
 
 def test_bigram_hash_table_learns(tiny_settings):

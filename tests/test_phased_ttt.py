@@ -223,6 +223,18 @@ def test_phases_train_on_documents_by_index_after_they_are_scored(tmp_path, monk
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # and left the model as it found it
 
 
+def test_a_prefix_longer_than_the_data_is_logged_and_takes_every_document(tmp_path, monkeypatch):
+    s, run, model, luts = setup(tmp_path, PHASED_TTT_PREFIX_DOCS=10_000_000)
+    logged, trained = [], []
+    run.log = lambda msg, console=True: logged.append(msg)
+    monkeypatch.setattr(tg, "global_sgd", lambda model_, run_, tokens, docs: trained.append(len(docs)))
+    tg.evaluate(model, run, synthetic_val(), luts, phased=True)
+    n = len(LENGTHS)
+    want = f"PHASED_TTT_PREFIX_DOCS=10000000 is more than the {n} validation documents: every document is in the phases"
+    assert any(want in line for line in logged), logged
+    assert trained == [n // 2, n]  # two phases: the first half of the documents, then all of them
+
+
 DRIVER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")

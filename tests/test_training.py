@@ -392,6 +392,22 @@ def case_artifact_is_a_directory(tmp):
     return dict(EVAL_ONLY=1, ARTIFACT_PATH=tmp), [f"ARTIFACT_PATH={tmp} is a directory"]
 
 
+def case_artifact_is_a_device(tmp):
+    return dict(EVAL_ONLY=1, ARTIFACT_PATH="/dev/zero"), ["ARTIFACT_PATH=/dev/zero is a character device"]
+
+
+def case_long_run_id(tmp):
+    return dict(RUN_ID="r" * 300), ["RUN_ID (300 bytes)", "at most 200 bytes"]
+
+
+def case_run_id_with_a_slash(tmp):
+    return dict(RUN_ID="a/b"), ["RUN_ID (3 bytes)", "without '/'"]
+
+
+def case_ve_layers_past_the_model(tmp):  # the tiny configuration's VE_LAYERS=2,3 on a 3-layer model
+    return dict(NUM_LAYERS=3), ["VE_LAYERS=2,3 names a layer outside 0..2", "VE_ENABLED=0"]
+
+
 def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
@@ -419,6 +435,9 @@ SETTINGS_ONLY = [
     case_ve_layers,
     case_nan_setting,
     case_inf_setting,
+    case_long_run_id,
+    case_run_id_with_a_slash,
+    case_ve_layers_past_the_model,
 ]
 ERROR_CASES = [
     case_missing_data,
@@ -428,6 +447,7 @@ ERROR_CASES = [
     case_output_dir,
     case_truncated_artifact,
     case_artifact_is_a_directory,
+    case_artifact_is_a_device,
 ] + SETTINGS_ONLY
 
 
