@@ -11,7 +11,7 @@ set_default() { for kv in "$@"; do k=${kv%%=*}; [ -n "${!k+x}" ] || export "$kv"
 
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -gt 0 ]; then
-  # train_gpt.py's defaults are the seed's record command (SPEC §9), with the legal causal SLOT.
+  # train_gpt.py's defaults are the seed's record command (PR #1128's; docs/stacks.md), with the legal causal SLOT.
   [ $# -eq 0 ] || exec "$@"
   exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The SPEC §10 choices measured on the CPU demo configuration of run.sh (TTT and SLOT off: these are
-# training-side choices, scored by the final int6 round-trip val_bpb). Prints a markdown table.
+# The seed stack's departures from its reference code (docs/stacks.md) measured on the CPU demo configuration of
+# run.sh (TTT and SLOT off: these are training-side choices, scored by the final int6 round-trip val_bpb).
+# Prints a markdown table.
 # Usage: bash tools/ablate.sh [OUTPUT_ROOT]   (about 3 minutes a variant on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mechanical legality audit of the configured final evaluation of train_gpt.py (SPEC section 2).
+"""Mechanical legality audit of the configured final evaluation of train_gpt.py (conditions: docs/evaluation.md).
 
     [settings...] python tools/audit_causality.py [--positions K] [--seed S] [--tol T]
 

@@ -7,7 +7,7 @@ one GPU, or every rank under torchrun. After warm-up it times
   - each pass of the configured final evaluation (train_gpt.eval_paths: plain round trip, standalone sliding,
     TTT with SLOT) and, when the final pass fits SLOT, the same pass without SLOT (marked extra),
 on a val slice, and prints per phase: time, tokens/s, seconds per 1M scored tokens, model FLOPs per token from
-an analytic count (README, Performance), achieved TFLOP/s, MFU against a matmul peak measured here on this
+an analytic count (docs/performance.md), achieved TFLOP/s, MFU against a matmul peak measured here on this
 device (bf16 on GPU, fp32 on CPU), compile time apart from run time, and peak memory.
 
   python3 tools/bench.py [--json PATH] [--project-8xh100] [--baseline REV [--rounds N]]
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD_VAL_TOKENS = 62_021_632  # the challenge's full validation split, in usable tokens (SPEC §3)
+RECORD_VAL_TOKENS = 62_021_632  # the challenge's full validation split, in usable tokens
 RECORD_VAL_TOKENS_SP8192 = 47_851_520  # the same 50,000 documents tokenized by SP8192 CaseOps (MODERN_STACK §4.2)
 H100_MATMUL_TFLOPS = 800.0  # achieved dense bf16 matmul rate assumed for an H100 when none was measured on one
 GPU_PEAK_N, CPU_PEAK_N = 8192, 1024
@@ -711,7 +711,7 @@ def last_line(summ: dict) -> str:
 
 
 def readme_block(bench_json: str, run_json: str | None = None) -> str:
-    """The summary block of tools/gpu_check.sh, ready to paste into README's Performance section."""
+    """The summary block of tools/gpu_check.sh, ready to paste into docs/performance.md (GPU figures)."""
     lines = []
     try:
         r = json.loads(Path(bench_json).read_text())
@@ -919,7 +919,7 @@ def parse_args(argv=None):
         "--summary",
         nargs="+",
         metavar="JSON",
-        help="print tools/gpu_check.sh's README block from a --json file and a train_gpt.py summary JSON",
+        help="print tools/gpu_check.sh's docs block from a --json file and a train_gpt.py summary JSON",
     )
     p.add_argument("--module", default=str(ROOT / "train_gpt.py"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@
 #     step on one GPU, the attention backend, peak memory, each final-evaluation pass's tokens/s and MFU on a
 #     131,072-token val slice, and their projection to 8xH100 at the full val size against the 600 s budget;
 #  2. a short train_gpt.py run on the sample (round trip only): the score of the real export path on a GPU;
-#  3. one summary block, ready to paste into README's Performance section.
+#  3. one summary block, ready to paste into docs/performance.md (GPU figures).
 # Usage: bash tools/gpu_check.sh [OUTPUT_DIR]   (BENCH_TIMEOUT, RUN_TIMEOUT, ITERATIONS, BENCH_VAL_TOKENS override the sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,5 @@ OUTPUT_DIR="$out" RUN_ID=gpu_check ITERATIONS=${ITERATIONS:-30} WARMUP_STEPS=3 W
 echo "train_gpt exit: ${PIPESTATUS[0]}"
 
 echo
-echo "----- paste into README (## Performance, GPU figures) -----"
+echo "----- paste into docs/performance.md (GPU figures) -----"
 python3 tools/bench.py --summary "$out/bench.json" "$out/logs/gpu_check.json" | tee "$out/summary.md"

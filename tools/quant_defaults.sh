@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The export defaults' table (README, Export): tools/quant_report.py --many, every candidate (the stack's default,
+# The export defaults' table (docs/export.md): tools/quant_report.py --many, every candidate (the stack's default,
 # the record's scheme, gptq_lite) on three model shapes x two seeds: the seed CPU demo (4 x 128, sp1024 sample), the
 # STACK=pr1855 CPU demo (11 x 128 looped, SP8192 CaseOps sample) and a narrow, deeper seed-stack model (6 x 96).
 # Each shape's files are reported together, with the data and export settings run.sh gives that shape: their gaps
