@@ -772,7 +772,8 @@ BANK_ROWS = dict(
     mlp_up_bank=("mlp.fc",),
     mlp_down_bank=("mlp.proj",),
 )
-EMBED_TABLES = ("tok_emb.weight", "bigram_emb", "ve_emb")
+TIED_EMBED = "tok_emb.weight"  # the token embedding, also the output head
+EMBED_TABLES = (TIED_EMBED, "bigram_emb", "ve_emb")
 
 
 def matrix_name(bank, j, num_layers):  # row j of a bank, as exported
@@ -1498,7 +1499,7 @@ def collect_hessians(model, run):
             h = model.forward_hidden(tokens[b : b + 8])
         if run.s.gptq_embed:
             x = rms_norm(h).flatten(0, 1).float()
-            hessians["tok_emb.weight"] = hessians.get("tok_emb.weight", 0) + x.T @ x
+            hessians[TIED_EMBED] = hessians.get(TIED_EMBED, 0) + x.T @ x
     model.hessians = None
     return {k: h.cpu() for k, h in hessians.items()}
 
