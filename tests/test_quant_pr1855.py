@@ -223,7 +223,8 @@ def calib_line(out, out_dir):
     train_s = json.loads((out_dir / "logs" / "test.json").read_text())["train_time_ms"] / 1000
     assert end == pytest.approx(train_s + calib, abs=0.11)
     loud = "training tokens read after the cap" in out
-    assert loud == (0 < cap < end)
+    if abs(end - cap) > 0.05:  # the line prints one decimal: within rounding of the cap either verdict can be right
+        assert loud == (0 < cap < end)
     return end, cap, loud
 
 
@@ -244,7 +245,7 @@ def test_calibration_past_the_cap_is_said(tmp_path, script_env, run_script):
     proc = run_script(env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     end, cap, loud = calib_line(proc.stdout, tmp_path)
-    assert cap == 1.5 and loud and end > 1.5
+    assert cap == 1.5 and loud and end >= 1.5  # past the cap, printed to one decimal
     # the training time it starts from is the loop's own clock where it stopped, not an earlier reading
     stopped = float(re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms", proc.stdout, re.M).group(1))
     assert json.loads((tmp_path / "logs" / "test.json").read_text())["train_time_ms"] == pytest.approx(stopped, abs=1)
