@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import safetensors.torch as st
@@ -682,10 +683,10 @@ def apply_partial_rope(x, rope_dims, base, past=0):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def rope_base(s, seq_len):
-    # ROPE_TRAIN_SEQ_LEN=1024 as the reference: the base rises for sequences past 1024
-    ref, base = s.rope_train_seq_len, s.rope_base
-    return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (s.rope_dims / (s.rope_dims - 2))
+def rope_base(c, seq_len):
+    """The rotary base of model config c at seq_len: raised past ROPE_TRAIN_SEQ_LEN (1024 = the reference's)."""
+    ref, base = c.rope_train_seq_len, c.rope_base
+    return base if ref <= 0 or seq_len <= ref else base * (seq_len / ref) ** (c.rope_dims / (c.rope_dims - 2))
 
 
 def doc_segments(idx, max_len):
@@ -780,52 +781,104 @@ def matrix_name(bank, j, num_layers):  # row j of a bank, as exported
     return f"blocks.{j % num_layers}.{BANK_ROWS[bank][j // num_layers]}.weight"
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """What GPT is built from: the architecture (the settings of the same names: ModelSettings), and the training
+    sequence length, the piece length of long documents under document-masked attention. Nothing else of the run
+    reaches the model: training and evaluation set its modes (GPT's docstring) and pass what else it needs."""
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: float
+    tied_embed_init_std: float
+    logit_softcap: float
+    rope_base: float
+    rope_dims: int
+    rope_train_seq_len: int
+    qk_gain_init: float
+    ln_scale: int
+    xsa_last_n: int
+    bigram_vocab_size: int
+    bigram_dim: int
+    ve_dim: int
+    ve_layers: tuple  # empty without value embeddings
+    smear_fixed_enabled: int
+    smear_gate_enabled: int
+    gate_window: int
+    sparse_attn_gate_enabled: int
+    sparse_attn_gate_scale: float
+    skip_gates_enabled: int
+    parallel_start_layer: int
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    doc_masked_attn: int
+    train_seq_len: int
+
+    @classmethod
+    def of(cls, s):
+        """The model config of settings s."""
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)} | dict(ve_layers=tuple(s.ve_layers)))
+
+
 class Block(nn.Module):
     """Per-layer scales and gains; the layer's matrices live in the GPT's banks."""
 
-    def __init__(self, s, dim, num_heads):
+    def __init__(self, c, dim, num_heads):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
-        self.q_gain = nn.Parameter(torch.full((num_heads,), s.qk_gain_init))
-        if s.sparse_attn_gate_enabled:  # per-head output gate from the first GATE_WINDOW input channels
-            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, s.gate_window))
+        self.q_gain = nn.Parameter(torch.full((num_heads,), c.qk_gain_init))
+        if c.sparse_attn_gate_enabled:  # per-head output gate from the first GATE_WINDOW input channels
+            self.attn_gate_w = nn.Parameter(torch.zeros(num_heads, c.gate_window))
 
 
-def layer_schedule(s, looped):
-    """Physical layer of each virtual layer, split into encoder and decoder halves. Looped, layers
+def layer_schedule(c, looped):
+    """Physical layer of each virtual layer of model config c, split into encoder and decoder halves. Looped, layers
     LOOP_START..LOOP_END run NUM_LOOPS extra times (PR #1855: [0,1,2,3,4,5,3,4] and [5,3,4,5,6,7,8,9,10])."""
-    L, a, b = s.num_layers, s.loop_start, s.loop_end
+    L, a, b = c.num_layers, c.loop_start, c.loop_end
     order = list(range(L))
-    if looped and s.num_loops:
-        order = order[:a] + order[a : b + 1] * (s.num_loops + 1) + order[b + 1 :]
+    if looped and c.num_loops:
+        order = order[:a] + order[a : b + 1] * (c.num_loops + 1) + order[b + 1 :]
     return order[: len(order) // 2], order[len(order) // 2 :]
 
 
 class GPT(nn.Module):
     """The whole model: embeddings, NUM_LAYERS blocks whose matrices live in four banks (the Muon parameters), U-Net
-    skips, optional lanes and loops, and the tied head. forward_hidden + compute_logits is the one forward path."""
+    skips, optional lanes and loops, and the tied head, built from a ModelConfig. forward_hidden + compute_logits is
+    the one forward path.
 
-    def __init__(self, s, attention=None, doc_attention=None):
+    Modes, set by training, export and evaluation between forward passes (each changes what runs):
+      looping      depth recurrence on: LOOP_START..LOOP_END repeated (training from ENABLE_LOOPING_AT; evaluation
+                   and calibration always)
+      qat_bits     late QAT: 0 = off, else every matrix fake-quantized to this many bits in the forward pass ...
+      qat_banks    ... the banked attention/MLP matrices too (LATE_QAT_BANKS), not only the plain linears
+      input_hook   None, or hook(name, x) called with the input of every bank matrix as the export names it
+                   (GPTQ calibration collects its Hessians through it)"""
+
+    def __init__(self, config, attention=None, doc_attention=None):
         super().__init__()
-        self.s, self.attention, self.doc_attention = s, attention or sdpa, doc_attention or sdpa
-        V, d, L = s.vocab_size, s.model_dim, s.num_layers
-        self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, d // s.num_heads
-        kv_dim, hidden = self.num_kv_heads * self.head_dim, int(s.mlp_mult * d)
-        self.qat = self.looping = False  # late QAT; depth recurrence (on from ENABLE_LOOPING_AT; evaluation always)
-        self.hessians = None  # GPTQ calibration: name -> sum of x^T x
+        c = self.config = config
+        self.attention, self.doc_attention = attention or sdpa, doc_attention or sdpa
+        V, d, L = c.vocab_size, c.model_dim, c.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, d // c.num_heads
+        kv_dim, hidden = self.num_kv_heads * self.head_dim, int(c.mlp_mult * d)
+        self.looping, self.qat_bits, self.qat_banks, self.input_hook = False, 0, True, None
         self.tok_emb = nn.Embedding(V, d)
-        nn.init.normal_(self.tok_emb.weight, std=s.tied_embed_init_std)
-        if s.bigram_vocab_size:
-            self.bigram_emb = nn.Parameter(torch.zeros(s.bigram_vocab_size, s.bigram_dim))
+        nn.init.normal_(self.tok_emb.weight, std=c.tied_embed_init_std)
+        if c.bigram_vocab_size:
+            self.bigram_emb = nn.Parameter(torch.zeros(c.bigram_vocab_size, c.bigram_dim))
             # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
-            self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, s.bigram_dim)))
+            self.bigram_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(d, c.bigram_dim)))
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        if s.smear_fixed_enabled:  # the seed's: a learned per-channel mix with the previous position
+        if c.smear_fixed_enabled:  # the seed's: a learned per-channel mix with the previous position
             self.smear_gate = nn.Parameter(torch.zeros(d))
-        if s.smear_gate_enabled:  # the record's: lambda * sigmoid(w . e_t[:GATE_WINDOW]), identity at init
-            self.smear_w = nn.Parameter(torch.zeros(s.gate_window))
+        if c.smear_gate_enabled:  # the record's: lambda * sigmoid(w . e_t[:GATE_WINDOW]), identity at init
+            self.smear_w = nn.Parameter(torch.zeros(c.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv_dim, d))
@@ -836,59 +889,62 @@ class GPT(nn.Module):
             for w in (qo[i], kv[i], kv[L + i], up[i]):
                 nn.init.orthogonal_(w)
         qo[L:].zero_()  # output projections (and MLP down, above) start at exactly zero
-        self.blocks = nn.ModuleList(Block(s, d, self.num_heads) for _ in range(L))
-        self.num_skips = min(map(len, layer_schedule(s, looped=True)))
+        self.blocks = nn.ModuleList(Block(c, d, self.num_heads) for _ in range(L))
+        self.num_skips = min(map(len, layer_schedule(c, looped=True)))
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
-        if s.skip_gates_enabled:  # sigmoid(0) = 1/2: the skip merge starts as an even blend
+        if c.skip_gates_enabled:  # sigmoid(0) = 1/2: the skip merge starts as an even blend
             self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d))
-        if s.parallel_start_layer:  # two-lane decoder: residual and routing weights of each lane
+        if c.parallel_start_layer:  # two-lane decoder: residual and routing weights of each lane
             self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
-        self.ve_layers = list(s.ve_layers)
+        self.ve_layers = list(c.ve_layers)
         if self.ve_layers:
-            self.ve_emb = nn.Parameter(torch.randn(V, s.ve_dim) * 0.01)
-            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, s.ve_dim)))
+            self.ve_emb = nn.Parameter(torch.randn(V, c.ve_dim) * 0.01)
+            self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, c.ve_dim)))
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
 
     def weight(self, w, dtype, bank=False):
-        qat = self.qat and (self.s.late_qat_banks or not bank)
-        return (fake_quantize(w, self.s.matrix_bits) if qat else w).to(dtype)
+        """A matrix as the forward pass uses it: fake-quantized under late QAT (a bank's only with qat_banks)."""
+        if self.qat_bits and (self.qat_banks or not bank):
+            w = fake_quantize(w, self.qat_bits)
+        return w.to(dtype)
 
     def bank_linear(self, x, bank, j, dtype):
-        if self.hessians is not None:  # GPTQ calibration: per physical matrix, summed over its virtual uses
-            name, x2 = matrix_name(bank, j, len(self.blocks)), x.reshape(-1, x.size(-1)).float()
-            self.hessians[name] = self.hessians.get(name, 0) + x2.T @ x2
+        if self.input_hook is not None:  # per physical matrix: a looped layer's is seen once per virtual use
+            self.input_hook(matrix_name(bank, j, len(self.blocks)), x)
         return F.linear(x, self.weight(getattr(self, bank)[j], dtype, bank=True))
 
     def bigram_hash(self, idx):
-        mod = self.s.bigram_vocab_size - 1
+        mod = self.config.bigram_vocab_size - 1
         h = torch.bitwise_xor(36313 * idx[:, 1:], 27191 * idx[:, :-1]) % mod
         return torch.cat((torch.full_like(idx[:, :1], mod), h), dim=1)
 
     def embed(self, idx, dtype):
         """x0: token embedding (+ bigram hash), the record's smear gate, RMSNorm, the seed's smear gate."""
         x = self.tok_emb.weight.to(dtype)[idx]
-        if self.s.bigram_vocab_size:
+        if self.config.bigram_vocab_size:
             big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
             x = x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
-        if self.s.smear_gate_enabled:  # never across a BOS: the previous document must not reach this one
-            g = self.smear_lambda.to(dtype) * torch.sigmoid(x[:, 1:, : self.s.gate_window] @ self.smear_w.to(dtype))
+        if self.config.smear_gate_enabled:  # never across a BOS: the previous document must not reach this one
+            g = self.smear_lambda.to(dtype) * torch.sigmoid(
+                x[:, 1:, : self.config.gate_window] @ self.smear_w.to(dtype)
+            )
             keep = (idx[:, 1:] != BOS_ID).to(dtype)
             x = torch.cat((x[:, :1], x[:, 1:] + (g * keep)[..., None] * x[:, :-1]), dim=1)
         x = rms_norm(x)
-        if self.s.smear_fixed_enabled:
+        if self.config.smear_fixed_enabled:
             g = torch.sigmoid(self.smear_gate.to(dtype))
             x = (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         return x
 
     def adapted(self, lora, name, x, y):
-        """y plus phased TTT's LoRA term (x A^T) B^T alpha/rank of adapter name (one A, B per row: a document); y
+        """y plus phased TTT's LoRA term (x A^T) B^T scale of adapter name (one A, B per row: a document); y
         itself without adapters (no extra op on the other paths)."""
         if lora is None:
             return y
-        A, B = (t.to(x.dtype) for t in lora[name])
-        return y + (x @ A.mT) @ B.mT * (self.s.ttt_lora_alpha / self.s.ttt_lora_rank)
+        A, B = (t.to(x.dtype) for t in lora.adapters[name])
+        return y + (x @ A.mT) @ B.mT * lora.scale
 
     def attn(self, i, x, ve, dtype, cache=None, seg=None, slot=0, lora=None):
         """Layer i's attention on normed input x; slot is its virtual index (its generation-cache entry, its LoRA
@@ -902,7 +958,7 @@ class GPT(nn.Module):
             v = v + ve * self.ve_layer_scales[self.ve_layers.index(i)].to(dtype)
         v = v.view(B, T, Hkv, D)
         past = cache["len"] if cache else 0
-        base, rd = rope_base(self.s, past + T), self.s.rope_dims
+        base, rd = rope_base(self.config, past + T), self.config.rope_dims
         q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
         if cache is not None:  # generation: this call's keys and values after the cached ones
@@ -913,14 +969,14 @@ class GPT(nn.Module):
             y = self.doc_attention(q, k, v, seg)
         else:
             y = self.attention(q, k, v)
-        if i >= L - self.s.xsa_last_n:  # XSA: remove each head's component along its own value vector
+        if i >= L - self.config.xsa_last_n:  # XSA: remove each head's component along its own value vector
             y = y.view(B, T, Hkv, H // Hkv, D)
             vn = F.normalize(v, dim=-1).unsqueeze(-2)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-        if self.s.sparse_attn_gate_enabled:
+        if self.config.sparse_attn_gate_enabled:
             gate = torch.sigmoid(
-                self.s.sparse_attn_gate_scale
-                * F.linear(x[..., : self.s.gate_window], self.blocks[i].attn_gate_w.to(dtype))
+                self.config.sparse_attn_gate_scale
+                * F.linear(x[..., : self.config.gate_window], self.blocks[i].attn_gate_w.to(dtype))
             )
             y = y * gate[..., None]
         return self.adapted(lora, f"o{slot}", x, self.bank_linear(y.reshape(B, T, H * D), "qo_bank", L + i, dtype))
@@ -932,7 +988,7 @@ class GPT(nn.Module):
     def block(self, i, x, x0, dtype, sub, ffn):
         """One sequential block: attention then MLP, each added back scaled. sub(x) runs layer i's attention, ffn(x)
         its MLP."""
-        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s.ln_scale else 1.0
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.config.ln_scale else 1.0
         mix = blk.resid_mix.to(dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + blk.attn_scale.to(dtype) * sub(rms_norm(x) * ln)
@@ -940,7 +996,7 @@ class GPT(nn.Module):
 
     def parallel_block(self, i, lanes, x0, dtype, sub, ffn):
         """Two-lane block: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both lanes."""
-        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.s.ln_scale else 1.0
+        blk, ln = self.blocks[i], 1 / math.sqrt(i + 1) if self.config.ln_scale else 1.0
         mix = blk.resid_mix.to(dtype)
         a = blk.attn_scale.to(dtype) * sub(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * ln)
         m = blk.mlp_scale.to(dtype) * ffn(rms_norm(lanes[1]) * ln)
@@ -950,7 +1006,7 @@ class GPT(nn.Module):
     def merge_skip(self, j, x, skip, dtype):
         """Decoder layer j's U-Net skip: added, or with skip gates a sigmoid interpolation between x and it."""
         skip = self.skip_weights[j].to(dtype) * skip
-        if not self.s.skip_gates_enabled:
+        if not self.config.skip_gates_enabled:
             return x + skip
         return torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(dtype)))
 
@@ -967,8 +1023,8 @@ class GPT(nn.Module):
             ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(
                 dtype
             )
-        seg = doc_segments(idx, self.s.train_seq_len) if self.s.doc_masked_attn and cache is None else None
-        encoder, decoder = layer_schedule(self.s, self.looping)
+        seg = doc_segments(idx, self.config.train_seq_len) if self.config.doc_masked_attn and cache is None else None
+        encoder, decoder = layer_schedule(self.config, self.looping)
 
         def layer(i, slot):
             """Physical layer i's attention and MLP as its virtual layer slot runs them (slot picks the generation
@@ -979,7 +1035,7 @@ class GPT(nn.Module):
                 lambda h: self.adapted(lora, f"mlp{slot}", h, self.mlp(i, h, dtype)),
             )
 
-        skips, lanes, start = [], None, self.s.parallel_start_layer
+        skips, lanes, start = [], None, self.config.parallel_start_layer
         for slot, i in enumerate(encoder):
             x = self.block(i, x, x0, dtype, *layer(i, slot))
             skips.append(x)
@@ -1004,7 +1060,7 @@ class GPT(nn.Module):
         """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32."""
         n = rms_norm(h)
         z = self.adapted(lora, "head", n, F.linear(n, self.tok_emb.weight.to(h.dtype))).float()
-        return self.s.logit_softcap * torch.tanh(z / self.s.logit_softcap)
+        return self.config.logit_softcap * torch.tanh(z / self.config.logit_softcap)
 
     def forward(self, idx, targets):
         """Mean cross-entropy: the training loss (and TTT's)."""
@@ -1237,7 +1293,7 @@ class Run:  # settings, rank, device, log file
 
 def build_model(run, state=None):
     """A GPT on the run's device with its attention backends, from a state dict when given."""
-    model = GPT(run.s, run.attention, run.doc_attention).to(run.device)
+    model = GPT(ModelConfig.of(run.s), run.attention, run.doc_attention).to(run.device)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -1281,7 +1337,9 @@ class WeightAverages:
     def update(self, model, step, lr_mul):
         current = model.state_dict()
         if self.ema is not None:
-            torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s.ema_decay)
+            torch._foreach_lerp_(
+                list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s.ema_decay
+            )
         if self.s.swa_enabled and lr_mul < self.s.swa_threshold and step % self.s.swa_every == 0:
             src = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
             if self.swa is None:
@@ -1326,18 +1384,19 @@ def train(model, run, val, luts):
     s = run.s
     optimizers = build_optimizers(model, s)
     muon, adam, _ = optimizers
+    model.qat_banks = bool(s.late_qat_banks)
     pattern = os.path.join(s.data_path, "fineweb_train_*.bin")
     loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     if s.warmup_steps > 0:  # compile and warm the kernels, then start again from the initial state
         initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
         for i in range(s.warmup_steps):  # the late-QAT and looped graphs are compiled now, too
-            model.qat = bool(s.late_qat) and 2 * i >= s.warmup_steps
+            model.qat_bits = s.matrix_bits if s.late_qat and 2 * i >= s.warmup_steps else 0
             model.looping = bool(s.num_loops) and 2 * i >= s.warmup_steps
             train_step(run, model, optimizers, loader.next_batch, 0, 1.0)
             run.log(f"warmup_step:{i + 1}/{s.warmup_steps}")
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
-        model.qat = model.looping = False
+        model.qat_bits, model.looping = 0, False
         loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
     train_ms, step, stopping = 0.0, 0, False
@@ -1364,10 +1423,10 @@ def train(model, run, val, luts):
             model.looping = True
             run.log(
                 f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
-                f"encoder:{layer_schedule(s, True)[0]} decoder:{layer_schedule(s, True)[1]}"
+                f"encoder:{layer_schedule(model.config, True)[0]} decoder:{layer_schedule(model.config, True)[1]}"
             )
-        if s.late_qat and not model.qat and lr_mul < s.late_qat_threshold:
-            model.qat = True
+        if s.late_qat and not model.qat_bits and lr_mul < s.late_qat_threshold:
+            model.qat_bits = s.matrix_bits
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
         PROGRESS["stage"] = f"training step {step + 1}"
         loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul)
@@ -1493,14 +1552,21 @@ def collect_hessians(model, run):
     inputs: the final-norm outputs rms_norm(h) that compute_logits multiplies by it (the seed's default leaves the
     embedding to round-to-nearest: measured worse there)."""
     tokens = calibration_tokens(model, run)
-    hessians = model.hessians = {}
-    for b in range(0, len(tokens), 8):
-        with run.autocast():
-            h = model.forward_hidden(tokens[b : b + 8])
-        if run.s.gptq_embed:
-            x = rms_norm(h).flatten(0, 1).float()
-            hessians[TIED_EMBED] = hessians.get(TIED_EMBED, 0) + x.T @ x
-    model.hessians = None
+    hessians = {}
+
+    def add(name, x):  # a looped layer's matrix sums the inputs of every virtual use
+        x = x.reshape(-1, x.size(-1)).float()
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+
+    model.input_hook = add
+    try:
+        for b in range(0, len(tokens), 8):
+            with run.autocast():
+                h = model.forward_hidden(tokens[b : b + 8])
+            if run.s.gptq_embed:
+                add(TIED_EMBED, rms_norm(h))
+    finally:
+        model.input_hook = None
     return {k: h.cpu() for k, h in hessians.items()}
 
 
@@ -1882,7 +1948,7 @@ def read_safetensors(raw, shapes=None):
 
 def model_shapes(s, flat=False):  # built on the meta device: nothing allocated
     with torch.device("meta"):
-        state = GPT(s).state_dict()
+        state = GPT(ModelConfig.of(s)).state_dict()
     return {k: tuple(v.shape) for k, v in (unbank(state, s.num_layers) if flat else state).items()}
 
 
@@ -2194,7 +2260,7 @@ def slot_delta(model, H, y, fit, s, shared, lora=None):
     TTT's per-row head adapter: every position, weighted)."""
     B, T, d = H.shape
     weight = fit.float() / (fit.sum() if shared else fit.sum(dim=1, keepdim=True)).clamp_min(1)
-    at = (slice(None),) * 2 if lora or torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
+    at = (slice(None),) * 2 if lora is not None or torch.compiler.is_compiling() else fit.nonzero(as_tuple=True)
 
     def loss(delta):  # of delta alone: no gradient reaches the weights
         logits = model.compute_logits(H[at] + delta.expand(B, T, d)[at], lora)
@@ -2360,7 +2426,8 @@ def phased_batches(docs, size):
 
 def lora_shapes(model):
     """(name, in, out) of every adapter: Q, K, V, the O and MLP bypasses of each virtual layer, and the head."""
-    d, kv, n = model.tok_emb.embedding_dim, model.kv_bank.size(1), len(sum(layer_schedule(model.s, model.looping), []))
+    d, kv = model.tok_emb.embedding_dim, model.kv_bank.size(1)
+    n = len(sum(layer_schedule(model.config, model.looping), []))
     return [(f"{r}{j}", d, o) for j in range(n) for r, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))] + [
         ("head", d, model.tok_emb.num_embeddings)
     ]
@@ -2375,13 +2442,22 @@ def fresh_lane(model, run, lane, phase):
     }
 
 
-def chunk_nll(model, x, y, at, lora, fit=None):
+class LoRA(NamedTuple):
+    """Phased TTT's adapters of one batch of documents: name -> (A [rows, r, in], B [rows, out, r]), one pair per
+    row (a document); each adds (x A^T) B^T scale, scale = TTT_LORA_ALPHA / TTT_LORA_RANK."""
+
+    adapters: dict
+    scale: float
+
+
+def chunk_nll(model, x, y, at, lora, fit=None, s=None):
     """Log-probabilities of the targets y at row positions at, and their NLL, from each row's own context x; with
-    causal SLOT, the hidden states plus each row's offset fitted on its targets at fit (those scored before)."""
+    causal SLOT (fit given), the hidden states plus each row's offset fitted on its targets at fit (those scored
+    before) by slot_delta with the settings s."""
     h = model.forward_hidden(x, lora=lora)
     if fit is not None:  # fitted outside the graph: the adapters' step sees the offset as a constant
         with torch.no_grad():
-            delta = slot_delta(model, h.detach(), y, fit, model.s, False, lora)
+            delta = slot_delta(model, h.detach(), y, fit, s, False, lora)
         h = h + delta
     logp = F.log_softmax(model.compute_logits(h.gather(1, at[..., None].expand(-1, -1, h.size(-1))), lora), dim=-1)
     return logp, -logp.gather(2, y.gather(1, at)[..., None])[..., 0]
@@ -2394,15 +2470,16 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
     lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
     C, Lt = s.ttt_chunk_size, s.ttt_eval_seq_len
-    lora = {
+    adapters = {
         k: (
             warm_a[k][:n].clone().requires_grad_(),
             torch.zeros(n, o, s.ttt_lora_rank, device=dev, requires_grad=True),
         )
         for k, _, o in lora_shapes(model)
     }
+    lora = LoRA(adapters, s.ttt_lora_alpha / s.ttt_lora_rank)
     opt = torch.optim.AdamW(
-        [t for ab in lora.values() for t in ab],
+        [t for ab in adapters.values() for t in ab],
         lr=s.ttt_lora_lr,
         eps=1e-10,
         betas=(s.ttt_beta1, s.ttt_beta2),
@@ -2428,7 +2505,7 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
         )
         fit = (torch.arange(T) < (c * C - first)[:, None]).to(dev) if slot else None
         with torch.set_grad_enabled(bool(learn.any())), run.autocast():
-            logp, nll = fn(model, x, y, at, lora, fit)
+            logp, nll = fn(model, x, y, at, lora, fit, s)
         if SCORE_HOOK is not None:
             SCORE_HOOK(tgt[scored], logp.detach()[scored])
         nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt[scored])
@@ -2437,7 +2514,7 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
             opt.zero_grad(set_to_none=True)
             (nll * learn[:, None]).sum().div(C).backward()
             opt.step()
-    for k, (a, _) in lora.items():
+    for k, (a, _) in adapters.items():
         warm_a[k][:n] = a.detach()
 
 
@@ -2609,7 +2686,7 @@ def main():
     else:
         run.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
         state = train(model, run, val, luts)
-    model.qat, model.looping = False, bool(s.num_loops)  # every evaluation runs the looped model, as the record
+    model.qat_bits, model.looping = 0, bool(s.num_loops)  # every evaluation runs the looped model, as the record
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
         PROGRESS["stage"] = "export"

@@ -45,7 +45,7 @@ def counted(fn) -> int:
 def model_of(tiny_settings, **overrides):
     torch.manual_seed(0)
     s = tiny_settings(**overrides)
-    return s, tg.GPT(s, explicit_attention)
+    return s, tg.GPT(tg.ModelConfig.of(s), explicit_attention)
 
 
 def test_one_layer_flops_match_flop_counter(tiny_settings, one_thread):
@@ -113,7 +113,7 @@ def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thr
     s = tiny_settings(TTT_ENABLED=1, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=chunk, TTT_BATCH_SEQS=2, EVAL_STRIDE=64)
     run = tg.Run(replace(s, output_dir=str(ROOT / "out" / "test_bench")))
     run.log = lambda *a, **k: None
-    model = tg.GPT(s, run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
     trained = []
     model.register_forward_pre_hook(lambda mod, args: trained.append(args[0].size(0)))
     val = torch.randint(0, 1024, (5 * 128 + 1,))
@@ -262,7 +262,9 @@ def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
 
     s = tiny_settings(**TINY_PR)
     torch.manual_seed(0)
-    model = tg.GPT(s, explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v))  # the mask costs no FLOP
+    model = tg.GPT(
+        tg.ModelConfig.of(s), explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v)
+    )  # the mask costs no FLOP
     B, T = 2, s.eval_seq_len
     x = torch.randint(0, 1024, (B, T))
     assert bench.virtual_layers(s) == 17 and bench.virtual_layers(s, looped=False) == 11

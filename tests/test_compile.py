@@ -59,16 +59,17 @@ def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
     s, run, model, luts = setup(tmp_path, NUM_LAYERS=3, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=2, XSA_LAST_N=3)
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    lora = {
+    adapters = {
         k: (torch.rand(2, 4, i, generator=g).requires_grad_(), torch.randn(2, o, 4, generator=g).requires_grad_())
         for k, i, o in tg.lora_shapes(model)
     }
+    lora = tg.LoRA(adapters, s.ttt_lora_alpha / s.ttt_lora_rank)
     x, y = torch.randint(2, 1024, (2, 2, 24), generator=g)
     at, fit = torch.arange(8).repeat(2, 1) + 10, torch.arange(24) < torch.tensor([[10], [5]])
     grads = []
     for fn in (tg.chunk_nll, torch.compile(tg.chunk_nll, backend="aot_eager", dynamic=True, fullgraph=True)):
-        nll = fn(model, x, y, at, lora, fit)[1]
-        grads.append(torch.autograd.grad(nll.sum(), [lora["q0"][0], lora["head"][1]]) + (nll.detach(),))
+        nll = fn(model, x, y, at, lora, fit, s)[1]
+        grads.append(torch.autograd.grad(nll.sum(), [adapters["q0"][0], adapters["head"][1]]) + (nll.detach(),))
     torch._dynamo.reset()
     for eager, compiled in zip(*grads):
         assert eager.abs().max() > 0
@@ -152,7 +153,7 @@ def test_pr1855_compiles_both_loop_graphs_in_warm_up_and_never_again(tiny_settin
     from test_pr1855 import TINY_PR, noised
 
     s = tiny_settings(**TINY_PR)
-    model = noised(tg.GPT(s))
+    model = noised(tg.GPT(tg.ModelConfig.of(s)))
     x = torch.randint(0, 1024, (1, 256))
     x[0, [0, 50, 51, 200]] = tg.BOS_ID
     for looping in (False, True):  # whole graphs: the document mask, both lanes, the gates

@@ -80,7 +80,7 @@ def subprocess_env(**over) -> dict:
 def noised_model(s: dict, seed: int = 0) -> tg.GPT:
     """A random tiny model with noise on every parameter, so that every layer mixes positions."""
     torch.manual_seed(seed)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))
@@ -109,7 +109,7 @@ def make_run(base, **over):
     s = tg.parse_settings(tiny_env(OUTPUT_DIR=base["out"], **over))
     run = tg.Run(s)
     run.log = lambda msg, console=True: None
-    model = tg.GPT(s, run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
     model.load_state_dict(base["state"])
     return s, run, model
 
@@ -381,7 +381,7 @@ s = tg.parse_settings()
 run = tg.Run(s)
 run.log = lambda msg, console=True: None
 torch.manual_seed(0)
-model = tg.GPT(s, run.attention)
+model = tg.GPT(tg.ModelConfig.of(s), run.attention)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))

@@ -30,7 +30,7 @@ def cpu_run(s):
 def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small_matrices():
     s = tg.parse_settings({})
     with torch.device("meta"):
-        flat = tg.unbank(tg.GPT(s).state_dict(), s.num_layers)
+        flat = tg.unbank(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s.num_layers)
     for name, t in flat.items():  # the seed's rule: by size, then attention/MLP int6, other large tensors int8
         seed = "fp16" if t.numel() <= 65536 else "int6" if (".attn." in name or ".mlp." in name) else "int8"
         assert tg.precision_of(name, t, s) == seed, name
@@ -49,7 +49,7 @@ def test_precision_by_role_matches_the_seed_at_record_shapes_and_quantizes_small
             VE_DIM="32",
         )
     )
-    small = tg.unbank(tg.GPT(demo).state_dict(), 4)
+    small = tg.unbank(tg.GPT(tg.ModelConfig.of(demo)).state_dict(), 4)
     matrices = [n for n in small if ".attn." in n or ".mlp." in n]
     assert len(matrices) == 24 and all(small[n].numel() <= 65536 for n in matrices)
     assert all(tg.precision_of(n, small[n], demo) == "int6" for n in matrices)
@@ -119,7 +119,7 @@ def test_gptq_matches_the_obs_reference_and_beats_round_to_nearest():
 def test_kv_cache_generation_matches_the_full_forward(tiny_settings):
     s = tiny_settings()
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 3).eval()
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 3).eval()
     idx = torch.randint(0, 1024, (2, 24))
     with torch.no_grad():
         full = model.compute_logits(model.forward_hidden(idx))
@@ -138,7 +138,7 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
     monkeypatch.setattr(tg, "load_data_shard", lambda path: read.append(str(path)) or real(path))
     s = tiny_settings(GPTQ_CALIB_SEQS=3, GPTQ_CALIB_LEN=40)
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 4)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 4)
     tokens = tg.calibration_tokens(model, cpu_run(s))
     assert read == [] and tokens.shape == (3, 40) and (tokens[:, 0] == tg.BOS_ID).all()
     assert tokens.unique().numel() > 20  # sampled text, not a constant
@@ -275,7 +275,7 @@ def test_context_coder_finds_the_structure_and_round_trips_exactly(tiny_settings
     # A whole artifact: its coded tensors replaced by such groups, packed and unpacked.
     torch.manual_seed(0)
     s = export_settings(tiny_settings)
-    tensors, scheme = tg.quantize_state(randomize_(tg.GPT(s), 4).state_dict(), s)
+    tensors, scheme = tg.quantize_state(randomize_(tg.GPT(tg.ModelConfig.of(s)), 4).state_dict(), s)
     for names in tg.coder_groups(scheme, {k: tuple(tensors[k + ".q"].shape) for k in tg.coded_names(scheme)}):
         rows, cols = tensors[names[0] + ".q"].shape
         max_q = tg.max_q_of(scheme[names[0]])
@@ -308,7 +308,7 @@ def test_fit_modes_splits_units_by_their_scale():
 def test_artifact_is_smaller_than_lzma_and_near_the_entropy_bound(tiny_settings, tmp_path):
     torch.manual_seed(0)
     s = export_settings(tiny_settings)
-    state = randomize_(tg.GPT(s), 5).state_dict()
+    state = randomize_(tg.GPT(tg.ModelConfig.of(s)), 5).state_dict()
     tensors, scheme = tg.quantize_state(state, s)
     rans = len(tg.pack(tensors, scheme, s))
     xz = len(lzma.compress(tg.st.save(tensors), preset=9))
@@ -337,7 +337,7 @@ def rewrite_rans_head(blob: bytes, edit) -> bytes:
 def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
     torch.manual_seed(0)
     s = tiny_settings()
-    state = randomize_(tg.GPT(s), 6).state_dict()
+    state = randomize_(tg.GPT(tg.ModelConfig.of(s)), 6).state_dict()
     save(state, s, tmp_path / "good.ptz")
     r = (tmp_path / "good.ptz").read_bytes()
     tg.load_artifact(tmp_path / "good.ptz", s)  # intact: loads
@@ -397,7 +397,7 @@ def test_corrupt_artifacts_are_refused_in_one_line(tiny_settings, tmp_path):
 def test_fit_to_limit_prunes_the_cheapest_values_until_it_fits(tiny_settings):
     torch.manual_seed(0)
     s = export_settings(tiny_settings)
-    state = randomize_(tg.GPT(s), 7).state_dict()
+    state = randomize_(tg.GPT(tg.ModelConfig.of(s)), 7).state_dict()
     tensors, scheme = tg.quantize_state(state, s)
     original = {k: v.clone() for k, v in tensors.items()}
     full = tg.pack(tensors, scheme, s)
@@ -462,7 +462,7 @@ def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny
     claims (40M symbols of int64 work arrays: >1 GB; a 1 GiB inflation), measured by a parent of its own."""
     s = tiny_settings()
     torch.manual_seed(0)
-    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
+    blob = tg.pack(*tg.quantize_state(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s), s)
     path = tmp_path / "crafted.ptz"
     path.write_bytes(
         claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)) if craft == "rans_shape_claim" else xz_bomb(2**30)
@@ -488,7 +488,7 @@ def test_crafted_artifacts_are_refused_before_using_memory(craft, tmp_path, tiny
 def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp_path):
     s = tiny_settings()
     torch.manual_seed(0)
-    blob = tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s)
+    blob = tg.pack(*tg.quantize_state(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s), s)
     for name, crafted, why in (
         ("shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (4000, 10000)), "not those of this model"),
         ("small_shape", claim_shape(blob, "blocks.0.mlp.fc.weight", (2, 3)), "not those of this model"),
@@ -501,7 +501,7 @@ def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp
     # The float-weights file: a tensor of another shape (or one more tensor) is refused before any is read.
     from safetensors.torch import save_file
 
-    state = tg.GPT(s).state_dict()
+    state = tg.GPT(tg.ModelConfig.of(s)).state_dict()
     tg.save_float_weights(state, s, tmp_path / "good.safetensors")
     assert set(tg.load_float_weights(tmp_path / "good.safetensors", s)) == set(state)
     meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config=tg.model_config(s)))}

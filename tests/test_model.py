@@ -121,7 +121,7 @@ def test_record_configuration_size_and_one_training_step():
     assert abs(expected - 26.9e6) < 0.05e6
 
     torch.manual_seed(0)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     assert sum(p.numel() for p in model.parameters()) == expected
     assert model.qo_bank.shape == (2 * L, d, d) and model.kv_bank.shape == (2 * L, Hkv * hd, d)
     assert model.mlp_up_bank.shape == (L, hidden, d) and model.mlp_down_bank.shape == (L, d, hidden)
@@ -179,7 +179,7 @@ def test_optimizer_first_step_on_every_bank(tiny_settings):
     sqrt(rows/cols), non-default learning rates and clip, so that each setting is seen to act."""
     s = tiny_settings(MATRIX_LR=0.05, SCALAR_LR=0.01, TIED_EMBED_LR=0.02, MUON_WD=0.1, ADAM_WD=0.1, GRAD_CLIP_NORM=0.05)
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 18)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 18)
     idx = torch.randint(0, 1024, (2, 65), generator=torch.Generator().manual_seed(19))
     model(idx[:, :-1], idx[:, 1:]).backward()
     named = dict(model.named_parameters())
@@ -212,7 +212,7 @@ def test_clip_coefficient_is_global():
 
 def test_mlp_is_leaky_relu_squared(tiny_settings):
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(tiny_settings()), 1)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(tiny_settings())), 1)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
     for i in range(4):
         up, down = model.mlp_up_bank[i].detach().double(), model.mlp_down_bank[i].detach().double()
@@ -229,7 +229,7 @@ def test_attention_and_xsa_remove_the_value_direction(tiny_settings):
     XSA layers the head outputs lose their component along the unit value vector of their own KV group."""
     s = tiny_settings()
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 3)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 3)
     B, T, d, H, Hkv, D, L = 2, 9, 64, 4, 2, 16, 4
     with torch.no_grad():
         for i in range(L):
@@ -285,15 +285,20 @@ def test_partial_rope_rotates_only_the_first_16_dims():
 
 def test_rope_base_is_raised_beyond_the_1024_table_only_as_the_reference():
     s = tg.parse_settings({})  # default: the base is ROPE_BASE at every length
-    assert tg.rope_base(s, 128) == tg.rope_base(s, 2048) == tg.rope_base(s, 8192) == 10000.0
+    assert (
+        tg.rope_base(tg.ModelConfig.of(s), 128)
+        == tg.rope_base(tg.ModelConfig.of(s), 2048)
+        == tg.rope_base(tg.ModelConfig.of(s), 8192)
+        == 10000.0
+    )
     s = tg.parse_settings({"ROPE_TRAIN_SEQ_LEN": "1024"})  # the reference's tables
-    assert tg.rope_base(s, 1024) == 10000.0 and tg.rope_base(s, 128) == 10000.0
-    assert tg.rope_base(s, 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14), rel=1e-12)
+    assert tg.rope_base(tg.ModelConfig.of(s), 1024) == 10000.0 and tg.rope_base(tg.ModelConfig.of(s), 128) == 10000.0
+    assert tg.rope_base(tg.ModelConfig.of(s), 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14), rel=1e-12)
 
 
 @pytest.mark.parametrize("rows", [256, 1536])
 def test_bigram_hash_matches_the_integer_formula(tiny_settings, rows):
-    model = tg.GPT(tiny_settings(BIGRAM_VOCAB_SIZE=rows))
+    model = tg.GPT(tg.ModelConfig.of(tiny_settings(BIGRAM_VOCAB_SIZE=rows)))
     idx = torch.randint(0, 1024, (3, 50), generator=torch.Generator().manual_seed(rows))
     idx[0, :4] = torch.tensor([1023, 1023, 0, 1023])
     got = model.bigram_hash(idx)
@@ -307,7 +312,7 @@ def test_bigram_hash_matches_the_integer_formula(tiny_settings, rows):
 
 def test_embedding_bigram_and_smear_gate(tiny_settings):
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(tiny_settings()), 6)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(tiny_settings())), 6)
     with torch.no_grad():
         model.smear_gate.copy_(torch.linspace(-3, 3, 64))  # per-channel gates from ~0.05 to ~0.95
     idx = torch.randint(0, 1024, (2, 17), generator=torch.Generator().manual_seed(7))
@@ -332,7 +337,7 @@ def test_forward_is_the_unet_of_blocks(tiny_settings):
     outputs; block 2 adds skip_weight_0 x (block 1's output), block 3 skip_weight_1 x (block 0's), block 4 none."""
     s = tiny_settings(NUM_LAYERS=5, VE_LAYERS="3,4", XSA_LAST_N=2)
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 8)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 8)
     assert model.skip_weights.shape == (2, 64)
     idx = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(9))
     f32 = torch.float32
@@ -395,22 +400,26 @@ def test_fake_quantize_grid_and_straight_through_gradient(bits, max_q):
     torch.testing.assert_close(w.grad, torch.arange(40.0).expand(6, 40))
 
 
-def test_late_qat_follows_matrix_bits(tiny_settings):
-    """With late QAT on, a bank matrix enters the forward pass on the MATRIX_BITS grid of its rows."""
+def test_late_qat_mode_quantizes_at_its_bits_and_spares_the_banks_when_told(tiny_settings):
+    """Under late QAT (qat_bits) a matrix enters the forward pass on the grid of its rows at those bits; with
+    qat_banks off (LATE_QAT_BANKS=0, the reference's) only the plain linears do."""
+    model = tg.GPT(tg.ModelConfig.of(tiny_settings()))
+    bank, plain = model.qo_bank[0], model.bigram_proj
+    assert torch.equal(model.weight(bank, torch.float32, bank=True), bank)  # off by default
     for bits in (5, 7):
-        model = tg.GPT(tiny_settings(MATRIX_BITS=bits))
-        model.qat = True
-        w = model.qo_bank[0]
-        torch.testing.assert_close(model.weight(w, torch.float32, bank=True), tg.fake_quantize(w, bits))
-        k = model.weight(w, torch.float32, bank=True).detach() / (
-            w.detach().abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
-        )
+        model.qat_bits, model.qat_banks = bits, True
+        got = model.weight(bank, torch.float32, bank=True).detach()
+        k = got / (bank.detach().abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1))
         torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-4)
+        assert k.round().abs().max() == 2 ** (bits - 1) - 1
+        model.qat_banks = False
+        assert torch.equal(model.weight(bank, torch.float32, bank=True), bank)
+        assert not torch.equal(model.weight(plain, torch.float32), plain)
 
 
 def test_bigram_hash_table_learns(tiny_settings):
     torch.manual_seed(0)
-    model = tg.GPT(tiny_settings())
+    model = tg.GPT(tg.ModelConfig.of(tiny_settings()))
     idx = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(13))
     model(idx[:, :-1], idx[:, 1:]).backward()
     assert model.bigram_emb.grad.abs().max() > 0 or model.bigram_proj.grad.abs().max() > 0
@@ -462,7 +471,7 @@ def save(state, s, path):
 def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
     s = export_settings(tiny_settings, QUANT="gptq_lite")  # without a Hessian: the seed's round-to-nearest
     torch.manual_seed(0)
-    model = randomize_(tg.GPT(s), 15)
+    model = randomize_(tg.GPT(tg.ModelConfig.of(s)), 15)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors, scheme = tg.quantize_state(state, s)
     flat = tg.unbank(state, 2)
@@ -502,7 +511,7 @@ def test_quantize_state_int6_int8_fp16_paths(tiny_settings):
 def test_artifact_round_trip_is_exact(tiny_settings, tmp_path):
     torch.manual_seed(0)
     s = export_settings(tiny_settings)
-    state = {k: v.detach().clone() for k, v in randomize_(tg.GPT(s), 16).state_dict().items()}
+    state = {k: v.detach().clone() for k, v in randomize_(tg.GPT(tg.ModelConfig.of(s)), 16).state_dict().items()}
     want = tg.dequantize_state(*tg.quantize_state(state, s), 2)
     path = tmp_path / "a.ptz"
     n_bytes = save(state, s, path)
@@ -515,13 +524,13 @@ def test_artifact_round_trip_is_exact(tiny_settings, tmp_path):
     # The dequantized weights are close to the originals, and a fresh model accepts them as they are.
     for k in ("mlp_up_bank", "tok_emb.weight", "qo_bank"):
         assert (loaded[k] - state[k]).norm() < 0.1 * state[k].norm(), k
-    tg.GPT(s).load_state_dict(loaded, strict=True)
+    tg.GPT(tg.ModelConfig.of(s)).load_state_dict(loaded, strict=True)
 
 
 def test_artifact_bytes_are_reproducible(tiny_settings, tmp_path):
     s = tiny_settings(NUM_LAYERS=1, MODEL_DIM=16, NUM_HEADS=2, NUM_KV_HEADS=1, VE_LAYERS="0", XSA_LAST_N=1, ROPE_DIMS=4)
     torch.manual_seed(0)
-    state = tg.GPT(s).state_dict()
+    state = tg.GPT(tg.ModelConfig.of(s)).state_dict()
     blobs = set()
     for i in range(10):  # 3 metadata keys: ten saves all in one order by chance has probability 6^-9
         save(state, s, tmp_path / f"{i}.ptz")
@@ -562,7 +571,7 @@ def test_artifact_that_would_run_code_is_refused(tiny_settings, tmp_path):
 def test_artifact_with_other_model_settings_is_refused(tiny_settings, tmp_path):
     s = tiny_settings()
     torch.manual_seed(0)
-    save(tg.GPT(s).state_dict(), s, tmp_path / "a.ptz")
+    save(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s, tmp_path / "a.ptz")
     with pytest.raises(tg.Fail) as err:
         tg.load_artifact(tmp_path / "a.ptz", tiny_settings(XSA_LAST_N=1))
     assert "XSA_LAST_N" in str(err.value) and "MODEL_DIM" not in str(err.value)
@@ -571,5 +580,5 @@ def test_artifact_with_other_model_settings_is_refused(tiny_settings, tmp_path):
     assert "MODEL_DIM" in str(err.value)
     # Settings outside the model (training, evaluation) do not matter for loading.
     assert set(tg.load_artifact(tmp_path / "a.ptz", tiny_settings(MATRIX_LR=0.5, EVAL_STRIDE=32))) == set(
-        tg.GPT(s).state_dict()
+        tg.GPT(tg.ModelConfig.of(s)).state_dict()
     )

@@ -175,12 +175,17 @@ def test_contradictory_stack_settings_are_one_error(env, words):
 
 def test_virtual_layers_are_the_logged_ones():
     s = tg.parse_settings({"STACK": "pr1855"})
-    assert tg.layer_schedule(s, looped=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
-    assert tg.layer_schedule(s, looped=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert tg.layer_schedule(tg.ModelConfig.of(s), looped=True) == (
+        [0, 1, 2, 3, 4, 5, 3, 4],
+        [5, 3, 4, 5, 6, 7, 8, 9, 10],
+    )
+    assert tg.layer_schedule(tg.ModelConfig.of(s), looped=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
     assert (
         tg.GPT(
-            tg.parse_settings(
-                {"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "32"}
+            tg.ModelConfig.of(
+                tg.parse_settings(
+                    {"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "32"}
+                )
             )
         ).skip_weights.shape[0]
         == 8
@@ -190,7 +195,7 @@ def test_virtual_layers_are_the_logged_ones():
 def test_init_zero_projections_and_gate_values(tiny_settings):
     s = pr_settings(tiny_settings)
     torch.manual_seed(0)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     L = s.num_layers
     assert model.qo_bank[L:].abs().max() == 0 and model.mlp_down_bank.abs().max() == 0
     assert model.skip_weights.shape == (8, 64) and (model.skip_gates == 0).all()
@@ -204,7 +209,7 @@ def test_init_zero_projections_and_gate_values(tiny_settings):
     x = torch.randn(2, 16, 64)
     with torch.no_grad():
         model.qo_bank[L + 3].normal_()
-        ungated = tg.GPT(pr_settings(tiny_settings, SPARSE_ATTN_GATE_ENABLED=0))
+        ungated = tg.GPT(tg.ModelConfig.of(pr_settings(tiny_settings, SPARSE_ATTN_GATE_ENABLED=0)))
         ungated.load_state_dict({k: v for k, v in model.state_dict().items() if "attn_gate_w" not in k})
         torch.testing.assert_close(model.attn(3, x, None, torch.float32), 0.5 * ungated.attn(3, x, None, torch.float32))
     # Skip gates at init: an even blend of the stream and the weighted skip.
@@ -214,7 +219,7 @@ def test_init_zero_projections_and_gate_values(tiny_settings):
 
 def test_gates_compute_the_record_formulas(tiny_settings):
     s = pr_settings(tiny_settings)
-    model = noised(tg.GPT(s))
+    model = noised(tg.GPT(tg.ModelConfig.of(s)))
     w, lam = model.smear_w.detach(), model.smear_lambda.detach()
     idx = torch.randint(2, 1024, (1, 10))
     idx[0, 4] = tg.BOS_ID
@@ -294,7 +299,7 @@ def test_document_masked_attention_backends_agree():
 
 def test_a_token_moves_no_logit_of_another_document(tiny_settings):
     torch.manual_seed(0)
-    model = noised(tg.GPT(pr_settings(tiny_settings)))
+    model = noised(tg.GPT(tg.ModelConfig.of(pr_settings(tiny_settings))))
     model.looping = True
     idx = torch.randint(2, 1024, (2, 64))
     idx[:, [0, 20, 45]] = tg.BOS_ID  # documents [0, 20), [20, 45), [45, 64) in each row
@@ -313,7 +318,7 @@ def test_a_token_moves_no_logit_of_another_document(tiny_settings):
 
 
 def test_smear_gate_ignores_the_previous_document_at_a_bos(tiny_settings):
-    model = noised(tg.GPT(pr_settings(tiny_settings)))
+    model = noised(tg.GPT(tg.ModelConfig.of(pr_settings(tiny_settings))))
     idx = torch.randint(2, 1024, (1, 8))
     idx[0, 4] = tg.BOS_ID
     other = idx.clone()
@@ -368,8 +373,9 @@ def test_muon_row_normalization_and_step_scale(monkeypatch):
 
 def test_weight_decay_per_group(tiny_settings):
     def decays(**over):
-        model = tg.GPT(tiny_settings(**over))
-        muon, adam, _ = tg.build_optimizers(model, model.s)
+        s = tiny_settings(**over)
+        model = tg.GPT(tg.ModelConfig.of(s))
+        muon, adam, _ = tg.build_optimizers(model, s)
         emb, sc = adam.param_groups
         assert emb["params"][0] is model.tok_emb.weight
         return emb["weight_decay"], sc["weight_decay"], muon.param_groups[0]["weight_decay"]

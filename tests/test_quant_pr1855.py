@@ -67,7 +67,7 @@ def test_sdclip_scales_are_k_row_std_over_qmax_in_fp16():
 def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
     s = pr_settings(tiny_settings, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=3, GPTQ_CALIB_LEN=24)
     torch.manual_seed(0)
-    model = noised(tg.GPT(s)).eval()
+    model = noised(tg.GPT(tg.ModelConfig.of(s))).eval()
     hessians = tg.collect_hessians(model, cpu_run(s))
     tokens = tg.calibration_tokens(model, cpu_run(s))  # seeded: the same text
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
 def test_int8_gate_rows_round_trip_within_half_a_step(tiny_settings):
     s = pr_settings(tiny_settings)
     torch.manual_seed(0)
-    model = noised(tg.GPT(s))
+    model = noised(tg.GPT(tg.ModelConfig.of(s)))
     tensors, scheme = tg.quantize_state(model.state_dict(), s)
     gates = [k for k in scheme if k.endswith("attn_gate_w")]
     assert len(gates) == 11 and all(scheme[k] == "int8" for k in gates)
@@ -139,7 +139,7 @@ def test_lqer_reduces_the_error_as_its_svd_promises_and_packs_exactly():
 def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp_path):
     s = pr_settings(tiny_settings)
     torch.manual_seed(0)
-    model = noised(tg.GPT(s))
+    model = noised(tg.GPT(tg.ModelConfig.of(s)))
     state = model.state_dict()
     hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib="self", gptq_calib_seqs=2, gptq_calib_len=16)))
     tensors, scheme = tg.quantize_state(state, s, hessians)
@@ -178,7 +178,7 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
 def test_seed_export_has_none_of_it(tiny_settings):
     s = tiny_settings()
     torch.manual_seed(0)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib_seqs=2, gptq_calib_len=16)))
     assert "tok_emb.weight" not in hessians
     tensors, scheme = tg.quantize_state(model.state_dict(), s, hessians)

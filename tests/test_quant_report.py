@@ -201,7 +201,7 @@ def test_lrzip_pergroup_groups_chains_and_transposes_as_the_record(tiny_settings
 
     torch.manual_seed(0)
     s = tiny_settings()
-    tensors, scheme = tg.quantize_state(tg.GPT(s).state_dict(), s)
+    tensors, scheme = tg.quantize_state(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s)
     seen = []
     total = len(qr.lrzip_pergroup(tensors, scheme, compress=lambda b: seen.append(b) or 1000 + len(seen)))
     L, want, orders, rest = s.num_layers, [], [], dict(tensors)

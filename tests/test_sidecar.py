@@ -36,7 +36,7 @@ def test_every_path_counts_the_sidecar_bytes(tiny_settings, tmp_path, kw, one_th
     luts, what = tg.byte_counter(s, tg.load_tokenizer(s), val.numel(), run.device)
     assert what.startswith("sidecar") and len(luts) == 1
     torch.manual_seed(0)
-    loss, bpb = tg.evaluate(tg.GPT(s), run, val, luts, **kw)
+    loss, bpb = tg.evaluate(tg.GPT(tg.ModelConfig.of(s)), run, val, luts, **kw)
     # bpb = sum(nll) / ln 2 / sum(bytes) with mean nll = loss over the n targets: the bytes counted, recovered
     n = val.numel() - 1
     counted = loss * n / math.log(2) / bpb

@@ -131,7 +131,7 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
     assert js["quant_gap_bpb"] == pytest.approx(gap, abs=1e-12)
     assert f"quant_gap_bpb:{gap:.8f}" in lines
     # The precision summary counts every parameter once: the tiny model's matrices are int6 whatever their size.
-    n_params = sum(p.numel() for p in tg.GPT(tiny_settings(**E2E)).parameters())
+    n_params = sum(p.numel() for p in tg.GPT(tg.ModelConfig.of(tiny_settings(**E2E))).parameters())
     counts = {}
     for k, kind in tg.unpack(artifact.read_bytes())[1]["scheme"].items():
         counts[kind] = counts.get(kind, 0) + math.prod(tg.model_shapes(tiny_settings(**E2E), True)[k])
@@ -166,7 +166,7 @@ def test_reported_score_is_that_of_the_artifact(e2e, tiny_settings, one_thread):
     """Re-score the written artifact here: plain evaluation over 128-token windows, bytes per SPEC §4."""
     out, proc = e2e
     s = tiny_settings(**E2E)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     model.load_state_dict(tg.load_artifact(out / tg.ARTIFACT_NAME, s))
     val = torch.from_numpy(read_tokens(SAMPLE_VAL)[:2049])
     x, y = val[:-1].view(16, 128), val[1:].view(16, 128)
@@ -198,7 +198,7 @@ def train_in_process(s: dict, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     run = tg.Run(s)
     torch.manual_seed(s.seed)
-    model = tg.GPT(s, run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
     initial = copy.deepcopy(model)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
     val = tg.load_validation_tokens(os.path.join(s.data_path, "fineweb_val_*.bin"), s.eval_seq_len, s.val_max_tokens)
@@ -234,7 +234,7 @@ import train_gpt as tg
 s = tg.parse_settings()
 run = tg.Run(s)
 torch.manual_seed(s.seed)
-model = tg.GPT(s, run.attention)
+model = tg.GPT(tg.ModelConfig.of(s), run.attention)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
 val_files = os.path.join(s.data_path, "fineweb_val_*.bin")
@@ -412,7 +412,7 @@ def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
     torch.manual_seed(0)
-    good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(s).state_dict(), s), s))
+    good.write_bytes(tg.pack(*tg.quantize_state(tg.GPT(tg.ModelConfig.of(s)).state_dict(), s), s))
     cut = tmp / "cut.bin"
     cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     good.unlink()

@@ -58,7 +58,7 @@ NORM_TOL = 1e-4
 def noised_random_model(s: dict, run, seed: int) -> tg.GPT:
     """The configured model, randomly initialized, plus noise on every parameter (zero-initialized ones too)."""
     torch.manual_seed(seed)
-    model = tg.GPT(s, run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
     with torch.no_grad():
         for p in model.parameters():
             std = 0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05
@@ -143,7 +143,7 @@ def audit(argv=None) -> int:
         val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), L, max_tokens)
         n = val.numel() - 1
         if s.artifact_path:
-            model = tg.GPT(s, run.attention).to(run.device)
+            model = tg.GPT(tg.ModelConfig.of(s), run.attention).to(run.device)
             model.load_state_dict(tg.load_artifact(s.artifact_path, s))
             source = f"artifact {s.artifact_path}"
         else:

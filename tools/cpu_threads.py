@@ -63,7 +63,7 @@ def worker(steps: int, warmup: int) -> None:
 
     s = tg.parse_settings({**SHAPE, **{k: v for k, v in os.environ.items() if k in tg.SETTING_NAMES}})
     torch.manual_seed(0)
-    model = tg.GPT(s)
+    model = tg.GPT(tg.ModelConfig.of(s))
     muon, adam, others = tg.build_optimizers(model, s)
     local, T, V = s.train_batch_tokens // 8, s.train_seq_len, s.vocab_size
     times = []

@@ -261,7 +261,7 @@ def measure(
     s = settings_for(path, dict(os.environ, STACK=stack))
     state = tg.load_float_weights(path, s)
     with torch.device("meta"):  # the model's own order (the file's is sorted), as train_gpt.py packs after training
-        state = {k: state[k] for k in tg.GPT(s).state_dict()}
+        state = {k: state[k] for k in tg.GPT(tg.ModelConfig.of(s)).state_dict()}
     if bits:  # the stack's own MATRIX_BITS always: the default's point
         bits = sorted(set(bits) | {s.matrix_bits})
     cands = candidates(s, quant, bits)
