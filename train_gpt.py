@@ -424,6 +424,7 @@ def check_settings(s, env):
     """Fail on the first pair of settings that contradict each other."""
     check_output_names(s)
     head_dim, L = s.model_dim // s.num_heads, s.num_layers
+    lora_width = min(s.model_dim, s.num_kv_heads * head_dim)  # the narrowest matrix a phased-TTT adapter factorizes
     for bad, msg in (
         (
             s.num_loops and not 0 <= s.loop_start <= s.loop_end < L,
@@ -469,6 +470,12 @@ def check_settings(s, env):
         (
             s.phased_ttt_enabled and s.slot_enabled and s.slot_mode == "batch",
             "SLOT_MODE=batch has no phased TTT form: use causal",
+        ),
+        (
+            s.phased_ttt_enabled and s.ttt_lora_rank > lora_width,
+            f"TTT_LORA_RANK={s.ttt_lora_rank} is more than the width {lora_width} of the narrowest matrix its adapters "
+            f"factorize (MODEL_DIM={s.model_dim}, key/value width NUM_KV_HEADS x head dim): set TTT_LORA_RANK <= "
+            f"{lora_width}",
         ),
         (
             s.ttt_chunk_size > s.ttt_eval_seq_len,
@@ -1337,9 +1344,7 @@ class WeightAverages:
     def update(self, model, step, lr_mul):
         current = model.state_dict()
         if self.ema is not None:
-            torch._foreach_lerp_(
-                list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s.ema_decay
-            )
+            torch._foreach_lerp_(list(self.ema.values()), [current[k].float() for k in self.ema], 1 - self.s.ema_decay)
         if self.s.swa_enabled and lr_mul < self.s.swa_threshold and step % self.s.swa_every == 0:
             src = self.ema if self.ema is not None else {k: v.float() for k, v in current.items()}
             if self.swa is None:

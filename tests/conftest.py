@@ -43,6 +43,7 @@ TINY = dict(
     SLOT_ENABLED="0",
     ITERATIONS="4",
     WARMDOWN_ITERS="0",
+    TTT_LORA_RANK="8",  # phased TTT's adapters, where a test turns it on: at most the 32-wide key/value width
     VAL_LOSS_EVERY="0",
     TRAIN_LOG_EVERY="1",
     GPTQ_CALIB_SEQS="4",

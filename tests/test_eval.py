@@ -58,6 +58,7 @@ TINY = dict(
     ITERATIONS="20",
     GPTQ_CALIB_SEQS="4",
     GPTQ_CALIB_LEN="128",  # the default 64 x 2048 self-generated tokens took 2 minutes a run
+    TTT_LORA_RANK="8",  # phased TTT's adapters: at most the 32-wide key/value projections
 )
 L, STRIDE = 128, 32
 needs_sample = pytest.mark.skipif(

@@ -184,7 +184,14 @@ def test_virtual_layers_are_the_logged_ones():
         tg.GPT(
             tg.ModelConfig.of(
                 tg.parse_settings(
-                    {"STACK": "pr1855", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "32"}
+                    {
+                        "STACK": "pr1855",
+                        "MODEL_DIM": "32",
+                        "NUM_HEADS": "2",
+                        "NUM_KV_HEADS": "1",
+                        "VOCAB_SIZE": "32",
+                        "TTT_LORA_RANK": "8",
+                    }
                 )
             )
         ).skip_weights.shape[0]

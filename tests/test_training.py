@@ -408,6 +408,10 @@ def case_ve_layers_past_the_model(tmp):  # the tiny configuration's VE_LAYERS=2,
     return dict(NUM_LAYERS=3), ["VE_LAYERS=2,3 names a layer outside 0..2", "VE_ENABLED=0"]
 
 
+def case_lora_rank_past_the_width(tmp):  # the tiny model: 64 wide, key/value 2 heads x 16
+    return dict(STACK="pr1855", NUM_LAYERS=11, TTT_LORA_RANK=100000), ["TTT_LORA_RANK=100000", "TTT_LORA_RANK <= 32"]
+
+
 def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
@@ -438,6 +442,7 @@ SETTINGS_ONLY = [
     case_long_run_id,
     case_run_id_with_a_slash,
     case_ve_layers_past_the_model,
+    case_lora_rank_past_the_width,
 ]
 ERROR_CASES = [
     case_missing_data,

@@ -85,6 +85,7 @@ def settings_for(path: Path, env=os.environ) -> dict:
     env.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="quant_report_"))
     env.setdefault("COMPILE", "0")
     env.setdefault("RUN_ID", "quant_report")
+    env.setdefault("PHASED_TTT_ENABLED", "0")  # the report scores round trips only: no phased TTT to size
     return tg.parse_settings({k: v for k, v in env.items() if k in tg.SETTING_NAMES or k.startswith(("TORCH", "NCCL"))})
 
 
