@@ -132,6 +132,8 @@ class OptimizerSettings:
     muon_wd: float = setting(0.04, "Muon decoupled weight decay")
     muon_row_normalize: int = setting(0, "MuonEq-R: each update row to unit norm before Newton-Schulz", FLAG)
     muon_polar_express: int = setting(0, "Polar Express: per-iteration Newton-Schulz coefficients (<= 5 steps)", FLAG)
+    muon_bf16: int = setting(0, "1 = gradient, momentum buffer, update and Newton-Schulz in bf16 on any device", FLAG)
+    embed_bf16: int = setting(0, "1 = the tied embedding stored and trained in bf16 (its AdamW state too)", FLAG)
     adam_wd: float = setting(0.04, "AdamW weight decay of the scalars and control vectors")
     embed_wd: float = setting(0.04, "AdamW weight decay of the embedding tables (STACK=seed: ADAM_WD unless set)")
     beta1: float = setting(0.9, "AdamW beta1", UNIT)
@@ -178,8 +180,11 @@ class ExportSettings:
     gptq_calib: str = setting(
         "self", "self (own samples from BOS) | train (training tokens)", choices=("self", "train")
     )
-    gptq_calib_seqs: int = setting(64, "calibration sequences ...", POSITIVE)
+    gptq_calib_seqs: int = setting(64, "GPTQ_CALIB=self: generated sequences ...", POSITIVE)
     gptq_calib_len: int = setting(2048, "... of this many tokens", POSITIVE)
+    gptq_calib_batches: int = setting(
+        16, "GPTQ_CALIB=train: micro-batches (TRAIN_BATCH_TOKENS/8 tokens each)", POSITIVE
+    )
     gptq_calib_temp: float = setting(0.8, "sampling temperature of the self-generated calibration text", POSITIVE)
     gptq_reserve_seconds: float = setting(0.0, "GPTQ_CALIB=train: seconds of MAX_WALLCLOCK_SECONDS kept for it")
     gptq_damp: float = setting(0.001, "damping added to H's diagonal, relative to its mean (x10 until positive)")
@@ -315,10 +320,11 @@ STACKS = dict(
         doc_masked_attn=1,
         muon_row_normalize=1,
         muon_polar_express=1,
+        muon_bf16=1,
+        embed_bf16=1,
         embed_bits=7,
         gptq_calib="train",
         gptq_reserve_seconds=0.5,
-        gptq_calib_seqs=768,
         gptq_damp=0.01,
         ttt_enabled=0,
         slot_enabled=0,
@@ -1091,21 +1097,24 @@ POLAR_EXPRESS = (
 def zeropower_via_newtonschulz5(G, steps, polar_express=False):
     """Approximate orthogonalization of a batch of matrices [N, rows, cols]: X <- aX + (bA + cA^2)X, A = XX^T,
     on X scaled to unit Frobenius norm (bf16 on CUDA)."""
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.bfloat16() if G.is_cuda else G  # on the CPU in G's own dtype (bf16 under MUON_BF16)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b, c in POLAR_EXPRESS[:steps] if polar_express else [NS_QUINTIC] * steps:
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        cAA = c * (A @ A) if polar_express else c * A @ A  # each record's grouping: in bf16 they round apart
+        X = a * X + (b * A + cAA) @ X
     return (X.mT if tall else X).to(G.dtype)
 
 
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over 3-D banks, each rank orthogonalizing its shard (no DDP): launch_reduce_scatter(), then step()."""
 
-    def __init__(self, banks, lr, momentum, backend_steps, weight_decay, row_normalize=False, polar_express=False):
+    def __init__(
+        self, banks, lr, momentum, backend_steps, weight_decay, row_normalize=False, polar_express=False, bf16=False
+    ):
         super().__init__(
             sorted(banks, key=lambda p: -p.numel()),
             dict(
@@ -1115,6 +1124,7 @@ class ParallelMuon(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 row_normalize=row_normalize,
                 polar_express=polar_express,
+                bf16=bf16,
             ),
         )
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1148,13 +1158,15 @@ class ParallelMuon(torch.optim.Optimizer):
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         updates = []
         for p, g in zip(group["params"], shards):
+            if group["bf16"]:  # PR #1855's: the momentum buffer and every step of the update in bf16
+                g = g.bfloat16()
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g)
             buf = state["momentum_buffer"].mul_(mom).add_(g)
             update = g.add(buf, alpha=mom)  # Nesterov
             if group["row_normalize"]:  # MuonEq-R: every row to unit norm before orthogonalizing
-                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                update = update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
             update = zeropower_via_newtonschulz5(update, group["backend_steps"], group["polar_express"])
             update *= max(1.0, update.size(-2) / update.size(-1)) ** 0.5
             full, work = update, None
@@ -1192,6 +1204,7 @@ def build_optimizers(model, s):
         s.muon_wd,
         s.muon_row_normalize,
         s.muon_polar_express,
+        s.muon_bf16,
     )
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
@@ -1299,8 +1312,12 @@ class Run:  # settings, rank, device, log file
 
 
 def build_model(run, state=None):
-    """A GPT on the run's device with its attention backends, from a state dict when given."""
+    """A GPT on the run's device with its attention backends, from a state dict when given. EMBED_BF16 keeps the
+    tied embedding in bf16, as PR #1855's model.bfloat16() + restore_fp32_params leaves it (on the CPU the forward
+    pass then runs in bf16, as the record's code does there)."""
     model = GPT(ModelConfig.of(run.s), run.attention, run.doc_attention).to(run.device)
+    if run.s.embed_bf16:
+        model.tok_emb.to(torch.bfloat16)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -1533,10 +1550,20 @@ def save_float_weights(state, s, path):
     write_atomic(path, st.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, {"pgolf": meta}))
 
 
+def calibration_shape(s):
+    """(sequences, length) of the calibration text: GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN generated, or GPTQ_CALIB_BATCHES
+    micro-batches of training tokens in TRAIN_SEQ_LEN rows (PR #1855: 16 x 48 rows of 2,048 tokens at its shape), so
+    that a small model calibrates on as many batches as the record, not as many tokens."""
+    if s.gptq_calib == "train":
+        return s.gptq_calib_batches * (s.train_batch_tokens // 8) // s.train_seq_len, s.train_seq_len
+    return s.gptq_calib_seqs, s.gptq_calib_len
+
+
 @torch.no_grad()
 def calibration_tokens(model, run):
     """GPTQ calibration text: the model's own samples from BOS, or (GPTQ_CALIB=train) training tokens."""
-    s, dev, n, T = run.s, run.device, run.s.gptq_calib_seqs, run.s.gptq_calib_len
+    s, dev = run.s, run.device
+    n, T = calibration_shape(s)
     if s.gptq_calib == "train":
         tokens = TokenStream(os.path.join(s.data_path, "fineweb_train_*.bin")).take(n * T)
         return torch.from_numpy(tokens.astype(np.int64)).view(n, T).to(dev)
@@ -2168,7 +2195,7 @@ def export_artifact(run, state, path, code_bytes):
         calib_s, cap = time.perf_counter() - t0, s.max_wallclock_seconds
         ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
         run.log(
-            f"gptq_calibration source:{s.gptq_calib} seqs:{s.gptq_calib_seqs} len:{s.gptq_calib_len} "
+            f"gptq_calibration source:{s.gptq_calib} seqs:{calibration_shape(s)[0]} len:{calibration_shape(s)[1]} "
             f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s"
         )
         if s.gptq_calib == "train" and 0 < cap < ended:

@@ -154,11 +154,11 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
         and torch.linalg.eigvalsh(h.double()).min() > -1e-6 * h.diagonal().max()
     )
     # GPTQ_CALIB=train reads the training stream only (the time for it is reserved inside the training cap).
-    t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=50, GPTQ_RESERVE_SECONDS=5)
+    t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIB_BATCHES=2, GPTQ_RESERVE_SECONDS=5)  # 2 x 128 tokens
     train_tokens = tg.calibration_tokens(model, cpu_run(t))
     assert read and all(SAMPLE_TRAIN_GLOB in p for p in read)
-    first = real(read[0])[:100].astype(np.int64)
-    assert np.array_equal(train_tokens.numpy().ravel(), first)
+    first = real(read[0])[:256].astype(np.int64)
+    assert train_tokens.shape == (2, 128) and np.array_equal(train_tokens.numpy().ravel(), first)
     assert tg.train_cap_ms(replace(t, max_wallclock_seconds=600.0)) == 595_000
 
 

@@ -42,6 +42,7 @@ PHASED = dict(
     GLOBAL_TTT_CHUNK_TOKENS=64,
     GLOBAL_TTT_BATCH_SEQS=2,
     GLOBAL_TTT_LR=0.01,
+    EMBED_BF16=0,  # fp32 on the CPU: the scores are compared with the model's own, recomputed
 )
 LENGTHS = [70, 9, 40, 3, 25, 57, 12]  # documents (BOS included): longer than a window, shorter than a chunk
 

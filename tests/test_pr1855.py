@@ -80,8 +80,7 @@ RECORD = dict(
     MATRIX_BITS=6,
     GPTQ_CALIB="train",
     GPTQ_RESERVE_SECONDS=0.5,
-    GPTQ_CALIB_SEQS=16 * 48,
-    GPTQ_CALIB_LEN=2048,
+    GPTQ_CALIB_BATCHES=16,  # of 48 x 2,048 tokens at its shape
     GPTQ_DAMP=0.01,
     # its phased TTT (MODERN_STACK.md 8 and the reproduce command)
     PHASED_TTT_ENABLED=1,
@@ -118,6 +117,7 @@ TINY_PR = dict(
     BIGRAM_VOCAB_SIZE=0,
     TRAIN_SEQ_LEN=32,
     EVAL_SEQ_LEN=32,
+    EMBED_BF16=0,  # the forward pass in fp32 on the CPU: these tests compare it with exact references
 )
 
 
@@ -378,6 +378,67 @@ def test_muon_row_normalization_and_step_scale(monkeypatch):
     torch.testing.assert_close(p.detach(), -0.1 * math.sqrt(8 / 4) * want)
 
 
+def test_muon_bf16_is_the_records_update_in_bf16():
+    """MUON_BF16 (PR #1855's Muon): the gradient, momentum buffer, Nesterov update, row normalization (its norm in
+    fp32) and Polar-Express Newton-Schulz all in bf16, the weights moved in fp32; written out here as the record's
+    step does it. A 32 x 8 bank: its step scale sqrt(32 / 8) = 2 is exact in bf16."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(2, 32, 8) * 0.1)
+    start, g = p.detach().clone(), torch.randn(2, 32, 8)
+    p.grad = g.clone()
+    opt = tg.ParallelMuon(
+        [p], lr=0.1, momentum=0.5, backend_steps=5, weight_decay=0.1, row_normalize=True, polar_express=True, bf16=True
+    )
+    opt.launch_reduce_scatter()
+    opt.step(opt.wait_shards())
+    assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16 and p.dtype == torch.float32
+    gb = g.bfloat16()
+    buf = torch.zeros_like(gb).mul_(0.5).add_(gb)
+    u = gb.add(buf, alpha=0.5)
+    u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+    X = u.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in tg.POLAR_EXPRESS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    want = (start * (1 - 0.1 * 0.1)).add(X.mT, alpha=-0.1 * 2.0)
+    torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)
+    # and the fp32 update (MUON_BF16=0) is another one
+    q = torch.nn.Parameter(start.clone())
+    q.grad = g.clone()
+    fp32 = tg.ParallelMuon(
+        [q], lr=0.1, momentum=0.5, backend_steps=5, weight_decay=0.1, row_normalize=True, polar_express=True
+    )
+    fp32.launch_reduce_scatter()
+    fp32.step(fp32.wait_shards())
+    assert fp32.state[q]["momentum_buffer"].dtype == torch.float32 and not torch.equal(q.detach(), p.detach())
+
+
+def test_embed_bf16_trains_the_tied_embedding_in_bf16(tiny_settings, tmp_path):
+    """EMBED_BF16 (PR #1855's model.bfloat16() + restore_fp32_params): the tied embedding alone is bf16, so is its
+    AdamW state, and on the CPU the forward pass runs in its dtype, as the record's code does there."""
+    s = pr_settings(tiny_settings, EMBED_BF16=1, OUTPUT_DIR=str(tmp_path), DEVICE="cpu")
+    run = tg.Run(s)
+    model = tg.build_model(run)
+    assert {n for n, p in model.named_parameters() if p.dtype != torch.float32} == {"tok_emb.weight"}
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    optimizers = tg.build_optimizers(model, s)
+    idx = torch.randint(2, 1024, (1, 33), generator=torch.Generator().manual_seed(0))
+    tg.train_step(run, model, optimizers, lambda n, row: (idx[:, :-1], idx[:, 1:]), 0, 1.0)
+    adam = optimizers[1]
+    assert {v.dtype for v in adam.state[model.tok_emb.weight].values() if v.dim()} == {torch.bfloat16}
+    assert model.forward_hidden(idx).dtype == torch.bfloat16
+
+
+def test_calibration_on_training_tokens_counts_batches_of_the_training_batch():
+    """GPTQ_CALIB=train reads GPTQ_CALIB_BATCHES micro-batches: the record's 16 x 48 x 2,048 tokens at its shape, and
+    as many batches (not tokens) at a small one."""
+    assert tg.calibration_shape(tg.parse_settings({"STACK": "pr1855"})) == (16 * 48, 2048)
+    small = tg.parse_settings(dict(STACK="pr1855", TRAIN_BATCH_TOKENS="8192", TRAIN_SEQ_LEN="256"))
+    assert tg.calibration_shape(small) == (16 * 1024 // 256, 256)
+    assert tg.calibration_shape(tg.parse_settings({})) == (64, 2048)  # the seed's self-generated text
+
+
 def test_weight_decay_per_group(tiny_settings):
     def decays(**over):
         s = tiny_settings(**over)
@@ -432,7 +493,8 @@ def test_pr1855_two_gloo_ranks_equal_one(tmp_path, script_env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     # GRAD_CLIP_LOCAL=0: the record clips each rank's gradient before averaging (its value under STACK=pr1855), which
-    # by design depends on the number of ranks; the global clip does not.
+    # by design depends on the number of ranks; the global clip does not. MUON_BF16=0: rounding the two ranks' summed
+    # gradient shard to bf16 can land one bf16 step away from rounding the one rank's, then Newton-Schulz amplifies it.
     kw = dict(
         TINY_PR,
         ITERATIONS=4,
@@ -441,6 +503,7 @@ def test_pr1855_two_gloo_ranks_equal_one(tmp_path, script_env):
         ENABLE_LOOPING_AT=0.5,
         VAL_MAX_TOKENS=512,
         GRAD_CLIP_LOCAL=0,
+        MUON_BF16=0,
     )
     results = {}
     for world, launcher in (

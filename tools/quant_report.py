@@ -344,7 +344,7 @@ def print_one(m: dict, args) -> None:
     print(f"stack:{s.stack} from {m['stack_source']} (its settings are the candidates' base)")
     if m["calibration_s"]:
         print(
-            f"calibration: {m['calibration_s']:.1f}s ({s.gptq_calib_seqs} x {s.gptq_calib_len} tokens, "
+            f"calibration: {m['calibration_s']:.1f}s ({' x '.join(map(str, tg.calibration_shape(s)))} tokens, "
             f"source {s.gptq_calib})"
         )
     packers = list(results["gptq_lite"]["packers"])
