@@ -182,7 +182,7 @@ class ExportSettings:
     )
     gptq_calib_seqs: int = setting(64, "GPTQ_CALIB=self: generated sequences ...", POSITIVE)
     gptq_calib_len: int = setting(2048, "... of this many tokens", POSITIVE)
-    gptq_calib_batches: int = setting(
+    gptq_calibration_batches: int = setting(
         16, "GPTQ_CALIB=train: micro-batches (TRAIN_BATCH_TOKENS/8 tokens each)", POSITIVE
     )
     gptq_calib_temp: float = setting(0.8, "sampling temperature of the self-generated calibration text", POSITIVE)
@@ -1350,6 +1350,12 @@ def lr_multiplier(s, step, elapsed_ms):
     return max(mult, s.min_lr)
 
 
+def muon_momentum(s, step):
+    """Muon's momentum at a step: linear from MUON_MOMENTUM_WARMUP_START to MUON_MOMENTUM over the warm-up steps."""
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+
 class WeightAverages:
     """EMA of all weights every step; SWA snapshots (of the EMA when on) late in warmdown."""
 
@@ -1391,8 +1397,7 @@ def train_step(run, model, optimizers, next_batch, step, lr_mul):
             loss = train_model(x, y)
         (loss / grad_accum).backward()
         total += loss.detach()
-    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
-    muon.param_groups[0]["momentum"] = (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+    muon.param_groups[0]["momentum"] = muon_momentum(s, step)
     for group in muon.param_groups + adam.param_groups:
         group["lr"] = group["base_lr"] * lr_mul
     optimizer_step(muon, adam, others, s)
@@ -1551,11 +1556,11 @@ def save_float_weights(state, s, path):
 
 
 def calibration_shape(s):
-    """(sequences, length) of the calibration text: GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN generated, or GPTQ_CALIB_BATCHES
-    micro-batches of training tokens in TRAIN_SEQ_LEN rows (PR #1855: 16 x 48 rows of 2,048 tokens at its shape), so
-    that a small model calibrates on as many batches as the record, not as many tokens."""
+    """(sequences, length) of the calibration text: GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN generated, or
+    GPTQ_CALIBRATION_BATCHES micro-batches of training tokens in TRAIN_SEQ_LEN rows (PR #1855: 16 x 48 rows of 2,048
+    tokens at its shape), so that a small model calibrates on as many batches as the record, not as many tokens."""
     if s.gptq_calib == "train":
-        return s.gptq_calib_batches * (s.train_batch_tokens // 8) // s.train_seq_len, s.train_seq_len
+        return s.gptq_calibration_batches * (s.train_batch_tokens // 8) // s.train_seq_len, s.train_seq_len
     return s.gptq_calib_seqs, s.gptq_calib_len
 
 

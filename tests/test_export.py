@@ -154,7 +154,7 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
         and torch.linalg.eigvalsh(h.double()).min() > -1e-6 * h.diagonal().max()
     )
     # GPTQ_CALIB=train reads the training stream only (the time for it is reserved inside the training cap).
-    t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIB_BATCHES=2, GPTQ_RESERVE_SECONDS=5)  # 2 x 128 tokens
+    t = tiny_settings(GPTQ_CALIB="train", GPTQ_CALIBRATION_BATCHES=2, GPTQ_RESERVE_SECONDS=5)  # 2 x 128 tokens
     train_tokens = tg.calibration_tokens(model, cpu_run(t))
     assert read and all(SAMPLE_TRAIN_GLOB in p for p in read)
     first = real(read[0])[:256].astype(np.int64)

@@ -80,7 +80,7 @@ RECORD = dict(
     MATRIX_BITS=6,
     GPTQ_CALIB="train",
     GPTQ_RESERVE_SECONDS=0.5,
-    GPTQ_CALIB_BATCHES=16,  # of 48 x 2,048 tokens at its shape
+    GPTQ_CALIBRATION_BATCHES=16,  # of 48 x 2,048 tokens at its shape
     GPTQ_DAMP=0.01,
     # its phased TTT (MODERN_STACK.md 8 and the reproduce command)
     PHASED_TTT_ENABLED=1,
@@ -378,6 +378,25 @@ def test_muon_row_normalization_and_step_scale(monkeypatch):
     torch.testing.assert_close(p.detach(), -0.1 * math.sqrt(8 / 4) * want)
 
 
+def test_schedule_at_the_side_by_side_shape_is_the_records():
+    """Issue #25's side-by-side of PR #1855's code: 150 steps on the step fraction, looping on at step 53 (its log),
+    LR multiplier max(min((1 - f) / 0.85, 1), 0.1), momentum 0.92 -> 0.97 over 50 steps; and at the record's own
+    shape its logged effective cap of 599,500 ms (0.5 s reserved for calibration) and loop switch at frac 0.350."""
+    s = tg.parse_settings(
+        dict(STACK="pr1855", ITERATIONS="150", MAX_WALLCLOCK_SECONDS="0", MUON_MOMENTUM_WARMUP_STEPS="50")
+    )
+    loop_on = next(step for step in range(150) if tg.training_fraction(s, step, 0.0) >= s.enable_looping_at)
+    assert loop_on == 53
+    typed = {0: 1.0, 22: 1.0, 23: 0.99608, 75: 0.58824, 127: 0.18039, 137: 0.10196, 140: 0.1, 149: 0.1}
+    for step, want in typed.items():
+        assert tg.lr_multiplier(s, step, 0.0) == pytest.approx(want, abs=5e-6), step
+    for step, want in {0: 0.92, 10: 0.93, 25: 0.945, 50: 0.97, 149: 0.97}.items():
+        assert tg.muon_momentum(s, step) == pytest.approx(want, abs=1e-12), step
+    record = tg.parse_settings({"STACK": "pr1855"})
+    assert tg.train_cap_ms(record) == 599_500
+    assert tg.training_fraction(record, 2178, 0.350 * 599_500) == pytest.approx(0.350)
+
+
 def test_muon_bf16_is_the_records_update_in_bf16():
     """MUON_BF16 (PR #1855's Muon): the gradient, momentum buffer, Nesterov update, row normalization (its norm in
     fp32) and Polar-Express Newton-Schulz all in bf16, the weights moved in fp32; written out here as the record's
@@ -431,8 +450,8 @@ def test_embed_bf16_trains_the_tied_embedding_in_bf16(tiny_settings, tmp_path):
 
 
 def test_calibration_on_training_tokens_counts_batches_of_the_training_batch():
-    """GPTQ_CALIB=train reads GPTQ_CALIB_BATCHES micro-batches: the record's 16 x 48 x 2,048 tokens at its shape, and
-    as many batches (not tokens) at a small one."""
+    """GPTQ_CALIB=train reads GPTQ_CALIBRATION_BATCHES micro-batches: the record's 16 x 48 x 2,048 tokens at its
+    shape, and as many batches (not tokens) at a small one."""
     assert tg.calibration_shape(tg.parse_settings({"STACK": "pr1855"})) == (16 * 48, 2048)
     small = tg.parse_settings(dict(STACK="pr1855", TRAIN_BATCH_TOKENS="8192", TRAIN_SEQ_LEN="256"))
     assert tg.calibration_shape(small) == (16 * 1024 // 256, 256)

@@ -144,7 +144,8 @@ def test_the_stack_comes_from_the_run_log_beside_the_file(
     proc = run_script(script_env(tmp_path, **TINY_PR, **dict(SMALL, EVAL_STRIDE=32)), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     direct_gap = float(re.search(r"^quant_gap_bpb:(-?[0-9.]+)$", proc.stdout, re.M).group(1))
-    seq = dict(TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, EVAL_STRIDE=32)
+    # the run's settings that are not in the file: its sequence lengths, and TINY_PR's fp32 embedding
+    seq = dict(TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, EVAL_STRIDE=32, EMBED_BF16=0)
     out = report(monkeypatch, capsys, tmp_path / "report", tmp_path / tg.FLOAT_NAME, **seq)
     assert re.search(r"^stack:pr1855 from the run log .*test\.json ", out, re.M), out[:2000]
     f = fields(out.strip().splitlines()[-1])
