@@ -1488,18 +1488,16 @@ def train(model, run, val, luts):
 # -------------------- export (GPTQ at MATRIX_BITS, context-coded rANS)
 
 ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetensors"
+# The model settings an artifact records and is checked against: ModelConfig's, less those that only shape the
+# initialization or the training rows
 MODEL_KEYS = tuple(
-    (
-        "VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT BIGRAM_VOCAB_SIZE BIGRAM_DIM "
-        "VE_DIM VE_LAYERS XSA_LAST_N ROPE_DIMS ROPE_BASE ROPE_TRAIN_SEQ_LEN LN_SCALE LOGIT_SOFTCAP "
-        "SMEAR_FIXED_ENABLED SMEAR_GATE_ENABLED GATE_WINDOW SPARSE_ATTN_GATE_ENABLED "
-        "SPARSE_ATTN_GATE_SCALE SKIP_GATES_ENABLED PARALLEL_START_LAYER NUM_LOOPS LOOP_START LOOP_END "
-        "DOC_MASKED_ATTN"
-    ).split()
+    f.name.upper()
+    for f in fields(ModelConfig)
+    if f.name not in ("tied_embed_init_std", "qk_gain_init", "train_seq_len")
 )
 
 
-def model_config(s):
+def artifact_config(s):
     """The model settings by their environment names, as an artifact records them."""
     return {k: getattr(s, k.lower()) for k in MODEL_KEYS}
 
@@ -1551,7 +1549,7 @@ def check_room(s, out):  # room in OUTPUT_DIR for what the run writes, from the 
 
 def save_float_weights(state, s, path):
     """For re-exporting without retraining."""
-    meta = json.dumps(dict(format="pgolf-float-v1", config=model_config(s)))
+    meta = json.dumps(dict(format="pgolf-float-v1", config=artifact_config(s)))
     write_atomic(path, st.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, {"pgolf": meta}))
 
 
@@ -1942,7 +1940,7 @@ def pack(tensors, scheme, s):
     meta = dict(
         format="pgolf-int-v3",
         scheme=scheme,
-        config=model_config(s),
+        config=artifact_config(s),
         shapes={k: list(tensors[k + ".q"].shape) for k in coded_names(scheme)},
     )
     if lqer := {
@@ -2075,10 +2073,18 @@ def unpack(blob, s=None, check=None):
 
 
 def check_config(path, config, s, what="the artifact"):
-    ours = model_config(s)
+    ours = artifact_config(s)
     theirs = {k: config.get(k, getattr(DEFAULT_SETTINGS, k.lower())) for k in MODEL_KEYS}  # a key it predates: seed's
     if wrong := [f"{k}={theirs[k]!r} in {what} but {ours[k]!r} here" for k in MODEL_KEYS if theirs[k] != ours[k]]:
         raise Fail(f"{path} does not match the model settings: " + "; ".join(wrong))
+
+
+FILE_KINDS = (
+    ("S_ISCHR", "a character device"),
+    ("S_ISBLK", "a block device"),
+    ("S_ISFIFO", "a FIFO (named pipe)"),
+    ("S_ISSOCK", "a socket"),
+)
 
 
 def check_file(path, what):
@@ -2094,14 +2100,6 @@ def check_file(path, what):
         )
         raise Fail(f"ARTIFACT_PATH={path} is {kind}, not a regular file; set it to {what} file")
     return path
-
-
-FILE_KINDS = (
-    ("S_ISCHR", "a character device"),
-    ("S_ISBLK", "a block device"),
-    ("S_ISFIFO", "a FIFO (named pipe)"),
-    ("S_ISSOCK", "a socket"),
-)
 
 
 def load_artifact(path, s):
@@ -2198,9 +2196,10 @@ def export_artifact(run, state, path, code_bytes):
         calib_model.looping = bool(s.num_loops)
         hessians = collect_hessians(calib_model, run)
         calib_s, cap = time.perf_counter() - t0, s.max_wallclock_seconds
+        seqs, seq_len = calibration_shape(s)
         ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
         run.log(
-            f"gptq_calibration source:{s.gptq_calib} seqs:{calibration_shape(s)[0]} len:{calibration_shape(s)[1]} "
+            f"gptq_calibration source:{s.gptq_calib} seqs:{seqs} len:{seq_len} "
             f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s"
         )
         if s.gptq_calib == "train" and 0 < cap < ended:

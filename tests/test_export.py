@@ -504,7 +504,7 @@ def test_declared_shapes_and_inflated_sizes_are_checked_first(tiny_settings, tmp
     state = tg.GPT(tg.ModelConfig.of(s)).state_dict()
     tg.save_float_weights(state, s, tmp_path / "good.safetensors")
     assert set(tg.load_float_weights(tmp_path / "good.safetensors", s)) == set(state)
-    meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config=tg.model_config(s)))}
+    meta = {"pgolf": json.dumps(dict(format="pgolf-float-v1", config=tg.artifact_config(s)))}
     for name, edit in (
         ("bigger", dict(state, **{"tok_emb.weight": torch.zeros(2048, 64)})),
         ("extra", dict(state, extra=torch.zeros(3))),

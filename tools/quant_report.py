@@ -526,7 +526,8 @@ def main() -> int:
         return 2
     if args.json:  # one file: its report (as before); --many: the reports by path
         data = {
-            p: dict(m, settings=dict(tg.model_config(m["settings"]), STACK=m["settings"].stack)) for p, m in ms.items()
+            p: dict(m, settings=dict(tg.artifact_config(m["settings"]), STACK=m["settings"].stack))
+            for p, m in ms.items()
         }
         args.json.write_text(json.dumps(data if args.many else data[str(paths[0])], indent=1))
     if args.bits:  # the --many table from the points at each stack's own MATRIX_BITS, then the curves
