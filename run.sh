@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# With CUDA GPUs: the seed's record run on all of them (FineWeb sp1024 data, see data/README.md); with STACK=pr1855,
-# PR #1855's (its SP8192 CaseOps data). Without: the CPU demo of that stack on an embedded sample, in a few minutes.
+# With CUDA GPUs: the seed's record run on all of them (FineWeb sp1024 data, see data/README.md); with STACK=pr1855
+# or STACK=pr2135, that record's (its SP8192 CaseOps data). Without: the CPU demo of that stack on an embedded sample, in a few minutes.
 # Any setting already in the environment wins over the values below. `bash run.sh CMD ARGS...` runs CMD with
 # those settings instead of training (e.g. `bash run.sh python3 tools/audit_causality.py`).
 set -euo pipefail
@@ -16,21 +16,23 @@ if [ "$ngpu" -gt 0 ]; then
   exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
 fi
 
-if [ "${STACK:-seed}" = pr1855 ]; then
-  # CPU demo of STACK=pr1855: all 11 layers (17 virtual once looping is on), 128 wide, every component on (smear and
+if [ "${STACK:-seed}" = pr1855 ] || [ "${STACK:-seed}" = pr2135 ]; then
+  # CPU demo of STACK=pr1855 (and of pr2135, the same model with its evaluation: one phase, no K adapters, the n-gram
+  # tilt): all 11 layers (17 virtual once looping is on), 128 wide, every component on (smear and
   # sparse attention gates, skip gates, two lanes from layer 8, loops at 35%, document-masked attention, MuonEq-R
   # with Polar Express, WARMDOWN_FRAC with MIN_LR, int7 embedding, GPTQ on training tokens), on the embedded CaseOps
   # sample with its byte sidecar. EMA 0.97: the record's 0.9965 averages over ~300 steps, more than the demo has.
   set_default DATA_PATH=./data/datasets/sample_sp8192_caseops TOKENIZER_PATH=./data/tokenizers/sample_8192_bpe_caseops.model \
-    OUTPUT_DIR=./out/cpu_demo_pr1855 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \
+    OUTPUT_DIR="./out/cpu_demo_$STACK" MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \
     TRAIN_BATCH_TOKENS=2048 ITERATIONS=150 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
     EMA_DECAY=0.97 VAL_LOSS_EVERY=75 TRAIN_LOG_EVERY=25 VAL_MAX_TOKENS=32768 EVAL_BATCH_SEQS=4 \
     GPTQ_RESERVE_SECONDS=0 \
-    TTT_EVAL_SEQ_LEN=256 TTT_BATCH_SIZE=8 TTT_LORA_RANK=8 TTT_LORA_LR=0.001 PHASED_TTT_PREFIX_DOCS=24 \
+    TTT_EVAL_SEQ_LEN=256 TTT_BATCH_SIZE=8 TTT_LORA_RANK=8 PHASED_TTT_PREFIX_DOCS=24 \
     GLOBAL_TTT_CHUNK_TOKENS=4096 GLOBAL_TTT_BATCH_SEQS=8
+  if [ "$STACK" = pr2135 ]; then set_default TTT_LORA_LR=0.0008; else set_default TTT_LORA_LR=0.001; fi
   # Phased TTT at the demo's size: 34 documents in batches of 8 (rank-8 adapters, 10x the record's LoRA lr, 256-token
-  # windows), 3 global SGD phases over the 24 longest in 4,096-token chunks (the record's 32,768 would be one chunk,
-  # which it skips).
+  # windows), the stack's global SGD phases (3 or 1) over the 24 longest in 4,096-token chunks (the record's 32,768
+  # would be one chunk, which it skips).
   [ $# -eq 0 ] || exec "$@"
   if [ "${NPROC:-1}" -gt 1 ]; then exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py; fi
   exec python3 train_gpt.py

@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+import tracemalloc
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,7 +61,7 @@ def setting(default, doc, bound=NON_NEGATIVE, choices=None):
 class RunSettings:
     """Where the run reads and writes, on what device, from what seed."""
 
-    stack: str = setting("seed", "seed | pr1855: which record's values the other settings default to (STACKS)")
+    stack: str = setting("seed", "seed | pr1855 | pr2135: which record's values the other settings default to (STACKS)")
     run_id: str = setting("", "name of the log files (default: time + random suffix)")
     seed: int = setting(1337, "torch/numpy seed")
     output_dir: str = setting(".", "where the artifact and logs/ go")
@@ -107,6 +108,9 @@ class ModelSettings:
     ve_layers: list = setting([9, 10], "layers that add the value embedding (comma list)")
     smear_fixed_enabled: int = setting(1, "the seed's SmearGate: (1-s(g)) x_t + s(g) x_t-1 after the first norm", FLAG)
     smear_gate_enabled: int = setting(0, "PR #1855's: e_t + l s(w.e_t[:GATE_WINDOW]) e_t-1, never at a BOS", FLAG)
+    smear_gate_bos_fix: int = setting(
+        1, "1 = the smear gate never mixes across a BOS (0 = PR #2135's launch: it leaks)", FLAG
+    )
     gate_window: int = setting(12, "input channels of PR #1855's smear and sparse attention gates", POSITIVE)
     sparse_attn_gate_enabled: int = setting(0, "per-head gate s(SCALE W x[:GATE_WINDOW]) on the attention out", FLAG)
     sparse_attn_gate_scale: float = setting(1.0, "the sparse attention gate's SCALE")
@@ -233,6 +237,12 @@ class EvalSettings:
     )
     ttt_batch_size: int = setting(64, "documents per batch (one per row; adapters reset per batch)", POSITIVE)
     ttt_weight_decay: float = setting(0.5, "AdamW weight decay of the adapters")
+    ttt_q_lora: int = setting(1, "phased TTT adapts the query projections", FLAG)
+    ttt_k_lora: int = setting(1, "... the key projections", FLAG)
+    ttt_v_lora: int = setting(1, "... the value projections", FLAG)
+    ttt_o_lora: int = setting(1, "... the attention outputs (a bypass from the attention's input)", FLAG)
+    ttt_mlp_lora: int = setting(1, "... the MLPs (a bypass from the MLP's input)", FLAG)
+    ttt_head_lora: int = setting(1, "... the output head", FLAG)
     ttt_beta1: float = setting(0.0, "AdamW beta1 of the adapters", UNIT)
     ttt_beta2: float = setting(0.99, "AdamW beta2 of the adapters", UNIT)
     phased_ttt_prefix_docs: int = setting(2500, "documents (in scoring order) the global SGD phases train on in all")
@@ -243,6 +253,12 @@ class EvalSettings:
     global_ttt_chunk_tokens: int = setting(32768, "tokens per global SGD chunk (the last one skipped)", POSITIVE)
     global_ttt_batch_seqs: int = setting(32, "sequences of EVAL_SEQ_LEN per global SGD step, across ranks", POSITIVE)
     global_ttt_grad_clip: float = setting(1.0, "gradient-norm clip of a phase's SGD (0 = none)")
+    ngram_tilt_enabled: int = setting(0, "phased TTT's scores tilted toward a causal n-gram hint (PR #2135)", FLAG)
+    token_order: int = setting(16, "the hint's n-gram order: its context is the TOKEN_ORDER-1 tokens before", POSITIVE)
+    token_threshold: float = setting(
+        0.8, "a hint is given where its share of the context's past is at least this", UNIT
+    )
+    token_boost: float = setting(2.625, "the tilt: p(hint) scaled by e^TOKEN_BOOST, then renormalized")
 
 
 SETTING_GROUPS = (
@@ -280,61 +296,77 @@ class SameAs:
 # Each stack: the values that differ from the classes' defaults (the seed's record run, PR #1128 on PR #549).
 # pr1855: the values PR #1855's runs logged (not its script's defaults), on the SP8192 CaseOps export. Under the seed
 # ADAM_WD decays every AdamW parameter (EMBED_WD follows it); PR #1855 scores whole windows (no sliding pass).
-STACKS = dict(
-    seed=dict(embed_wd=SameAs("adam_wd")),
-    pr1855=dict(
-        eval_stride=SameAs("eval_seq_len"),
-        data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-        tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-        vocab_size=8192,
-        mlp_mult=4.0,
-        xsa_last_n=11,
-        qk_gain_init=5.0,
-        bigram_vocab_size=0,
-        ve_enabled=0,
-        iterations=20000,
-        val_loss_every=0,
-        warmdown_frac=0.85,
-        min_lr=0.1,
-        matrix_lr=0.026,
-        tied_embed_lr=0.03,
-        scalar_lr=0.02,
-        muon_momentum=0.97,
-        muon_wd=0.095,
-        embed_wd=0.085,
-        adam_wd=0.02,
-        beta2=0.99,
-        ema_decay=0.9965,
-        grad_clip_local=1,
-        late_qat=0,
-        smear_fixed_enabled=0,
-        smear_gate_enabled=1,
-        sparse_attn_gate_enabled=1,
-        sparse_attn_gate_scale=0.5,
-        skip_gates_enabled=1,
-        parallel_start_layer=8,
-        num_loops=2,
-        loop_start=3,
-        loop_end=5,
-        enable_looping_at=0.35,
-        doc_masked_attn=1,
-        muon_row_normalize=1,
-        muon_polar_express=1,
-        muon_bf16=1,
-        embed_bf16=1,
-        embed_bits=7,
-        gptq_calib="train",
-        gptq_reserve_seconds=0.5,
-        gptq_damp=0.01,
-        ttt_enabled=0,
-        slot_enabled=0,
-        quant_scales="sdclip",
-        gptq_embed=1,
-        gate_int8=1,
-        lqer_enabled=1,
-        phased_ttt_enabled=1,
-    ),
+PR1855 = dict(
+    eval_stride=SameAs("eval_seq_len"),
+    data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+    vocab_size=8192,
+    mlp_mult=4.0,
+    xsa_last_n=11,
+    qk_gain_init=5.0,
+    bigram_vocab_size=0,
+    ve_enabled=0,
+    iterations=20000,
+    val_loss_every=0,
+    warmdown_frac=0.85,
+    min_lr=0.1,
+    matrix_lr=0.026,
+    tied_embed_lr=0.03,
+    scalar_lr=0.02,
+    muon_momentum=0.97,
+    muon_wd=0.095,
+    embed_wd=0.085,
+    adam_wd=0.02,
+    beta2=0.99,
+    ema_decay=0.9965,
+    grad_clip_local=1,
+    late_qat=0,
+    smear_fixed_enabled=0,
+    smear_gate_enabled=1,
+    sparse_attn_gate_enabled=1,
+    sparse_attn_gate_scale=0.5,
+    skip_gates_enabled=1,
+    parallel_start_layer=8,
+    num_loops=2,
+    loop_start=3,
+    loop_end=5,
+    enable_looping_at=0.35,
+    doc_masked_attn=1,
+    muon_row_normalize=1,
+    muon_polar_express=1,
+    muon_bf16=1,
+    embed_bf16=1,
+    embed_bits=7,
+    gptq_calib="train",
+    gptq_reserve_seconds=0.5,
+    gptq_damp=0.01,
+    ttt_enabled=0,
+    slot_enabled=0,
+    quant_scales="sdclip",
+    gptq_embed=1,
+    gate_int8=1,
+    lqer_enabled=1,
+    phased_ttt_enabled=1,
 )
+# pr2135: PR #1855 plus what PR #2135's runs logged (its launch command), except where docs/stacks.md says why not:
+# the smear gate's BOS mask stays on (the record's launch turns it off: a leak across documents), and the GPTQ reserve
+# covers the calibration's 32 batches (the record's 0.5 s did not: its Hessians took 6.9 s).
+PR2135 = PR1855 | dict(
+    matrix_lr=0.028,
+    lqer_asym_group=32,
+    gptq_calibration_batches=32,
+    gptq_reserve_seconds=8.0,
+    gate_int8=0,
+    val_loss_every=4000,
+    eval_seq_len=2560,
+    ttt_eval_seq_len=2560,
+    ttt_k_lora=0,
+    ttt_lora_lr=8e-5,
+    ttt_weight_decay=2.0,
+    phased_ttt_num_phases=1,
+    ngram_tilt_enabled=1,
+)
+STACKS = dict(seed=dict(embed_wd=SameAs("adam_wd")), pr1855=PR1855, pr2135=PR2135)
 LAUNCHER_VARS = set(
     "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
     "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE".split()
@@ -820,6 +852,7 @@ class ModelConfig:
     ve_layers: tuple  # empty without value embeddings
     smear_fixed_enabled: int
     smear_gate_enabled: int
+    smear_gate_bos_fix: int
     gate_window: int
     sparse_attn_gate_enabled: int
     sparse_attn_gate_scale: float
@@ -939,12 +972,13 @@ class GPT(nn.Module):
         if self.config.bigram_vocab_size:
             big = self.bigram_emb.to(dtype)[self.bigram_hash(idx)]
             x = x + F.linear(big, self.weight(self.bigram_proj, dtype)) * self.bigram_scale.to(dtype)
-        if self.config.smear_gate_enabled:  # never across a BOS: the previous document must not reach this one
+        if self.config.smear_gate_enabled:
             g = self.smear_lambda.to(dtype) * torch.sigmoid(
                 x[:, 1:, : self.config.gate_window] @ self.smear_w.to(dtype)
             )
-            keep = (idx[:, 1:] != BOS_ID).to(dtype)
-            x = torch.cat((x[:, :1], x[:, 1:] + (g * keep)[..., None] * x[:, :-1]), dim=1)
+            if self.config.smear_gate_bos_fix:  # never across a BOS: the previous document must not reach this one
+                g = g * (idx[:, 1:] != BOS_ID).to(dtype)
+            x = torch.cat((x[:, :1], x[:, 1:] + g[..., None] * x[:, :-1]), dim=1)
         x = rms_norm(x)
         if self.config.smear_fixed_enabled:
             g = torch.sigmoid(self.smear_gate.to(dtype))
@@ -953,8 +987,8 @@ class GPT(nn.Module):
 
     def adapted(self, lora, name, x, y):
         """y plus phased TTT's LoRA term (x A^T) B^T scale of adapter name (one A, B per row: a document); y
-        itself without adapters (no extra op on the other paths)."""
-        if lora is None:
+        itself without adapters (no extra op on the other paths) or where TTT_*_LORA switched this one off."""
+        if lora is None or name not in lora.adapters:
             return y
         A, B = (t.to(x.dtype) for t in lora.adapters[name])
         return y + (x @ A.mT) @ B.mT * lora.scale
@@ -2460,13 +2494,16 @@ def phased_batches(docs, size):
     return sorted((docs[i : i + size] for i in range(0, len(docs), size)), key=lambda b: -b[-1][1])
 
 
-def lora_shapes(model):
-    """(name, in, out) of every adapter: Q, K, V, the O and MLP bypasses of each virtual layer, and the head."""
+def lora_shapes(model, s):
+    """(name, in, out) of every adapter the TTT_*_LORA switches keep: Q, K, V, the O and MLP bypasses of each virtual
+    layer, and the head. A switched-off adapter does not exist: its projection runs unadapted."""
     d, kv = model.tok_emb.embedding_dim, model.kv_bank.size(1)
     n = len(sum(layer_schedule(model.config, model.looping), []))
-    return [(f"{r}{j}", d, o) for j in range(n) for r, o in (("q", d), ("k", kv), ("v", kv), ("o", d), ("mlp", d))] + [
-        ("head", d, model.tok_emb.num_embeddings)
-    ]
+    roles = dict(
+        q=(d, s.ttt_q_lora), k=(kv, s.ttt_k_lora), v=(kv, s.ttt_v_lora), o=(d, s.ttt_o_lora), mlp=(d, s.ttt_mlp_lora)
+    )
+    shapes = [(f"{r}{j}", d, o) for j in range(n) for r, (o, on) in roles.items() if on]
+    return shapes + ([("head", d, model.tok_emb.num_embeddings)] if s.ttt_head_lora else [])
 
 
 def fresh_lane(model, run, lane, phase):
@@ -2474,7 +2511,7 @@ def fresh_lane(model, run, lane, phase):
     g = torch.Generator().manual_seed(run.s.seed * 1000 + phase * TTT_LANES + lane)
     return {
         name: ((torch.rand(run.s.ttt_batch_size, run.s.ttt_lora_rank, i, generator=g) * 2 - 1) / i**0.5).to(run.device)
-        for name, i, _ in lora_shapes(model)
+        for name, i, _ in lora_shapes(model, run.s)
     }
 
 
@@ -2499,11 +2536,108 @@ def chunk_nll(model, x, y, at, lora, fit=None, s=None):
     return logp, -logp.gather(2, y.gather(1, at)[..., None])[..., 0]
 
 
-def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
+NGRAM_HASH_TRIES = 4  # context hashes tried before giving up on one whose equal keys are all equal contexts
+
+
+def context_keys(stream, k, seed):
+    """A 64-bit hash of each context stream[t : t+k], t = 0 .. len-k-1: sum_j stream[t+j] c_j modulo 2^64, with odd
+    random c_j drawn from seed."""
+    m, tokens = stream.size - k, stream.view(np.uint64)
+    coef = np.random.default_rng(seed).integers(1, 2**63, size=k, dtype=np.uint64) | np.uint64(1)
+    key, term = np.zeros(m, np.uint64), np.empty(m, np.uint64)
+    for j in range(k):
+        np.multiply(tokens[j : j + m], coef[j], out=term)
+        key += term
+    return key
+
+
+def context_groups(stream, k, seed):
+    """Positions i >= k of stream sorted by their context stream[i-k:i], equal contexts together in stream order:
+    (positions, where a new context starts). None if two different contexts share a key of seed's hash (then
+    another seed's is tried)."""
+    key = context_keys(stream, k, seed)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.concatenate(([True], key[1:] != key[:-1]))
+    del key
+    a, b = order[:-1][~starts[1:]], order[1:][~starts[1:]]  # neighbours with equal keys: their contexts must match
+    if any((stream[a + j] != stream[b + j]).any() for j in range(k)):
+        return None
+    return order + k, starts
+
+
+def ngram_hints(tokens, order, threshold):
+    """The n-gram tilt's hint for the target at each position p >= 1 of tokens (-1: none), from the targets before p
+    only, in stream order (tokens[1:], across documents, as PR #2135): the token that most often followed the same
+    ORDER-1 tokens before (on a tie the one that got there first), where its share of those earlier occurrences is at
+    least threshold. Vectorized: one sort groups equal contexts, a second counts each (context, next token) pair."""
+    stream = np.ascontiguousarray(tokens[1:], dtype=np.int64)
+    n, k = stream.size, order - 1
+    hints = np.full(n + 1, -1, np.int32)
+    if n <= k:
+        return hints
+    for seed in range(NGRAM_HASH_TRIES):
+        if (groups := context_groups(stream, k, seed)) is not None:
+            break
+    else:
+        raise Fail(f"the n-gram tilt's context hash collided {NGRAM_HASH_TRIES} times: set NGRAM_TILT_ENABLED=0")
+    pos, starts = groups
+    group = np.cumsum(starts) - 1
+    repeated = np.bincount(group)[group] > 1  # a context seen once gives no hint: drop those first
+    pos, group, starts = pos[repeated], group[repeated], starts[repeated]
+    nxt, i = stream[pos], np.arange(pos.size)
+    seen = i - np.maximum.accumulate(np.where(starts, i, 0))  # earlier occurrences of the same context
+    pair = group * (int(stream.max()) + 1) + nxt
+    by_pair = np.argsort(pair, kind="stable")
+    new_pair = np.concatenate(([True], pair[by_pair][1:] != pair[by_pair][:-1]))
+    count = np.empty_like(i)  # occurrences of (context, next token) up to and including this one
+    count[by_pair] = i - np.maximum.accumulate(np.where(new_pair, i, 0)) + 1
+    offset = np.cumsum(starts) * (pos.size + 1)  # keeps each context's running maximum to itself
+    top_count = np.maximum.accumulate(count + offset) - offset
+    before = np.concatenate(([0], top_count[:-1]))
+    top_at = np.maximum.accumulate(np.where(starts | (count > before), i, 0))  # a strictly higher count takes the top
+    given = ~starts & (before >= threshold * seen)
+    hints[1 + pos[given]] = nxt[top_at[np.flatnonzero(given) - 1]]
+    return hints
+
+
+def shared_ngram_hints(run, tokens):
+    """ngram_hints of the validation tokens, built once on rank 0 and sent to the others, as a tensor on the device;
+    the build's time, memory and gated fraction are logged."""
+    s, t0 = run.s, time.perf_counter()
+    if run.master:
+        tracemalloc.start()
+        hints = torch.from_numpy(ngram_hints(tokens.cpu().numpy(), s.token_order, s.token_threshold))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        hints = hints.to(run.device)
+    else:
+        hints, peak = torch.empty(tokens.numel(), dtype=torch.int32, device=run.device), 0
+    if dist.is_initialized():
+        dist.broadcast(hints, 0)
+    gated = int((hints >= 0).sum())
+    run.log(
+        f"ngram_tilt:hints total:{tokens.numel() - 1} gated:{gated} fraction:{gated / max(tokens.numel() - 1, 1):.4f} "
+        f"order:{s.token_order} build:{time.perf_counter() - t0:.1f}s peak_memory:{peak / 2**20:.0f}MiB"
+    )
+    return hints
+
+
+def tilt(logp, hints, boost):
+    """Log-probability rows [..., V] tilted toward their hints (>= 0; -1 leaves a row as it is): p'(a) = p(a)
+    e^(boost [a = hint]) / (1 + p(hint)(e^boost - 1)), normalized over the whole vocabulary."""
+    given, h = hints >= 0, hints.clamp_min(0)[..., None].long()
+    log_norm = torch.log1p(logp.gather(-1, h).exp() * math.expm1(boost))
+    tilted = logp.scatter_add(-1, h, torch.full_like(h, boost, dtype=logp.dtype)) - log_norm
+    return torch.where(given[..., None], tilted, logp)
+
+
+def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False, hints=None):
     """One batch of documents, chunk by chunk (TTT_CHUNK_SIZE targets): chunk c of every document is scored from the
     last <= TTT_EVAL_SEQ_LEN tokens of its own prefix (with slot: plus an offset fitted on the window's targets
-    before the chunk), then the documents that go on take one AdamW step (beta1 0) on it. Adapters start from the
-    lane's warm A (updated in place) with B = 0 and a fresh optimizer."""
+    before the chunk; with hints: its scores tilted toward them), then the documents that go on take one AdamW step
+    (beta1 0) on it, on the untilted loss. Adapters start from the lane's warm A (updated in place) with B = 0 and a
+    fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
     C, Lt = s.ttt_chunk_size, s.ttt_eval_seq_len
     adapters = {
@@ -2511,7 +2645,7 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
             warm_a[k][:n].clone().requires_grad_(),
             torch.zeros(n, o, s.ttt_lora_rank, device=dev, requires_grad=True),
         )
-        for k, _, o in lora_shapes(model)
+        for k, _, o in lora_shapes(model, s)
     }
     lora = LoRA(adapters, s.ttt_lora_alpha / s.ttt_lora_rank)
     opt = torch.optim.AdamW(
@@ -2542,10 +2676,14 @@ def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False):
         fit = (torch.arange(T) < (c * C - first)[:, None]).to(dev) if slot else None
         with torch.set_grad_enabled(bool(learn.any())), run.autocast():
             logp, nll = fn(model, x, y, at, lora, fit, s)
+        score = nll.detach()
+        if hints is not None:
+            logp = tilt(logp.detach(), hints[tgt.clamp_max(tokens.numel() - 1)], s.token_boost)
+            score = -logp.gather(2, y.gather(1, at)[..., None])[..., 0]
         if SCORE_HOOK is not None:
             SCORE_HOOK(tgt[scored], logp.detach()[scored])
         nb = target_bytes(x.gather(1, at)[scored], y.gather(1, at)[scored], luts, tgt[scored])
-        stats += torch.stack((nll.detach()[scored].double().sum(), scored.sum().double(), nb.double().sum()))
+        stats += torch.stack((score[scored].double().sum(), scored.sum().double(), nb.double().sum()))
         if learn.any():  # the documents that go on learn from it: the sum of each one's mean chunk loss
             opt.zero_grad(set_to_none=True)
             (nll * learn[:, None]).sum().div(C).backward()
@@ -2587,6 +2725,7 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
         f"ttt_phased: total_docs:{len(order)} prefix_docs:{prefix} batches:{len(batches)} "
         f"boundaries:{[m for _, m in phases]}"
     )
+    hints = shared_ngram_hints(run, tokens) if s.ngram_tilt_enabled else None
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)
     model.requires_grad_(False)
     # tokens this rank scores, per batch
@@ -2597,7 +2736,7 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
             if mine[q]:
                 if q % TTT_LANES not in lanes:
                     lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase)
-                score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats, slot)
+                score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats, slot, hints)
             if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
                 project_pass(run, tag, sum(mine[: q + 1]) / max(sum(mine), 1), t0)
         done = last + 1

@@ -206,9 +206,9 @@ def test_phases_train_on_documents_by_index_after_they_are_scored(tmp_path, monk
         events.append(("sgd", list(docs)))
         original_sgd(model_, run_, tokens, docs)
 
-    def score(model_, run_, tokens, luts_, batch, warm, stats, slot=False):
+    def score(model_, run_, tokens, luts_, batch, warm, stats, slot=False, hints=None):
         events.append(("score", list(batch)))
-        original_score(model_, run_, tokens, luts_, batch, warm, stats, slot)
+        original_score(model_, run_, tokens, luts_, batch, warm, stats, slot, hints)
 
     monkeypatch.setattr(tg, "global_sgd", sgd)
     monkeypatch.setattr(tg, "score_documents", score)
@@ -248,8 +248,13 @@ out = dict()
 for global_lr in (0.0, 0.01):
     s, run, model, luts = t.setup(Path(sys.argv[2]).parent, GLOBAL_TTT_LR=global_lr)
     out[global_lr] = tg.evaluate(model, run, t.synthetic_val(t.LENGTHS * 2), luts, phased=True)
+# the n-gram tilt, built on rank 0 and sent: a unigram context with no threshold hints every target after the first
+s, run, model, luts = t.setup(
+    Path(sys.argv[2]).parent, GLOBAL_TTT_LR=0.0, NGRAM_TILT_ENABLED=1, TOKEN_ORDER=1, TOKEN_THRESHOLD=0.0
+)
+tilt = tg.evaluate(model, run, t.synthetic_val(t.LENGTHS * 2), luts, phased=True)
 if run.master:
-    Path(sys.argv[2]).write_text(json.dumps(dict(adapters=out[0.0], both=out[0.01], world=run.world)))
+    Path(sys.argv[2]).write_text(json.dumps(dict(adapters=out[0.0], both=out[0.01], tilt=tilt, world=run.world)))
 tg.leave(0)  # as train_gpt.py's own exit: together, past the C++ teardown that can abort a finished rank
 """
 
@@ -281,6 +286,8 @@ def test_two_ranks_give_the_one_rank_score(tmp_path):
     # with the global SGD: its gradients are summed over ranks in another order, and SGD steps carry that on
     assert two["both"] == pytest.approx(one["both"], rel=1e-5)
     assert abs(one["both"][0] - one["adapters"][0]) > 1e-3  # the global SGD mattered: a rank-dependent set would show
+    assert two["tilt"] == pytest.approx(one["tilt"], rel=1e-9)  # every rank scores with rank 0's hints
+    assert abs(one["tilt"][0] - one["adapters"][0]) > 1e-3
 
 
 AUDIT_ENV = {
@@ -324,11 +331,11 @@ def test_audit_fails_an_adapter_step_before_scoring(monkeypatch, capsys, tmp_pat
         monkeypatch.setenv(k, v)
     original = tg.score_documents
 
-    def peeking(model, run, tokens, luts, batch, warm, stats, slot=False):
+    def peeking(model, run, tokens, luts, batch, warm, stats, slot=False, hints=None):
         hook, tg.SCORE_HOOK = tg.SCORE_HOOK, None
-        original(model, run, tokens, luts, batch, warm, torch.zeros_like(stats), slot)
+        original(model, run, tokens, luts, batch, warm, torch.zeros_like(stats), slot, hints)
         tg.SCORE_HOOK = hook
-        original(model, run, tokens, luts, batch, warm, stats, slot)
+        original(model, run, tokens, luts, batch, warm, stats, slot, hints)
 
     monkeypatch.setattr(tg, "score_documents", peeking)
     assert audit.audit(["--positions", "2", "--seed", "3"]) == 1

@@ -11,6 +11,12 @@ an analytic count (docs/performance.md), achieved TFLOP/s, MFU against a matmul 
 device (bf16 on GPU, fp32 on CPU), compile time apart from run time, and peak memory.
 
   python3 tools/bench.py [--json PATH] [--project-8xh100] [--baseline REV [--rounds N]]
+  python3 tools/bench.py --ngram-build [N]
+
+--ngram-build times only the n-gram tilt's hint build (train_gpt.ngram_hints at TOKEN_ORDER, TOKEN_THRESHOLD)
+over a synthetic stream of N tokens (default: the SP8192 validation split's 47,851,520): Zipf-distributed tokens
+with 5% of the stream copies of earlier 64-token spans, so that contexts repeat. It prints the seconds, the
+build's peak memory (tracemalloc: its own arrays, not the stream) and the gated fraction.
 
 --baseline REV checks REV out in a git worktree and runs this same measurement, in fresh processes, on the
 current train_gpt.py and on REV's, interleaved (A, B, A, B, ...), then prints time ratios per phase: speed claims
@@ -497,6 +503,36 @@ def project(tg, s, evals: dict, measured: bool, stated_mfu: float, h100: float, 
 # ----------------------------------------------------------------------------- one measurement
 
 
+def synthetic_stream(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """n Zipf-distributed tokens below vocab, 5% of them overwritten by copies of earlier 64-token spans."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.zipf(1.2, n).astype(np.int64) % vocab
+    dst = rng.integers(min(1000, n // 2), max(n - 64, min(1000, n // 2) + 1), n // 20 // 64)
+    src = (rng.random(dst.size) * dst).astype(np.int64)
+    for d, s in zip(dst, src):
+        tokens[d : d + 64] = tokens[s : s + 64]
+    return tokens
+
+
+def ngram_build(args) -> int:
+    """Time the n-gram tilt's hint build over a synthetic stream (--ngram-build N)."""
+    import tracemalloc
+
+    tg = load_train_gpt(Path(args.module))
+    s = tg.parse_settings()
+    tokens = synthetic_stream(args.ngram_build, s.vocab_size)
+    t0 = time.perf_counter()
+    tracemalloc.start()
+    hints = tg.ngram_hints(tokens, s.token_order, s.token_threshold)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(
+        f"ngram_build tokens:{tokens.size} order:{s.token_order} seconds:{time.perf_counter() - t0:.1f} "
+        f"peak_memory_mib:{peak / 2**20:.0f} gated_fraction:{(hints >= 0).mean():.4f}"
+    )
+    return 0
+
+
 def project_only(args) -> int:
     """The configured final evaluation's FLOPs and projected 8xH100 seconds at the stated MFU, nothing measured."""
     tg = load_train_gpt(Path(args.module))
@@ -910,6 +946,15 @@ def parse_args(argv=None):
         f"(default {H100_MATMUL_TFLOPS:.0f})",
     )
     p.add_argument("--peak-tflops", type=float, default=0, help="use this matmul peak instead of measuring it")
+    p.add_argument(
+        "--ngram-build",
+        type=int,
+        nargs="?",
+        const=RECORD_VAL_TOKENS_SP8192,
+        default=0,
+        metavar="N",
+        help=f"time only the n-gram tilt's hint build over N synthetic tokens (default {RECORD_VAL_TOKENS_SP8192:,})",
+    )
     p.add_argument("--baseline", help="also measure this git revision, interleaved, and print ratios")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per side with --baseline (default 2)")
     p.add_argument(
@@ -937,6 +982,8 @@ def main(argv=None) -> int:
         return 0
     if args.project_only:
         return project_only(args)
+    if args.ngram_build:
+        return ngram_build(args)
     if args.baseline:
         if "RANK" in os.environ:
             raise SystemExit("error: run --baseline as one plain process; --nproc N launches each side under torchrun")
