@@ -22,6 +22,13 @@ if [ "${STACK:-seed}" = pr1855 ] || [ "${STACK:-seed}" = pr2135 ]; then
   # sparse attention gates, skip gates, two lanes from layer 8, loops at 35%, document-masked attention, MuonEq-R
   # with Polar Express, WARMDOWN_FRAC with MIN_LR, int7 embedding, GPTQ on training tokens), on the embedded CaseOps
   # sample with its byte sidecar. EMA 0.97: the record's 0.9965 averages over ~300 steps, more than the demo has.
+  # pr2135's demo: fp32 and no validation before the end (under 6 minutes on 2 cores; the record's bf16 numerics are
+  # EMBED_BF16=1 MUON_BF16=1); each demo takes 10x its record's LoRA lr (8e-5 and 1e-4)
+  if [ "$STACK" = pr2135 ]; then
+    set_default TTT_LORA_LR=0.0008 EMBED_BF16=0 MUON_BF16=0 VAL_LOSS_EVERY=0
+  else
+    set_default TTT_LORA_LR=0.001
+  fi
   set_default DATA_PATH=./data/datasets/sample_sp8192_caseops TOKENIZER_PATH=./data/tokenizers/sample_8192_bpe_caseops.model \
     OUTPUT_DIR="./out/cpu_demo_$STACK" MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \
     TRAIN_BATCH_TOKENS=2048 ITERATIONS=150 WARMUP_STEPS=0 MAX_WALLCLOCK_SECONDS=0 MUON_MOMENTUM_WARMUP_STEPS=50 \
@@ -29,7 +36,6 @@ if [ "${STACK:-seed}" = pr1855 ] || [ "${STACK:-seed}" = pr2135 ]; then
     GPTQ_RESERVE_SECONDS=0 \
     TTT_EVAL_SEQ_LEN=256 TTT_BATCH_SIZE=8 TTT_LORA_RANK=8 PHASED_TTT_PREFIX_DOCS=24 \
     GLOBAL_TTT_CHUNK_TOKENS=4096 GLOBAL_TTT_BATCH_SEQS=8
-  if [ "$STACK" = pr2135 ]; then set_default TTT_LORA_LR=0.0008; else set_default TTT_LORA_LR=0.001; fi
   # Phased TTT at the demo's size: 34 documents in batches of 8 (rank-8 adapters, 10x the record's LoRA lr, 256-token
   # windows), the stack's global SGD phases (3 or 1) over the 24 longest in 4,096-token chunks (the record's 32,768
   # would be one chunk, which it skips).

@@ -94,10 +94,21 @@ class ModelSettings:
     num_kv_heads: int = setting(4, "key/value heads (GQA)", POSITIVE)
     mlp_mult: float = setting(3.0, "MLP hidden = MLP_MULT x MODEL_DIM", POSITIVE)
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's init")
+    init_draw_order: str = setting(
+        "seed",
+        "seed (layer by layer) | pr1855 (PR #1855's draws and order, its init rounded to bf16): the initial weights",
+        choices=("seed", "pr1855"),
+    )
     logit_softcap: float = setting(30.0, "logits = c tanh(z / c)", POSITIVE)
+    asym_logit_rescale: int = setting(
+        0, "1 = c learned apart for z >= 0 and z < 0, from LOGIT_SOFTCAP (no decay)", FLAG
+    )
     rope_base: float = setting(10000.0, "rotary base", POSITIVE)
     rope_dims: int = setting(16, "head dims rotated (partial RoPE)")
     rope_train_seq_len: int = setting(0, "base raised by (len/this)^(d/(d-2)) past this length; 0 = never")
+    rope_freq_bf16: int = setting(
+        0, "1 = rotary frequencies rounded to bf16, as PR #1855's model.bfloat16() leaves them", FLAG
+    )
     qk_gain_init: float = setting(1.5, "init of the per-head query gain")
     ln_scale: int = setting(1, "1 = scale block i's normed inputs by 1/sqrt(i+1)", FLAG)
     xsa_last_n: int = setting(4, "exclusive self-attention in the last N layers")
@@ -138,6 +149,9 @@ class OptimizerSettings:
     muon_polar_express: int = setting(0, "Polar Express: per-iteration Newton-Schulz coefficients (<= 5 steps)", FLAG)
     muon_bf16: int = setting(0, "1 = gradient, momentum buffer, update and Newton-Schulz in bf16 on any device", FLAG)
     embed_bf16: int = setting(0, "1 = the tied embedding stored and trained in bf16 (its AdamW state too)", FLAG)
+    adam_fused: int = setting(
+        0, "1 = torch's fused AdamW (fp32 math, one rounding: PR #1855's), else the default", FLAG
+    )
     adam_wd: float = setting(0.04, "AdamW weight decay of the scalars and control vectors")
     embed_wd: float = setting(0.04, "AdamW weight decay of the embedding tables (STACK=seed: ADAM_WD unless set)")
     beta1: float = setting(0.9, "AdamW beta1", UNIT)
@@ -158,6 +172,10 @@ class ScheduleSettings:
     warmdown_frac: float = setting(0.0, "> 0: warmdown over this last fraction of training instead", UNIT)
     min_lr: float = setting(0.0, "floor of the LR multiplier", UNIT)
     enable_looping_at: float = setting(0.0, "training fraction at which looping switches on", UNIT)
+    train_seq_schedule: str = setting(
+        "", "document-piece caps by training fraction, e.g. 1024@0.1,2048@0.7,3072@1 (PR #2014); empty = TRAIN_SEQ_LEN"
+    )
+    seq_change_warmup_steps: int = setting(0, "after each TRAIN_SEQ_SCHEDULE switch the LR re-warms over N steps")
     train_log_every: int = setting(500, "step: train-loss line every N steps (and the first 10)")
     val_loss_every: int = setting(4000, "plain validation every N steps during training (0 = only at the end)")
     ema_enabled: int = setting(1, "EMA of all weights every step", FLAG)
@@ -213,6 +231,7 @@ class EvalSettings:
     eval_batch_seqs: int = setting(32, "windows scored per batch (also the SLOT batch of SLOT_MODE=batch)", POSITIVE)
     eval_sliding_pass: int = setting(0, "1 = also the standalone sliding-window pass before TTT/SLOT", FLAG)
     eval_budget_seconds: float = setting(600.0, "evaluation budget: each pass's projected end is logged against it")
+    eval_include_tail: int = setting(0, "1 = the val split's last partial EVAL_SEQ_LEN window is scored too", FLAG)
     ttt_enabled: int = setting(1, "the seed's score-first test-time training", FLAG)
     ttt_lr: float = setting(0.002, "TTT SGD LR (cosine-decayed over chunks)")
     ttt_epochs: int = setting(3, "epochs over each chunk", POSITIVE)
@@ -232,6 +251,10 @@ class EvalSettings:
     ttt_lora_alpha: float = setting(144.0, "adapter scale alpha (delta = x A^T B^T alpha / r)")
     ttt_lora_lr: float = setting(1e-4, "AdamW LR of the adapters")
     ttt_chunk_size: int = setting(48, "targets per chunk: scored, then one adapter step", POSITIVE)
+    ttt_short_score_first_enabled: int = setting(0, "smaller chunks for batches of short documents (PR #2014)", FLAG)
+    ttt_short_score_first_steps: str = setting(
+        "256:8,2000:24", "LENGTH:CHUNK,...: a batch whose longest document has <= LENGTH tokens takes CHUNK"
+    )
     ttt_eval_seq_len: int = setting(
         2048, "at most this many tokens of a document's prefix as a chunk's context", POSITIVE
     )
@@ -336,6 +359,9 @@ PR1855 = dict(
     muon_polar_express=1,
     muon_bf16=1,
     embed_bf16=1,
+    adam_fused=1,
+    init_draw_order="pr1855",
+    rope_freq_bf16=1,
     embed_bits=7,
     gptq_calib="train",
     gptq_reserve_seconds=0.5,
@@ -438,6 +464,7 @@ def parse_settings(env=os.environ):
     return s
 
 
+MAX_BATCH_TOKENS = 2**22  # one evaluation or TTT batch: 64x the record's 65,536 tokens, 64 GiB of logits at V 8192
 MAX_RUN_ID_BYTES = 200  # the log files are logs/<RUN_ID>.txt and .json (+ .tmp while written): under 255 bytes
 MAX_PATH_BYTES = 4000  # under Linux's PATH_MAX (4096), with room for the longest file name the run writes
 
@@ -519,6 +546,19 @@ def check_settings(s, env):
             s.ttt_chunk_size > s.ttt_eval_seq_len,
             f"TTT_CHUNK_SIZE={s.ttt_chunk_size} must be at most TTT_EVAL_SEQ_LEN={s.ttt_eval_seq_len}",
         ),
+        *(
+            (
+                n * length > MAX_BATCH_TOKENS,
+                f"{name}={n} {unit}={length} make batches of {n * length:,} tokens, over {MAX_BATCH_TOKENS:,}: "
+                f"lower {name}",
+            )
+            for name, n, unit, length in (
+                ("EVAL_BATCH_SEQS", s.eval_batch_seqs, "windows of EVAL_SEQ_LEN", s.eval_seq_len),
+                ("TTT_BATCH_SEQS", s.ttt_batch_seqs, "sequences of EVAL_SEQ_LEN", s.eval_seq_len),
+                ("TTT_BATCH_SIZE", s.ttt_batch_size, "documents of up to TTT_EVAL_SEQ_LEN", s.ttt_eval_seq_len),
+                ("GLOBAL_TTT_BATCH_SEQS", s.global_ttt_batch_seqs, "sequences of EVAL_SEQ_LEN", s.eval_seq_len),
+            )
+        ),
         (
             s.ttt_enabled and s.ttt_chunk_tokens % s.eval_seq_len,
             f"TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} must be a multiple of EVAL_SEQ_LEN={s.eval_seq_len}",
@@ -527,6 +567,19 @@ def check_settings(s, env):
             s.gptq_calib == "train" and s.max_wallclock_seconds > 0 and s.gptq_reserve_seconds <= 0,
             "GPTQ_CALIB=train reads training tokens after training: set GPTQ_RESERVE_SECONDS > 0 (taken out of "
             "MAX_WALLCLOCK_SECONDS) or use GPTQ_CALIB=self",
+        ),
+        (
+            s.phased_ttt_enabled and s.ttt_short_score_first_enabled and not short_doc_chunks(s),
+            "TTT_SHORT_SCORE_FIRST_ENABLED=1 needs TTT_SHORT_SCORE_FIRST_STEPS, e.g. 256:8,2000:24",
+        ),
+        (
+            seq_stages(s) and not s.doc_masked_attn,
+            "TRAIN_SEQ_SCHEDULE caps document pieces: it needs DOC_MASKED_ATTN=1",
+        ),
+        (
+            any(n > s.train_batch_tokens // 8 for _, n in seq_stages(s)),
+            f"TRAIN_SEQ_SCHEDULE={s.train_seq_schedule} has a length over the packed row of TRAIN_BATCH_TOKENS/8="
+            f"{s.train_batch_tokens // 8} tokens",
         ),
         (
             s.eval_only and not s.artifact_path,
@@ -635,15 +688,18 @@ class DistributedTokenLoader:
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
 
 
-def load_validation_tokens(pattern, seq_len, max_tokens):
+def load_validation_tokens(pattern, seq_len, max_tokens, include_tail=False):
+    """The validation tokens (the first max_tokens + 1 when max_tokens > 0): whole seq_len windows of targets, and
+    the last partial one too with include_tail (EVAL_INCLUDE_TAIL)."""
     tokens = np.concatenate([load_data_shard(f) for f in shard_files(pattern)])
     if max_tokens > 0:
         tokens = tokens[: max_tokens + 1]
-    if not (usable := (len(tokens) - 1) // seq_len * seq_len):
+    if not (whole := (len(tokens) - 1) // seq_len * seq_len):
         raise Fail(
             f"validation split {pattern} has {len(tokens)} tokens, fewer than one sequence of "
             f"{seq_len}+1; lower EVAL_SEQ_LEN or raise VAL_MAX_TOKENS"
         )
+    usable = len(tokens) - 1 if include_tail else whole
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
@@ -718,10 +774,13 @@ def fake_quantize(w, bits):
     return w + (q - w).detach()
 
 
-def apply_partial_rope(x, rope_dims, base, past=0):
-    """Rotate the first rope_dims of each head of x [B, T, H, D] at positions past.. (the two halves pair up)."""
+def apply_partial_rope(x, rope_dims, base, past=0, freq_bf16=False):
+    """Rotate the first rope_dims of each head of x [B, T, H, D] at positions past.. (the two halves pair up); with
+    freq_bf16 at frequencies rounded to bf16 (ROPE_FREQ_BF16)."""
     T, half = x.size(1), rope_dims // 2
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=x.device, dtype=torch.float32) / rope_dims)
+    if freq_bf16:
+        inv_freq = inv_freq.bfloat16().float()
     angles = torch.outer(torch.arange(past, past + T, device=x.device, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
@@ -839,10 +898,13 @@ class ModelConfig:
     num_kv_heads: int
     mlp_mult: float
     tied_embed_init_std: float
+    init_draw_order: str
     logit_softcap: float
+    asym_logit_rescale: int
     rope_base: float
     rope_dims: int
     rope_train_seq_len: int
+    rope_freq_bf16: int
     qk_gain_init: float
     ln_scale: int
     xsa_last_n: int
@@ -904,7 +966,9 @@ class GPT(nn.Module):
       qat_bits     late QAT: 0 = off, else every matrix fake-quantized to this many bits in the forward pass ...
       qat_banks    ... the banked attention/MLP matrices too (LATE_QAT_BANKS), not only the plain linears
       input_hook   None, or hook(name, x) called with the input of every bank matrix as the export names it
-                   (GPTQ calibration collects its Hessians through it)"""
+                   (GPTQ calibration collects its Hessians through it)
+      piece_len    the longest document piece under document-masked attention: TRAIN_SEQ_LEN, or during training
+                   the stage of TRAIN_SEQ_SCHEDULE (a 0-d buffer, not saved: a new value recompiles nothing)"""
 
     def __init__(self, config, attention=None, doc_attention=None):
         super().__init__()
@@ -914,8 +978,15 @@ class GPT(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, d // c.num_heads
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(c.mlp_mult * d)
         self.looping, self.qat_bits, self.qat_banks, self.input_hook = False, 0, True, None
+        self.register_buffer("piece_len", torch.tensor(c.train_seq_len), persistent=False)
         self.tok_emb = nn.Embedding(V, d)
+        record = c.init_draw_order == "pr1855"
+        if record and c.smear_gate_enabled:  # PR #1855's smear gate is a Linear whose constructor draws, then zeroes
+            nn.init.kaiming_uniform_(torch.empty(1, c.gate_window), a=math.sqrt(5))
         nn.init.normal_(self.tok_emb.weight, std=c.tied_embed_init_std)
+        if c.asym_logit_rescale:  # PR #1923's two caps, trained here by the scalars' AdamW (the records' never were)
+            self.softcap_pos = nn.Parameter(torch.tensor(c.logit_softcap))
+            self.softcap_neg = nn.Parameter(torch.tensor(c.logit_softcap))
         if c.bigram_vocab_size:
             self.bigram_emb = nn.Parameter(torch.zeros(c.bigram_vocab_size, c.bigram_dim))
             # Orthogonal as the reference's init leaves them (zero table x zero projection: no gradient)
@@ -931,9 +1002,11 @@ class GPT(nn.Module):
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, d, hidden))
         qo, kv, up = self.qo_bank.data, self.kv_bank.data, self.mlp_up_bank.data
-        for i in range(L):
-            for w in (qo[i], kv[i], kv[L + i], up[i]):
+        for i in range(L):  # PR #1855 draws every layer's attention first, then the MLPs
+            for w in (qo[i], kv[i], kv[L + i]) if record else (qo[i], kv[i], kv[L + i], up[i]):
                 nn.init.orthogonal_(w)
+        for i in range(L if record else 0):
+            nn.init.orthogonal_(up[i])
         qo[L:].zero_()  # output projections (and MLP down, above) start at exactly zero
         self.blocks = nn.ModuleList(Block(c, d, self.num_heads) for _ in range(L))
         self.num_skips = min(map(len, layer_schedule(c, looped=True)))
@@ -949,6 +1022,10 @@ class GPT(nn.Module):
             self.ve_proj = nn.Parameter(nn.init.orthogonal_(torch.empty(kv_dim, c.ve_dim)))
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        if record:  # as PR #1855's model.bfloat16() + restore_fp32_params leaves them
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(p.bfloat16())
 
     def weight(self, w, dtype, bank=False):
         """A matrix as the forward pass uses it: fake-quantized under late QAT (a bank's only with qat_banks)."""
@@ -1006,7 +1083,8 @@ class GPT(nn.Module):
         v = v.view(B, T, Hkv, D)
         past = cache["len"] if cache else 0
         base, rd = rope_base(self.config, past + T), self.config.rope_dims
-        q, k = apply_partial_rope(rms_norm(q), rd, base, past), apply_partial_rope(rms_norm(k), rd, base, past)
+        bf16 = self.config.rope_freq_bf16
+        q, k = (apply_partial_rope(rms_norm(t), rd, base, past, bf16) for t in (q, k))
         q = q * self.blocks[i].q_gain.to(dtype)[None, None, :, None]
         if cache is not None:  # generation: this call's keys and values after the cached ones
             cache[slot] = kv = [torch.cat(t, 1) for t in zip(cache.get(slot, (k[:, :0], v[:, :0])), (k, v))]
@@ -1070,7 +1148,7 @@ class GPT(nn.Module):
             ve = F.linear(self.ve_emb.to(dtype)[idx[:, past:]], self.weight(self.ve_proj, dtype)) * self.ve_scale.to(
                 dtype
             )
-        seg = doc_segments(idx, self.config.train_seq_len) if self.config.doc_masked_attn and cache is None else None
+        seg = doc_segments(idx, self.piece_len) if self.config.doc_masked_attn and cache is None else None
         encoder, decoder = layer_schedule(self.config, self.looping)
 
         def layer(i, slot):
@@ -1104,10 +1182,14 @@ class GPT(nn.Module):
         return 0.5 * (lanes[0] + lanes[1]) if lanes else x
 
     def compute_logits(self, h, lora=None):
-        """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32."""
+        """Final RMSNorm, the tied head (plus phased TTT's head adapter), and the softcap c * tanh(z / c), in fp32 (with
+        ASYM_LOGIT_RESCALE, c is one learned value for positive logits and another for negative ones)."""
         n = rms_norm(h)
         z = self.adapted(lora, "head", n, F.linear(n, self.tok_emb.weight.to(h.dtype))).float()
-        return self.config.logit_softcap * torch.tanh(z / self.config.logit_softcap)
+        cap = self.config.logit_softcap
+        if self.config.asym_logit_rescale:
+            cap = torch.where(z >= 0, self.softcap_pos, self.softcap_neg)
+        return cap * torch.tanh(z / cap)
 
     def forward(self, idx, targets):
         """Mean cross-entropy: the training loss (and TTT's)."""
@@ -1216,20 +1298,21 @@ class ParallelMuon(torch.optim.Optimizer):
 
 def build_optimizers(model, s):
     """Muon on the four banks; AdamW on the embedding tables (TIED_EMBED_LR, EMBED_WD) and on everything else, the
-    scalars and control vectors (SCALAR_LR, ADAM_WD). Returns them and the AdamW parameters."""
+    scalars and control vectors (SCALAR_LR, ADAM_WD; ASYM_LOGIT_RESCALE's two caps at SCALAR_LR, not decayed).
+    Returns them and the AdamW parameters."""
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     embeds = [getattr(model, k) for k in ("bigram_emb", "ve_emb") if hasattr(model, k)]
     embeds.insert(0, model.tok_emb.weight)
-    ids = {id(p) for p in banks + embeds}
+    caps = [getattr(model, k) for k in ("softcap_pos", "softcap_neg") if hasattr(model, k)]
+    ids = {id(p) for p in banks + embeds + caps}
     scalars = [p for p in model.parameters() if id(p) not in ids]
-    adam = torch.optim.AdamW(
-        [
-            dict(params=embeds, lr=s.tied_embed_lr, weight_decay=s.embed_wd),
-            dict(params=scalars, lr=s.scalar_lr, weight_decay=s.adam_wd),
-        ],
-        betas=(s.beta1, s.beta2),
-        eps=s.adam_eps,
-    )
+    groups = [
+        dict(params=embeds, lr=s.tied_embed_lr, weight_decay=s.embed_wd),
+        dict(params=scalars, lr=s.scalar_lr, weight_decay=s.adam_wd),
+    ]
+    if caps:  # decay would pull the caps toward 0, a hard clamp of every logit
+        groups.append(dict(params=caps, lr=s.scalar_lr, weight_decay=0.0))
+    adam = torch.optim.AdamW(groups, betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=bool(s.adam_fused) or None)
     muon = ParallelMuon(
         banks,
         s.matrix_lr,
@@ -1242,7 +1325,7 @@ def build_optimizers(model, s):
     )
     for group in adam.param_groups + muon.param_groups:
         group["base_lr"] = group["lr"]
-    return muon, adam, scalars + embeds
+    return muon, adam, scalars + caps + embeds
 
 
 def all_reduce_(tensors, mean):
@@ -1390,6 +1473,31 @@ def muon_momentum(s, step):
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
 
+def seq_stages(s):
+    """TRAIN_SEQ_SCHEDULE as [(fraction, piece length)] in order of fraction, ending at 1 (the last length goes on);
+    [] without one. Fail on a malformed stage."""
+    stages = []
+    for stage in filter(None, (x.strip() for x in s.train_seq_schedule.split(","))):
+        length, _, frac = stage.partition("@")
+        try:
+            length, frac = int(length), float(frac)
+        except ValueError:
+            length = frac = -1
+        if length <= 0 or not 0 < frac <= 1:
+            raise Fail(
+                f"TRAIN_SEQ_SCHEDULE stage {stage!r} must be LENGTH@FRACTION, a positive length and a fraction in "
+                "(0, 1], e.g. 1024@0.1,2048@0.7,3072@1"
+            )
+        stages.append((frac, length))
+    stages.sort()
+    return stages + [(1.0, stages[-1][1])] if stages and stages[-1][0] < 1 else stages
+
+
+def stage_length(stages, frac):
+    """The piece length of training fraction frac: that of the first stage whose fraction it has not passed."""
+    return next((length for end, length in stages if frac <= end), stages[-1][1])
+
+
 class WeightAverages:
     """EMA of all weights every step; SWA snapshots (of the EMA when on) late in warmdown."""
 
@@ -1461,6 +1569,9 @@ def train(model, run, val, luts):
         loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
     train_ms, step, stopping = 0.0, 0, False
+    stages, rewarm_from = seq_stages(s), None  # the piece length's stages, the step of the last switch's re-warm
+    piece = stages[0][1] if stages else s.train_seq_len
+    model.piece_len.fill_(piece)
     run.sync()
     t0 = time.perf_counter()
     while True:
@@ -1479,18 +1590,25 @@ def train(model, run, val, luts):
         if last:
             break
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        lr_mul = lr_multiplier(s, step, elapsed)
-        if s.num_loops and not model.looping and training_fraction(s, step, elapsed) >= s.enable_looping_at:
+        lr_mul, frac = lr_multiplier(s, step, elapsed), training_fraction(s, step, elapsed)
+        if s.num_loops and not model.looping and frac >= s.enable_looping_at:
             model.looping = True
             run.log(
-                f"layer_loop:enabled step:{step} frac:{training_fraction(s, step, elapsed):.3f} "
+                f"layer_loop:enabled step:{step} frac:{frac:.3f} "
                 f"encoder:{layer_schedule(model.config, True)[0]} decoder:{layer_schedule(model.config, True)[1]}"
             )
+        if stages and stage_length(stages, frac) != piece:  # longer pieces, the same rows: nothing recompiles
+            piece, rewarm_from = stage_length(stages, frac), step
+            model.piece_len.fill_(piece)
+            run.log(f"growth_stage:seq_len:{piece} progress:{frac:.3f} step:{step}")
+        rewarm = 1.0  # each group's LR times (steps since the switch + 1) / SEQ_CHANGE_WARMUP_STEPS, up to 1
+        if rewarm_from is not None and s.seq_change_warmup_steps:
+            rewarm = min((step - rewarm_from + 1) / s.seq_change_warmup_steps, 1.0)
         if s.late_qat and not model.qat_bits and lr_mul < s.late_qat_threshold:
             model.qat_bits = s.matrix_bits
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
         PROGRESS["stage"] = f"training step {step + 1}"
-        loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul)
+        loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul * rewarm)
         step += 1
         averages.update(model, step, lr_mul)
         loss_value = loss.item()
@@ -1512,6 +1630,7 @@ def train(model, run, val, luts):
             run.summary["train_curve"].append(dict(step=step, train_loss=loss_value, time_ms=elapsed))
         if stopping:
             run.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{s.iterations}")
+    model.piece_len.fill_(s.train_seq_len)
     weights, source = averages.final_weights(model)
     run.log(f"final_weights:{source}")
     run.summary.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
@@ -1527,7 +1646,7 @@ ARTIFACT_NAME, FLOAT_NAME = "final_model.int6.ptz", "final_model.float.safetenso
 MODEL_KEYS = tuple(
     f.name.upper()
     for f in fields(ModelConfig)
-    if f.name not in ("tied_embed_init_std", "qk_gain_init", "train_seq_len")
+    if f.name not in ("tied_embed_init_std", "init_draw_order", "qk_gain_init", "train_seq_len")
 )
 
 
@@ -2506,11 +2625,13 @@ def lora_shapes(model, s):
     return shapes + ([("head", d, model.tok_emb.num_embeddings)] if s.ttt_head_lora else [])
 
 
-def fresh_lane(model, run, lane, phase):
-    """A lane's first LoRA A of a phase, U(+-1/sqrt(in)) per row, seeded by (SEED, phase, lane): rank-independent."""
+def fresh_lane(model, run, lane, phase, rows=None):
+    """A lane's first LoRA A of a phase for batches of rows documents (TTT_BATCH_SIZE unless fewer), U(+-1/sqrt(in))
+    per row, seeded by (SEED, phase, lane): rank-independent."""
     g = torch.Generator().manual_seed(run.s.seed * 1000 + phase * TTT_LANES + lane)
+    rows = rows or run.s.ttt_batch_size
     return {
-        name: ((torch.rand(run.s.ttt_batch_size, run.s.ttt_lora_rank, i, generator=g) * 2 - 1) / i**0.5).to(run.device)
+        name: ((torch.rand(rows, run.s.ttt_lora_rank, i, generator=g) * 2 - 1) / i**0.5).to(run.device)
         for name, i, _ in lora_shapes(model, run.s)
     }
 
@@ -2632,14 +2753,36 @@ def tilt(logp, hints, boost):
     return torch.where(given[..., None], tilted, logp)
 
 
+def short_doc_chunks(s):
+    """TTT_SHORT_SCORE_FIRST_STEPS as [(longest document, chunk)] in order of length; Fail on a malformed pair."""
+    steps = []
+    for pair in filter(None, (x.strip() for x in s.ttt_short_score_first_steps.split(","))):
+        length, _, chunk = pair.partition(":")
+        if not (length.isdigit() and chunk.isdigit() and int(length) > 0 and 0 < int(chunk) <= s.ttt_eval_seq_len):
+            raise Fail(
+                f"TTT_SHORT_SCORE_FIRST_STEPS pair {pair!r} must be LENGTH:CHUNK, positive, the chunk at most "
+                f"TTT_EVAL_SEQ_LEN={s.ttt_eval_seq_len}, e.g. 256:8,2000:24"
+            )
+        steps.append((int(length), int(chunk)))
+    return sorted(steps)
+
+
+def chunk_size_of(s, longest):
+    """Phased TTT's chunk for a batch whose longest document has longest tokens: TTT_CHUNK_SIZE, or with
+    TTT_SHORT_SCORE_FIRST_ENABLED the chunk of the first TTT_SHORT_SCORE_FIRST_STEPS length it fits."""
+    if not s.ttt_short_score_first_enabled:
+        return s.ttt_chunk_size
+    return next((chunk for length, chunk in short_doc_chunks(s) if longest <= length), s.ttt_chunk_size)
+
+
 def score_documents(model, run, tokens, luts, batch, warm_a, stats, slot=False, hints=None):
-    """One batch of documents, chunk by chunk (TTT_CHUNK_SIZE targets): chunk c of every document is scored from the
+    """One batch of documents, chunk by chunk (chunk_size_of targets): chunk c of every document is scored from the
     last <= TTT_EVAL_SEQ_LEN tokens of its own prefix (with slot: plus an offset fitted on the window's targets
     before the chunk; with hints: its scores tilted toward them), then the documents that go on take one AdamW step
     (beta1 0) on it, on the untilted loss. Adapters start from the lane's warm A (updated in place) with B = 0 and a
     fresh optimizer."""
     s, dev, n = run.s, run.device, len(batch)
-    C, Lt = s.ttt_chunk_size, s.ttt_eval_seq_len
+    C, Lt = chunk_size_of(s, max(length for _, length in batch)), s.ttt_eval_seq_len
     adapters = {
         k: (
             warm_a[k][:n].clone().requires_grad_(),
@@ -2713,6 +2856,12 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
     s = run.s
     batches = phased_batches(find_docs(tokens), s.ttt_batch_size)
     order = [d for b in batches for d in b]
+    rows = min(s.ttt_batch_size, len(order))
+    if rows < s.ttt_batch_size:
+        run.log(
+            f"ttt_phased: TTT_BATCH_SIZE={s.ttt_batch_size} is more than the {len(order)} validation documents: "
+            f"one batch of {rows}"
+        )
     cum = np.cumsum([len(b) for b in batches])
     prefix, P = min(s.phased_ttt_prefix_docs, len(order)), s.phased_ttt_num_phases
     if prefix < s.phased_ttt_prefix_docs:
@@ -2735,7 +2884,7 @@ def evaluate_phased(model, run, tokens, luts, tag="", slot=False):
         for q in range(done, last + 1):
             if mine[q]:
                 if q % TTT_LANES not in lanes:
-                    lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase)
+                    lanes[q % TTT_LANES] = fresh_lane(model, run, q % TTT_LANES, phase, rows)
                 score_documents(model, run, tokens, luts, batches[q], lanes[q % TTT_LANES], stats, slot, hints)
             if tag and q == min(2 * run.world, len(batches) - 1):  # the longest batches: an upper bound
                 project_pass(run, tag, sum(mine[: q + 1]) / max(sum(mine), 1), t0)
@@ -2849,9 +2998,13 @@ def main():
         write_atomic(run.out / PACKED_NAME, packed.encode())
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
-    val = load_validation_tokens(os.path.join(s.data_path, VAL_SHARDS), s.eval_seq_len, s.val_max_tokens)
+    val = load_validation_tokens(
+        os.path.join(s.data_path, VAL_SHARDS), s.eval_seq_len, s.val_max_tokens, s.eval_include_tail
+    )
     luts, counted = byte_counter(s, load_tokenizer(s), val.numel(), run.device)
     run.log(f"val_tokens:{val.numel() - 1} bpb_bytes:{counted}")
+    if s.val_max_tokens > val.numel() - 1 + s.eval_seq_len:  # more than the split holds, not only its partial window
+        run.log(f"val_tokens: VAL_MAX_TOKENS={s.val_max_tokens} is more than the validation split: all of it is used")
     state, float_bpb, code_bytes = None, None, len(packed.encode())
     model = build_model(run)  # trained here, then every evaluation loads its weights: one model, compiled once
     if s.eval_only:

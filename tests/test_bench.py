@@ -277,12 +277,14 @@ def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
     assert t["looped"] / t["plain"] == pytest.approx(bench.train_flops(s, T, True) / bench.train_flops(s, T, False))
 
 
-def test_phased_ttt_flops_match_flop_counter(tmp_path, one_thread):
+@pytest.mark.parametrize("switched", [{}, dict(TTT_K_LORA=0, TTT_HEAD_LORA=0)])
+def test_phased_ttt_flops_match_flop_counter(tmp_path, one_thread, switched):
     """bench.phased_flops against FlopCounterMode over a whole phased-TTT pass (adapters' forward and backward with
-    the base frozen, the global SGD phases), with attention as plain matmuls (full T x T, hence causal=False)."""
+    the base frozen, the global SGD phases), with attention as plain matmuls (full T x T, hence causal=False); with
+    every adapter, and with the K and head adapters switched off."""
     import test_phased_ttt as tp
 
-    s, run, model, luts = tp.setup(tmp_path)
+    s, run, model, luts = tp.setup(tmp_path, **switched)
     model.attention, model.doc_attention = explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v)
     val = tp.synthetic_val(tp.LENGTHS * 2)
     with FlopCounterMode(display=False) as fc:

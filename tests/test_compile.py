@@ -61,7 +61,7 @@ def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
     g = torch.Generator().manual_seed(0)
     adapters = {
         k: (torch.rand(2, 4, i, generator=g).requires_grad_(), torch.randn(2, o, 4, generator=g).requires_grad_())
-        for k, i, o in tg.lora_shapes(model)
+        for k, i, o in tg.lora_shapes(model, s)
     }
     lora = tg.LoRA(adapters, s.ttt_lora_alpha / s.ttt_lora_rank)
     x, y = torch.randint(2, 1024, (2, 2, 24), generator=g)
@@ -169,8 +169,9 @@ def test_pr1855_compiles_both_loop_graphs_in_warm_up_and_never_again(tiny_settin
         compiled(x, x).backward()
     graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
     assert graphs == 2
-    for looping in (False, True, False, True):  # training switches the loop on; nothing compiles again
-        model.looping = looping
+    for looping, piece in ((False, 64), (True, 32), (False, 256), (True, 128)):  # training switches the loop on
+        model.looping = looping  # and TRAIN_SEQ_SCHEDULE the piece length: nothing compiles again
+        model.piece_len.fill_(piece)
         other = torch.randint(0, 1024, (1, 256))
         compiled(other, other).backward()
     assert counters["stats"]["unique_graphs"] == graphs and sum(counters["recompiles"].values()) == recompiles

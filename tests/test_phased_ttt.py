@@ -342,3 +342,21 @@ def test_audit_fails_an_adapter_step_before_scoring(monkeypatch, capsys, tmp_pat
     lines = audit_lines(capsys.readouterr().out)
     assert lines["causality"].startswith("FAIL") and lines["coverage"].startswith("PASS")
     assert lines["verdict"].startswith("FAIL eval:phased_ttt breaks causality")
+
+
+def test_a_batch_larger_than_the_data_is_logged_and_sized_to_it(tmp_path, monkeypatch):
+    s, run, model, luts = setup(tmp_path, TTT_BATCH_SIZE=1000)
+    logged, rows, real = [], [], tg.fresh_lane
+    run.log = lambda msg, console=True: logged.append(msg)
+
+    def lane(model_, run_, lane, phase, rows_=None):
+        out = real(model_, run_, lane, phase, rows_)
+        rows.append({a.size(0) for a in out.values()})
+        return out
+
+    monkeypatch.setattr(tg, "fresh_lane", lane)
+    tg.evaluate(model, run, synthetic_val(), luts, phased=True)
+    n = len(LENGTHS)
+    want = f"TTT_BATCH_SIZE=1000 is more than the {n} validation documents: one batch of {n}"
+    assert any(want in line for line in logged), logged
+    assert rows and all(r == {n} for r in rows)  # the adapters hold the documents there are, not 1,000 rows

@@ -206,7 +206,8 @@ def test_init_zero_projections_and_gate_values(tiny_settings):
     L = s.num_layers
     assert model.qo_bank[L:].abs().max() == 0 and model.mlp_down_bank.abs().max() == 0
     assert model.skip_weights.shape == (8, 64) and (model.skip_gates == 0).all()
-    assert (model.parallel_resid_lambdas == 1.1).all() and (model.parallel_post_lambdas == 1).all()
+    # 1.1 as the record holds it after model.bfloat16() (INIT_DRAW_ORDER=pr1855 rounds the init to bf16)
+    assert (model.parallel_resid_lambdas == 1.1015625).all() and (model.parallel_post_lambdas == 1).all()
     assert all((b.attn_gate_w == 0).all() and b.attn_gate_w.shape == (4, 12) for b in model.blocks)
     assert (model.blocks[0].q_gain == 5.0).all() and not hasattr(model, "bigram_emb") and not model.ve_layers
     # The smear gate is the identity at init: the embedding is plain RMSNorm of the token embedding.
@@ -547,3 +548,77 @@ def test_pr1855_two_gloo_ranks_equal_one(tmp_path, script_env):
     for k in one["state"]:
         a, b = one["state"][k], two["state"][k]
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item()), k
+
+
+def test_init_draw_order_pr1855_draws_as_the_records_constructor(tiny_settings):
+    """INIT_DRAW_ORDER=pr1855, written out from PR #1855's GPT.__init__ and _init_weights: the Embedding's constructor
+    draw, its smear gate's Linear(GATE_WINDOW, 1) constructor draw (then zeroed), the tied embedding's normal, every
+    layer's Q, K, V orthogonal, then every layer's MLP-up, and every parameter rounded to bf16."""
+    s = pr_settings(tiny_settings)
+    assert s.init_draw_order == "pr1855"
+    torch.manual_seed(7)
+    model = tg.GPT(tg.ModelConfig.of(s))
+    torch.manual_seed(7)
+    L, V, d = s.num_layers, s.vocab_size, s.model_dim
+    torch.empty(V, d).normal_()
+    torch.nn.init.kaiming_uniform_(torch.empty(1, s.gate_window), a=math.sqrt(5))
+    emb = torch.nn.init.normal_(torch.empty(V, d), std=s.tied_embed_init_std)
+    kv_dim, hidden = s.num_kv_heads * d // s.num_heads, int(s.mlp_mult * d)
+    q, k, v = [], [], []
+    for _ in range(L):
+        q.append(torch.nn.init.orthogonal_(torch.empty(d, d)))
+        k.append(torch.nn.init.orthogonal_(torch.empty(kv_dim, d)))
+        v.append(torch.nn.init.orthogonal_(torch.empty(kv_dim, d)))
+    up = [torch.nn.init.orthogonal_(torch.empty(hidden, d)) for _ in range(L)]
+    bf16 = lambda t: t.bfloat16().float()  # noqa: E731
+    assert torch.equal(model.tok_emb.weight, bf16(emb))
+    assert torch.equal(model.qo_bank[:L], bf16(torch.stack(q))) and torch.equal(
+        model.mlp_up_bank, bf16(torch.stack(up))
+    )
+    assert torch.equal(model.kv_bank, bf16(torch.stack(k + v)))
+    assert model.parallel_resid_lambdas[0, 0].item() == 1.1015625  # 1.1 in bf16, as the record's init holds it
+    seed_order = tg.GPT(tg.ModelConfig.of(pr_settings(tiny_settings, INIT_DRAW_ORDER="seed")))
+    assert seed_order.parallel_resid_lambdas[0, 0].item() == pytest.approx(1.1, abs=1e-7)
+    assert tg.parse_settings({}).init_draw_order == "seed" and "INIT_DRAW_ORDER" not in tg.MODEL_KEYS
+
+
+def test_rope_freq_bf16_rotates_at_the_records_rounded_frequencies():
+    x = torch.randn(1, 5, 2, 16)
+    base, dims = 10000.0, 16
+    inv = (1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)).bfloat16().float()
+    assert inv[1].item() == 0.31640625  # the record's second frequency: 0.3162 rounded
+    angles = torch.outer(torch.arange(5, dtype=torch.float32), inv)
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    x1, x2 = x[..., :8], x[..., 8:]
+    want = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    torch.testing.assert_close(tg.apply_partial_rope(x, dims, base, freq_bf16=True), want, atol=1e-6, rtol=0)
+    assert (tg.apply_partial_rope(x, dims, base) - want).abs().max() > 1e-4
+    assert "ROPE_FREQ_BF16" in tg.MODEL_KEYS  # a different function: the artifact records it
+
+
+def test_adam_fused_is_the_records_adamw(tiny_settings):
+    """ADAM_FUSED (PR #1855's fused=True): on bf16 weights (the tied embedding under EMBED_BF16) its steps stay close
+    to the same AdamW in fp32 rounded once a step; the default path rounds every op and drifts away."""
+    s = pr_settings(tiny_settings)
+    model = tg.GPT(tg.ModelConfig.of(s))
+    assert tg.build_optimizers(model, s)[1].defaults["fused"] is True
+    assert not tg.build_optimizers(model, pr_settings(tiny_settings, ADAM_FUSED=0))[1].defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    w0, grad = (
+        (torch.randn(64, 32, generator=g) * 0.005).bfloat16(),
+        (torch.randn(64, 32, generator=g) * 0.01).bfloat16(),
+    )
+    lr, wd, b2 = 0.03, 0.085, 0.99
+    p, m, v = w0.float(), torch.zeros(64, 32), torch.zeros(64, 32)
+    for t in range(1, 6):  # the fp32 step, rounded to bf16 once
+        p, m, v = p * (1 - lr * wd), 0.9 * m + 0.1 * grad.float(), b2 * v + (1 - b2) * grad.float() ** 2
+        p = (p - lr / (1 - 0.9**t) * m / ((v / (1 - b2**t)).sqrt() + 1e-8)).bfloat16().float()
+    error = {}
+    for fused in (True, None):
+        w = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=lr, weight_decay=wd, betas=(0.9, b2), fused=fused)
+        for _ in range(5):
+            w.grad = grad.clone()
+            opt.step()
+        error[fused] = (w.detach().float() - p).abs().mean().item()
+    assert error[True] < 0.5 * error[None], error

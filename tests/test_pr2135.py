@@ -225,3 +225,150 @@ def test_audit_passes_the_tilt_and_fails_a_hint_chosen_by_the_targets_class(monk
     lines = audit_lines(capsys.readouterr().out)
     assert lines["coverage"].startswith("PASS") and lines["normalization"].startswith("PASS")
     assert lines["causality"].startswith("FAIL" if planted else "PASS"), lines["causality"]
+
+
+def test_seq_schedule_reads_the_records_stages_and_refuses_malformed_ones(tiny_settings):
+    record = tiny_settings(
+        DOC_MASKED_ATTN=1, TRAIN_BATCH_TOKENS=8 * 3072, TRAIN_SEQ_SCHEDULE="1024@0.100,2048@0.700,3072@1.000"
+    )
+    stages = tg.seq_stages(record)
+    assert stages == [(0.1, 1024), (0.7, 2048), (1.0, 3072)]
+    # the first stage whose fraction is not passed (PR #2014): 1024 to 10%, 2048 to 70%, then 3072
+    assert [tg.stage_length(stages, f) for f in (0.0, 0.1, 0.1001, 0.7, 0.70001, 1.0, 1.2)] == [
+        1024,
+        1024,
+        2048,
+        2048,
+        3072,
+        3072,
+        3072,
+    ]
+    assert tg.seq_stages(tiny_settings(DOC_MASKED_ATTN=1, TRAIN_SEQ_SCHEDULE="64@0.5,32@0.2")) == [
+        (0.2, 32),
+        (0.5, 64),
+        (1.0, 64),  # the last length goes on to the end
+    ]
+    assert tg.seq_stages(tiny_settings()) == []
+    for bad, words in (
+        (dict(TRAIN_SEQ_SCHEDULE="64@0.5,128"), ["TRAIN_SEQ_SCHEDULE", "'128'", "LENGTH@FRACTION"]),
+        (dict(TRAIN_SEQ_SCHEDULE="0@0.5"), ["'0@0.5'"]),
+        (dict(TRAIN_SEQ_SCHEDULE="64@1.5"), ["'64@1.5'"]),
+        (dict(TRAIN_SEQ_SCHEDULE="64@0.5"), ["DOC_MASKED_ATTN=1"]),
+        (dict(DOC_MASKED_ATTN=1, TRAIN_SEQ_SCHEDULE="64@0.5,256@1"), ["over the packed row", "128"]),
+    ):
+        with pytest.raises(tg.Fail) as e:
+            tiny_settings(**bad)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_progressive_context_switches_at_its_fractions_and_rewarms_the_lr(tiny_settings, tmp_path, monkeypatch):
+    """20 steps on the step fraction: pieces of 8 tokens to 10% (steps 0-2), 16 to 70% (steps 3-14), then 32; after
+    each switch every group's LR is scaled by 1/4, 2/4, 3/4, 4/4; Muon's momentum untouched; the rows stay 128."""
+    s = pr_settings(
+        tiny_settings,
+        ITERATIONS=20,
+        TRAIN_SEQ_SCHEDULE="8@0.1,16@0.7,32@1",
+        SEQ_CHANGE_WARMUP_STEPS=4,
+        TRAIN_BATCH_TOKENS=1024,
+        OUTPUT_DIR=tmp_path,
+        DEVICE="cpu",
+        WARMDOWN_FRAC=0.0,
+        MIN_LR=0.0,
+    )
+    run = tg.Run(s)
+    model = tg.build_model(run)
+    seen = []
+
+    def step(run_, model_, optimizers, next_batch, step, lr_mul):
+        x, _ = next_batch(128, 128)
+        seen.append((step, int(model_.piece_len), lr_mul, x.shape))
+        return torch.zeros(())
+
+    monkeypatch.setattr(tg, "train_step", step)
+    val = torch.randint(2, 1024, (257,))
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+    monkeypatch.setattr(tg, "evaluate", lambda *a, **k: (0.0, 0.0))
+    tg.train(model, run, val, luts)
+    pieces = [p for _, p, _, _ in seen]
+    assert pieces == [8] * 3 + [16] * 12 + [32] * 5
+    rewarm = {3: 0.25, 4: 0.5, 5: 0.75, 6: 1.0, 15: 0.25, 16: 0.5, 17: 0.75, 18: 1.0}
+    assert [m for _, _, m, _ in seen] == [rewarm.get(i, 1.0) for i in range(20)]
+    assert {shape for *_, shape in seen} == {(1, 128)} and int(model.piece_len) == 32  # TRAIN_SEQ_LEN after
+    log = (tmp_path / "logs" / f"{s.run_id}.txt").read_text()
+    assert (
+        "growth_stage:seq_len:16 progress:0.150 step:3" in log
+        and "growth_stage:seq_len:32 progress:0.750 step:15" in log
+    )
+    # and the cap is the model's: a piece of 8 tokens sees no further back than 8
+    idx = torch.randint(2, 1024, (1, 32))
+    changed = idx.clone()
+    changed[0, 3] += 1
+    model.piece_len.fill_(8)
+    a, b = (model.compute_logits(model.forward_hidden(t)) for t in (idx, changed))
+    torch.testing.assert_close(a[0, 8:], b[0, 8:], atol=1e-6, rtol=0)
+    assert (a[0, 3:8] - b[0, 3:8]).abs().max() > 1e-4
+
+
+def test_short_documents_take_the_short_chunks(tiny_settings, tmp_path, monkeypatch):
+    """TTT_SHORT_SCORE_FIRST_STEPS (PR #2014's 256:8,2000:24): the chunk of a batch follows its longest document."""
+    from test_phased_ttt import setup, synthetic_val
+
+    s = tiny_settings(TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="2000:24,256:8")
+    assert tg.short_doc_chunks(s) == [(256, 8), (2000, 24)]
+    assert [tg.chunk_size_of(s, n) for n in (2, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]
+    assert tg.chunk_size_of(tiny_settings(), 2) == 48  # off: TTT_CHUNK_SIZE always
+    with pytest.raises(tg.Fail, match="'300'"):
+        tiny_settings(STACK="pr2135", TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="300")
+    s, run, model, luts = setup(tmp_path, TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="12:2,30:4")
+    chunks, real = [], tg.chunk_nll
+
+    def spy(model_, x, y, at, *rest):
+        chunks.append(at.shape[1])
+        return real(model_, x, y, at, *rest)
+
+    monkeypatch.setattr(tg, "chunk_nll", spy)
+    val = synthetic_val([9, 3], seed=1)  # one batch of 2; its longest document: 10 tokens with the next BOS
+    tg.score_documents(model, run, val, luts, tg.find_docs(val), tg.fresh_lane(model, run, 0, 0), torch.zeros(3))
+    assert chunks == [2] * 5  # <= 12: its 9 targets in chunks of 2
+    chunks.clear()
+    val = synthetic_val([25], seed=1)
+    tg.score_documents(model, run, val, luts, tg.find_docs(val), tg.fresh_lane(model, run, 0, 0), torch.zeros(3))
+    assert chunks == [4] * 7  # 26 tokens, <= 30: 25 targets in chunks of 4
+
+
+@needs_sample
+def test_eval_include_tail_scores_the_last_partial_window(monkeypatch, capsys, tmp_path):
+    """700 targets in windows of 32: 21 whole windows (672 targets), and the 28 after them with EVAL_INCLUDE_TAIL."""
+    audit = load_audit()
+    for tail, scored in ((0, 672), (1, 700)):
+        for k, v in tiny_env(
+            OUTPUT_DIR=tmp_path, **{**AUDIT_ENV, "VAL_MAX_TOKENS": 700, "EVAL_INCLUDE_TAIL": tail}
+        ).items():
+            monkeypatch.setenv(k, v)
+        assert audit.audit(["--positions", "2", "--seed", "3"]) == 0
+        lines = audit_lines(capsys.readouterr().out)
+        assert lines["coverage"].startswith(f"PASS {scored}/{scored} targets scored exactly once")
+
+
+def test_asym_logit_rescale_caps_each_sign_apart_and_trains_them_without_decay(tiny_settings):
+    s = pr_settings(tiny_settings, ASYM_LOGIT_RESCALE=1)
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.of(s))
+    assert model.softcap_pos.item() == model.softcap_neg.item() == s.logit_softcap
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1000)  # logits well past the caps
+        model.softcap_pos.fill_(20.0)
+        model.softcap_neg.fill_(40.0)
+    h = torch.randn(2, 5, 64)
+    z = tg.rms_norm(h) @ model.tok_emb.weight.T
+    got = model.compute_logits(h)
+    torch.testing.assert_close(got, torch.where(z >= 0, 20 * torch.tanh(z / 20), 40 * torch.tanh(z / 40)))
+    assert got.max() > 19 and got.min() < -39  # both caps reached
+    got.sum().backward()
+    assert model.softcap_pos.grad.abs() > 0 and model.softcap_neg.grad.abs() > 0
+    _, adam, others = tg.build_optimizers(model, s)
+    caps = next(g for g in adam.param_groups if any(p is model.softcap_pos for p in g["params"]))
+    assert caps["weight_decay"] == 0.0 and caps["lr"] == s.scalar_lr and len(caps["params"]) == 2
+    assert sum(p is model.softcap_neg for p in others) == 1  # all-reduced with the other AdamW parameters
+    off = tg.GPT(tg.ModelConfig.of(pr_settings(tiny_settings)))
+    assert not hasattr(off, "softcap_pos") and "ASYM_LOGIT_RESCALE" in tg.MODEL_KEYS

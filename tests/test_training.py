@@ -412,6 +412,15 @@ def case_lora_rank_past_the_width(tmp):  # the tiny model: 64 wide, key/value 2 
     return dict(STACK="pr1855", NUM_LAYERS=11, TTT_LORA_RANK=100000), ["TTT_LORA_RANK=100000", "TTT_LORA_RANK <= 32"]
 
 
+def case_eval_batch_past_the_bound(tmp):  # the tiny configuration's 128-token windows
+    return dict(EVAL_BATCH_SEQS=10**6), ["EVAL_BATCH_SEQS=1000000 windows of EVAL_SEQ_LEN=128", "4,194,304", "lower"]
+
+
+def case_ttt_batch_size_past_the_bound(tmp):
+    over = dict(STACK="pr1855", NUM_LAYERS=11, TTT_BATCH_SIZE=10**5)
+    return over, ["TTT_BATCH_SIZE=100000 documents of up to TTT_EVAL_SEQ_LEN=2048", "lower TTT_BATCH_SIZE"]
+
+
 def case_truncated_artifact(tmp):
     good = tmp / "good.ptz"
     s = tg.parse_settings(dict(TINY))
@@ -443,6 +452,8 @@ SETTINGS_ONLY = [
     case_run_id_with_a_slash,
     case_ve_layers_past_the_model,
     case_lora_rank_past_the_width,
+    case_eval_batch_past_the_bound,
+    case_ttt_batch_size_past_the_bound,
 ]
 ERROR_CASES = [
     case_missing_data,

@@ -140,7 +140,7 @@ def audit(argv=None) -> int:
             torch.use_deterministic_algorithms(True, warn_only=True)
         luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
         max_tokens = s.val_max_tokens if s.val_max_tokens > 0 else 4 * L
-        val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), L, max_tokens)
+        val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), L, max_tokens, s.eval_include_tail)
         n = val.numel() - 1
         if s.artifact_path:
             model = tg.GPT(tg.ModelConfig.of(s), run.attention).to(run.device)

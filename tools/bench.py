@@ -147,9 +147,11 @@ def ttt_sequences(s, n: int) -> list[int]:
 
 def lora_flops(s) -> tuple[int, int]:
     """Per token: phased TTT's adapters of one virtual layer (Q d->d, K and V d->kv, the O and MLP bypasses d->d, each
-    x A^T then B^T, 2 FLOPs a multiply-add) and the head adapter's (d -> vocab)."""
+    x A^T then B^T, 2 FLOPs a multiply-add) and the head adapter's (d -> vocab), those the TTT_*_LORA switches keep."""
     d, r, kv = s.model_dim, s.ttt_lora_rank, dims(s)["kv"]
-    return 2 * r * (3 * 2 * d + 2 * (d + kv)), 2 * r * (d + s.vocab_size)
+    on = dict(q=s.ttt_q_lora, k=s.ttt_k_lora, v=s.ttt_v_lora, o=s.ttt_o_lora, mlp=s.ttt_mlp_lora)
+    out = dict(q=d, k=kv, v=kv, o=d, mlp=d)
+    return 2 * r * sum(d + out[role] for role in out if on[role]), 2 * r * (d + s.vocab_size) * s.ttt_head_lora
 
 
 def phased_flops(tg, s, lengths: list[int], causal: bool = True) -> dict:
@@ -195,16 +197,21 @@ def phased_flops(tg, s, lengths: list[int], causal: bool = True) -> dict:
 def chunk_backward_flops(s, T: int, causal: bool = True) -> int:
     """One row's backward of a phased-TTT chunk, the base model frozen: every matrix's input gradient but the first
     virtual layer's Q, K, V and gate (their input, the embedding, needs none); attention's two products twice
-    (both operands); every adapter's two gradients per product, but the input one of the first layer's Q, K, V and O;
+    (both operands; in the first layer only those that reach an adapter); every adapter's two gradients per product,
+    but the input one of the first layer's Q, K, V and O;
     the head's input gradient at the C chunk positions and its adapter's two."""
     m, r, C = dims(s), s.ttt_lora_rank, s.ttt_chunk_size
     layer_lora, head_lora = lora_flops(s)
     gate = 2 * s.gate_window * s.num_heads if s.sparse_attn_gate_enabled else 0
-    n = virtual_layers(s)
+    n, first = virtual_layers(s), s.ttt_q_lora + s.ttt_k_lora + s.ttt_v_lora + s.ttt_o_lora  # adapters on x0's norm
+    # the first layer's attention products backward: dQ, dK where their adapters are, dP for either, dV with V's
+    q, k, v = s.ttt_q_lora, s.ttt_k_lora, s.ttt_v_lora
+    skipped = 4 - (q + k + max(q, k) + v)
     return (
         T * (n * layer_matmul_flops(s) - 2 * m["d"] * (m["d"] + 2 * m["kv"]) - gate)
         + 2 * n * attention_flops(s, T, causal)
-        + T * (2 * n * layer_lora - 8 * r * m["d"])
+        - skipped * attention_flops(s, T, causal) // 2
+        + T * (2 * n * layer_lora - 2 * r * m["d"] * first)
         + C * (head_flops(s) + 2 * head_lora)
     )
 
