@@ -1,5 +1,5 @@
 """STACK=pr2135: PR #2135's logged values, the per-projection LoRA switches, the smear gate's BOS mask, and the causal
-n-gram tilt, each against an independent derivation: the settings against a table typed from FRONTIER_STACK.md, the
+n-gram tilt, each against an independent derivation: the settings against a table typed from the record's logs, the
 hints against a plain sequential reference, the tilt against its formula, and the causality audit (PASS on the tilt,
 FAIL on a planted channel whose hint depends on the target's own class)."""
 
@@ -22,7 +22,7 @@ from test_pr1855 import noised, pr_settings  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-# PR #2135's launch command and logged hyperparameters (FRONTIER_STACK.md §0.1 D, §3, §4), typed from there; the two
+# PR #2135's launch command and logged hyperparameters (its README and train_seed*.log), typed from there; the two
 # values it ran with that this stack changes on purpose are below, apart
 RECORD_2135 = dict(
     MATRIX_LR=0.028,
