@@ -820,6 +820,19 @@ def sdpa(q, k, v, seg=None):
     return y.transpose(1, 2)
 
 
+def segment_sdpa(q, k, v, seg):
+    """Document-masked attention one segment at a time, as the record's per-document kernel calls: the same numbers
+    as sdpa's dense mask, without computing the masked scores (the CPU's path; under compile the dense mask)."""
+    if torch.compiler.is_compiling():
+        return sdpa(q, k, v, seg)
+    rows = []
+    for b in range(q.size(0)):
+        cuts = (torch.nonzero(seg[b, 1:] != seg[b, :-1]).flatten() + 1).tolist()
+        spans = zip([0] + cuts, cuts + [q.size(1)])
+        rows.append(torch.cat([sdpa(q[b : b + 1, a:e], k[b : b + 1, a:e], v[b : b + 1, a:e]) for a, e in spans], 1))
+    return torch.cat(rows)
+
+
 def flex_attention_fn():
     """Document-masked causal attention through FlexAttention: block-sparse, so memory grows with T, not T^2."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -854,7 +867,8 @@ def varlen_attention_fn(fa_varlen):
 
 def pick_attention(backend, device):
     """(name, dense causal attention, document-masked attention): FlashAttention 3, then 2, then PyTorch's (sdpa;
-    FlexAttention for document masks on CUDA): the first one installed, or the one asked for."""
+    document masks by FlexAttention on CUDA, segment by segment on the CPU): the first one installed, or the one
+    asked for."""
     for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
         if backend in ("auto", name) and device.type == "cuda":
             try:
@@ -868,7 +882,7 @@ def pick_attention(backend, device):
                     raise Fail(f"ATTN_BACKEND={name} but {module} is not installed; use sdpa or auto") from None
     if backend in ("fa3", "fa2"):
         raise Fail(f"ATTN_BACKEND={backend} needs a CUDA device; use sdpa or auto")
-    return "sdpa", sdpa, flex_attention_fn() if device.type == "cuda" else sdpa
+    return "sdpa", sdpa, flex_attention_fn() if device.type == "cuda" else segment_sdpa
 
 
 BANK_ROWS = dict(

@@ -622,3 +622,21 @@ def test_adam_fused_is_the_records_adamw(tiny_settings):
             opt.step()
         error[fused] = (w.detach().float() - p).abs().mean().item()
     assert error[True] < 0.5 * error[None], error
+
+
+def test_segment_attention_equals_the_dense_document_mask():
+    """The CPU's document-masked attention (one SDPA call per segment, as the record's per-document calls) gives the
+    dense mask's numbers, forward and backward, and is what the CPU picks."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(2, 1024, (2, 40), generator=g)
+    idx[0, [0, 7, 8, 30]] = tg.BOS_ID
+    idx[1, 20] = tg.BOS_ID
+    seg = tg.doc_segments(idx, 16)
+    q, k, v = (torch.randn(2, 40, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    dense, pieces = tg.sdpa(q, k, v, seg), tg.segment_sdpa(q, k, v, seg)
+    torch.testing.assert_close(pieces, dense, atol=1e-6, rtol=0)
+    w = torch.randn(dense.shape, generator=g)
+    grads = [torch.autograd.grad((y * w).sum(), (q, k, v)) for y in (dense, pieces)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert tg.pick_attention("auto", torch.device("cpu"))[2] is tg.segment_sdpa
