@@ -221,7 +221,7 @@ def test_audit_passes_the_tilt_and_fails_a_hint_chosen_by_the_targets_class(monk
         monkeypatch.setattr(
             tg, "ngram_hints", lambda tokens, order, threshold: np.where(tokens % 2 == 0, real(tokens, 1, 0.0), -1)
         )
-    assert audit.audit(["--positions", "6", "--seed", "3"]) == int(planted)
+    assert audit.audit(["--positions", "3", "--seed", "3"]) == int(planted)
     lines = audit_lines(capsys.readouterr().out)
     assert lines["coverage"].startswith("PASS") and lines["normalization"].startswith("PASS")
     assert lines["causality"].startswith("FAIL" if planted else "PASS"), lines["causality"]
@@ -337,17 +337,19 @@ def test_short_documents_take_the_short_chunks(tiny_settings, tmp_path, monkeypa
 
 
 @needs_sample
-def test_eval_include_tail_scores_the_last_partial_window(monkeypatch, capsys, tmp_path):
-    """700 targets in windows of 32: 21 whole windows (672 targets), and the 28 after them with EVAL_INCLUDE_TAIL."""
-    audit = load_audit()
-    for tail, scored in ((0, 672), (1, 700)):
-        for k, v in tiny_env(
-            OUTPUT_DIR=tmp_path, **{**AUDIT_ENV, "VAL_MAX_TOKENS": 700, "EVAL_INCLUDE_TAIL": tail}
-        ).items():
-            monkeypatch.setenv(k, v)
-        assert audit.audit(["--positions", "2", "--seed", "3"]) == 0
-        lines = audit_lines(capsys.readouterr().out)
-        assert lines["coverage"].startswith(f"PASS {scored}/{scored} targets scored exactly once")
+def test_eval_include_tail_scores_the_last_partial_window(tmp_path, monkeypatch):
+    """700 targets in windows of 32: 21 whole windows (672 targets), and the 28 after them with EVAL_INCLUDE_TAIL;
+    phased TTT scores each target of what is loaded exactly once."""
+    from test_phased_ttt import setup
+
+    s, run, model, luts = setup(tmp_path, PHASED_TTT_PREFIX_DOCS=1, PHASED_TTT_NUM_PHASES=1)
+    for tail, n in ((False, 672), (True, 700)):
+        val = tg.load_validation_tokens(str(ROOT / "data/datasets/sample_sp1024/fineweb_val_*.bin"), 32, 700, tail)
+        assert val.numel() == n + 1
+        seen = []
+        monkeypatch.setattr(tg, "SCORE_HOOK", lambda idx, logp: seen.append(idx.clone()))
+        tg.evaluate(model, run, val, luts, phased=True)
+        assert sorted(torch.cat(seen).tolist()) == list(range(1, n + 1))
 
 
 def test_asym_logit_rescale_caps_each_sign_apart_and_trains_them_without_decay(tiny_settings):
