@@ -1611,8 +1611,8 @@ def train(model, run, val, luts):
                 f"layer_loop:enabled step:{step} frac:{frac:.3f} "
                 f"encoder:{layer_schedule(model.config, True)[0]} decoder:{layer_schedule(model.config, True)[1]}"
             )
-        if stages and stage_length(stages, frac) != piece:  # longer pieces, the same rows: nothing recompiles
-            piece, rewarm_from = stage_length(stages, frac), step
+        if stages and (length := stage_length(stages, frac)) != piece:  # longer pieces, same rows: no recompile
+            piece, rewarm_from = length, step
             model.piece_len.fill_(piece)
             run.log(f"growth_stage:seq_len:{piece} progress:{frac:.3f} step:{step}")
         rewarm = 1.0  # each group's LR times (steps since the switch + 1) / SEQ_CHANGE_WARMUP_STEPS, up to 1
