@@ -214,6 +214,12 @@ class ExportSettings:
     gptq_actorder: int = setting(1, "quantize the columns with the largest H diagonal first", FLAG)
     gptq_embed: int = setting(0, "1 = GPTQ on the tied embedding with the final-norm outputs' Hessian", FLAG)
     gate_int8: int = setting(0, "1 = the attention gates as int8 rows with an fp16 scale", FLAG)
+    awq_lite_enabled: int = setting(
+        0, "1 = AWQ-lite (PR #1908): the GPTQ'd tensors' most salient column groups at AWQ_LITE_BITS", FLAG
+    )
+    awq_lite_bits: int = setting(8, "bits of the AWQ-lite groups (their own per-row scale)", choices=(6, 7, 8))
+    awq_lite_group_top_k: int = setting(1, "how many groups, the most salient of the whole model", POSITIVE)
+    awq_lite_group_size: int = setting(64, "contiguous input columns per AWQ-lite group", POSITIVE)
     lqer_enabled: int = setting(0, "1 = LQER low-rank correction of the largest-error GPTQ'd tensors", FLAG)
     lqer_rank: int = setting(4, "rank of each LQER correction", POSITIVE)
     lqer_top_k: int = setting(3, "how many tensors get one")
@@ -541,6 +547,10 @@ def check_settings(s, env):
             f"TTT_LORA_RANK={s.ttt_lora_rank} is more than the width {lora_width} of the narrowest matrix its adapters "
             f"factorize (MODEL_DIM={s.model_dim}, key/value width NUM_KV_HEADS x head dim): set TTT_LORA_RANK <= "
             f"{lora_width}",
+        ),
+        (
+            s.awq_lite_enabled and s.quant != "gptq",
+            "AWQ_LITE_ENABLED=1 chooses its groups from GPTQ's calibration: set QUANT=gptq or AWQ_LITE_ENABLED=0",
         ),
         (
             s.ttt_chunk_size > s.ttt_eval_seq_len,
@@ -1752,13 +1762,15 @@ def calibration_tokens(model, run):
 def collect_hessians(model, run):
     """Sum of x^T x of each attention/MLP matrix's inputs; with GPTQ_EMBED=1 also the tied embedding's, the head's
     inputs: the final-norm outputs rms_norm(h) that compute_logits multiplies by it (the seed's default leaves the
-    embedding to round-to-nearest: measured worse there)."""
+    embedding to round-to-nearest: measured worse there). Also each input channel's RMS over every row seen
+    (AWQ-lite's activation statistic, PR #1908's): sqrt(diag(H) / rows)."""
     tokens = calibration_tokens(model, run)
-    hessians = {}
+    hessians, rows = {}, {}
 
     def add(name, x):  # a looped layer's matrix sums the inputs of every virtual use
         x = x.reshape(-1, x.size(-1)).float()
         hessians[name] = hessians.get(name, 0) + x.T @ x
+        rows[name] = rows.get(name, 0) + len(x)
 
     model.input_hook = add
     try:
@@ -1769,7 +1781,8 @@ def collect_hessians(model, run):
                 add(TIED_EMBED, rms_norm(h))
     finally:
         model.input_hook = None
-    return {k: h.cpu() for k, h in hessians.items()}
+    input_rms = {k: (H.diagonal() / rows[k]).sqrt().cpu() for k, H in hessians.items()}
+    return {k: H.cpu() for k, H in hessians.items()}, input_rms
 
 
 def round_q(w, scale, max_q):
@@ -1811,9 +1824,15 @@ def clip_sigmas(name, s):
     return s.attn_clip_sigmas if ".attn." in name else s.mlp_clip_sigmas if ".mlp." in name else s.embed_clip_sigmas
 
 
-def gptq_rows(w, H, max_q, s, k=0):
+def awq_scales(w, k, max_q):
+    """The AWQ-lite groups' own row scales: SDClip with k sigmas if k (PR #1908's), else max|w| of the row."""
+    return sdclip_scales(w, k, max_q) if k else (w.float().abs().amax(dim=1) / max_q).clamp_min(1e-7).half().float()
+
+
+def gptq_rows(w, H, max_q, s, k=0, hi=None):
     """Full GPTQ: columns one at a time (most active first), the error spread on by the Cholesky factor of H^-1.
-    Row scales: SDClip with k sigmas if k, else the output-error search over GPTQ_CLIPS."""
+    Row scales: SDClip with k sigmas if k, else the output-error search over GPTQ_CLIPS. hi: None, or (columns,
+    their row scales, their max_q): AWQ-lite's columns, rounded on their own grid inside the same solve."""
     W, H = w.float().clone(), H.float().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0
@@ -1821,6 +1840,11 @@ def gptq_rows(w, H, max_q, s, k=0):
     W[:, dead] = 0
     scale = sdclip_scales(w, k, max_q) if k else best_scales(W, [W.abs().amax(dim=1) * f for f in GPTQ_CLIPS], max_q, H)
     perm = torch.argsort(H.diagonal(), descending=True) if s.gptq_actorder else torch.arange(cols)
+    grid = [(scale, max_q)] * cols
+    if hi is not None:
+        for c in hi[0].tolist():
+            grid[c] = hi[1:]
+    grid = [grid[c] for c in perm.tolist()]
     W, H, damp = W[:, perm], H[perm][:, perm], s.gptq_damp
     while True:  # damping until H is safely positive definite
         chol, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * torch.eye(cols))
@@ -1833,8 +1857,9 @@ def gptq_rows(w, H, max_q, s, k=0):
         b = min(a + s.gptq_block, cols)
         Wb, E = W[:, a:b].clone(), torch.zeros(rows, b - a)
         for j in range(b - a):
-            Q[:, a + j] = q = round_q(Wb[:, j], scale, max_q)
-            E[:, j] = (Wb[:, j] - q * scale) / U[a + j, a + j]
+            col_scale, col_max_q = grid[a + j]
+            Q[:, a + j] = q = round_q(Wb[:, j], col_scale, col_max_q)
+            E[:, j] = (Wb[:, j] - q * col_scale) / U[a + j, a + j]
             Wb[:, j + 1 :] -= E[:, j : j + 1] * U[a + j, a + j + 1 : b]
         W[:, b:] -= E @ U[a:b, b:]
     return Q[:, torch.argsort(perm)].to(torch.int8).contiguous(), scale.half().contiguous()
@@ -1859,18 +1884,46 @@ def coded_names(scheme):
     return [k for k, v in scheme.items() if v.startswith("int")]
 
 
-def quantize_state(state, s, hessians=None):
-    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision; with LQER_ENABLED
-    the LQER factors of the LQER_TOP_K GPTQ'd tensors of largest error (lqer_factors)."""
+def awq_groups(flat, input_rms, s):
+    """AWQ-lite (PR #1908): in every GPTQ'd tensor below AWQ_LITE_BITS, each run of AWQ_LITE_GROUP_SIZE input columns
+    scored by the sum over its columns of input RMS x mean |w| of the column; the AWQ_LITE_GROUP_TOP_K best of the
+    whole model, as {name: its groups' columns}."""
+    size, scored = s.awq_lite_group_size, []
+    for name, rms in input_rms.items():
+        w = flat[name].detach().cpu().float()
+        if int(precision_of(name, w, s)[3:]) < s.awq_lite_bits:
+            n = w.size(1) // size
+            scores = (rms * w.abs().mean(dim=0))[: n * size].view(n, size).sum(dim=1)
+            scored += [(float(v), name, g * size) for g, v in enumerate(scores)]
+    starts = {}
+    for _, name, start in sorted(scored, key=lambda c: -c[0])[: s.awq_lite_group_top_k]:
+        starts.setdefault(name, []).append(start)
+    return {
+        name: torch.tensor([c for a in sorted(v) for c in range(a, a + size)], dtype=torch.int16)
+        for name, v in starts.items()
+    }
+
+
+def quantize_state(state, s, hessians=None, input_rms=None):
+    """name.q (int8) and name.scale (fp16 per row) per quantized tensor, and each one's precision; with AWQ_LITE_ENABLED
+    the chosen groups' columns (name.awq, int16) and their row scales (name.awq_s, fp16) at AWQ_LITE_BITS inside the
+    same GPTQ solve; with LQER_ENABLED the LQER factors of the LQER_TOP_K GPTQ'd tensors of largest error
+    (lqer_factors), fitted to the error that remains with the AWQ-lite groups in place."""
     tensors, scheme, flat, hessians = {}, {}, unbank(state, s.num_layers), hessians or {}
+    groups = awq_groups(flat, {k: input_rms[k] for k in hessians}, s) if s.awq_lite_enabled and input_rms else {}
     for name, t in flat.items():
         t = t.detach().cpu()
         kind = scheme[name] = precision_of(name, t, s)
         if kind in ("raw", "fp16"):
             tensors[name] = (t.half() if kind == "fp16" else t).contiguous()
         elif name in hessians:
+            hi = None
+            if name in groups:  # AWQ-lite's columns on their own grid
+                max_q, cols = max_q_of(f"int{s.awq_lite_bits}"), groups[name]
+                hi_scale = awq_scales(t, clip_sigmas(name, s), max_q)
+                tensors[name + ".awq"], tensors[name + ".awq_s"], hi = cols, hi_scale.half(), (cols, hi_scale, max_q)
             tensors[name + ".q"], tensors[name + ".scale"] = gptq_rows(
-                t, hessians[name], max_q_of(kind), s, clip_sigmas(name, s)
+                t, hessians[name], max_q_of(kind), s, clip_sigmas(name, s), hi
             )
         else:  # QUANT=gptq_lite: the seed's single clip for embeddings; gates max|row| / 127; else a per-row search
             pcts = (
@@ -1911,8 +1964,15 @@ def lqer_delta(tensors, name, cols):  # A B of an LQER'd tensor, from its packed
     return A @ B.flatten()[: A.size(1) * cols].view(-1, cols)
 
 
-def dequantize(tensors, name):  # q * scale per row, plus LQER's A B where the tensor has factors
-    w = tensors[name + ".q"].float() * tensors[name + ".scale"].float()[:, None]
+def dequantize(tensors, name):
+    """q * scale per row (AWQ-lite's columns by their own scale), plus LQER's A B where the tensor has factors."""
+    q = tensors[name + ".q"].float()
+    w = q * tensors[name + ".scale"].float()[:, None]
+    if name + ".awq" in tensors:
+        cols = tensors[name + ".awq"].long()
+        if len(cols) and not (0 <= cols.min() and cols.max() < w.size(1)):
+            raise ValueError("its AWQ-lite columns are outside the matrix")
+        w[:, cols] = q[:, cols] * tensors[name + ".awq_s"].float()[:, None]
     return w + lqer_delta(tensors, name, w.size(1)) if name + ".lqa" in tensors else w
 
 
@@ -2116,6 +2176,8 @@ def pack(tensors, scheme, s):
         if k + ".lqa" in tensors
     }:
         meta["lqer"] = lqer  # name: [rank, group], for the shape check before decoding
+    if awq := {k: len(tensors[k + ".awq"]) for k in coded_names(scheme) if k + ".awq" in tensors}:
+        meta["awq"] = awq  # name: how many AWQ-lite columns, likewise
     rest, keys, n_tables = {k: v for k, v in tensors.items() if not k.endswith(".q")}, [], 0
     for g, names in enumerate(coder_groups(scheme, meta["shapes"])):
         order, modes, w, E = code_group(
@@ -2191,6 +2253,11 @@ def unpack(blob, s=None, check=None):
                 raise ValueError("its tensors are not those of this model")
             n = -(-r * cols // g)
             out.update({k + ".lqa": (rows, r), k + ".lqa_s": (1,), k + ".lqb": (n, g), k + ".lqb_s": (n,)})
+        for k, n in header.get("awq", {}).items():  # AWQ-lite columns: at most the matrix's (their values: dequantize)
+            rows, cols = flat[k]
+            if not scheme[k].startswith("int") or not 0 < n <= cols:
+                raise ValueError("its tensors are not those of this model")
+            out.update({k + ".awq": (n,), k + ".awq_s": (rows,)})
         return out
 
     n = int.from_bytes(blob[8:12], "little")
@@ -2324,14 +2391,17 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
     names = coded_names(scheme)
     original, cost, cells = {k: tensors[k + ".q"] for k in names}, [], []
     for i, k in enumerate(names):
-        q, scale = original[k], tensors[k + ".scale"].float()
+        q = original[k]
         h = (
             hessians[k].diagonal() / hessians[k].diagonal().mean()
             if hessians and k in hessians
             else torch.ones(q.size(1))
         )
         r, c = (q.abs() == 1).nonzero(as_tuple=True)
-        cost.append((scale[r].square() * h[c]).numpy())
+        scale = tensors[k + ".scale"].float()[r]
+        if k + ".awq" in tensors:  # in AWQ-lite's columns, their own row scale
+            scale = torch.where(torch.isin(c, tensors[k + ".awq"].long()), tensors[k + ".awq_s"].float()[r], scale)
+        cost.append((scale.square() * h[c]).numpy())
         cells.append(np.stack([np.full(len(r), i), r.numpy(), c.numpy(), q[r, c].long().numpy() + 127]))
     order = np.argsort(np.concatenate(cost), kind="stable")
     cost, cells = np.concatenate(cost)[order], np.concatenate(cells, axis=1)[:, order]
@@ -2357,11 +2427,11 @@ def fit_to_limit(run, tensors, scheme, hessians, budget):
 
 def export_artifact(run, state, path, code_bytes):
     """Calibrate (GPTQ), quantize by role, pack within the limit left by the packed code, write the artifact."""
-    s, hessians, t0 = run.s, None, time.perf_counter()
+    s, hessians, input_rms, t0 = run.s, None, None, time.perf_counter()
     if s.quant == "gptq":
         calib_model = build_model(run, state)
         calib_model.looping = bool(s.num_loops)
-        hessians = collect_hessians(calib_model, run)
+        hessians, input_rms = collect_hessians(calib_model, run)
         calib_s, cap = time.perf_counter() - t0, s.max_wallclock_seconds
         seqs, seq_len = calibration_shape(s)
         ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
@@ -2374,8 +2444,11 @@ def export_artifact(run, state, path, code_bytes):
                 f"!!! GPTQ_RESERVE_SECONDS={s.gptq_reserve_seconds} too short: training tokens read after the cap !!!"
             )
     t1 = time.perf_counter()
-    tensors, scheme = quantize_state(state, s, hessians)
+    tensors, scheme = quantize_state(state, s, hessians, input_rms)
     run.log(f"quantize:{s.quant} time:{time.perf_counter() - t1:.1f}s")
+    for k in (k for k in scheme if k + ".awq" in tensors):
+        starts = tensors[k + ".awq"][:: s.awq_lite_group_size].tolist()
+        run.log(f"awq_lite bits:{s.awq_lite_bits} tensor:{k} group_starts:{shown(starts)}")
     if lqer := [k for k in scheme if k + ".lqa" in tensors]:
         run.log(f"lqer rank:{s.lqer_rank} group:{s.lqer_asym_group} tensors:{','.join(lqer)}")
     t2 = time.perf_counter()

@@ -143,7 +143,7 @@ def test_calibration_reads_no_validation_tokens(tiny_settings, monkeypatch):
     assert read == [] and tokens.shape == (3, 40) and (tokens[:, 0] == tg.BOS_ID).all()
     assert tokens.unique().numel() > 20  # sampled text, not a constant
     assert torch.equal(tokens, tg.calibration_tokens(model, cpu_run(s)))  # seeded
-    hessians = tg.collect_hessians(model, cpu_run(s))
+    hessians, _ = tg.collect_hessians(model, cpu_run(s))
     assert read == []
     assert set(hessians) == {n for n in tg.unbank(model.state_dict(), 4) if ".attn." in n or ".mlp." in n}
     # H of the MLP down projection is the sum of x^T x of its inputs, (leaky_relu(up x))^2: symmetric, PSD.

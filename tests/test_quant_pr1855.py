@@ -68,7 +68,7 @@ def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
     s = pr_settings(tiny_settings, GPTQ_CALIB="self", GPTQ_CALIB_SEQS=3, GPTQ_CALIB_LEN=24)
     torch.manual_seed(0)
     model = noised(tg.GPT(tg.ModelConfig.of(s))).eval()
-    hessians = tg.collect_hessians(model, cpu_run(s))
+    hessians, _ = tg.collect_hessians(model, cpu_run(s))
     tokens = tg.calibration_tokens(model, cpu_run(s))  # seeded: the same text
     with torch.no_grad():
         h = model.forward_hidden(tokens).double()
@@ -79,7 +79,7 @@ def test_embedding_hessian_is_that_of_the_final_norm_outputs(tiny_settings):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     # not the embedding's own inputs (one-hot rows) nor the first block's: the head's
     assert not torch.allclose(got, hessians["blocks.0.attn.c_q.weight"].double(), rtol=1e-2)
-    assert "tok_emb.weight" not in tg.collect_hessians(model, cpu_run(replace(s, gptq_embed=0)))
+    assert "tok_emb.weight" not in tg.collect_hessians(model, cpu_run(replace(s, gptq_embed=0)))[0]
     # and it is what GPTQ quantizes the embedding with: int7 under STACK=pr1855, SDClip k = 14
     tensors, scheme = tg.quantize_state(model.state_dict(), s, hessians)
     assert scheme["tok_emb.weight"] == "int7"
@@ -141,7 +141,8 @@ def test_lqer_factors_and_gates_round_trip_through_the_packer(tiny_settings, tmp
     torch.manual_seed(0)
     model = noised(tg.GPT(tg.ModelConfig.of(s)))
     state = model.state_dict()
-    hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib="self", gptq_calib_seqs=2, gptq_calib_len=16)))
+    calib = replace(s, gptq_calib="self", gptq_calib_seqs=2, gptq_calib_len=16)
+    hessians, _ = tg.collect_hessians(model, cpu_run(calib))
     tensors, scheme = tg.quantize_state(state, s, hessians)
     flat = tg.unbank({k: v.float() for k, v in state.items()}, 11)
     errs = {
@@ -179,7 +180,7 @@ def test_seed_export_has_none_of_it(tiny_settings):
     s = tiny_settings()
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.of(s))
-    hessians = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib_seqs=2, gptq_calib_len=16)))
+    hessians, _ = tg.collect_hessians(model, cpu_run(replace(s, gptq_calib_seqs=2, gptq_calib_len=16)))
     assert "tok_emb.weight" not in hessians
     tensors, scheme = tg.quantize_state(model.state_dict(), s, hessians)
     assert not any(".lq" in k for k in tensors) and scheme["tok_emb.weight"] == "int8"
@@ -187,10 +188,14 @@ def test_seed_export_has_none_of_it(tiny_settings):
 
 
 def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings, script_env, run_script):
-    # a cap far away and a long reserve: the calibration on training tokens ends inside it, and the log says nothing
+    # a cap far away and a long reserve: the calibration on training tokens ends inside it, and the log says nothing;
+    # AWQ-lite on (PR #1945's export), its 2 groups of 16 columns logged and in the artifact
     env = script_env(
         tmp_path,
         **TINY_PR,
+        AWQ_LITE_ENABLED=1,
+        AWQ_LITE_GROUP_SIZE=16,
+        AWQ_LITE_GROUP_TOP_K=2,
         ITERATIONS=2,
         VAL_MAX_TOKENS=512,
         GPTQ_CALIB_SEQS=2,
@@ -201,7 +206,11 @@ def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings,
     proc = run_script(env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    scheme = tg.unpack((tmp_path / tg.ARTIFACT_NAME).read_bytes())[1]["scheme"]
+    header = tg.unpack((tmp_path / tg.ARTIFACT_NAME).read_bytes())[1]
+    scheme = header["scheme"]
+    awq = re.findall(r"^awq_lite bits:8 tensor:(\S+) group_starts:(\S+)$", out, re.M)
+    assert sum(len(starts.split(",")) for _, starts in awq) == 2
+    assert header["awq"] == {name: 16 * len(starts.split(",")) for name, starts in awq}
     assert {"int8", "int7", "int6"} <= set(scheme.values())  # gates, the embedding, the matrices
     lqer = [ln for ln in out.splitlines() if ln.startswith("lqer rank:4 group:64 tensors:")]
     assert len(lqer) == 1 and len(lqer[0].split("tensors:")[1].split(",")) == 3

@@ -267,11 +267,11 @@ def measure(
         bits = sorted(set(bits) | {s.matrix_bits})
     cands = candidates(s, quant, bits)
     run = tg.Run(s)
-    hessians, calib_s = None, 0.0
+    hessians, input_rms, calib_s = None, None, 0.0
     if quant == "both":  # one calibration for all: GPTQ_EMBED only adds the embedding's sum to the same pass
         run.s = replace(s, gptq_embed=1)
         t0 = time.perf_counter()
-        hessians = tg.collect_hessians(eval_model(run, state), run)
+        hessians, input_rms = tg.collect_hessians(eval_model(run, state), run)
         calib_s = time.perf_counter() - t0
         run.s = s
     flat = tg.unbank(state, s.num_layers)
@@ -289,7 +289,7 @@ def measure(
         if c.quant == "gptq":
             h = {k: v for k, v in hessians.items() if c.gptq_embed or k != "tok_emb.weight"}
         t0 = time.perf_counter()
-        tensors, scheme = tg.quantize_state(state, c, h)
+        tensors, scheme = tg.quantize_state(state, c, h, input_rms)
         quant_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         blob = tg.pack(tensors, scheme, c)
@@ -308,6 +308,7 @@ def measure(
             bytes=len(blob),
             entropy_bytes=entropy_bound(tensors, scheme),
             lqer=[k for k in scheme if k + ".lqa" in tensors],
+            awq_lite=[k for k in scheme if k + ".awq" in tensors],
         )
         if per_tensor:
             results[label]["tensors"] = tensor_rows(tensors, scheme, flat)
