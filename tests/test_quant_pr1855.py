@@ -215,11 +215,25 @@ def test_tiny_pr1855_run_exports_an_artifact_that_loads(tmp_path, tiny_settings,
     lqer = [ln for ln in out.splitlines() if ln.startswith("lqer rank:4 group:64 tensors:")]
     assert len(lqer) == 1 and len(lqer[0].split("tensors:")[1].split(",")) == 3
     assert "final_int6_roundtrip_exact" in out
+    check_eval_clock(out, tmp_path)
     end, cap, loud = calib_line(out, tmp_path)
     assert cap == 600 and 0 < end < 300 and not loud
     s = pr_settings(tiny_settings)
     state = tg.load_artifact(tmp_path / tg.ARTIFACT_NAME, s)
     assert set(state) == set(tg.model_shapes(s))
+
+
+def check_eval_clock(out, out_dir):
+    """The final eval_clock block: the artifact's load and every pass the log scored, counted, summing to the counted
+    total (the summary's eval_time_s); the start-up validation load and the float diagnostic listed, not counted."""
+    parts = re.findall(r"^eval_clock part:(\S+) seconds:([\d.]+) (counted|not_counted) \(", out, re.M)
+    counted = {p: float(x) for p, x, kind in parts if kind == "counted"}
+    passes = re.findall(r"^(\w+)_exact val_loss:", out, re.M)
+    assert list(counted) == ["artifact_load", *[p for p in passes if p != "final_float"]]
+    assert [p for p, _, kind in parts if kind == "not_counted"] == ["val_load", "final_float_exact"]
+    total = float(re.search(r"^eval_clock counted_total:([\d.]+)s budget:600s$", out, re.M).group(1))
+    assert json.loads((out_dir / "logs" / "test.json").read_text())["eval_time_s"] == pytest.approx(total, abs=0.051)
+    assert sum(counted.values()) == pytest.approx(total, abs=0.05 * len(counted) + 0.001)
 
 
 def calib_line(out, out_dir):
