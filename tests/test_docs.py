@@ -94,3 +94,15 @@ def test_every_raise_in_train_gpt_says_what_is_wrong(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("def f(x):\n    if x:\n        raise ValueError\n    raise KeyError()\n")
     assert sorted(line for line, _ in raises_without_message(planted)) == [3, 4]
+
+
+def test_every_legality_command_selects_a_test():
+    """docs/legality.md gives each ruled pattern a command; each names a test file and a -k expression whose every
+    term is in that file (a test name or a parametrize id), so the suite runs what the page shows."""
+    text = (ROOT / "docs" / "legality.md").read_text(encoding="utf-8")
+    commands = re.findall(r"`python3 -m pytest (tests/\w+\.py) -k \"?([^`\"]+?)\"?`", text)
+    assert len(commands) >= 10
+    for path, expr in commands:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        for term in expr.split(" and "):
+            assert term.strip() in source, f"docs/legality.md: {path} has nothing named {term!r}"

@@ -553,7 +553,7 @@ def audit_lines(out: str) -> dict[str, str]:
     lines = {}
     for ln in out.splitlines():
         key, _, rest = ln.partition(": ")
-        if key in ("causality", "normalization", "coverage", "verdict"):
+        if key in ("causality", "normalization", "coverage", "documents", "verdict"):
             lines[key] = rest
     return lines
 
@@ -565,7 +565,12 @@ def test_audit_verdicts(mode):
     r = run_audit("--positions", "3", "--seed", "3", **over)
     assert r.returncode == code, r.stdout + r.stderr
     lines = audit_lines(r.stdout)
-    assert set(lines) == {"causality", "normalization", "coverage", "verdict"}, r.stdout
+    documents = over.get("STACK") == "pr1855"  # document-masked attention: the isolation check runs too
+    assert set(lines) == {"causality", "normalization", "coverage", "verdict"} | ({"documents"} if documents else set())
+    if documents:
+        assert lines["documents"].startswith("PASS 3 documents' last tokens perturbed on ")
+        assert ", 0 rows of other documents moved" in lines["documents"]
+        assert "the row after u moved in 3/3" in lines["documents"]
     assert lines["normalization"].startswith("PASS 768 rows of 1024")
     assert lines["coverage"].startswith("PASS 768/768 targets scored exactly once")
     assert "target u+1 moved in 3/3" in lines["causality"]
