@@ -166,7 +166,14 @@ class ScheduleSettings:
     """How long training runs, the LR schedule, weight averaging and late QAT."""
 
     iterations: int = setting(9000, "training steps at most", POSITIVE)
-    warmup_steps: int = setting(20, "steps run only to compile and warm kernels; model and optimizer restored after")
+    warmup_steps: int = setting(
+        20, "steps run only to compile and warm kernels (then as many looped, with NUM_LOOPS); state restored after"
+    )
+    warmup_keeps_muon_momentum: int = setting(
+        0,
+        "1 = Muon's momentum is kept from the warm-up steps, as PR #1855's 8-GPU runs do (the rest is restored)",
+        FLAG,
+    )
     max_wallclock_seconds: float = setting(600.0, "training time cap, all ranks stop at the same step; 0 = none")
     warmdown_iters: int = setting(3500, "length of the linear LR warmdown (time-based under a wallclock cap)")
     warmdown_frac: float = setting(0.0, "> 0: warmdown over this last fraction of training instead", UNIT)
@@ -368,6 +375,7 @@ PR1855 = dict(
     adam_fused=1,
     init_draw_order="pr1855",
     rope_freq_bf16=1,
+    warmup_keeps_muon_momentum=1,
     embed_bits=7,
     gptq_calib="train",
     gptq_reserve_seconds=0.5,
@@ -1582,13 +1590,18 @@ def train(model, run, val, luts):
     loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     if s.warmup_steps > 0:  # compile and warm the kernels, then start again from the initial state
         initial = [copy.deepcopy(m.state_dict()) for m in (model, muon, adam)]
-        for i in range(s.warmup_steps):  # the late-QAT and looped graphs are compiled now, too
-            model.qat_bits = s.matrix_bits if s.late_qat and 2 * i >= s.warmup_steps else 0
-            model.looping = bool(s.num_loops) and 2 * i >= s.warmup_steps
-            train_step(run, model, optimizers, loader.next_batch, 0, 1.0)
-            run.log(f"warmup_step:{i + 1}/{s.warmup_steps}")
+        for looped in (False, True) if s.num_loops else (False,):  # the record's: WARMUP_STEPS, then as many looped
+            for i in range(s.warmup_steps):  # the late-QAT graph is compiled now, too
+                model.qat_bits = s.matrix_bits if s.late_qat and 2 * i >= s.warmup_steps else 0
+                model.looping = looped
+                train_step(run, model, optimizers, loader.next_batch, 0, 1.0)
+                run.log(f"{'loop_' if looped else ''}warmup_step:{i + 1}/{s.warmup_steps}")
+        momentum = {p: muon.state[p]["momentum_buffer"] for p in muon.param_groups[0]["params"]}
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
+        if s.warmup_keeps_muon_momentum:  # PR #1855's sharded momentum is not in the state its warm-up restores
+            for p, buf in momentum.items():
+                muon.state[p]["momentum_buffer"] = buf
         model.qat_bits, model.looping = 0, False
         loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)
@@ -3048,9 +3061,9 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
     run.summary["final_eval_seconds"] = ms / 1000
     run.log(f"final_eval_seconds:{ms / 1000:.1f} eval_total_seconds:{run.summary['eval_time_s']:.1f}")
     name, causal = eval_name(s, **kw), not (kw["slot"] and s.slot_mode == "batch")
+    log_eval_clock(run, load_s)
     run.log(f"final_score_exact eval:{name} val_loss:{loss:.8f} val_bpb:{bpb:.8f} causal:{'yes' if causal else 'no'}")
     run.summary["final"] = dict(eval=name, val_loss=loss, val_bpb=bpb, causal=causal)
-    log_eval_clock(run, load_s)
 
 
 def log_eval_clock(run, load_s):

@@ -305,7 +305,7 @@ AUDIT_ENV = {
 @pytest.mark.parametrize("slot", [0, 1])
 def test_audit_passes_phased_ttt(slot):
     r = subprocess.run(
-        [sys.executable, str(AUDIT), "--positions", "4", "--seed", "3"],
+        [sys.executable, str(AUDIT), "--positions", "3", "--seed", "3"],
         env=subprocess_env(**AUDIT_ENV, SLOT_ENABLED=slot, SLOT_LR=0.05),
         capture_output=True,
         text=True,

@@ -640,3 +640,23 @@ def test_segment_attention_equals_the_dense_document_mask():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert tg.pick_attention("auto", torch.device("cpu"))[2] is tg.segment_sdpa
+
+
+def test_warmup_restores_everything_but_muons_momentum_when_told(tiny_settings, tmp_path, monkeypatch, one_thread):
+    """WARMUP_STEPS steps, then as many looped (the record's log: warmup_step, loop_warmup_step); the state is then
+    restored exactly (the run equals one without warm-up), except, with WARMUP_KEEPS_MUON_MOMENTUM=1 (on in the
+    stack, as PR #1855's 8-GPU runs), Muon's momentum: the first step then moves the banks, and only them, otherwise."""
+    from test_training import train_in_process
+
+    kw = dict(TINY_PR, ITERATIONS=1, VAL_MAX_TOKENS=256, OUTPUT_DIR=tmp_path)
+    assert tiny_settings(**kw).warmup_keeps_muon_momentum == 1
+    plain = train_in_process(tiny_settings(**kw, WARMUP_STEPS=0, RUN_ID="plain"), monkeypatch)[0]
+    reset = train_in_process(tiny_settings(**kw, WARMUP_STEPS=2, WARMUP_KEEPS_MUON_MOMENTUM=0, RUN_ID="r"), monkeypatch)
+    kept = train_in_process(tiny_settings(**kw, WARMUP_STEPS=2, RUN_ID="kept"), monkeypatch)[0]
+    assert all(torch.equal(plain[k], reset[0][k]) for k in plain)
+    banks = set(tg.BANK_ROWS)
+    assert all(torch.equal(plain[k], kept[k]) for k in plain if k not in banks)
+    assert all(not torch.equal(plain[k], kept[k]) for k in banks)
+    log = (tmp_path / "logs" / "r.txt").read_text().splitlines()
+    warm = [ln for ln in log if "warmup_step:" in ln]
+    assert warm == ["warmup_step:1/2", "warmup_step:2/2", "loop_warmup_step:1/2", "loop_warmup_step:2/2"]
