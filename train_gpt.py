@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -1453,6 +1455,8 @@ class Run:  # settings, rank, device, log file
             torch.cuda.synchronize()
 
     def write_summary(self):
+        """logs/<RUN_ID>.json, atomically: written at start-up and at every stage (a killed run leaves what it had)."""
+        self.summary["stage"] = PROGRESS["stage"]
         if self.master:
             try:
                 write_atomic(self.logfile.with_suffix(".json"), json.dumps(self.summary, indent=1).encode())
@@ -1609,6 +1613,8 @@ def train(model, run, val, luts):
     stages, rewarm_from = seq_stages(s), None  # the piece length's stages, the step of the last switch's re-warm
     piece = stages[0][1] if stages else s.train_seq_len
     model.piece_len.fill_(piece)
+    PROGRESS["stage"] = "training"
+    run.write_summary()
     run.sync()
     t0 = time.perf_counter()
     while True:
@@ -1622,6 +1628,7 @@ def train(model, run, val, luts):
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms"
             )
             run.summary["val_curve"].append(dict(step=step, val_loss=val_loss, val_bpb=val_bpb, time_ms=train_ms))
+            run.write_summary()
             run.sync()
             t0 = time.perf_counter()
         if last:
@@ -3046,6 +3053,7 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
     run.log(f"artifact_load_seconds:{load_s:.1f}")
     for label, kw in eval_paths(s):
         PROGRESS["stage"] = f"evaluation ({label})"
+        run.write_summary()
         model.load_state_dict(weights)  # every pass from the artifact's weights: TTT passes change them
         run.sync()
         t0 = time.perf_counter()
@@ -3091,6 +3099,43 @@ def log_eval_clock(run, load_s):
 # -------------------- main
 
 
+def git_state():
+    """(commit, dirty) of the checkout this script is in; (None, None) outside one or without git."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def machine_info(run):
+    """What ran it: torch and CUDA versions, the GPUs and their driver, the git commit (and whether the checkout had
+    uncommitted changes), the host and the world size."""
+    commit, dirty = git_state()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.cuda else []
+    driver = None
+    if run.cuda:
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.split("\n")[0] or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return dict(
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        gpus=gpus,
+        driver=driver,
+        commit=commit,
+        dirty=dirty,
+        host=socket.gethostname(),
+        world_size=run.world,
+    )
+
+
 def log_header(run, code, packed):
     s = run.s
     run.log(code, console=False)
@@ -3109,6 +3154,9 @@ def log_header(run, code, packed):
     run.log(f"run_command: {run.summary['run_command']}")
     run.log(f"seed:{s.seed}")
     run.log(f"Code size: {len(packed.encode())} bytes (packed; source {len(code.encode())} bytes)")
+    if run.master:
+        run.summary["machine"] = machine_info(run)
+    run.write_summary()
 
 
 def main():
@@ -3143,6 +3191,7 @@ def main():
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
         PROGRESS["stage"] = "export"
+        run.write_summary()
         if run.master:  # the artifact (the counted result) first, then the optional float weights
             export_artifact(run, state, artifact, code_bytes)
         add_on_disk(artifact)

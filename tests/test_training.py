@@ -544,6 +544,26 @@ def test_ctrl_c_says_where_and_what_is_on_disk(tmp_path, script_env):
     assert len(said) == 1 and "on disk: nothing yet" in said[0] and said[0] in log_lines(out)
 
 
+def test_a_killed_run_leaves_a_json_log_that_parses(tmp_path, script_env):
+    """SIGKILL mid-training (nothing can run at exit): logs/<RUN_ID>.json, written at start-up and at each stage,
+    parses, with the stage it reached and the machine: torch, the checkout's commit and dirty flag, host, world."""
+    out = tmp_path / "out"
+    code, _, err = interrupt_at_step_3(
+        [sys.executable, str(TRAIN_GPT)], script_env(out, ITERATIONS=100000, VAL_LOSS_EVERY=2), signal.SIGKILL
+    )
+    assert code == -signal.SIGKILL, err[-3000:]
+    js = summary(out)
+    assert js["stage"].startswith("training") and js["settings"]["ITERATIONS"] == 100000
+    assert [v["step"] for v in js["val_curve"]][:2] == [0, 2]  # the validations it had reached
+    machine = js["machine"]
+    assert machine["torch"] == torch.__version__ and machine["world_size"] == 1 and machine["host"]
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode == 0:  # a checkout: its commit; dirty is whether tracked files differ from it
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+        assert machine["commit"] == git.stdout.strip() and machine["dirty"] == bool(dirty.stdout.strip())
+    assert not (out / "logs" / "test.json.tmp").exists()
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigterm_says_what_ctrl_c_says_and_exits_143(world, tmp_path, script_env):
     """SIGTERM (Slurm, pre-emption, torchrun passing on its own) to the process, or to each rank under torchrun."""
