@@ -24,6 +24,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -65,9 +66,8 @@ def one_sided_t_test(values: list[float], threshold: float) -> tuple[float, floa
 
 
 def sample_std(values: list[float]) -> float:
-    n = len(values)
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    """The sample standard deviation (n - 1); 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------- log parsing

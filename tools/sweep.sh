@@ -22,7 +22,7 @@ SWEEP_SEEDS="${SWEEP_SEEDS:-1337 42}"        # seeds, crossed with the values
 SWEEP_DIR="${SWEEP_DIR:-out/sweep_$(date +%Y%m%d_%H%M%S)}"
 SWEEP_RUNNER="${SWEEP_RUNNER:-bash run.sh}"  # command for one run
 SWEEP_DRY_RUN="${SWEEP_DRY_RUN:-0}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 # keep the sweep's own variables out of the training process's environment
 export -n SWEEP_VAR SWEEP_VALUES SWEEP_SEEDS SWEEP_DIR SWEEP_RUNNER SWEEP_DRY_RUN PYTHON 2>/dev/null
 
@@ -59,7 +59,7 @@ done
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from record import parse_log, RecordError
+from record import parse_log, RecordError, text_table
 
 sweep_dir, var = Path(sys.argv[2]), sys.argv[3]
 rows, by_value = [], {}
@@ -79,9 +79,7 @@ for line in (sweep_dir / "index.tsv").read_text().splitlines():
     else:
         rows.append([value, seed, "-", "-", "-", "-", f"exit {rc}" if rc != "0" else "no score"])
 header = [var, "SEED", "val_bpb", "val_loss", "steps", "bytes", "status"]
-widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-for r in [header] + rows:
-    print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+print(text_table(header, rows))
 print()
 for value, bpbs in by_value.items():
     print(f"{var}={value}: mean val_bpb {sum(bpbs) / len(bpbs):.4f} over {len(bpbs)} seed(s)")
