@@ -177,6 +177,13 @@ class ScheduleSettings:
         FLAG,
     )
     max_wallclock_seconds: float = setting(600.0, "training time cap, all ranks stop at the same step; 0 = none")
+    train_clock: str = setting(
+        "wall",
+        "wall | simulated: the cap, warmdown and loop switch run on SIM_STEP_MS a step (the reference 8xH100's)",
+        choices=("wall", "simulated"),
+    )
+    sim_step_ms: float = setting(84.0, "TRAIN_CLOCK=simulated: the reference 8xH100 step (the seed record's)", POSITIVE)
+    sim_looped_step_ms: float = setting(84.0, "... and its step once the layers loop", POSITIVE)
     warmdown_iters: int = setting(3500, "length of the linear LR warmdown (time-based under a wallclock cap)")
     warmdown_frac: float = setting(0.0, "> 0: warmdown over this last fraction of training instead", UNIT)
     min_lr: float = setting(0.0, "floor of the LR multiplier", UNIT)
@@ -378,6 +385,8 @@ PR1855 = dict(
     init_draw_order="pr1855",
     rope_freq_bf16=1,
     warmup_keeps_muon_momentum=1,
+    sim_step_ms=96.0,
+    sim_looped_step_ms=141.0,
     embed_bits=7,
     gptq_calib="train",
     gptq_reserve_seconds=0.5,
@@ -557,6 +566,10 @@ def check_settings(s, env):
             f"TTT_LORA_RANK={s.ttt_lora_rank} is more than the width {lora_width} of the narrowest matrix its adapters "
             f"factorize (MODEL_DIM={s.model_dim}, key/value width NUM_KV_HEADS x head dim): set TTT_LORA_RANK <= "
             f"{lora_width}",
+        ),
+        (
+            s.train_clock == "simulated" and s.max_wallclock_seconds <= 0,
+            "TRAIN_CLOCK=simulated runs the cap's schedule: set MAX_WALLCLOCK_SECONDS > 0 (the reference's, e.g. 600)",
         ),
         (
             s.awq_lite_enabled and s.quant != "gptq",
@@ -1615,6 +1628,13 @@ def train(model, run, val, luts):
     model.piece_len.fill_(piece)
     PROGRESS["stage"] = "training"
     run.write_summary()
+    simulated_ms, simulated = 0.0, s.train_clock == "simulated"
+    if simulated:
+        run.log(f"train_clock:simulated step_ms:{s.sim_step_ms:g} looped_step_ms:{s.sim_looped_step_ms:g}")
+
+    def clock_ms():  # the training clock: this machine's wall time in the loop, or the reference's step times
+        return simulated_ms if simulated else train_ms + 1000 * (time.perf_counter() - t0)
+
     run.sync()
     t0 = time.perf_counter()
     while True:
@@ -1633,7 +1653,7 @@ def train(model, run, val, luts):
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = clock_ms()
         lr_mul, frac = lr_multiplier(s, step, elapsed), training_fraction(s, step, elapsed)
         if s.num_loops and not model.looping and frac >= s.enable_looping_at:
             model.looping = True
@@ -1654,9 +1674,10 @@ def train(model, run, val, luts):
         PROGRESS["stage"] = f"training step {step + 1}"
         loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul * rewarm)
         step += 1
+        simulated_ms += s.sim_looped_step_ms if model.looping else s.sim_step_ms
         averages.update(model, step, lr_mul)
         loss_value = loss.item()
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = clock_ms()
         # One collective: all ranks stop at the same step, and on any rank's non-finite loss
         flags = torch.tensor(
             [float(cap_ms > 0 and elapsed >= cap_ms), float(not math.isfinite(loss_value))], device=run.device
@@ -1677,6 +1698,10 @@ def train(model, run, val, luts):
     model.piece_len.fill_(s.train_seq_len)
     weights, source = averages.final_weights(model)
     run.log(f"final_weights:{source}")
+    if simulated:  # the schedule ran on the reference's clock: its training time, and this machine's
+        seconds = f"reference_8xh100:{simulated_ms / 1000:.1f}s wall:{train_ms / 1000:.1f}s"
+        run.log(f"train_clock:simulated steps:{step} {seconds}")
+        run.summary.update(simulated_train_time_ms=simulated_ms)
     run.summary.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     return {k: v.to(dtypes[k]) for k, v in weights.items()}
@@ -2454,7 +2479,8 @@ def export_artifact(run, state, path, code_bytes):
         hessians, input_rms = collect_hessians(calib_model, run)
         calib_s, cap = time.perf_counter() - t0, s.max_wallclock_seconds
         seqs, seq_len = calibration_shape(s)
-        ended = run.summary.get("train_time_ms", 0) / 1000 + calib_s  # of the training clock, as the record counts
+        # of the training clock, as the record counts (a simulated clock's training time, then this machine's seconds)
+        ended = run.summary.get("simulated_train_time_ms", run.summary.get("train_time_ms", 0)) / 1000 + calib_s
         run.log(
             f"gptq_calibration source:{s.gptq_calib} seqs:{seqs} len:{seq_len} "
             f"time:{calib_s:.1f}s train_plus_calibration:{ended:.1f}s cap:{cap:g}s"

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +256,10 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
         NUM_LAYERS=3,
         VE_LAYERS="1,2",
         XSA_LAST_N=2,
-        ITERATIONS=6,
+        ITERATIONS=1000,  # the simulated clock stops both at 600 / 100 = 6 steps, whatever each machine's speed
+        TRAIN_CLOCK="simulated",
+        MAX_WALLCLOCK_SECONDS=0.6,
+        SIM_STEP_MS=100,
         WARMDOWN_ITERS=8,
         SWA_ENABLED=1,
         SWA_EVERY=1,
@@ -279,6 +283,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, script_env):
         results[world] = [torch.load(f"{out}.rank{r}.pt") for r in range(world)]
     one, two = results[1][0], results[2][0]
     assert (one["world"], two["world"]) == (1, 2)
+    assert one["val_curve"][-1]["step"] == two["val_curve"][-1]["step"] == 6
     assert one["val_curve"][-1]["val_loss"] == pytest.approx(two["val_curve"][-1]["val_loss"], abs=1e-5)
     # Both ranks of the 2-process run end with the very same weights.
     assert all(torch.equal(two["state"][k], results[2][1]["state"][k]) for k in two["state"])
@@ -693,3 +698,64 @@ def test_a_failed_write_removes_its_partial_file_and_says_what_is_on_disk(tmp_pa
         == f"could not write {tmp_path / tg.ARTIFACT_NAME} (No space left on device); on disk: nothing yet"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the simulated training clock
+
+
+def simulated_run(tmp_path, monkeypatch, sleep_s=0.0, **over):
+    """train() with the step itself stubbed (a zero loss, optionally a sleep): the steps taken and the loop switch."""
+    s = tg.parse_settings(
+        dict(
+            TINY,
+            DATA_PATH=str(ROOT / "data" / "datasets" / "sample_sp1024"),
+            TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"),
+            OUTPUT_DIR=str(tmp_path),
+            RUN_ID="sim",
+            DEVICE="cpu",
+            ITERATIONS="1000",
+            NUM_LOOPS="1",
+            LOOP_START="1",
+            LOOP_END="2",
+            ENABLE_LOOPING_AT="0.35",
+            TRAIN_CLOCK="simulated",
+            MAX_WALLCLOCK_SECONDS="1.0",
+            SIM_STEP_MS="100",
+            SIM_LOOPED_STEP_MS="150",
+            **over,
+        )
+    )
+    run = tg.Run(s)
+    model = tg.build_model(run)
+    looped = []
+
+    def step(run_, model_, optimizers, next_batch, step, lr_mul):
+        time.sleep(sleep_s)
+        looped.append(model_.looping)
+        return torch.zeros(())
+
+    monkeypatch.setattr(tg, "train_step", step)
+    monkeypatch.setattr(tg, "evaluate", lambda *a, **k: (0.0, 0.0))
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
+    tg.train(model, run, torch.randint(2, 1024, (257,)), luts)
+    return looped, run.summary, (tmp_path / "logs" / "sim.txt").read_text()
+
+
+def test_simulated_clock_gives_the_step_models_schedule_whatever_the_machine(tmp_path, monkeypatch):
+    """The step-time model's arithmetic: 1,000 ms at 100 ms a step until the loop switch at 35% (steps 0-3 start at
+    0-300 ms; step 4 starts at 400 ms, past 350), then 150 ms a step: 400 + 4 x 150 = 1,000 ms, the cap, after 8
+    steps. A machine 50 ms slower a step (the sleep) takes the same steps; the log says which clock ran."""
+    fast = simulated_run(tmp_path / "fast", monkeypatch)
+    slow = simulated_run(tmp_path / "slow", monkeypatch, sleep_s=0.05)
+    for looped, summary, log in (fast, slow):
+        assert looped == [False] * 4 + [True] * 4
+        assert summary["steps"] == 8 and summary["simulated_train_time_ms"] == 1000.0
+        assert "train_clock:simulated step_ms:100 looped_step_ms:150" in log
+        assert "layer_loop:enabled step:4 frac:0.400" in log
+        assert "stopping_early: wallclock_cap train_time:1000ms step:8/1000" in log
+        assert re.search(r"train_clock:simulated steps:8 reference_8xh100:1\.0s wall:[\d.]+s", log)
+    assert slow[1]["train_time_ms"] >= 8 * 50  # its wall time is its own
+    with pytest.raises(tg.Fail, match="TRAIN_CLOCK=simulated .* MAX_WALLCLOCK_SECONDS > 0"):
+        tg.parse_settings({"TRAIN_CLOCK": "simulated", "MAX_WALLCLOCK_SECONDS": "0"})
+    pr = tg.parse_settings({"STACK": "pr1855"})
+    assert (pr.train_clock, pr.sim_step_ms, pr.sim_looped_step_ms) == ("wall", 96.0, 141.0)
