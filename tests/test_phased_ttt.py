@@ -292,7 +292,7 @@ def test_two_ranks_give_the_one_rank_score(tmp_path):
 
 AUDIT_ENV = {
     **PHASED,
-    "VAL_MAX_TOKENS": 768,
+    "VAL_MAX_TOKENS": 512,
     "TTT_LORA_LR": 0.05,
     "PHASED_TTT_PREFIX_DOCS": 1,
     "PHASED_TTT_NUM_PHASES": 1,
@@ -314,7 +314,7 @@ def test_audit_passes_phased_ttt(slot):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = audit_lines(r.stdout)
-    assert lines["coverage"].startswith("PASS 768/768 targets scored exactly once")
+    assert lines["coverage"].startswith("PASS 512/512 targets scored exactly once")
     assert lines["causality"].startswith("PASS") and ", 0 changed," in lines["causality"]
     assert "unperturbed rerun max |diff| 0.000e+00" in lines["causality"]
     assert lines["verdict"].startswith("PASS eval:phased_ttt" + "+slot_causal " * slot + " " * (1 - slot))

@@ -221,7 +221,7 @@ def test_audit_passes_the_tilt_and_fails_a_hint_chosen_by_the_targets_class(monk
         monkeypatch.setattr(
             tg, "ngram_hints", lambda tokens, order, threshold: np.where(tokens % 2 == 0, real(tokens, 1, 0.0), -1)
         )
-    assert audit.audit(["--positions", "2", "--seed", "3"]) == int(planted)
+    assert audit.audit(["--positions", "3", "--seed", "3"]) == int(planted)
     lines = audit_lines(capsys.readouterr().out)
     assert lines["coverage"].startswith("PASS") and lines["normalization"].startswith("PASS")
     assert lines["causality"].startswith("FAIL" if planted else "PASS"), lines["causality"]
