@@ -53,10 +53,10 @@ def test_compiled_paths_have_no_graph_breaks(tiny_settings, one_thread):
 def test_phased_chunk_compiles_whole_with_dynamic_shapes(tmp_path, one_thread):
     """Phased TTT's chunk step (compiled dynamic=True on CUDA): adapters, and causal SLOT's fit inside it, in one
     graph (fullgraph: a break is an error); its backward through AOTAutograd gives the adapters' eager gradients.
-    3 layers, one looped, the last in two lanes, to keep the compile short."""
+    2 layers, the second looped and in two lanes, to keep the compile short."""
     from test_phased_ttt import setup
 
-    s, run, model, luts = setup(tmp_path, NUM_LAYERS=3, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=2, XSA_LAST_N=3)
+    s, run, model, luts = setup(tmp_path, NUM_LAYERS=2, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=1, XSA_LAST_N=2)
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     adapters = {
