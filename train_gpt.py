@@ -1613,12 +1613,13 @@ def train(model, run, val, luts):
                 model.looping = looped
                 train_step(run, model, optimizers, loader.next_batch, 0, 1.0)
                 run.log(f"{'loop_' if looped else ''}warmup_step:{i + 1}/{s.warmup_steps}")
-        momentum = {p: muon.state[p]["momentum_buffer"] for p in muon.param_groups[0]["params"]}
+        kept = {}  # PR #1855's sharded momentum is not in the state its warm-up restores
+        if s.warmup_keeps_muon_momentum:
+            kept = {p: muon.state[p]["momentum_buffer"] for p in muon.param_groups[0]["params"]}
         for m, state in zip((model, muon, adam), initial):
             m.load_state_dict(state)
-        if s.warmup_keeps_muon_momentum:  # PR #1855's sharded momentum is not in the state its warm-up restores
-            for p, buf in momentum.items():
-                muon.state[p]["momentum_buffer"] = buf
+        for p, buf in kept.items():
+            muon.state[p]["momentum_buffer"] = buf
         model.qat_bits, model.looping = 0, False
         loader = DistributedTokenLoader(pattern, run.rank, run.world, run.device)
     averages, cap_ms = WeightAverages(model, s), train_cap_ms(s)

@@ -703,27 +703,21 @@ def test_a_failed_write_removes_its_partial_file_and_says_what_is_on_disk(tmp_pa
 # ----------------------------------------------------------------------------- the simulated training clock
 
 
-def simulated_run(tmp_path, monkeypatch, sleep_s=0.0, **over):
+def simulated_run(tiny_settings, tmp_path, monkeypatch, sleep_s=0.0):
     """train() with the step itself stubbed (a zero loss, optionally a sleep): the steps taken and the loop switch."""
-    s = tg.parse_settings(
-        dict(
-            TINY,
-            DATA_PATH=str(ROOT / "data" / "datasets" / "sample_sp1024"),
-            TOKENIZER_PATH=str(ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"),
-            OUTPUT_DIR=str(tmp_path),
-            RUN_ID="sim",
-            DEVICE="cpu",
-            ITERATIONS="1000",
-            NUM_LOOPS="1",
-            LOOP_START="1",
-            LOOP_END="2",
-            ENABLE_LOOPING_AT="0.35",
-            TRAIN_CLOCK="simulated",
-            MAX_WALLCLOCK_SECONDS="1.0",
-            SIM_STEP_MS="100",
-            SIM_LOOPED_STEP_MS="150",
-            **over,
-        )
+    s = tiny_settings(
+        OUTPUT_DIR=tmp_path,
+        RUN_ID="sim",
+        DEVICE="cpu",
+        ITERATIONS=1000,
+        NUM_LOOPS=1,
+        LOOP_START=1,
+        LOOP_END=2,
+        ENABLE_LOOPING_AT=0.35,
+        TRAIN_CLOCK="simulated",
+        MAX_WALLCLOCK_SECONDS=1.0,
+        SIM_STEP_MS=100,
+        SIM_LOOPED_STEP_MS=150,
     )
     run = tg.Run(s)
     model = tg.build_model(run)
@@ -741,12 +735,12 @@ def simulated_run(tmp_path, monkeypatch, sleep_s=0.0, **over):
     return looped, run.summary, (tmp_path / "logs" / "sim.txt").read_text()
 
 
-def test_simulated_clock_gives_the_step_models_schedule_whatever_the_machine(tmp_path, monkeypatch):
+def test_simulated_clock_gives_the_step_models_schedule_whatever_the_machine(tiny_settings, tmp_path, monkeypatch):
     """The step-time model's arithmetic: 1,000 ms at 100 ms a step until the loop switch at 35% (steps 0-3 start at
     0-300 ms; step 4 starts at 400 ms, past 350), then 150 ms a step: 400 + 4 x 150 = 1,000 ms, the cap, after 8
     steps. A machine 50 ms slower a step (the sleep) takes the same steps; the log says which clock ran."""
-    fast = simulated_run(tmp_path / "fast", monkeypatch)
-    slow = simulated_run(tmp_path / "slow", monkeypatch, sleep_s=0.05)
+    fast = simulated_run(tiny_settings, tmp_path / "fast", monkeypatch)
+    slow = simulated_run(tiny_settings, tmp_path / "slow", monkeypatch, sleep_s=0.05)
     for looped, summary, log in (fast, slow):
         assert looped == [False] * 4 + [True] * 4
         assert summary["steps"] == 8 and summary["simulated_train_time_ms"] == 1000.0

@@ -234,7 +234,7 @@ def check_documents(model, start_state, run, luts, positions: int, gen, tol: flo
     picks = ends[:positions]
     if not picks:
         return True, f"no document boundary in the first {val.numel() - 1} tokens: nothing to show", {}
-    val = val[: (picks[-1] // L + 2) * L + 1][: val.numel()]  # whole rows, past the last document end
+    val = val[: (picks[-1] // L + 2) * L + 1]  # whole rows, past the last document end
     doc = torch.cumsum(val == tg.BOS_ID, 0)  # the document of each position
     base_idx, base_rows = run_pipeline(model, start_state, run, val, luts, "final_int6_roundtrip", kw)
     moved_other, moved_next, worst, first = 0, 0, 0.0, None
