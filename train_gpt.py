@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import uuid
@@ -68,7 +69,15 @@ class RunSettings:
     seed: int = setting(1337, "torch/numpy seed")
     output_dir: str = setting(".", "where the artifact and logs/ go")
     device: str = setting("auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu"))
-    attn_backend: str = setting("auto", "auto | fa3 | fa2 | sdpa", choices=("auto", "fa3", "fa2", "sdpa"))
+    attn_backend: str = setting(
+        "auto",
+        "auto (the first that loads: fa3 installed, fa3 from the Hub, fa2, sdpa) | fa3 | fa2 | sdpa",
+        choices=("auto", "fa3", "fa2", "sdpa"),
+    )
+    attn_kernel_repo: str = setting(
+        "varunneal/flash-attention-3", "Hub repo of the FA3 kernel that the `kernels` package loads; empty: never ask"
+    )
+    attn_hub_timeout_seconds: float = setting(60.0, "longest wait for that kernel before falling back", POSITIVE)
     compile: str = setting("auto", "auto (on for CUDA) | 0 | 1: torch.compile the model", choices=("auto", "0", "1"))
     eval_only: int = setting(0, "1 = no training: evaluate ARTIFACT_PATH", FLAG)
     artifact_path: str = setting("", "for EVAL_ONLY: a final_model.int6.ptz, or a final_model.float.safetensors")
@@ -898,24 +907,93 @@ def varlen_attention_fn(fa_varlen):
     return attend
 
 
-def pick_attention(backend, device):
-    """(name, dense causal attention, document-masked attention): FlashAttention 3, then 2, then PyTorch's (sdpa;
-    document masks by FlexAttention on CUDA, segment by segment on the CPU): the first one installed, or the one
-    asked for."""
-    for name, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
-        if backend in ("auto", name) and device.type == "cuda":
-            try:
-                fa = __import__(module)
-                dense = lambda q, k, v, seg=None: (lambda y: y[0] if isinstance(y, tuple) else y)(
-                    fa.flash_attn_func(q, k, v, causal=True)
-                )
-                return name, dense, varlen_attention_fn(fa.flash_attn_varlen_func)
-            except ImportError:
-                if backend == name:
-                    raise Fail(f"ATTN_BACKEND={name} but {module} is not installed; use sdpa or auto") from None
-    if backend in ("fa3", "fa2"):
-        raise Fail(f"ATTN_BACKEND={backend} needs a CUDA device; use sdpa or auto")
-    return "sdpa", sdpa, flex_attention_fn() if device.type == "cuda" else segment_sdpa
+class Unavailable(Exception):
+    """An attention kernel that cannot run here; the message says why (the log lists it)."""
+
+
+def installed_kernel(module):
+    """A FlashAttention module installed in this environment."""
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise Unavailable(f"{module} is not installed ({e})") from None
+
+
+def hub_kernel(repo, timeout_s):
+    """FA3's interface from the Hugging Face Hub through the `kernels` package (as modded-nanogpt loads it),
+    waiting at most timeout_s: the download runs in a daemon thread, left behind if the Hub does not answer."""
+    if not repo:
+        raise Unavailable("ATTN_KERNEL_REPO is empty")
+    try:
+        import kernels
+    except ImportError:
+        raise Unavailable("the kernels package is not installed (pip install kernels)") from None
+    got = {}
+
+    def load():
+        try:
+            got["module"] = kernels.get_kernel(repo).flash_attn_interface
+        except Exception as e:  # no network, no build for this torch/CUDA, a broken repo: all mean "not here"
+            got["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout_s)
+    if loader.is_alive():
+        raise Unavailable(f"the Hub did not answer for {repo} within {timeout_s:g} s (ATTN_HUB_TIMEOUT_SECONDS)")
+    if "error" in got:
+        raise Unavailable(f"kernels.get_kernel({repo!r}) failed: {got['error']}")
+    return got["module"]
+
+
+def first_output(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+class Attention(NamedTuple):
+    name: str  # the backend that runs: fa3, fa2 or sdpa
+    source: str  # where it came from: installed, kernels hub <repo>, torch
+    dense: object  # causal attention (q, k, v) of [B, T, H, D]
+    documents: object  # document-masked attention (q, k, v, seg)
+    documents_name: str
+    passed_over: list  # "backend (source): why not" for each faster backend tried that cannot run here
+
+
+def pick_attention(s, device, capability=None):
+    """The attention kernels of this run: ATTN_BACKEND, or with auto the first of FlashAttention 3 installed, FA3
+    from the Hub (`kernels`), FlashAttention 2, then PyTorch's (sdpa; document masks by FlexAttention on CUDA,
+    segment by segment on the CPU). capability: the GPU's compute capability (default: asked of torch.cuda)."""
+    candidates = (
+        ("fa3", "installed", lambda: installed_kernel("flash_attn_interface")),
+        (
+            "fa3",
+            f"kernels hub {s.attn_kernel_repo}".strip(),
+            lambda: hub_kernel(s.attn_kernel_repo, s.attn_hub_timeout_seconds),
+        ),
+        ("fa2", "installed", lambda: installed_kernel("flash_attn")),
+    )
+    passed_over = []
+    for name, source, load in candidates:
+        if s.attn_backend not in ("auto", name):
+            continue
+        try:
+            if device.type != "cuda":
+                raise Unavailable("needs a CUDA device")
+            major = (capability or torch.cuda.get_device_capability)(device)[0]
+            if name == "fa3" and major != 9:
+                raise Unavailable(f"FA3 runs on Hopper GPUs only (compute capability 9.x; this one is {major}.x)")
+            fa = load()
+        except Unavailable as e:
+            passed_over.append(f"{name} ({source}): {e}")
+            continue
+        dense = lambda q, k, v, seg=None: first_output(fa.flash_attn_func(q, k, v, causal=True))
+        documents = varlen_attention_fn(fa.flash_attn_varlen_func)
+        return Attention(name, source, dense, documents, f"{name} varlen", passed_over)
+    if s.attn_backend in ("fa3", "fa2"):
+        raise Fail(f"ATTN_BACKEND={s.attn_backend} cannot run here: {'; '.join(passed_over)}; use sdpa or auto")
+    if device.type == "cuda":
+        return Attention("sdpa", "torch", sdpa, flex_attention_fn(), "flex_attention", passed_over)
+    return Attention("sdpa", "torch", sdpa, segment_sdpa, "sdpa by segment", passed_over)
 
 
 BANK_ROWS = dict(
@@ -1017,10 +1095,11 @@ class GPT(nn.Module):
       piece_len    the longest document piece under document-masked attention: TRAIN_SEQ_LEN, or during training
                    the stage of TRAIN_SEQ_SCHEDULE (a 0-d buffer, not saved: a new value recompiles nothing)"""
 
-    def __init__(self, config, attention=None, doc_attention=None):
+    def __init__(self, config, attention=None):
+        """attention: the run's Attention kernels (pick_attention); None: sdpa with a dense document mask."""
         super().__init__()
         c = self.config = config
-        self.attention, self.doc_attention = attention or sdpa, doc_attention or sdpa
+        self.attention, self.doc_attention = (attention.dense, attention.documents) if attention else (sdpa, sdpa)
         V, d, L = c.vocab_size, c.model_dim, c.num_layers
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, d // c.num_heads
         kv_dim, hidden = self.num_kv_heads * self.head_dim, int(c.mlp_mult * d)
@@ -1436,7 +1515,7 @@ class Run:  # settings, rank, device, log file
         self.master = self.rank == 0
         self.compile = s.compile == "1" or (s.compile == "auto" and use_cuda)
         self.compiled_fns = {}
-        self.attn_name, self.attention, self.doc_attention = pick_attention(s.attn_backend, self.device)
+        self.attn = pick_attention(s, self.device)
         self.out = Path(s.output_dir)
         self.logfile = self.out / "logs" / f"{s.run_id}.txt"
         try:
@@ -1481,7 +1560,7 @@ def build_model(run, state=None):
     """A GPT on the run's device with its attention backends, from a state dict when given. EMBED_BF16 keeps the
     tied embedding in bf16, as PR #1855's model.bfloat16() + restore_fp32_params leaves it (on the CPU the forward
     pass then runs in bf16, as the record's code does there)."""
-    model = GPT(ModelConfig.of(run.s), run.attention, run.doc_attention).to(run.device)
+    model = GPT(ModelConfig.of(run.s), run.attn).to(run.device)
     if run.s.embed_bf16:
         model.tok_emb.to(torch.bfloat16)
     if state is not None:
@@ -3170,8 +3249,11 @@ def log_header(run, code, packed):
     hw = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu ({os.cpu_count()} cores)"
     run.log(
         f"torch:{torch.__version__} device:{hw} world_size:{run.world} grad_accum_steps:{8 // run.world} "
-        f"attention:{run.attn_name} compile:{int(run.compile)}"
+        f"attention:{run.attn.name} compile:{int(run.compile)}"
     )
+    run.log(f"attention_backend:{run.attn.name} source:{run.attn.source} documents:{run.attn.documents_name}")
+    for why in run.attn.passed_over:
+        run.log(f"attention_passed_over:{why}")
     run.log("settings: " + " ".join(f"{k}={shown(v)}" for k, v in s.by_env_name().items()))
     changed = " ".join(
         f"{k}={os.environ[k]}" for k in SETTING_NAMES if k in os.environ and k not in ("RUN_ID", "OUTPUT_DIR")

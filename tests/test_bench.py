@@ -113,7 +113,7 @@ def test_ttt_flops_count_the_sequences_evaluate_trains_on(tiny_settings, one_thr
     s = tiny_settings(TTT_ENABLED=1, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=chunk, TTT_BATCH_SEQS=2, EVAL_STRIDE=64)
     run = tg.Run(replace(s, output_dir=str(ROOT / "out" / "test_bench")))
     run.log = lambda *a, **k: None
-    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attn)
     trained = []
     model.register_forward_pre_hook(lambda mod, args: trained.append(args[0].size(0)))
     val = torch.randint(0, 1024, (5 * 128 + 1,))

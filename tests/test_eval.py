@@ -110,7 +110,7 @@ def make_run(base, **over):
     s = tg.parse_settings(tiny_env(OUTPUT_DIR=base["out"], **over))
     run = tg.Run(s)
     run.log = lambda msg, console=True: None
-    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attn)
     model.load_state_dict(base["state"])
     return s, run, model
 
@@ -382,7 +382,7 @@ s = tg.parse_settings()
 run = tg.Run(s)
 run.log = lambda msg, console=True: None
 torch.manual_seed(0)
-model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+model = tg.GPT(tg.ModelConfig.of(s), run.attn)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))

@@ -63,7 +63,7 @@ def setup(tmp_path, **over):
     run = tg.Run(s)
     run.log = lambda msg, console=True: None
     torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attn)
     with torch.no_grad():  # noise on every parameter: the zero-initialized projections and gates carry signal too
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05))

@@ -639,7 +639,7 @@ def test_segment_attention_equals_the_dense_document_mask():
     grads = [torch.autograd.grad((y * w).sum(), (q, k, v)) for y in (dense, pieces)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert tg.pick_attention("auto", torch.device("cpu"))[2] is tg.segment_sdpa
+    assert tg.pick_attention(tg.parse_settings({}), torch.device("cpu")).documents is tg.segment_sdpa
 
 
 def test_warmup_restores_everything_but_muons_momentum_when_told(tiny_settings, tmp_path, monkeypatch, one_thread):

@@ -100,6 +100,13 @@ def test_end_to_end_final_lines_match_the_summary(e2e, tiny_settings):
         assert f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f}" in proc.stdout
     final = [ln for ln in lines if ln.startswith("final_score_exact ")]
     assert len(final) == 1 and lines[-1] == final[0]
+    # The attention that ran, and why each faster backend did not (on the CPU: none of them can).
+    assert "attention_backend:sdpa source:torch documents:sdpa by segment" in lines
+    assert [ln.split(":")[1] for ln in lines if ln.startswith("attention_passed_over:")] == [
+        "fa3 (installed)",
+        "fa3 (kernels hub varunneal/flash-attention-3)",
+        "fa2 (installed)",
+    ]
     loss, bpb = metric_line(lines, "final_score_exact")
     assert (loss, bpb) == metric_line(lines, "final_int6_sliding_window_exact")
     assert js["final"]["val_loss"] == js["metrics"]["final_int6_sliding_window_exact"]["val_loss"]
@@ -199,7 +206,7 @@ def train_in_process(s: dict, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     run = tg.Run(s)
     torch.manual_seed(s.seed)
-    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attn)
     initial = copy.deepcopy(model)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
     val = tg.load_validation_tokens(os.path.join(s.data_path, "fineweb_val_*.bin"), s.eval_seq_len, s.val_max_tokens)
@@ -235,7 +242,7 @@ import train_gpt as tg
 s = tg.parse_settings()
 run = tg.Run(s)
 torch.manual_seed(s.seed)
-model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+model = tg.GPT(tg.ModelConfig.of(s), run.attn)
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 luts = tg.build_sentencepiece_luts(tg.load_tokenizer(s), s.vocab_size, run.device)
 val_files = os.path.join(s.data_path, "fineweb_val_*.bin")

@@ -77,6 +77,8 @@ RUN_LOCAL = {
     "VAL_MAX_TOKENS",
     "DEVICE",
     "ATTN_BACKEND",
+    "ATTN_KERNEL_REPO",
+    "ATTN_HUB_TIMEOUT_SECONDS",
     "COMPILE",
 }
 
@@ -118,7 +120,7 @@ def audit_env(artifact: str | None, log: Path | None) -> tuple[dict[str, str], s
 def noised_random_model(s: dict, run, seed: int) -> tg.GPT:
     """The configured model, randomly initialized, plus noise on every parameter (zero-initialized ones too)."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.ModelConfig.of(s), run.attention)
+    model = tg.GPT(tg.ModelConfig.of(s), run.attn)
     with torch.no_grad():
         for p in model.parameters():
             std = 0.5 / p.shape[-1] ** 0.5 if p.dim() >= 2 else 0.05
@@ -296,7 +298,7 @@ def audit(argv=None) -> int:
         val = tg.load_validation_tokens(os.path.join(s.data_path, tg.VAL_SHARDS), L, max_tokens, s.eval_include_tail)
         n = val.numel() - 1
         if s.artifact_path:
-            model = tg.GPT(tg.ModelConfig.of(s), run.attention).to(run.device)
+            model = tg.GPT(tg.ModelConfig.of(s), run.attn).to(run.device)
             model.load_state_dict(tg.load_artifact(s.artifact_path, s))
             source = f"artifact {s.artifact_path}"
         else:
