@@ -42,10 +42,16 @@ def counted(fn) -> int:
     return fc.get_total_flops()
 
 
+# The explicit attention for the model's every attention call (the document mask costs no FLOP: none is applied).
+EXPLICIT = tg.Attention(
+    "explicit", "test", explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v), "explicit", []
+)
+
+
 def model_of(tiny_settings, **overrides):
     torch.manual_seed(0)
     s = tiny_settings(**overrides)
-    return s, tg.GPT(tg.ModelConfig.of(s), explicit_attention)
+    return s, tg.GPT(tg.ModelConfig.of(s), EXPLICIT)
 
 
 def test_one_layer_flops_match_flop_counter(tiny_settings, one_thread):
@@ -262,9 +268,7 @@ def test_pr1855_looped_flops_match_flop_counter(tiny_settings, one_thread):
 
     s = tiny_settings(**TINY_PR)
     torch.manual_seed(0)
-    model = tg.GPT(
-        tg.ModelConfig.of(s), explicit_attention, lambda q, k, v, seg: explicit_attention(q, k, v)
-    )  # the mask costs no FLOP
+    model = tg.GPT(tg.ModelConfig.of(s), EXPLICIT)
     B, T = 2, s.eval_seq_len
     x = torch.randint(0, 1024, (B, T))
     assert bench.virtual_layers(s) == 17 and bench.virtual_layers(s, looped=False) == 11
@@ -292,3 +296,18 @@ def test_phased_ttt_flops_match_flop_counter(tmp_path, one_thread, switched):
     f = bench.phased_flops(tg, s, [n for _, n in tg.find_docs(val)], causal=False)
     assert f["ttt"] > 0.3 * f["total"]  # the backward and the global phases are a large share: both are counted
     assert fc.get_total_flops() == pytest.approx(f["total"], rel=1e-4)
+
+
+def test_phased_chunk_steps_are_the_chunk_calls_of_the_pass(tmp_path, monkeypatch, one_thread):
+    """The chunk steps that gpu_check reports per phased-TTT pass (Timed over score_documents, counted from each
+    batch's longest document and chunk size) are the chunk_nll calls the pass makes."""
+    import test_phased_ttt as tp
+
+    s, run, model, luts = tp.setup(tmp_path)
+    calls = []
+    chunk_nll = tg.chunk_nll
+    monkeypatch.setattr(tg, "chunk_nll", lambda *a, **k: calls.append(1) or chunk_nll(*a, **k))
+    val = tp.synthetic_val(tp.LENGTHS * 2)
+    with bench.Timed(tg, "score_documents", run, bench.chunk_steps(tg, s)) as timed:
+        tg.evaluate(model, run, val, luts, phased=True)
+    assert timed.count == len(calls) > len(tp.LENGTHS) and timed.seconds > 0
