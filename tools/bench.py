@@ -294,10 +294,12 @@ def peak_memory_mib(device) -> tuple[float, str]:
 
 
 class Timed:
-    """Wraps a train_gpt function to add up the seconds spent in it (device-synchronized)."""
+    """Wraps a train_gpt function to add up the seconds spent in it (device-synchronized), and with units(*a, **k)
+    the units of work its calls did (phased TTT's chunk steps)."""
 
-    def __init__(self, tg, name: str, run):
+    def __init__(self, tg, name: str, run, units=None):
         self.tg, self.name, self.run, self.fn, self.seconds = tg, name, run, getattr(tg, name, None), 0.0
+        self.units, self.count = units, 0
 
     def __enter__(self):
         if self.fn is not None:
@@ -308,6 +310,7 @@ class Timed:
                 out = self.fn(*a, **k)
                 self.run.sync()
                 self.seconds += time.perf_counter() - t0
+                self.count += self.units(*a, **k) if self.units else 1
                 return out
 
             setattr(self.tg, self.name, timed)
@@ -394,6 +397,17 @@ def bench_train(tg, run, model, s, batches, steps: int, warmup: int) -> dict:
     )
 
 
+def chunk_steps(tg, s):
+    """units for Timed: the chunk steps of one train_gpt.score_documents call (a batch of phased TTT): as many as
+    the longest document's targets fill chunks of its batch's chunk size."""
+
+    def count(model, run, tokens, luts, batch, *rest, **kw):
+        longest = max(length for _, length in batch)
+        return -(-(longest - 1) // tg.chunk_size_of(s, longest))
+
+    return count
+
+
 def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repeats: int, extra: bool) -> dict:
     s = run.s
     n = val.numel() - 1
@@ -402,15 +416,20 @@ def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repe
     for r in range(1 + repeats):  # the first pass warms up (and compiles)
         model.load_state_dict(state)
         model.zero_grad(set_to_none=True)
-        with Timed(tg, "slot_delta", run) as slot_t, Timed(tg, "ttt_train_chunk", run) as ttt_t:
+        with (
+            Timed(tg, "slot_delta", run) as slot_t,
+            Timed(tg, "ttt_train_chunk", run) as ttt_t,
+            Timed(tg, "score_documents", run, chunk_steps(tg, s)) as chunk_t,
+        ):
             run.sync()
             t0 = time.perf_counter()
             loss, bpb = tg.evaluate(model, run, val, luts, tag=name, **kw)
             run.sync()
             times.append(time.perf_counter() - t0)
-        parts.append(dict(slot=slot_t.seconds, ttt=ttt_t.seconds))
+        parts.append(dict(slot=slot_t.seconds, ttt=ttt_t.seconds, chunk_s=chunk_t.seconds, chunks=chunk_t.count))
     mid = sorted(range(1, len(times)), key=lambda i: times[i])[(len(times) - 2) // 2]  # the (lower) median pass
     steady = times[mid]
+    chunks = parts[mid]["chunks"]  # phased TTT: every chunk step scores, and trains unless it is a document's last
     seconds_parts = dict(slot=parts[mid]["slot"], ttt=parts[mid]["ttt"])
     seconds_parts["score"] = max(times[mid] - seconds_parts["slot"] - seconds_parts["ttt"], 0.0)
     f = pass_flops(tg, s, n, **kw, docs=[d for _, d in tg.find_docs(val)])
@@ -432,6 +451,8 @@ def bench_eval(tg, run, model, state: dict, val, luts, name: str, kw: dict, repe
         peak_mem_mib=mem,
         peak_mem_kind=mem_kind,
         val_bpb=bpb,
+        chunk_steps=chunks,
+        chunk_step_ms=1000 * parts[mid]["chunk_s"] / chunks if chunks else None,
     )
 
 
@@ -556,6 +577,19 @@ def project_only(args) -> int:
     return 0
 
 
+def attention_of(run) -> dict:
+    """The attention that ran (a baseline revision before pick_attention's record names only the backend)."""
+    a = getattr(run, "attn", None)
+    if a is None:
+        return dict(attention=run.attn_name, attention_source="?", documents_attention="?", attention_passed_over=[])
+    return dict(
+        attention=a.name,
+        attention_source=a.source,
+        documents_attention=a.documents_name,
+        attention_passed_over=a.passed_over,
+    )
+
+
 def measure(args) -> dict:
     tg = load_train_gpt(Path(args.module))
     s = tg.parse_settings()
@@ -618,13 +652,11 @@ def measure(args) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     return dict(
         module=str(args.module),
+        stack=getattr(s, "stack", "seed"),
         torch=torch.__version__,
         device=hw,
         world=run.world,
-        attention=run.attn.name,
-        attention_source=run.attn.source,
-        documents_attention=run.attn.documents_name,
-        attention_passed_over=run.attn.passed_over,
+        **attention_of(run),
         compile=bool(run.compile),
         peak_flops=peak,
         peak_what=peak_what,
@@ -756,65 +788,83 @@ def last_line(summ: dict) -> str:
     return "bench " + " ".join(f"{k}:{summ[k]:.6g}" for k in keys)
 
 
-def readme_block(bench_json: str, run_json: str | None = None) -> str:
-    """The summary block of tools/gpu_check.sh, ready to paste into docs/performance.md (GPU figures)."""
-    lines = []
+def readme_block(paths: list[str]) -> str:
+    """The summary block of tools/gpu_check.sh, ready to paste into docs/performance.md (GPU figures): one section
+    per bench --json file (named <stack>/bench.json), each followed by the train_gpt.py summary JSONs after it."""
+    sections = []
+    for path in paths:
+        if Path(path).name == "bench.json":
+            sections.append(bench_section(path))
+        else:
+            sections.append(run_line(path))
+    return "\n".join(sections)
+
+
+def bench_section(bench_json: str) -> str:
+    stack = Path(bench_json).parent.name
     try:
         r = json.loads(Path(bench_json).read_text())
     except (OSError, ValueError):
-        r = None
-    if r is None:
-        lines.append(f"benchmark: no result ({bench_json} missing or unreadable: it failed or timed out)")
-    else:
-        phases = {p["name"]: p for p in r["phases"]}
-        train = phases.get("train")
-        evals = [p for p in r["phases"] if p["kind"] == "eval"]
-        pr = r["projection"]
-        proj = {row["name"]: row for row in pr["passes"]}
-        comp = lambda p: f"{p['compile_s']:.0f} s" if p.get("compile_s") is not None else "not compiled"
-        lines += [
-            f"GPU figures: `tools/gpu_check.sh` on {r['device']} (torch {r['torch']}, attention {r['attention']}, "
-            f"compile {'on' if r['compile'] else 'off'}, matmul peak measured {r['peak_flops'] / 1e12:.0f} TFLOP/s "
-            f"{r['peak_what']}); {r['data']}; eval slice {r['val_tokens']:,} tokens.",
-            "",
-            "| phase | time | tokens/s | TFLOP/s | MFU | compile + warm-up | peak memory | projected 8×H100 |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        if train:
+        return f"\n### {stack}\n\nbenchmark: no result ({bench_json} missing or unreadable: it failed or timed out)"
+    phases = {p["name"]: p for p in r["phases"]}
+    train = phases.get("train")
+    evals = [p for p in r["phases"] if p["kind"] == "eval"]
+    pr = r["projection"]
+    proj = {row["name"]: row for row in pr["passes"]}
+    comp = lambda p: f"{p['compile_s']:.0f} s" if p.get("compile_s") is not None else "not compiled"
+    lines = [
+        f"\n### STACK={r.get('stack', stack)}\n",
+        f"`tools/gpu_check.sh` on {r['device']} (torch {r['torch']}, attention {r['attention']} "
+        f"({r.get('attention_source', '?')}), document-masked attention {r.get('documents_attention', '?')}, "
+        f"compile {'on' if r['compile'] else 'off'}, matmul peak measured {r['peak_flops'] / 1e12:.3g} TFLOP/s "
+        f"{r['peak_what']}); {r['data']}; eval slice {r['val_tokens']:,} tokens.",
+        "",
+        "| phase | time | tokens/s | TFLOP/s | MFU | compile + warm-up | peak memory | projected 8×H100 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if train:
+        lines.append(
+            f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step | "
+            f"{train['tokens_per_s']:,.0f} | {train['tflops']:.1f} | {100 * train['mfu']:.1f}% | {comp(train)} | "
+            f"{train['peak_mem_mib']:,.0f} MiB | - |"
+        )
+    for p in evals:
+        projected = f"{proj[p['name']]['seconds']:.0f} s" if p["name"] in proj else "-"
+        lines.append(
+            f"| {p['name']}{' (extra)' if p.get('extra') else ''} | {p['seconds']:.2f} s "
+            f"| {p['tokens_per_s']:,.0f} | "
+            f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |"
+        )
+    verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
+    s = r["summary"]
+    lines += [
+        "",
+        f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
+        f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
+        f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
+        f"{100 * s['slot_time_share']:.1f}% of the final pass's time, "
+        f"{100 * s['slot_flop_share']:.1f}% of its FLOPs.",
+    ]
+    for p in evals:
+        if p.get("chunk_steps"):
             lines.append(
-                f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step | "
-                f"{train['tokens_per_s']:,.0f} | {train['tflops']:.1f} | {100 * train['mfu']:.1f}% | {comp(train)} | "
-                f"{train['peak_mem_mib']:,.0f} MiB | - |"
+                f"Phased TTT ({p['name']}): {p['chunk_steps']:,} chunk steps (score, then the adapters' step), "
+                f"{p['chunk_step_ms']:.1f} ms each."
             )
-        for p in evals:
-            projected = f"{proj[p['name']]['seconds']:.0f} s" if p["name"] in proj else "-"
-            lines.append(
-                f"| {p['name']}{' (extra)' if p.get('extra') else ''} | {p['seconds']:.2f} s "
-                f"| {p['tokens_per_s']:,.0f} | "
-                f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |"
-            )
-        verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
-        s = r["summary"]
-        lines += [
-            "",
-            f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
-            f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
-            f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
-            f"{100 * s['slot_time_share']:.1f}% of the final pass's time, "
-            f"{100 * s['slot_flop_share']:.1f}% of its FLOPs.",
-        ]
-    if run_json:
-        try:
-            run = json.loads(Path(run_json).read_text())
-            rt = run["metrics"].get("final_int6_roundtrip_exact", {})
-            lines.append(
-                f"Short run: {run.get('steps', '?')} steps on the sample, {run.get('step_avg_ms', float('nan')):.1f} "
-                f"ms/step, round trip val_bpb {rt.get('val_bpb', float('nan')):.4f}, artifact "
-                f"{run.get('bytes', {}).get('total', '?'):,} bytes."
-            )
-        except (OSError, ValueError, KeyError, AttributeError):
-            lines.append(f"Short run: no result ({run_json} missing or unreadable)")
     return "\n".join(lines)
+
+
+def run_line(run_json: str) -> str:
+    try:
+        run = json.loads(Path(run_json).read_text())
+        rt = run["metrics"].get("final_int6_roundtrip_exact", {})
+        return (
+            f"Short run: {run.get('steps', '?')} steps on the sample, {run.get('step_avg_ms', float('nan')):.1f} "
+            f"ms/step, round trip val_bpb {rt.get('val_bpb', float('nan')):.4f}, artifact "
+            f"{run.get('bytes', {}).get('total', '?'):,} bytes."
+        )
+    except (OSError, ValueError, KeyError, AttributeError):
+        return f"Short run: no result ({run_json} missing or unreadable)"
 
 
 # ----------------------------------------------------------------------------- baseline comparison
@@ -974,7 +1024,8 @@ def parse_args(argv=None):
         "--summary",
         nargs="+",
         metavar="JSON",
-        help="print tools/gpu_check.sh's docs block from a --json file and a train_gpt.py summary JSON",
+        help="print tools/gpu_check.sh's docs block from <stack>/bench.json files (bench --json), each followed by "
+        "the train_gpt.py summary JSONs of that stack",
     )
     p.add_argument("--module", default=str(ROOT / "train_gpt.py"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -988,7 +1039,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summary:
-        print(readme_block(*args.summary[:2]))
+        print(readme_block(args.summary))
         return 0
     if args.project_only:
         return project_only(args)
