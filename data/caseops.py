@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 OPERATOR_SET = frozenset(OPERATORS)
 CANONICAL_VAL_DOCS = 50_000  # the challenge's split: the first 50,000 documents are validation
 SHARD_TOKENS = 100_000_000  # tokens per shard, as the challenge's export
+BATCH_DOCS = 1024  # documents per SentencePiece batch encode
 
 _RUN = re.compile(r"[A-Za-z]+|[\ue001-\ue004]")
 
@@ -190,10 +193,15 @@ def _messages(buf: bytes):
 
 
 def encode_with_surfaces(sp, text: str) -> tuple[list[int], list[str]]:
-    """Token ids of text and the surface (input span) of each, from SentencePiece's SentencePieceText message
-    (read here without the protobuf package: pieces are field 2, each with id 2 and surface 3)."""
+    """Token ids of text and the surface (input span) of each."""
+    return ids_and_surfaces(sp.encode(text, out_type="serialized_proto"))
+
+
+def ids_and_surfaces(proto: bytes) -> tuple[list[int], list[str]]:
+    """Token ids and surfaces from SentencePiece's SentencePieceText message (read here without the protobuf
+    package: pieces are field 2, each with id 2 and surface 3)."""
     ids, surfaces = [], []
-    for field, value in _messages(sp.encode(text, out_type="serialized_proto")):
+    for field, value in _messages(proto):
         if field != 2:
             continue
         pid, surface = 0, b""
@@ -209,9 +217,23 @@ def encode_with_surfaces(sp, text: str) -> tuple[list[int], list[str]]:
 
 def encode_document(sp, transformed: str) -> tuple[np.ndarray, np.ndarray]:
     """[BOS] + the tokens of one CaseOps document, and its sidecar (BOS 0, then each token's original bytes)."""
-    ids, surfaces = encode_with_surfaces(sp, transformed)
+    return document_arrays(sp.encode(transformed, out_type="serialized_proto"))
+
+
+def document_arrays(proto: bytes) -> tuple[np.ndarray, np.ndarray]:
+    ids, surfaces = ids_and_surfaces(proto)
     counts, _ = original_byte_counts(surfaces)
     return np.array([BOS_ID] + ids, dtype=np.uint16), np.array([0] + counts, dtype=np.uint16)
+
+
+def encode_batch(sp, texts: list[str], validation: bool, threads: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(tokens, sidecar or None) of each document: the CaseOps transform, then SentencePiece's batch encode on
+    `threads` threads (its C++ threads; the output does not depend on their number)."""
+    transformed = [encode(text) for text in texts]
+    if validation:
+        protos = sp.encode(transformed, out_type="serialized_proto", num_threads=threads)
+        return [document_arrays(proto) for proto in protos]
+    return [(np.array([BOS_ID] + ids, dtype=np.uint16), None) for ids in sp.encode(transformed, num_threads=threads)]
 
 
 def check_caseops_tokenizer(sp) -> None:
@@ -288,6 +310,18 @@ def check_splits_disjoint(val_tokens: list[np.ndarray], train_docs_tokens) -> No
             )
 
 
+def batches(docs, val_docs: int, size: int):
+    """Lists of (index, text) of at most size documents, in order; a list is all validation or all training."""
+    batch = []
+    for i, text in enumerate(docs):
+        if batch and (len(batch) == size or i == val_docs):
+            yield batch
+            batch = []
+        batch.append((i, text))
+    if batch:
+        yield batch
+
+
 def prep(
     docs,
     sp,
@@ -296,10 +330,15 @@ def prep(
     shard_tokens: int = SHARD_TOKENS,
     max_train_tokens: int | None = None,
     log=print,
+    threads: int = 1,
+    batch_docs: int = BATCH_DOCS,
+    progress: bool = False,
 ) -> dict:
     """Turn documents (an iterable of str, in the canonical order) into CaseOps shards under out: the first
     val_docs documents are validation (tokens + byte sidecar), the rest training. Refuses overlapping splits:
-    a training document whose text, or whose tokens, equal those of a validation document."""
+    a training document whose text, or whose tokens, equal those of a validation document. Documents are encoded
+    batch_docs at a time on `threads` threads (the shards are the same bytes for any number); progress: a bar
+    with documents/s on stderr."""
     check_caseops_tokenizer(sp)
     if val_docs < 1:
         raise SystemExit("error: --val-docs must be at least 1")
@@ -320,35 +359,49 @@ def prep(
     val_token_hashes: dict[bytes, int] = {}
     val_bytes = val_count = train_docs = 0
     truncated = False
-    for i, text in enumerate(docs):
-        if i < val_docs:
-            tokens, counts = encode_document(sp, encode(text))
-            val_text_hashes.setdefault(_doc_hash(text), i)
-            val_token_hashes.setdefault(hashlib.sha256(tokens.tobytes()).digest(), i)
-            val_bytes += int(counts.sum())
-            val_count += 1
-            val.add(tokens, counts)
-            continue
-        if i == val_docs:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="caseops prep", unit="docs", disable=not progress, mininterval=1.0, smoothing=0.1)
+    started = time.perf_counter()
+    for batch in batches(docs, val_docs, batch_docs):
+        validation = batch[0][0] < val_docs
+        if not validation:
             val.flush()
-        k = val_text_hashes.get(_doc_hash(text))
-        if k is not None:
-            raise SystemExit(
-                f"error: overlapping splits: document {i} (training) has the text of validation "
-                f"document {k}; refusing to put validation text into training"
-            )
-        if max_train_tokens is not None and train.total >= max_train_tokens:
-            truncated = True
+            for i, text in batch:  # checked before any is encoded: the refusal names the first such document
+                k = val_text_hashes.get(_doc_hash(text))
+                if k is not None:
+                    raise SystemExit(
+                        f"error: overlapping splits: document {i} (training) has the text of validation "
+                        f"document {k}; refusing to put validation text into training"
+                    )
+            if max_train_tokens is not None and train.total >= max_train_tokens:
+                truncated = True
+                break
+        encoded = encode_batch(sp, [text for _, text in batch], validation, threads)
+        for (i, text), (tokens, counts) in zip(batch, encoded):
+            if validation:
+                val_text_hashes.setdefault(_doc_hash(text), i)
+                val_token_hashes.setdefault(hashlib.sha256(tokens.tobytes()).digest(), i)
+                val_bytes += int(counts.sum())
+                val_count += 1
+                val.add(tokens, counts)
+                continue
+            if max_train_tokens is not None and train.total >= max_train_tokens:
+                truncated = True
+                break
+            k = val_token_hashes.get(hashlib.sha256(tokens.tobytes()).digest())
+            if k is not None:
+                raise SystemExit(
+                    f"error: overlapping splits: document {i} (training) tokenizes to validation "
+                    f"document {k}; refusing to put validation text into training"
+                )
+            train.add(tokens, None)
+            train_docs += 1
+        bar.update(len(batch))
+        if truncated:
             break
-        tokens = np.array([BOS_ID] + sp.encode(encode(text)), dtype=np.uint16)
-        k = val_token_hashes.get(hashlib.sha256(tokens.tobytes()).digest())
-        if k is not None:
-            raise SystemExit(
-                f"error: overlapping splits: document {i} (training) tokenizes to validation "
-                f"document {k}; refusing to put validation text into training"
-            )
-        train.add(tokens, None)
-        train_docs += 1
+    bar.close()
+    seconds = time.perf_counter() - started
     val.flush()
     train.flush()
     summary = dict(
@@ -360,6 +413,9 @@ def prep(
         train_tokens=train.total,
         train_truncated=truncated,
         files=[p.name for p in val.written + train.written],
+        seconds=round(seconds, 3),
+        documents_per_s=round((val_count + train_docs) / max(seconds, 1e-9), 1),
+        threads=threads,
     )
     previous.write_text(json.dumps(dict(val_docs=val_docs), indent=1) + "\n")
     if val_count < val_docs:
@@ -392,7 +448,16 @@ def main(argv=None) -> int:
         "--shard-tokens", type=int, default=SHARD_TOKENS, help=f"tokens per shard (default {SHARD_TOKENS:,})"
     )
     p.add_argument("--max-train-tokens", type=int, default=None, help="stop the training split after about N tokens")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="SentencePiece encode threads (default: every core; the shards do not depend on it)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     args = ap.parse_args(argv)
+    if args.command == "prep" and args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be 1 or more")
     if args.command in ("encode", "decode"):
         data = sys.stdin.read()
         try:
@@ -417,10 +482,17 @@ def main(argv=None) -> int:
             args.shard_tokens,
             args.max_train_tokens,
             log=lambda m: print(m, file=sys.stderr),
+            threads=args.threads,
+            progress=not args.no_progress and sys.stderr.isatty(),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(
+        f"{summary['val_documents'] + summary['train_documents']:,} documents in {summary['seconds']:.1f} s "
+        f"({summary['documents_per_s']:,.0f} documents/s, {args.threads} threads)",
+        file=sys.stderr,
+    )
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -209,7 +209,15 @@ def tokenizer_artifacts(manifest: dict, entry: dict, variant: str, root: Path) -
     ]
 
 
-def plan_download(manifest: dict, variant: str, train_shards: int | None, root: Path) -> list[Artifact]:
+# The challenge's raw documents, in the canonical order (the first 50,000 are validation), beside the manifest:
+# what data/caseops.py prep (and a tokenizer retrain) reads. `download --with-docs` fetches them, as the
+# challenge's own downloader's --with-docs does, into <root>/.
+DOCS_FILES = ("docs_selected.jsonl", "docs_selected.source_manifest.json")
+
+
+def plan_download(
+    manifest: dict, variant: str, train_shards: int | None, root: Path, with_docs: bool = False
+) -> list[Artifact]:
     if not isinstance(manifest, dict):
         raise Fail("manifest: expected a JSON object at the top level")
     entry = find_dataset(manifest, variant)
@@ -233,7 +241,11 @@ def plan_download(manifest: dict, variant: str, train_shards: int | None, root: 
             )
             for a in val
         ]
-    return tokenizer + val + sidecars + train[:train_shards]
+    docs = [
+        Artifact(remote=name, local=root / name, kind="docs" if name.endswith(".jsonl") else "file")
+        for name in DOCS_FILES
+    ]
+    return (docs if with_docs else []) + tokenizer + val + sidecars + train[:train_shards]
 
 
 # ----------------------------------------------------------------------------- verification
@@ -272,6 +284,15 @@ def verify(a: Artifact, path: Path | None = None) -> None:
             raise Invalid(f"{a.local}: not a loadable SentencePiece model") from None
         if a.vocab_size is not None and sp.vocab_size() != a.vocab_size:
             raise Invalid(f"{a.local}: vocab {sp.vocab_size()} but {a.vocab_size} was expected")
+    elif a.kind == "docs":  # one JSON object per line with the document in "text" (read: the first line only)
+        with open(path, "rb") as f:
+            first = f.readline(1 << 24)
+        try:
+            doc = json.loads(first)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            raise Invalid(f"{a.local}: its first line is not a JSON object with a string field 'text'")
     elif size == 0:
         raise Invalid(f"{a.local}: empty file")
     if a.sha256 and path != a.local and sha256_of(path) != str(a.sha256).lower():
@@ -386,7 +407,7 @@ def cmd_download(args) -> int:
         root,
     )
     try:
-        code = download(hub, root, args.variant, args.train_shards, args.workers)
+        code = download(hub, root, args.variant, args.train_shards, args.workers, args.with_docs)
     except KeyboardInterrupt:
         raise  # <root>/.download stays: a file that arrived but was not moved yet is reused next time
     except BaseException:
@@ -396,7 +417,7 @@ def cmd_download(args) -> int:
     return code
 
 
-def download(hub: Hub, root: Path, variant: str, train_shards: int | None, workers: int) -> int:
+def download(hub: Hub, root: Path, variant: str, train_shards: int | None, workers: int, with_docs=False) -> int:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     api = HfApi(endpoint=hub.endpoint)
@@ -422,7 +443,7 @@ def download(hub: Hub, root: Path, variant: str, train_shards: int | None, worke
     os.replace(staged, root / "manifest.json")
     print(f"manifest: {hub.describe('manifest.json')} at commit {hub.revision} -> {root / 'manifest.json'}", flush=True)
 
-    plan = plan_download(manifest, variant, train_shards, root)
+    plan = plan_download(manifest, variant, train_shards, root, with_docs)
     labels = {
         id(a): f"[{i}/{len(plan)}] {a.local.relative_to(root) if a.local.is_relative_to(root) else a.local}"
         for i, a in enumerate(plan, 1)
@@ -811,6 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=DEFAULT_WORKERS, help=f"files downloaded at once (default {DEFAULT_WORKERS})"
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bars (there are none off a terminal)")
+    d.add_argument(
+        "--with-docs",
+        action="store_true",
+        help=f"also fetch {' and '.join(DOCS_FILES)} into the root: the raw documents that data/caseops.py prep "
+        "reads (as the challenge's downloader's --with-docs)",
+    )
     d.set_defaults(run=cmd_download)
     i = sub.add_parser("inspect", help="header, counts and first document of shard files")
     i.add_argument("paths", nargs="+", help="shard files (or folders of them)")

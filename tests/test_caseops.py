@@ -360,6 +360,38 @@ def test_prep_writes_shards_and_a_parallel_sidecar(tmp_path, tiny_caseops, capsy
     assert inspect.signature(caseops.prep).parameters["val_docs"].default == 50_000 == caseops.CANONICAL_VAL_DOCS
 
 
+def test_prep_gives_the_same_shards_on_one_thread_or_several_and_shows_progress(tmp_path, tiny_caseops, capsys):
+    """Batched, threaded encoding writes the bytes that encoding one document at a time does, whatever the thread
+    count and the batch size (batches that straddle the validation/training boundary and the shard boundaries
+    included), and the progress bar counts the documents with their rate."""
+    rng = np.random.default_rng(0)
+    words = ["Alpha", "beta", "GAMMA", "McDelta", "eps", "ZETA-9", "naïve", "café", "iPhone", "x\ue002y", "42"]
+    texts = AUDIT_TEXTS + [" ".join(rng.choice(words, size=int(rng.integers(3, 40)))) for _ in range(200)]
+    shards = {}
+    for threads, batch in ((1, 1), (4, 7), (2, 1024)):
+        out = tmp_path / f"threads{threads}_batch{batch}"
+        summary = caseops.prep(
+            texts, tiny_caseops, out, val_docs=40, shard_tokens=1500, log=lambda m: None,
+            threads=threads, batch_docs=batch, progress=threads == 4,
+        )  # fmt: skip
+        assert summary["threads"] == threads and summary["documents_per_s"] > 0
+        shards[threads] = {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+    assert shards[1] == shards[4] == shards[2]
+    assert sum(name.startswith("fineweb_train_") for name in shards[1]) >= 3  # several training shards
+    # The validation shards are each document's encode_document, one at a time, in order.
+    val = np.concatenate([load_data_shard(tmp_path / "threads1_batch1" / n) for n in shards[1] if "val_0" in n])
+    want = np.concatenate([caseops.encode_document(tiny_caseops, caseops.encode(t))[0] for t in texts[:40]])
+    assert np.array_equal(val, want)
+    progress = capsys.readouterr().err
+    assert "caseops prep" in progress and f"{len(texts)}docs" in progress and "docs/s" in progress
+    # A truncated training split stops at the same document whatever the batch.
+    kept = [
+        caseops.prep(texts, tiny_caseops, tmp_path / f"cut{b}", val_docs=40, max_train_tokens=900, batch_docs=b)
+        for b in (1, 16)
+    ]
+    assert kept[0]["train_documents"] == kept[1]["train_documents"] < 160 and kept[0]["train_truncated"]
+
+
 def test_prep_refuses_overlapping_splits(tmp_path, tiny_caseops):
     texts = AUDIT_TEXTS + ["a training document", AUDIT_TEXTS[1]]  # a validation document again in training
     with pytest.raises(SystemExit, match="overlapping splits: document 4 .*validation document 1"):

@@ -586,6 +586,30 @@ def test_download_fresh(hub, tmp_path, download):
     assert "5 downloaded, 0 already present" in r.stdout
 
 
+def test_download_with_docs_fetches_the_raw_documents_that_caseops_prep_reads(hub, tmp_path, download):
+    docs = "".join(json.dumps({"text": f"Document {i}."}) + "\n" for i in range(3)).encode()
+    hub.add("datasets/docs_selected.jsonl", docs)
+    hub.add("datasets/docs_selected.source_manifest.json", b'{"documents": 3}')
+    root = tmp_path / "data"
+    assert download(hub, root, "--train-shards", "1").returncode == 0
+    assert not hub.requests(suffix="docs_selected.jsonl") and not (root / "docs_selected.jsonl").exists()
+    r = download(hub, root, "--train-shards", "1", "--with-docs")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (root / "docs_selected.jsonl").read_bytes() == docs
+    assert (root / "docs_selected.source_manifest.json").read_bytes() == b'{"documents": 3}'
+    assert "2 downloaded, 4 already present" in r.stdout
+    assert list(caseops.read_documents(root / "docs_selected.jsonl")) == [f"Document {i}." for i in range(3)]
+    # A documents file that is not JSON lines of {"text": ...} is refused, and removed.
+    hub.add("datasets/docs_selected.jsonl", b"<html>not found</html>\n")
+    (root / "docs_selected.jsonl").unlink()
+    r = download(hub, root, "--train-shards", "1", "--with-docs")
+    assert r.returncode == 1 and not (root / "docs_selected.jsonl").exists()
+    assert r.stderr.strip().splitlines() == [
+        f"error: refusing the download: {root / 'docs_selected.jsonl'}: its first line is not a JSON object with a "
+        "string field 'text' (removed)"
+    ]
+
+
 def test_download_defaults_to_every_train_shard_in_the_manifest(hub, tmp_path, download):
     root = tmp_path / "data"
     r = download(hub, root, "--variant", "sp1024")
