@@ -1495,8 +1495,23 @@ def optimizer_step(muon, adam, others, s):
 # -------------------- training
 
 
+# The oldest torch this file runs on (tools/install.py says the same): scaled_dot_product_attention's and
+# flex_attention's enable_gqa (grouped-query attention without copying K and V) came in torch 2.5.
+MIN_TORCH = (2, 5)
+
+
+def check_torch_version(version):
+    have = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+    if have < MIN_TORCH:
+        raise Fail(
+            f"torch {version} is too old: train_gpt.py needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+            "(scaled_dot_product_attention's enable_gqa); install a newer torch (python3 tools/install.py says which)"
+        )
+
+
 class Run:  # settings, rank, device, log file
     def __init__(self, s):
+        check_torch_version(torch.__version__)
         self.s = s
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if 8 % self.world:

@@ -50,15 +50,17 @@ def test_no_gpu_and_no_cpu_index_still_asks_for_the_cpu_build_only():
     assert no_cuda_anywhere(plan) and "does not answer" in plan.why
 
 
-@pytest.mark.parametrize("installed, is_cuda", [("2.13.0+cpu", False), ("2.11.0", True), ("2.14.1", True)])
+@pytest.mark.parametrize(
+    "installed, is_cuda", [("2.13.0+cpu", False), ("2.5.0+cpu", False), ("2.9.1+cu128", True), ("2.14.1", True)]
+)
 def test_no_gpu_keeps_a_recent_torch_whatever_its_build(installed, is_cuda):
     probe = Probe(CPU_INDEX)
     plan = install.decide_torch(installed, is_cuda, None, probe)
     assert plan.pip_args == [] and not plan.uninstall_first and probe.asked == []
 
 
-def test_no_gpu_replaces_a_torch_older_than_2_11_with_the_cpu_build():
-    plan = install.decide_torch("2.10.1+cpu", False, None, Probe(CPU_INDEX))
+def test_no_gpu_replaces_a_cpu_torch_older_than_2_5_with_the_cpu_build():
+    plan = install.decide_torch("2.4.1+cpu", False, None, Probe(CPU_INDEX))
     assert plan.pip_args[0] == "torch==2.13.0+cpu" and no_cuda_anywhere(plan)
 
 
@@ -70,7 +72,7 @@ def test_gpu_gets_the_newest_cuda_build_its_driver_runs(driver, build):
     index = f"https://download.pytorch.org/whl/{build}"
     probe = Probe(index)
     plan = install.decide_torch(None, False, driver, probe)
-    assert plan.pip_args == ["torch>=2.11", "--index-url", index]
+    assert plan.pip_args == ["torch>=2.5", "--index-url", index]
     assert probe.asked == [index] and CPU_INDEX not in probe.asked
 
 
@@ -85,14 +87,48 @@ def test_gpu_with_a_driver_too_old_for_any_build_stops_with_one_line():
 def test_gpu_replaces_a_cpu_build_and_keeps_a_cuda_build():
     index = "https://download.pytorch.org/whl/cu128"
     plan = install.decide_torch("2.13.0+cpu", False, (12, 8), Probe(index))
-    assert plan.uninstall_first and plan.pip_args == ["torch>=2.11", "--index-url", index]
+    assert plan.uninstall_first and plan.pip_args == ["torch>=2.5", "--index-url", index]
     kept = install.decide_torch("2.11.0", True, (12, 8), Probe(index))
     assert kept.pip_args == [] and not kept.uninstall_first
 
 
+@pytest.mark.parametrize("driver", [(12, 8), None])
+def test_an_old_but_working_cuda_torch_is_left_alone_and_the_requirement_said(driver, monkeypatch, capsys):
+    """The field's FlashAttention 3 is built against its torch: install.py never replaces a CUDA build. At 2.5 or
+    newer (the records' 2.9.1 among them) it is kept; older, one line says what train_gpt.py needs and why."""
+    probe = Probe("https://download.pytorch.org/whl/cu128", CPU_INDEX)
+    kept = install.decide_torch("2.9.1+cu128", True, driver, probe)
+    assert kept.pip_args == [] and not kept.uninstall_first and probe.asked == []
+    with pytest.raises(SystemExit) as stop:
+        install.decide_torch("2.4.1+cu124", True, driver, probe)
+    message = str(stop.value)
+    assert "\n" not in message and message.startswith("error: torch 2.4.1+cu124 (a CUDA build) is installed")
+    assert "needs torch >= 2.5 (scaled_dot_product_attention and flex_attention take enable_gqa" in message
+    assert "never replaces a CUDA torch" in message and probe.asked == []
+    # main() stops there: nothing is uninstalled or installed, requirements.txt included.
+    calls = []
+    monkeypatch.setattr(install, "pip", lambda *args, dry_run: calls.append(args))
+    monkeypatch.setattr(install, "installed_torch", lambda: ("2.4.1+cu124", True))
+    monkeypatch.setattr(install, "driver_cuda_version", lambda: driver)
+    with pytest.raises(SystemExit):
+        install.main([])
+    assert calls == []
+
+
+def test_the_floor_is_the_same_in_install_py_train_gpt_py_and_requirements(tmp_path):
+    import train_gpt as tg
+
+    assert install.MIN_TORCH == tg.MIN_TORCH
+    floor = ".".join(map(str, install.MIN_TORCH))
+    assert f"torch>={floor}" in (ROOT / "requirements.txt").read_text().splitlines()
+    tg.check_torch_version(f"{floor}.0+cu124")
+    with pytest.raises(tg.Fail, match=r"^torch 2\.4\.1\+cpu is too old: train_gpt.py needs torch >= 2\.5 "):
+        tg.check_torch_version("2.4.1+cpu")
+
+
 def test_gpu_without_the_cuda_index_falls_back_to_pips_sources():
     plan = install.decide_torch(None, False, (12, 8), Probe())
-    assert plan.pip_args == ["torch>=2.11"] and "does not answer" in plan.why
+    assert plan.pip_args == ["torch>=2.5"] and "does not answer" in plan.why
 
 
 # ----------------------------------------------------------------------------- what it reads from the machine
@@ -168,7 +204,7 @@ def test_main_runs_the_plan_in_order_and_is_silent_when_nothing_is_missing(monke
     assert install.main(["--dev"]) == 0
     assert calls == [
         ("uninstall", "-y", "torch"),
-        ("install", "torch>=2.11", "--index-url", "https://download.pytorch.org/whl/cu128"),
+        ("install", "torch>=2.5", "--index-url", "https://download.pytorch.org/whl/cu128"),
         ("install", "-r", str(ROOT / "requirements-dev.txt")),
     ]
     calls.clear()

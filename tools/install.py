@@ -7,14 +7,16 @@
 
 torch comes first, because a bare `torch` requirement makes pip take PyPI's Linux wheel, a CUDA build that pulls
 ~20 nvidia packages (GBs) even onto a machine without a GPU:
-- a torch >= 2.11 already installed is kept when it fits the machine (a CUDA build on a GPU machine; any build
-  without a GPU);
+- an installed CUDA build of torch is never replaced: FlashAttention and other extensions are built against it.
+  At MIN_TORCH or newer it is kept; older, one line says which version train_gpt.py needs and why, and nothing
+  is installed;
+- an installed CPU build at MIN_TORCH or newer is kept on a machine without a GPU;
 - no NVIDIA GPU (nvidia-smi missing or failing): the CPU build torch==2.13.0+cpu, from PyTorch's CPU wheel index
   (download.pytorch.org/whl/cpu) when it answers within a few seconds, else from pip's own sources (a local wheel
   folder, a mirror); never a CUDA build: without a +cpu wheel anywhere pip fails with one line;
-- an NVIDIA GPU: the CUDA build for the CUDA version the driver reports (nvidia-smi's "CUDA Version"): the newest
-  of the CUDA_BUILDS the driver can run, from download.pytorch.org/whl/<build>; pip's default source when that
-  index does not answer.
+- an NVIDIA GPU and no CUDA torch: the CUDA build for the CUDA version the driver reports (nvidia-smi's "CUDA
+  Version"): the newest of the CUDA_BUILDS the driver can run, from download.pytorch.org/whl/<build>; pip's
+  default source when that index does not answer. A CPU build in the way is uninstalled first.
 Then `pip install -r requirements.txt` (or -dev), skipped when every package listed there is already installed.
 The decision is decide_torch(), a pure function (tests/test_install.py).
 """
@@ -32,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MIN_TORCH = (2, 11)
+# The oldest torch train_gpt.py runs on (its own start-up check says the same): scaled_dot_product_attention's and
+# flex_attention's enable_gqa (grouped-query attention without copying K and V) came in torch 2.5.
+MIN_TORCH = (2, 5)
+MIN_TORCH_WHY = "scaled_dot_product_attention and flex_attention take enable_gqa from torch 2.5 on"
 CPU_TORCH = "torch==2.13.0+cpu"  # the version the CPU tests run on
 WHEEL_INDEX = "https://download.pytorch.org/whl"
 # PyTorch's CUDA builds (index name, lowest driver CUDA version that runs it), newest first.
@@ -58,9 +63,16 @@ def decide_torch(
     CUDA build; driver_cuda: the CUDA version the NVIDIA driver supports (None: no working NVIDIA GPU);
     reachable(url) -> bool: whether a wheel index answers."""
     recent = installed is not None and version_tuple(installed) >= MIN_TORCH
+    needed = ".".join(map(str, MIN_TORCH))
+    if installed is not None and installed_is_cuda and not recent:
+        raise SystemExit(
+            f"error: torch {installed} (a CUDA build) is installed, and train_gpt.py needs torch >= {needed} "
+            f"({MIN_TORCH_WHY}); install.py never replaces a CUDA torch (extensions such as FlashAttention are "
+            f"built against it): install torch >= {needed} for your CUDA yourself, then run this again"
+        )
     if driver_cuda is None:
         if recent:
-            return Plan(why=f"torch {installed} is installed (>= {'.'.join(map(str, MIN_TORCH))}); no NVIDIA GPU")
+            return Plan(why=f"torch {installed} is installed (>= {needed}); no NVIDIA GPU")
         index = f"{WHEEL_INDEX}/cpu"
         if reachable(index):
             return Plan([CPU_TORCH, "--extra-index-url", index], f"no NVIDIA GPU: the CPU build from {index}")
@@ -71,8 +83,8 @@ def decide_torch(
             f"{driver_cuda[0]}.{driver_cuda[1]}"
         )
     build = next((name for name, lowest in CUDA_BUILDS if driver_cuda >= lowest), None)
-    wanted = f"torch>={'.'.join(map(str, MIN_TORCH))}"
-    replace = installed is not None  # an old torch, or a CPU build on a GPU machine
+    wanted = f"torch>={needed}"
+    replace = installed is not None  # a CPU build on a GPU machine (a CUDA build was kept or refused above)
     if build is None:
         oldest = CUDA_BUILDS[-1]
         raise SystemExit(
