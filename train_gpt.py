@@ -880,8 +880,8 @@ def flex_attention_fn():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def attend(q, k, v, seg):
-        def doc_causal(b, h, qi, ki):
-            return (qi >= ki) & (seg[b, qi] == seg[b, ki])
+        def doc_causal(b, h, qi, ki):  # torch 2.5 also asks about the block padding past T: clamped into the row
+            return (qi >= ki) & (seg[b, qi.clamp_max(T - 1)] == seg[b, ki.clamp_max(T - 1)])
 
         B, T = seg.shape
         mask = create_block_mask(doc_causal, B, None, T, T, device=q.device)
