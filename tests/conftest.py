@@ -16,6 +16,12 @@ if str(ROOT) not in sys.path:
 
 import train_gpt  # noqa: E402
 
+# Under pytest-xdist (.ci/run: `-n 2`, one worker per core) every worker, and every process a test starts from this
+# environment, runs one intra-op thread: two 2-thread torch processes on 2 cores spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 TRAIN_GPT = ROOT / "train_gpt.py"
 SAMPLE_DATA = ROOT / "data" / "datasets" / "sample_sp1024"
 SAMPLE_TOKENIZER = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"

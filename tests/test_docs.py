@@ -64,7 +64,7 @@ def test_help_lists_every_setting_and_starts_no_run(tmp_path):
 
 def test_readme_names_the_test_command_that_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    command = re.search(r"^python3 -m pytest -q$", ci, flags=re.M).group(0)
+    command = re.search(r"^python3 -m pytest -q.*$", ci, flags=re.M).group(0)
     assert f"`{command}`" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
