@@ -912,11 +912,11 @@ class Unavailable(Exception):
 
 
 def installed_kernel(module):
-    """A FlashAttention module installed in this environment."""
+    """A FlashAttention module installed in this environment (a missing one, or a build that does not load)."""
     try:
         return __import__(module)
     except ImportError as e:
-        raise Unavailable(f"{module} is not installed ({e})") from None
+        raise Unavailable(f"import {module} failed ({e})") from None
 
 
 def hub_kernel(repo, timeout_s):

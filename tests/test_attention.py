@@ -95,7 +95,9 @@ def test_auto_takes_each_backend_in_turn_and_says_why_it_passed_over_the_faster_
     a = tg.pick_attention(s, CUDA, HOPPER)
     assert (a.name, a.source) == ("fa3", "kernels hub varunneal/flash-attention-3")
     assert asked == ["varunneal/flash-attention-3"]
-    assert len(a.passed_over) == 1 and a.passed_over[0].startswith("fa3 (installed): flash_attn_interface is not")
+    assert len(a.passed_over) == 1 and a.passed_over[0].startswith(
+        "fa3 (installed): import flash_attn_interface failed ("
+    )
 
     modules("kernels", None)
     a = tg.pick_attention(s, CUDA, HOPPER)
