@@ -892,6 +892,11 @@ def flex_attention_fn():
     return attend
 
 
+def first_output(y):
+    """A FlashAttention call's output (some builds return (out, softmax_lse))."""
+    return y[0] if isinstance(y, tuple) else y
+
+
 def varlen_attention_fn(fa_varlen):
     """FlashAttention's varlen kernel on the flattened batch: every segment start (a static-size list, padded with
     empty segments at the end so that compile sees one shape) is a sequence boundary."""
@@ -900,9 +905,13 @@ def varlen_attention_fn(fa_varlen):
         B, T, H, D = q.shape
         starts = torch.ones_like(seg, dtype=torch.bool)
         starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-        cu = torch.nonzero_static(starts.flatten(), size=B * T + 1, fill_value=B * T).flatten().to(torch.int32)
+        # the start positions in order, then B*T for every other position, and a last B*T: B*T+1 entries
+        # (torch.nonzero_static would say it in one call, but has no CUDA kernel before torch 2.6)
+        end = torch.full((B * T,), B * T, device=seg.device)
+        positions = torch.where(starts.flatten(), torch.arange(B * T, device=seg.device), end).sort().values
+        cu = torch.cat((positions, end[:1])).to(torch.int32)
         y = fa_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
-        return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D)
+        return first_output(y).view(B, T, H, D)
 
     return attend
 
@@ -934,7 +943,7 @@ def hub_kernel(repo, timeout_s):
         try:
             got["module"] = kernels.get_kernel(repo).flash_attn_interface
         except Exception as e:  # no network, no build for this torch/CUDA, a broken repo: all mean "not here"
-            got["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            got["error"] = ": ".join([type(e).__name__] + str(e).splitlines()[:1])
 
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
@@ -944,10 +953,6 @@ def hub_kernel(repo, timeout_s):
     if "error" in got:
         raise Unavailable(f"kernels.get_kernel({repo!r}) failed: {got['error']}")
     return got["module"]
-
-
-def first_output(y):
-    return y[0] if isinstance(y, tuple) else y
 
 
 class Attention(NamedTuple):
@@ -994,6 +999,18 @@ def pick_attention(s, device, capability=None):
     if device.type == "cuda":
         return Attention("sdpa", "torch", sdpa, flex_attention_fn(), "flex_attention", passed_over)
     return Attention("sdpa", "torch", sdpa, segment_sdpa, "sdpa by segment", passed_over)
+
+
+def check_same_attention(picked):
+    """Every rank runs the same kernels (picked[r]: rank r's backend and source); ranks that saw the Hub differently
+    (one timed out, another loaded FA3) would not, and a run that mixes them is refused."""
+    if len(set(picked)) > 1:
+        ranks = {p: [str(r) for r, q in enumerate(picked) if q == p] for p in dict.fromkeys(picked)}
+        where = "; ".join(f"{p} on rank {','.join(r)}" for p, r in ranks.items())
+        raise Fail(
+            f"the ranks picked different attention backends ({where}); run again (a Hub kernel is cached once "
+            "loaded), or set ATTN_BACKEND for all"
+        )
 
 
 BANK_ROWS = dict(
@@ -1531,6 +1548,10 @@ class Run:  # settings, rank, device, log file
         self.compile = s.compile == "1" or (s.compile == "auto" and use_cuda)
         self.compiled_fns = {}
         self.attn = pick_attention(s, self.device)
+        if dist.is_initialized() and self.world > 1:
+            picked = [None] * self.world
+            dist.all_gather_object(picked, f"{self.attn.name} ({self.attn.source})")
+            check_same_attention(picked)
         self.out = Path(s.output_dir)
         self.logfile = self.out / "logs" / f"{s.run_id}.txt"
         try:

@@ -359,25 +359,18 @@ def prep(
     val_token_hashes: dict[bytes, int] = {}
     val_bytes = val_count = train_docs = 0
     truncated = False
-    from tqdm import tqdm
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-    bar = tqdm(desc="caseops prep", unit="docs", disable=not progress, mininterval=1.0, smoothing=0.1)
+        bar = tqdm(desc="caseops prep", unit="docs", mininterval=1.0, smoothing=0.1)
     started = time.perf_counter()
     for batch in batches(docs, val_docs, batch_docs):
         validation = batch[0][0] < val_docs
         if not validation:
             val.flush()
-            for i, text in batch:  # checked before any is encoded: the refusal names the first such document
-                k = val_text_hashes.get(_doc_hash(text))
-                if k is not None:
-                    raise SystemExit(
-                        f"error: overlapping splits: document {i} (training) has the text of validation "
-                        f"document {k}; refusing to put validation text into training"
-                    )
-            if max_train_tokens is not None and train.total >= max_train_tokens:
-                truncated = True
-                break
         encoded = encode_batch(sp, [text for _, text in batch], validation, threads)
+        done = 0
         for (i, text), (tokens, counts) in zip(batch, encoded):
             if validation:
                 val_text_hashes.setdefault(_doc_hash(text), i)
@@ -385,7 +378,16 @@ def prep(
                 val_bytes += int(counts.sum())
                 val_count += 1
                 val.add(tokens, counts)
+                done += 1
                 continue
+            # A training document, in this order (as one document at a time): its text against the validation
+            # texts, then the cut-off, then its tokens against the validation tokens.
+            k = val_text_hashes.get(_doc_hash(text))
+            if k is not None:
+                raise SystemExit(
+                    f"error: overlapping splits: document {i} (training) has the text of validation "
+                    f"document {k}; refusing to put validation text into training"
+                )
             if max_train_tokens is not None and train.total >= max_train_tokens:
                 truncated = True
                 break
@@ -397,10 +399,13 @@ def prep(
                 )
             train.add(tokens, None)
             train_docs += 1
-        bar.update(len(batch))
+            done += 1
+        if bar is not None:
+            bar.update(done)
         if truncated:
             break
-    bar.close()
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - started
     val.flush()
     train.flush()

@@ -187,3 +187,14 @@ def test_an_asked_for_backend_is_that_one_or_a_one_line_error(modules, tiny_sett
     message = str(e.value)
     assert "\n" not in message and message.startswith("ATTN_BACKEND=fa3 cannot run here: fa3 (installed): ")
     assert "the kernels package is not installed" in message and message.endswith("; use sdpa or auto")
+
+
+def test_ranks_that_picked_different_backends_are_refused_in_one_line():
+    tg.check_same_attention(["fa3 (installed)"] * 8)
+    picked = ["fa3 (kernels hub r)"] * 3 + ["sdpa (torch)"] + ["fa3 (kernels hub r)"] * 4
+    with pytest.raises(tg.Fail) as e:
+        tg.check_same_attention(picked)
+    assert str(e.value) == (
+        "the ranks picked different attention backends (fa3 (kernels hub r) on rank 0,1,2,4,5,6,7; sdpa (torch) on "
+        "rank 3); run again (a Hub kernel is cached once loaded), or set ATTN_BACKEND for all"
+    )

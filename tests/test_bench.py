@@ -201,6 +201,29 @@ def test_report_json_and_last_line_on_random_tokens(monkeypatch, capsys, tmp_pat
     assert "projected s" in text and "budget" in text
 
 
+def test_a_benchmark_that_stops_leaves_the_phases_it_measured(monkeypatch, tmp_path, one_thread):
+    """--json is written after every phase: an evaluation that fails (or a timeout) keeps the training figures, and
+    gpu_check's summary prints them, marked partial, without a projection."""
+    tiny_env(monkeypatch, DATA_PATH=tmp_path / "none", TOKENIZER_PATH=tmp_path / "none.model")
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory in the evaluation")
+
+    monkeypatch.setattr(bench, "bench_eval", broken)
+    out = tmp_path / "seed" / "bench.json"
+    out.parent.mkdir()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.main(["--json", str(out), "--train-steps", "1", "--train-warmup", "0", "--val-tokens", "640"])
+    r = json.loads(out.read_text())
+    assert r["partial"] and [p["name"] for p in r["phases"]] == ["train"] and "projection" not in r
+    train = r["phases"][0]
+    assert train["mfu"] == pytest.approx(train["flops"] / train["seconds"] / r["peak_flops"])
+    block = bench.readme_block([str(out)])
+    assert block.startswith("\n### STACK=seed\n")
+    assert f"| train (one GPU, {train['tokens']:,}-token step) | {1000 * train['seconds']:.1f} ms/step" in block
+    assert "Partial: the benchmark stopped after the phases above" in block and "Projected" not in block
+
+
 def test_baseline_head_reports_ratios_near_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in tg.SETTING_NAMES and k not in tg.LAUNCHER_VARS}
     env.update(

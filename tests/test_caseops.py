@@ -390,6 +390,18 @@ def test_prep_gives_the_same_shards_on_one_thread_or_several_and_shows_progress(
         for b in (1, 16)
     ]
     assert kept[0]["train_documents"] == kept[1]["train_documents"] < 160 and kept[0]["train_truncated"]
+    # What is refused does not depend on the batch either: a validation text as the first document past the
+    # cut-off is still checked (and refused), one document later it is never read.
+    first_past = 40 + kept[0]["train_documents"]
+    for at, refused in ((first_past, True), (first_past + 1, False)):
+        planted = texts[:at] + [texts[0]] + texts[at + 1 :]
+        for b in (1, 16):
+            out = tmp_path / f"planted{at}_{b}"
+            if refused:
+                with pytest.raises(SystemExit, match=f"document {at} .*validation document 0"):
+                    caseops.prep(planted, tiny_caseops, out, val_docs=40, max_train_tokens=900, batch_docs=b)
+            else:
+                caseops.prep(planted, tiny_caseops, out, val_docs=40, max_train_tokens=900, batch_docs=b)
 
 
 def test_prep_refuses_overlapping_splits(tmp_path, tiny_caseops):

@@ -88,5 +88,5 @@ def test_a_part_that_times_out_still_leaves_the_summary(tmp_path):
     missing = tmp_path / "pr1855" / "bench.json"
     assert (
         summary.strip()
-        == f"### pr1855\n\nbenchmark: no result ({missing} missing or unreadable: it failed or timed out)"
+        == f"### STACK=pr1855\n\nbenchmark: no result ({missing} missing or unreadable: it failed or timed out)"
     )

@@ -611,46 +611,13 @@ def measure(args) -> dict:
     if s.ttt_enabled and n <= s.ttt_chunk_tokens:
         notes.append(f"the val slice ({n} tokens) is one TTT chunk: TTT never trains in it; raise --val-tokens")
     peak, peak_what = (args.peak_tflops * 1e12, "given") if args.peak_tflops else matmul_peak(run.device)
-    model = tg.build_model(run)
-    phases = []
-    if args.train_steps > 0:
-        phases.append(bench_train(tg, run, model, s, batches, args.train_steps, args.train_warmup))
-    state = copy.deepcopy(model.state_dict())
-    paths = tg.eval_paths(s)
-    for label, kw in paths:
-        phases.append(bench_eval(tg, run, model, state, val, luts, label, kw, args.eval_repeats, extra=False))
-    final_label, final_kw = paths[-1]
-    if final_kw["slot"] and not args.no_extra:
-        phases.append(
-            bench_eval(
-                tg,
-                run,
-                model,
-                state,
-                val,
-                luts,
-                final_label + "_noslot",
-                dict(final_kw, slot=False),
-                args.eval_repeats,
-                extra=True,
-            )
-        )
-    for p in phases:
-        derive(p, peak, run.world, run.compile)
     on_gpu = run.device.type == "cuda"
-    hopper = on_gpu and any(k in torch.cuda.get_device_name(run.device) for k in ("H100", "H200"))
-    h100 = peak if hopper else args.h100_tflops * 1e12
-    evals = {p["name"]: p for p in phases}
-    projection = project(tg, s, evals, on_gpu, args.mfu, h100)
-    projection["h100_rate_source"] = "measured on this Hopper GPU" if hopper else "assumed (--h100-tflops)"
     hw = (
         torch.cuda.get_device_name(run.device)
         if on_gpu
         else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
-    changed = {k: os.environ[k] for k in tg.SETTING_NAMES if k in os.environ}
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dict(
+    result = dict(
         module=str(args.module),
         stack=getattr(s, "stack", "seed"),
         torch=torch.__version__,
@@ -662,13 +629,37 @@ def measure(args) -> dict:
         peak_what=peak_what,
         data=data_source,
         val_tokens=n,
-        settings_changed=changed,
+        settings_changed={k: os.environ[k] for k in tg.SETTING_NAMES if k in os.environ},
         notes=notes,
-        phases=phases,
-        projection=projection,
-        summary=summary(phases, projection),
-        master=run.master,
+        phases=[],
+        partial=True,  # until every phase is measured
     )
+
+    def measured(phase: dict):
+        """Keep a measured phase; with --json, write what is measured so far (it survives a later timeout)."""
+        result["phases"].append(derive(phase, peak, run.world, run.compile))
+        if args.json and run.master:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    model = tg.build_model(run)
+    if args.train_steps > 0:
+        measured(bench_train(tg, run, model, s, batches, args.train_steps, args.train_warmup))
+    state = copy.deepcopy(model.state_dict())
+    paths = tg.eval_paths(s)
+    for label, kw in paths:
+        measured(bench_eval(tg, run, model, state, val, luts, label, kw, args.eval_repeats, extra=False))
+    final_label, final_kw = paths[-1]
+    if final_kw["slot"] and not args.no_extra:
+        noslot = dict(final_kw, slot=False)
+        measured(bench_eval(tg, run, model, state, val, luts, final_label + "_noslot", noslot, args.eval_repeats, True))
+    phases = result["phases"]
+    hopper = on_gpu and any(k in torch.cuda.get_device_name(run.device) for k in ("H100", "H200"))
+    h100 = peak if hopper else args.h100_tflops * 1e12
+    projection = project(tg, s, {p["name"]: p for p in phases}, on_gpu, args.mfu, h100)
+    projection["h100_rate_source"] = "measured on this Hopper GPU" if hopper else "assumed (--h100-tflops)"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.update(projection=projection, summary=summary(phases, projection), partial=False)
+    return dict(result, master=run.master)
 
 
 def summary(phases: list, projection: dict) -> dict:
@@ -805,12 +796,14 @@ def bench_section(bench_json: str) -> str:
     try:
         r = json.loads(Path(bench_json).read_text())
     except (OSError, ValueError):
-        return f"\n### {stack}\n\nbenchmark: no result ({bench_json} missing or unreadable: it failed or timed out)"
+        return (
+            f"\n### STACK={stack}\n\nbenchmark: no result ({bench_json} missing or unreadable: it failed or timed out)"
+        )
     phases = {p["name"]: p for p in r["phases"]}
     train = phases.get("train")
     evals = [p for p in r["phases"] if p["kind"] == "eval"]
-    pr = r["projection"]
-    proj = {row["name"]: row for row in pr["passes"]}
+    pr = r.get("projection")
+    proj = {row["name"]: row for row in pr["passes"]} if pr else {}
     comp = lambda p: f"{p['compile_s']:.0f} s" if p.get("compile_s") is not None else "not compiled"
     lines = [
         f"\n### STACK={r.get('stack', stack)}\n",
@@ -835,16 +828,22 @@ def bench_section(bench_json: str) -> str:
             f"| {p['tokens_per_s']:,.0f} | "
             f"{p['tflops']:.1f} | {100 * p['mfu']:.1f}% | {comp(p)} | {p['peak_mem_mib']:,.0f} MiB | {projected} |"
         )
-    verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
-    s = r["summary"]
-    lines += [
-        "",
-        f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
-        f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
-        f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
-        f"{100 * s['slot_time_share']:.1f}% of the final pass's time, "
-        f"{100 * s['slot_flop_share']:.1f}% of its FLOPs.",
-    ]
+    lines.append("")
+    if pr is None:
+        lines.append(
+            "Partial: the benchmark stopped after the phases above (it failed or ran out of time; its output is in "
+            f"{Path(bench_json).with_name('bench.txt')}), so there is no projection."
+        )
+    else:
+        verdict = "within" if pr["total_s"] <= pr["budget_s"] else "OVER"
+        s = r["summary"]
+        lines.append(
+            f"Projected configured final evaluation on 8×H100 at {pr['tokens']:,} val tokens: "
+            f"{pr['total_s']:.0f} s ({verdict} the {pr['budget_s']:.0f} s budget; MFU {pr['mfu_source']}, "
+            f"H100 rate {pr['h100_tflops']:.0f} TFLOP/s {pr['h100_rate_source']}). SLOT: "
+            f"{100 * s['slot_time_share']:.1f}% of the final pass's time, "
+            f"{100 * s['slot_flop_share']:.1f}% of its FLOPs."
+        )
     for p in evals:
         if p.get("chunk_steps"):
             lines.append(

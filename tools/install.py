@@ -7,9 +7,9 @@
 
 torch comes first, because a bare `torch` requirement makes pip take PyPI's Linux wheel, a CUDA build that pulls
 ~20 nvidia packages (GBs) even onto a machine without a GPU:
-- an installed CUDA build of torch is never replaced: FlashAttention and other extensions are built against it.
-  At MIN_TORCH or newer it is kept; older, one line says which version train_gpt.py needs and why, and nothing
-  is installed;
+- an installed CUDA build of torch is never replaced, whether or not a GPU answers here (nvidia-smi can be
+  missing in a container that has one): FlashAttention and other extensions are built against it. At MIN_TORCH
+  or newer it is kept; older, one line says which version train_gpt.py needs and why, and nothing is installed;
 - an installed CPU build at MIN_TORCH or newer is kept on a machine without a GPU;
 - no NVIDIA GPU (nvidia-smi missing or failing): the CPU build torch==2.13.0+cpu, from PyTorch's CPU wheel index
   (download.pytorch.org/whl/cpu) when it answers within a few seconds, else from pip's own sources (a local wheel
