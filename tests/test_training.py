@@ -592,10 +592,12 @@ def test_sigterm_says_what_ctrl_c_says_and_exits_143(world, tmp_path, script_env
     )
     if world == 1:
         assert code == 143 and "Traceback" not in err + rest, err[-3000:]
-    else:  # each rank's own exit status, as torchrun reports it
+    else:  # each rank's own exit status, as torchrun reports it: every rank where newer torchruns wait for all,
+        # the first to exit only where an older one (2.5) sends the rest its own SIGTERM and lists no other failure
         assert code != 0 and "Traceback" not in rest, err[-3000:]
-        statuses = re.findall(r"\brank\s+:\s+(\d+) \(local_rank: \d+\)\n\s*exitcode\s+:\s+(-?\d+)", err)
-        assert {r: c for r, c in statuses} == {"0": "143", "1": "143"}, err[-3000:]
+        statuses = dict(re.findall(r"\brank\s+:\s+(\d+) \(local_rank: \d+\)\n\s*exitcode\s+:\s+(-?\d+)", err))
+        assert set(statuses) <= {"0", "1"} and set(statuses.values()) == {"143"}, err[-3000:]
+        assert len(statuses) == 2 or "<NO_OTHER_FAILURES>" in err, err[-3000:]
 
 
 def test_non_finite_loss_names_the_step(tmp_path, script_env, run_script):
