@@ -1582,6 +1582,11 @@ class Run:  # settings, rank, device, log file
         if self.cuda:
             torch.cuda.synchronize()
 
+    def enter(self, stage):
+        """A new stage of the run: what a Ctrl-C names, and what the JSON log records when the run stops there."""
+        PROGRESS["stage"] = stage
+        self.write_summary()
+
     def write_summary(self):
         """logs/<RUN_ID>.json, atomically: written at start-up and at every stage (a killed run leaves what it had)."""
         self.summary["stage"] = PROGRESS["stage"]
@@ -1742,8 +1747,7 @@ def train(model, run, val, luts):
     stages, rewarm_from = seq_stages(s), None  # the piece length's stages, the step of the last switch's re-warm
     piece = stages[0][1] if stages else s.train_seq_len
     model.piece_len.fill_(piece)
-    PROGRESS["stage"] = "training"
-    run.write_summary()
+    run.enter("training")
     simulated_ms, simulated = 0.0, s.train_clock == "simulated"
     if simulated:
         run.log(f"train_clock:simulated step_ms:{s.sim_step_ms:g} looped_step_ms:{s.sim_looped_step_ms:g}")
@@ -1787,7 +1791,7 @@ def train(model, run, val, luts):
         if s.late_qat and not model.qat_bits and lr_mul < s.late_qat_threshold:
             model.qat_bits = s.matrix_bits
             run.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
-        PROGRESS["stage"] = f"training step {step + 1}"
+        PROGRESS["stage"] = f"training step {step + 1}"  # said by a Ctrl-C; not written: the hot loop
         loss = train_step(run, model, optimizers, loader.next_batch, step, lr_mul * rewarm)
         step += 1
         simulated_ms += s.sim_looped_step_ms if model.looping else s.sim_step_ms
@@ -3194,8 +3198,7 @@ def final_evaluation(run, model, val, luts, float_bpb, load_s=0.0):
     run.summary["eval_time_s"] = load_s
     run.log(f"artifact_load_seconds:{load_s:.1f}")
     for label, kw in eval_paths(s):
-        PROGRESS["stage"] = f"evaluation ({label})"
-        run.write_summary()
+        run.enter(f"evaluation ({label})")
         model.load_state_dict(weights)  # every pass from the artifact's weights: TTT passes change them
         run.sync()
         t0 = time.perf_counter()
@@ -3335,8 +3338,7 @@ def main():
     model.qat_bits, model.looping = 0, bool(s.num_loops)  # every evaluation runs the looped model, as the record
     if state is not None:
         artifact = run.out / ARTIFACT_NAME
-        PROGRESS["stage"] = "export"
-        run.write_summary()
+        run.enter("export")
         if run.master:  # the artifact (the counted result) first, then the optional float weights
             export_artifact(run, state, artifact, code_bytes)
         add_on_disk(artifact)
